@@ -1,0 +1,1 @@
+"""surgenet_assist.backend — see docs/architecture.md."""

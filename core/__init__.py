@@ -1,0 +1,1 @@
+"""surgenet_assist.core"""

@@ -1,0 +1,1 @@
+"""surgenet_assist.napari_plugin — see docs/architecture.md."""

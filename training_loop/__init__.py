@@ -1,0 +1,1 @@
+"""surgenet_assist.training_loop — see docs/architecture.md."""
