@@ -63,13 +63,11 @@ def remap_state_dict(arch: str, state: Mapping[str, torch.Tensor], trunk: nn.Mod
     state = {k: v for k, v in state.items() if not (k.startswith("head.") and not k.startswith("head.norm"))}
     if timm_marker in state:
         return dict(state)
-    if arch != "caformer_s18":
-        return filter_fn(dict(state), trunk)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():  # one key at a time so an unknown key is reported, not a KeyError
         try:
             out.update(filter_fn({key: value}, trunk))
-        except KeyError:
+        except (KeyError, RuntimeError):  # unknown key, or a reshape that cannot fit: report it
             out[key] = value
     return out
 
@@ -106,6 +104,7 @@ class SurgeNetBackbone(nn.Module):
         self.input_size: tuple[int, int] = tuple(spec.input_size)
         self.weights_sha256: str | None = None
         self.weights_source: str = "random-init"
+        self.weights_origin: str = "random-init"  # random-init | zoo | file | state_dict | bundle
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.trunk.forward_intermediates(x, intermediates_only=True)
@@ -143,6 +142,7 @@ class SurgeNetBackbone(nn.Module):
             "arch": self.arch,
             "weights_sha256": self.weights_sha256,
             "weights_source": self.weights_source,
+            "weights_origin": self.weights_origin,
             "mean": list(self.mean),
             "std": list(self.std),
         }
@@ -167,16 +167,19 @@ def load_backbone(
         backbone.weights_sha256 = state_dict_sha256(backbone.trunk.state_dict())
         backbone.eval()
         return backbone
+    origin = "file"
     if weights is None:
         weights = ensure_weights(spec, allow_download=allow_download, progress=progress)
+        origin = "zoo"
     if isinstance(weights, (str, Path)):
         path = Path(weights)
         state, meta = extract_backbone_state(read_checkpoint(path))
         source = f"{path.name} (sha256 {sha256_file(path)[:12]})"
     else:
         state, meta = extract_backbone_state(weights)
-        source = "state_dict"
+        source = origin = "state_dict"
     backbone.load_weights(state, source=source)
+    backbone.weights_origin = origin
     if "mean" in meta and "std" in meta:
         backbone.mean, backbone.std = tuple(meta["mean"]), tuple(meta["std"])
     backbone.eval()
