@@ -1,0 +1,125 @@
+"""Importers and exporters of the surgical dataset formats (see ``docs/store.md``).
+
+Every importer works in two steps: parse and validate ALL input first (nothing touches the database while a
+file may still turn out to be bad), then write everything in ONE store transaction. A bad file therefore
+leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ..store.payloads import Payload
+
+if TYPE_CHECKING:
+    from ..store import LabelStore, Writer
+
+
+@dataclass
+class PendingLabel:
+    """A validated label waiting to be written (video named by path; ids are assigned at write time)."""
+
+    video: str
+    frame_start: int
+    task: str
+    payload: Payload
+    author: str | None
+    source: str = "import"
+    frame_end: int | None = None
+    updated_at: datetime | None = None
+    ls_task_id: int | None = None
+    ls_annotation_id: int | None = None
+    image_path: str | None = None
+    deleted: bool = False
+
+
+@dataclass
+class VideoInfo:
+    fps: float | None = None
+    frame_count: int | None = None
+    split: str | None = None
+
+
+@dataclass
+class ImportReport:
+    """What an import stored and what it skipped, with the reason for each skip."""
+
+    dataset: str
+    source: str
+    counts: Counter[str] = field(default_factory=Counter)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped.append((item, reason))
+
+    def to_dict(self) -> dict[str, Any]:
+        reasons = Counter(reason for _, reason in self.skipped)
+        return {
+            "dataset": self.dataset,
+            "source": self.source,
+            "counts": dict(self.counts),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": dict(reasons),
+            "skipped_examples": [{"item": i, "reason": r} for i, r in self.skipped[:20]],
+        }
+
+
+def write_labels(
+    store: LabelStore,
+    videos: dict[str, VideoInfo],
+    labels: Sequence[PendingLabel],
+    report: ImportReport,
+    project: str | None = None,
+) -> None:
+    """Write videos, frames and labels in one transaction and count what was new vs. already stored."""
+    from ..store import AnnotationInput
+
+    def fn(w: Writer) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        ids = {}
+        for name, info in videos.items():
+            ids[name] = w.add_video(name, info.fps, info.frame_count, split=info.split, project=project)
+        counts["videos"] = len(ids)
+        images: dict[str, dict[int, str]] = {}
+        for lab in labels:
+            if lab.image_path and lab.frame_end in (None, lab.frame_start):
+                images.setdefault(lab.video, {})[lab.frame_start] = lab.image_path
+        for name, paths in images.items():
+            w.ensure_frames(ids[name], paths.keys(), image_paths=paths)
+        items = [
+            AnnotationInput(
+                video_id=ids[lab.video],
+                frame_start=lab.frame_start,
+                frame_end=lab.frame_end,
+                task=lab.task,
+                payload=None if lab.deleted else lab.payload,
+                source=lab.source,
+                author=lab.author,
+                ls_task_id=lab.ls_task_id,
+                ls_annotation_id=lab.ls_annotation_id,
+                updated_at=lab.updated_at,
+                deleted=lab.deleted,
+            )
+            for lab in labels
+        ]
+        for res in w.record_annotations(items, project):
+            if res is None:
+                counts["deletes of unknown labels"] += 1
+            else:
+                counts["new revisions" if res.created else "unchanged (already stored)"] += 1
+        return counts
+
+    report.counts.update(store.transaction(fn))
+
+
+def progress_iter(items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    """tqdm progress bar on stderr when ``show``; the plain iterable otherwise."""
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit="file", leave=False)
