@@ -1,0 +1,188 @@
+"""`db`, `import` and `export` commands of the label store.
+
+``cli/main.py`` calls :func:`register` on its Typer app. Every command takes ``--db URL`` (else
+``$SURGENET_ASSIST_DB_URL``, else the SQLite file in the data dir). User errors print the message and
+``Fix: <hint>`` and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from surgenet_assist.core.errors import SurgenetAssistError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+DbOption = typer.Option(None, "--db", help="Database URL (sqlite:///file.db or postgresql+psycopg://...).")
+ProjectOption = typer.Option("default", "--project", help="Project name in the store.")
+
+
+def _friendly(fn: F) -> F:
+    """Print SurgenetAssistError as message + fix, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SurgenetAssistError as exc:
+            err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+            if exc.hint:
+                err.print(f"Fix: {exc.hint}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _store(db: str | None, project: str = "default", upgrade: bool = True) -> Any:
+    from surgenet_assist.core.store import LabelStore
+
+    return LabelStore(db, project=project, upgrade=upgrade)
+
+
+class ImportFormat(StrEnum):
+    cholecseg8k = "cholecseg8k"
+    cholec80 = "cholec80"
+    endoscapes = "endoscapes"
+    label_studio = "label-studio"
+
+
+class ExportFormat(StrEnum):
+    label_studio = "label-studio"
+    coco = "coco"
+    cholecseg8k = "cholecseg8k"
+    cholec80 = "cholec80"
+
+
+def _print_report(report: Any) -> None:
+    data = report.to_dict()
+    table = Table(title=f"import {data['dataset']}: {data['source']}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in data["counts"].items():
+        table.add_row(key, str(value))
+    table.add_row("skipped", str(data["skipped"]))
+    out.print(table)
+    for reason, n in data["skipped_by_reason"].items():
+        out.print(f"  skipped {n} × {reason}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `db`, `import` and `export` sub-commands to ``app``."""
+    db_app = typer.Typer(help="Label store database: migrate, inspect.", no_args_is_help=True)
+    import_app = typer.Typer(
+        help="Import labels from surgical datasets into the label store.", no_args_is_help=True
+    )
+    export_app = typer.Typer(help="Export labels/predictions from the label store.", no_args_is_help=True)
+    app.add_typer(db_app, name="db")
+    app.add_typer(import_app, name="import")
+    app.add_typer(export_app, name="export")
+
+    @db_app.command("upgrade")
+    @_friendly
+    def db_upgrade(db: str | None = DbOption) -> None:
+        """Create the schema or migrate it to the latest revision (keeps every stored row)."""
+        from surgenet_assist.core.store import mask_url, resolve_url, upgrade
+
+        rev = upgrade(db)
+        out.print(f"{mask_url(resolve_url(db))} is at schema revision {rev}", highlight=False)
+
+    @db_app.command("stats")
+    @_friendly
+    def db_stats(
+        db: str | None = DbOption,
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ) -> None:
+        """Counts of videos, frames, predictions and human labels per task and per source."""
+        store = _store(db)
+        try:
+            stats = store.stats()
+        finally:
+            store.close()
+        if as_json:
+            typer.echo(json.dumps(stats, indent=2, sort_keys=True))
+            return
+        out.print(f"store: {stats['url']}", highlight=False)
+        for key in ("projects", "videos", "frames", "model_versions", "training_runs", "acquisition_scores"):
+            out.print(f"  {key}: {stats[key]}")
+        out.print(f"  predictions: {stats['predictions']['total']} {stats['predictions']['by_task']}")
+        ann = stats["annotations"]
+        out.print(f"  human labels: {ann['total']} by task {ann['by_task']} by source {ann['by_source']}")
+
+    def _make_import(fmt: ImportFormat) -> None:
+        @import_app.command(fmt.value)
+        @_friendly
+        def _import(
+            path: Path = typer.Argument(..., help="Dataset file or folder."),
+            db: str | None = DbOption,
+            project: str = ProjectOption,
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        ) -> None:
+            from surgenet_assist.core.formats import cholec80, cholecseg8k, endoscapes, label_studio
+
+            fn = {
+                ImportFormat.cholecseg8k: cholecseg8k.import_cholecseg8k,
+                ImportFormat.cholec80: cholec80.import_cholec80,
+                ImportFormat.endoscapes: endoscapes.import_endoscapes,
+                ImportFormat.label_studio: label_studio.import_label_studio,
+            }[fmt]
+            store = _store(db, project)
+            try:
+                report = fn(store, path, project=project, progress=not as_json)
+            finally:
+                store.close()
+            if as_json:
+                typer.echo(json.dumps(report.to_dict(), indent=2))
+            else:
+                _print_report(report)
+
+        _import.__doc__ = f"Import {fmt.value} labels (validated first, then written in one transaction)."
+
+    for fmt in ImportFormat:
+        _make_import(fmt)
+
+    def _make_export(fmt: ExportFormat) -> None:
+        @export_app.command(fmt.value)
+        @_friendly
+        def _export(
+            out_path: Path = typer.Option(..., "--out", help="Output file (label-studio, coco) or folder."),
+            db: str | None = DbOption,
+            project: str = ProjectOption,
+            split: str | None = typer.Option(
+                None, "--split", help="Only labels of this split (coco, cholecseg8k)."
+            ),
+            model_version: str | None = typer.Option(
+                None, "--model-version", help="label-studio: only this model."
+            ),
+        ) -> None:
+            from surgenet_assist.core.formats import cholec80, cholecseg8k, coco, label_studio
+
+            store = _store(db, project)
+            try:
+                if fmt is ExportFormat.label_studio:
+                    n = label_studio.export_label_studio(store, out_path, model_version=model_version)
+                    msg = f"{n} Label Studio tasks with predictions"
+                elif fmt is ExportFormat.coco:
+                    counts = coco.export_coco(store, out_path, split=split)
+                    msg = f"{counts['images']} images, {counts['annotations']} RLE annotations"
+                elif fmt is ExportFormat.cholecseg8k:
+                    msg = f"{cholecseg8k.export_cholecseg8k(store, out_path, split=split)} frame masks"
+                else:
+                    msg = f"{cholec80.export_cholec80(store, out_path)} phase files"
+            finally:
+                store.close()
+            out.print(f"wrote {msg} to {out_path}", highlight=False)
+
+        _export.__doc__ = f"Export human labels (or predictions, for label-studio) as {fmt.value}."
+
+    for fmt in ExportFormat:
+        _make_export(fmt)
