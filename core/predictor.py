@@ -250,10 +250,16 @@ class Predictor:
             )
         return results
 
+    def stream_with_frames(self, frames: Any, keep_masks: bool = True) -> Iterator[tuple[FramePrediction, np.ndarray]]:
+        """Like :meth:`stream`, paired with each original frame (for overlays)."""
+        for recs, batch in self._prefetched(_as_records(frames)):
+            preds = self._postprocess(recs, self._run(self.to_tensor(batch)), keep_masks)
+            yield from zip(preds, (r.image for r in recs), strict=True)
+
     def stream(self, frames: Any, keep_masks: bool = True) -> Iterator[FramePrediction]:
         """Predict lazily over any iterable of frames / FrameRecords, in order, overlapping IO and compute."""
-        for recs, batch in self._prefetched(_as_records(frames)):
-            yield from self._postprocess(recs, self._run(self.to_tensor(batch)), keep_masks)
+        for pred, _ in self.stream_with_frames(frames, keep_masks):
+            yield pred
 
     def predict(self, frames: Any, keep_masks: bool = True) -> list[FramePrediction]:
         """Predict a single frame, a list, or a (T, H, W, 3) array; returns one prediction per frame."""
@@ -300,20 +306,21 @@ class Predictor:
         self,
         source: str | Path,
         sample_fps: float | None = 1.0,
-        on_frame: Callable[[FramePrediction], None] | None = None,
+        on_frame: Callable[[FramePrediction, np.ndarray], None] | None = None,
         progress: bool = False,
     ) -> VideoPrediction:
-        """Stream a video (or frame folder) through the model; ``on_frame`` receives each prediction with
-        its mask (e.g. to write it to disk), and only small per-frame vectors are kept."""
+        """Stream a video (or frame folder) through the model; ``on_frame(prediction, frame)`` receives each
+        prediction with its mask (e.g. to write it to disk), and only small per-frame vectors are kept."""
         from tqdm.auto import tqdm
 
         with open_video(source) as video:
             total = len(video.sample_indices(sample_fps))
             kept: list[FramePrediction] = []
             bar = tqdm(total=total, unit="frame", desc=Path(source).name, disable=not progress)
-            for pred in self.stream(video.iter_frames(sample_fps=sample_fps), keep_masks=on_frame is not None):
+            frames = video.iter_frames(sample_fps=sample_fps)
+            for pred, image in self.stream_with_frames(frames, keep_masks=on_frame is not None):
                 if on_frame is not None:
-                    on_frame(pred)
+                    on_frame(pred, image)
                 pred.mask = pred.confidence = None
                 kept.append(pred)
                 bar.update(1)

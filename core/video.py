@@ -367,3 +367,17 @@ def open_video(path: str | Path, fps: float | None = None) -> VideoSource:
             f"check the path (relative paths are resolved from the current directory {Path.cwd()})",
         )
     return VideoSource(path, fps)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read one image file as RGB uint8, with a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"image {path} does not exist", "check the path")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise VideoReadError(
+            f"image {path} cannot be decoded (corrupt, truncated or not an image)",
+            "re-export the frame as PNG or JPEG",
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -136,18 +136,18 @@ def finetune_heads(
                 seg = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
                 seg = seg + cfg.dice_weight * dice_loss(logits, target)
                 loss = loss + seg
-                sums["segmentation"] += float(seg) * len(idx)
+                sums["segmentation"] += float(seg.detach()) * len(idx)
             if phases is not None and (phases[idx] >= 0).any():
                 ph = F.cross_entropy(out.phase_logits, phases[idx], ignore_index=-1)
                 loss = loss + ph
-                sums["phase"] += float(ph) * len(idx)
+                sums["phase"] += float(ph.detach()) * len(idx)
             if cvs is not None:
                 target_cvs = cvs[idx]
                 known = ~torch.isnan(target_cvs)
                 if known.any():
                     cv = F.binary_cross_entropy_with_logits(out.cvs_logits[known], target_cvs[known])
                     loss = loss + cv
-                    sums["cvs"] += float(cv) * len(idx)
+                    sums["cvs"] += float(cv.detach()) * len(idx)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -190,7 +190,7 @@ def train_temporal(
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(total / max(1, len(sequences)))
     tcn.eval()
     model.phase_head.temporal_trained.fill_(True)

@@ -1,0 +1,191 @@
+"""`surgenet-assist` command line: the composition root that wires core, backend, napari and training.
+
+Errors a user can fix (bad input, missing weights, ...) are printed as a message and a fix, exit code 2,
+with no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from surgenet_assist.core.errors import SurgenetAssistError
+
+console = Console(stderr=True)
+
+
+class UserError(click.ClickException):
+    """A SurgenetAssistError shown as 'Error: ... / Fix: ...' with exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, exc: SurgenetAssistError) -> None:
+        super().__init__(exc.message)
+        self.hint = exc.hint
+
+    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
+        click.echo(f"Error: {self.message}", err=True)
+        if self.hint:
+            click.echo(f"Fix: {self.hint}", err=True)
+
+
+class _FriendlyErrors(TyperGroup):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SurgenetAssistError as exc:
+            raise UserError(exc) from None
+
+
+app = typer.Typer(
+    cls=_FriendlyErrors,
+    help="surgenet-assist: SurgeNetXL pre-annotation for surgical video (Label Studio, napari, retraining).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+weights_app = typer.Typer(help="SurgeNet backbone weights: list, download, inspect.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+# --- weights --------------------------------------------------------------------------------------------
+@weights_app.command("list")
+def weights_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List every released SurgeNet backbone with URL, SHA-256, normalisation and licence."""
+    from surgenet_assist.core.weights import cached_path
+    from surgenet_assist.core.zoo import list_backbones
+
+    specs = list_backbones()
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() | {"cached": cached_path(s).exists()} for s in specs], indent=2))
+        return
+    table = Table(title="SurgeNet backbones (weights: CC BY-NC-SA 4.0, non-commercial)")
+    for col in ("name", "arch", "pretraining data", "file", "cached"):
+        table.add_column(col)
+    for s in specs:
+        table.add_row(s.name, s.arch, s.pretraining_data, s.file_name, "yes" if cached_path(s).exists() else "")
+    Console().print(table)
+
+
+@weights_app.command("download")
+def weights_download(
+    name: Annotated[str, typer.Argument(help="backbone name, e.g. surgenetxl")] = "surgenetxl",
+    from_file: Annotated[Path | None, typer.Option(help="copy a file obtained elsewhere into the cache")] = None,
+) -> None:
+    """Download (or copy in) a backbone's weights, verify SHA-256, and cache them."""
+    from surgenet_assist.core.weights import copy_into_cache, ensure_weights
+    from surgenet_assist.core.zoo import get_spec
+
+    spec = get_spec(name)
+    path = copy_into_cache(spec, from_file) if from_file else ensure_weights(spec)
+    typer.echo(str(path))
+
+
+@weights_app.command("inspect")
+def weights_inspect(
+    file: Annotated[Path, typer.Argument(help="checkpoint file (.pth)")],
+    name: Annotated[str, typer.Option(help="backbone whose architecture to check against")] = "surgenetxl",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a checkpoint against the architecture: missing/unexpected keys, parameters, SHA-256."""
+    from surgenet_assist.core.backbone import inspect_checkpoint
+
+    info = inspect_checkpoint(file, name=name)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key}: {value}")
+    if info["missing_keys"] or info["unexpected_keys"] or info["shape_mismatches"]:
+        raise typer.Exit(1)
+
+
+# --- predict --------------------------------------------------------------------------------------------
+def _build_predictor(model: Path | None, weights: Path | None, random_init: bool, backbone: str,
+                     batch_size: int, device: str | None, short_side: int | None):
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.core.predictor import Predictor
+
+    if model is not None:
+        return Predictor.from_bundle(model, batch_size=batch_size, device=device, short_side=short_side)
+    if random_init:
+        console.print("[yellow]Using a RANDOMLY INITIALISED backbone and untrained heads: outputs are "
+                      "meaningless except for testing the pipeline.[/]")
+    net = SurgeNetAssistModel.create(backbone, weights=weights, random_init=random_init)
+    if not random_init:
+        console.print("[yellow]No --model bundle given: the heads are untrained (pretrained backbone only).[/]")
+    return Predictor(net, batch_size=batch_size, device=device, short_side=short_side)
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Argument(help="video file (mp4/avi/mkv), frame folder or image")],
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    model: Annotated[Path | None, typer.Option(help="model bundle directory")] = None,
+    weights: Annotated[Path | None, typer.Option(help="backbone checkpoint (without --model)")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
+    backbone: Annotated[str, typer.Option(help="backbone name from `weights list`")] = "surgenetxl",
+    fps: Annotated[float, typer.Option(help="frames per second to sample from a video")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
+    short_side: Annotated[int | None, typer.Option(help="model input short side (default from bundle)")] = None,
+    overlay_every: Annotated[int, typer.Option(help="write an overlay PNG every N sampled frames")] = 1,
+) -> None:
+    """Pre-annotate a video: per-frame masks (PNG), phases.csv, cvs.csv, overlays and a phase timeline PNG."""
+    from surgenet_assist.core.prediction_writer import PredictionWriter
+    from surgenet_assist.core.video import load_image
+
+    predictor = _build_predictor(model, weights, random_init, backbone, batch_size, device, short_side)
+    writer = PredictionWriter(out, predictor.schema, overlay_every=overlay_every)
+    if input.is_file() and input.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
+        image = load_image(input)
+        pred = predictor.predict_frame(image)
+        writer(pred, image)
+        result = predictor.summarise([pred], fps=1.0)
+    else:
+        result = predictor.predict_video(input, sample_fps=fps, on_frame=writer, progress=True)
+    summary = writer.finish(result, extra={"model_version": predictor.model_version, "input": str(input)})
+    console.print(f"[green]{summary['frames']} frames pre-annotated[/] -> {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("demo-output"),
+    seed: Annotated[int, typer.Option(help="seed of the synthetic clips")] = 0,
+    train_videos: Annotated[int, typer.Option(help="synthetic training videos")] = 3,
+    frames_per_video: Annotated[int, typer.Option(help="frames per synthetic video (1 fps)")] = 60,
+    epochs: Annotated[int, typer.Option(help="head fine-tuning epochs")] = 20,
+    short_side: Annotated[int, typer.Option(help="model input short side")] = 192,
+) -> None:
+    """Offline end-to-end demo on synthetic surgery: fine-tune heads, pre-annotate a held-out clip, report."""
+    from surgenet_assist.cli.demo import run_demo
+
+    summary = run_demo(out, seed=seed, train_videos=train_videos, frames_per_video=frames_per_video,
+                       epochs=epochs, short_side=short_side, console=console)
+    console.print_json(json.dumps(summary["metrics"]))
+    console.print(f"[green]Demo finished[/] -> {out} (bundle, overlays, timeline.png, metrics.md)")
+
+
+def _register_front_ends() -> None:
+    """Front-ends add their commands here; a missing optional extra only hides its commands."""
+    for module in ("store_commands", "backend_commands", "napari_commands", "training_commands"):
+        try:
+            mod = importlib.import_module(f"surgenet_assist.cli.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("surgenet_assist.cli."):
+                continue  # that front-end does not exist (yet)
+            raise
+        mod.register(app)
+
+
+_register_front_ends()
+
+if __name__ == "__main__":
+    app()
