@@ -70,7 +70,14 @@ def create_store_engine(url: str | None = None, *, echo: bool = False) -> Engine
     if backend == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the folder of the SQLite database {mask_url(url)}: {exc.strerror}",
+                    "pass a writable path with --db sqlite:///path/file.db or set SURGENET_ASSIST_DB_URL",
+                ) from None
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": 60})
         _sqlite_events(engine)
         return engine
