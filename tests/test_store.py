@@ -1,4 +1,5 @@
 """Label store guarantees, each on SQLite and PostgreSQL (``store_url`` is parametrized over both)."""
+# ruff: noqa: F811  (fixtures imported from store_helpers are parameters of the tests below)
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from store_helpers import random_mask, store, store_url, write_cholecseg8k  # noqa: F401 - fixtures
-
 from surgenet_assist.core.errors import SchemaError, StoreError
 from surgenet_assist.core.store import LabelStore, upgrade
 from surgenet_assist.core.store.models import AnnotationRevision, Base
@@ -191,7 +191,7 @@ def test_invalid_payloads_raise_schema_errors_and_write_nothing(store):
 
 
 def test_crash_mid_import_leaves_nothing_half_written(store, tmp_path):
-    """The 3rd revision insert of an import fails: nothing of that import is stored, earlier data is intact."""
+    """The 3rd revision insert of an import fails: nothing of it is stored, earlier data is intact."""
     from surgenet_assist.core.formats.cholecseg8k import import_cholecseg8k
 
     v = store.add_video("video99")
