@@ -1,0 +1,462 @@
+"""The Label Studio ML backend: one Flask app factory, :func:`create_app`, wire-compatible with LS 1.23.
+
+Routes (see ``docs/http-api.md``): ``POST /predict``, ``POST /setup``, ``POST /webhook``, ``GET /health``,
+``GET /metrics``, ``GET /versions``. The model is loaded once per process (in the factory, i.e. once per
+gunicorn worker), never per request; ``/setup`` and ``/health`` never touch it, so they answer well inside
+Label Studio's 3 s / 1 s timeouts even while a long ``/predict`` runs on another thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
+from .media import SETUP_CREDENTIALS, MediaError, fetch_media
+from .metrics import TASK_OF_TYPE, Metrics
+from .predictions import ImageTaskModel, VideoTaskModel, empty_prediction
+from .webhooks import WebhookError, WebhookHandler
+
+log = logging.getLogger("surgenet_assist.backend")
+
+NO_MODEL_VERSION = "no-model"
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+_SECRET = re.compile(r"((?:Token|Bearer)\s+|access_token['\"]?\s*[:=]\s*['\"]?)[A-Za-z0-9._\-]+", re.I)
+
+
+class RedactTokens(logging.Filter):
+    """Scrubs tokens from log records (``Token x``, ``Bearer x``, ``access_token=x``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if _SECRET.search(msg):
+            record.msg, record.args = _SECRET.sub(r"\1***", msg), None
+        return True
+
+
+@dataclass
+class BackendSettings:
+    """Server settings; :meth:`from_env` reads the ``SURGENET_ASSIST_*`` / LS-style variables."""
+
+    model_path: str | None = None  # a bundle directory
+    registry: bool = False  # serve the store's champion, picked up without restart
+    db_url: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    max_body: int = DEFAULT_MAX_BODY
+    video_sample_fps: float | None = 1.0
+    batch_size: int = 8
+    short_side: int | None = None
+    device: str | None = None
+    registry_poll_s: float = 5.0
+    store_project: str | None = None  # label-store project for LS annotations (None: the store's default)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> BackendSettings:
+        env = os.environ
+        s = cls(
+            model_path=env.get("SURGENET_ASSIST_MODEL") or None,
+            registry=env.get("SURGENET_ASSIST_REGISTRY", "").lower() in ("1", "true", "yes"),
+            db_url=env.get("SURGENET_ASSIST_DB_URL") or None,
+            basic_auth_user=env.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
+            max_body=int(env.get("SURGENET_ASSIST_MAX_BODY", DEFAULT_MAX_BODY)),
+            video_sample_fps=float(env.get("SURGENET_ASSIST_VIDEO_FPS", "1")) or None,
+            batch_size=int(env.get("SURGENET_ASSIST_BATCH", "8")),
+            device=env.get("SURGENET_ASSIST_DEVICE") or None,
+            store_project=env.get("SURGENET_ASSIST_STORE_PROJECT") or None,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        return s
+
+
+class ModelHolder:
+    """The served predictor (or none: day 0), swapped atomically when the registry's champion changes."""
+
+    def __init__(self, settings: BackendSettings, store: Any = None, predictor: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.predictor = predictor
+        self.source = "given" if predictor is not None else None
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+        self._loading = False
+        self._last_poll = 0.0
+        self._champion: str | None = None
+        if predictor is None and settings.model_path:
+            self.predictor = self._load(settings.model_path)
+            self.source = settings.model_path
+        elif predictor is None and settings.registry:
+            self.poll(force=True, background=False)
+
+    @property
+    def version(self) -> str:
+        return self.predictor.model_version if self.predictor is not None else NO_MODEL_VERSION
+
+    def _load(self, path: str) -> Any:
+        from surgenet_assist.core.predictor import Predictor
+
+        t0 = time.perf_counter()
+        predictor = Predictor.from_bundle(
+            path,
+            batch_size=self.settings.batch_size,
+            short_side=self.settings.short_side,
+            device=self.settings.device,
+            allow_download=False,
+        )
+        log.info("loaded model %s from %s in %.1f s", predictor.model_version, path, time.perf_counter() - t0)
+        return predictor
+
+    def champion(self) -> dict[str, Any] | None:
+        if self.store is None:
+            return None
+        rows = [r for r in self.store.model_versions(status="champion") if r.get("bundle_path")]
+        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+
+    def poll(self, force: bool = False, background: bool = True) -> None:
+        """Cheap check (every ``registry_poll_s`` at most) for a new champion, loaded off the request path."""
+        if not self.settings.registry or self.store is None:
+            return
+        now = time.monotonic()
+        if not force and (now - self._last_poll < self.settings.registry_poll_s or self._loading):
+            return
+        self._last_poll = now
+        try:
+            row = self.champion()
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not break serving
+            self.problem = f"registry not readable: {getattr(exc, 'message', exc)}"
+            return
+        if row is None or row["version"] == self._champion:
+            return
+
+        def load() -> None:
+            try:
+                predictor = self._load(row["bundle_path"])
+                predictor.model_version = row["version"]
+                with self._lock:
+                    self.predictor, self.source, self._champion = (
+                        predictor,
+                        row["bundle_path"],
+                        row["version"],
+                    )
+                    self.problem = None
+            except Exception as exc:  # noqa: BLE001 - keep serving the old model
+                self._champion = row["version"]  # do not retry a broken bundle on every request
+                self.problem = f"champion {row['version']} failed to load: {getattr(exc, 'message', exc)}"
+                log.error(self.problem)
+            finally:
+                self._loading = False
+
+        self._loading = True
+        if background:
+            threading.Thread(target=load, name="surgenet-registry-load", daemon=True).start()
+        else:
+            load()
+
+
+def _json_error(status: int, error: str, detail: str, hint: str | None = None, **extra: Any) -> Response:
+    body = {"status": status, "error": error, "detail": detail}
+    if hint:
+        body["hint"] = hint
+    body.update(extra)
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+def _open_store(settings: BackendSettings) -> Any:
+    from surgenet_assist.core.store import LabelStore
+
+    return LabelStore(settings.db_url)
+
+
+def create_app(
+    settings: BackendSettings | None = None,
+    *,
+    predictor: Any = None,
+    store: Any = None,
+    schema: LabelSchema | None = None,
+    fetch: Callable[[str, Any], Path] | None = None,
+) -> Flask:
+    """Build the backend app. ``predictor``/``store``/``fetch`` may be injected (tests, embedding)."""
+    settings = settings or BackendSettings.from_env()
+    if store is None and (
+        settings.db_url is not None or settings.registry or settings.extra.get("open_store", True)
+    ):
+        try:
+            store = _open_store(settings)
+        except SurgenetAssistError as exc:
+            log.error("label store unavailable: %s", exc.message)
+            store = None
+    holder = ModelHolder(settings, store=store, predictor=predictor)
+    schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
+    fetch = fetch or fetch_media
+    metrics = Metrics()
+    metrics.model_loaded.set(1 if holder.predictor is not None else 0)
+    webhooks = WebhookHandler(store, schema, settings.store_project)
+    logging.getLogger().addFilter(RedactTokens())
+    for h in logging.getLogger().handlers:
+        h.addFilter(RedactTokens())
+
+    here = str(Path(__file__).resolve().parent)
+    app = Flask("surgenet_assist.backend", root_path=here, instance_path=here + "/instance")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["surgenet"] = {"holder": holder, "store": store, "metrics": metrics, "settings": settings}
+
+    # --- cross-cutting: auth, metrics, errors -------------------------------------------------------------
+    @app.before_request
+    def _before() -> Response | None:
+        g.t0 = time.perf_counter()
+        if request.path == "/health" or request.path == "/" or not settings.basic_auth_user:
+            return None
+        header = request.headers.get("Authorization", "")
+        ok = False
+        if header.startswith("Basic "):
+            try:
+                user, _, pw = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+                ok = hmac.compare_digest(user, settings.basic_auth_user) and hmac.compare_digest(
+                    pw, settings.basic_auth_pass or ""
+                )
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+        if not ok:
+            resp = _json_error(
+                401,
+                "unauthorized",
+                "basic auth required",
+                "set the ML backend's Basic Auth user/password in Label Studio's model settings",
+            )
+            resp.headers["WWW-Authenticate"] = 'Basic realm="surgenet-assist"'
+            return resp
+        return None
+
+    @app.after_request
+    def _after(resp: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(route, request.method, str(resp.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - getattr(g, "t0", time.perf_counter()))
+        if resp.status_code >= 400:
+            metrics.errors.labels(route, str(resp.status_code)).inc()
+        return resp
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc: Exception) -> Response:
+        return _json_error(
+            413,
+            "body_too_large",
+            f"request body exceeds {settings.max_body} bytes",
+            "send fewer tasks per request (ls preannotate --batch) or raise SURGENET_ASSIST_MAX_BODY",
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return _json_error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.path)
+        return _json_error(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def body_json() -> dict[str, Any]:
+        raw = request.get_data(cache=True)
+        try:
+            data = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _BadRequest("malformed_json", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _BadRequest("malformed_json", "request body must be a JSON object")
+        return data
+
+    @app.errorhandler(_BadRequest)
+    def _bad(exc: _BadRequest) -> Response:
+        return _json_error(exc.status, exc.error, exc.detail, exc.hint, **exc.extra)
+
+    # --- routes -------------------------------------------------------------------------------------------
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        holder.poll()
+        body = {
+            "status": "UP",
+            "model_class": "SurgeNetAssist",
+            "model_version": holder.version,
+            "model_loaded": holder.predictor is not None,
+            "store": store is not None,
+        }
+        if holder.predictor is None:
+            body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
+        if holder.problem:
+            body["problem"] = holder.problem
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup() -> Response:
+        data = body_json()
+        SETUP_CREDENTIALS.remember(data.get("hostname"), data.get("access_token"))
+        holder.poll()
+        cfg = data.get("schema") or data.get("label_config")
+        body: dict[str, Any] = {"model_version": holder.version}
+        if cfg:
+            try:
+                plan = parse_label_config(cfg, schema)
+            except LabelConfigError as exc:
+                raise _BadRequest("bad_label_config", exc.message, exc.hint) from None
+            body.update(plan.summary())
+            if plan.unknown_labels:
+                log.warning(
+                    "project %s: labels the model does not know (never predicted): %s",
+                    data.get("project"),
+                    ", ".join(f"{u['control']}:{u['label']}" for u in plan.unknown_labels),
+                )
+            if plan.skipped_controls:
+                log.info("project %s: controls not filled: %s", data.get("project"), plan.skipped_controls)
+        if holder.predictor is None:
+            body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
+        return jsonify(body)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        data = body_json()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+            raise _BadRequest(
+                "missing_tasks",
+                "'tasks' must be a non-empty list of task objects",
+                'send {"tasks": [{"id": 1, "data": {"image": "..."}}], "label_config": "<View>..."}',
+            )
+        cfg = data.get("label_config") or data.get("schema")
+        if not cfg:
+            raise _BadRequest(
+                "missing_label_config", "'label_config' is missing", "send the project's config"
+            )
+        try:
+            plan = parse_label_config(cfg, schema)
+        except LabelConfigError as exc:
+            raise _BadRequest("bad_label_config", exc.message, exc.hint) from None
+        if not plan.controls:
+            raise _BadRequest(
+                "no_fillable_control",
+                "no control in the labeling config can be filled by this model",
+                "use BrushLabels/PolygonLabels, CVS or phase Choices on an Image, "
+                "or TimelineLabels on a Video "
+                "(see `surgenet-assist ls config`)",
+                status=422,
+                skipped_controls=plan.skipped_controls,
+            )
+        holder.poll()
+        predictor = holder.predictor
+        if predictor is None:
+            results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
+        else:
+            try:
+                results = _predict_tasks(tasks, plan, predictor, settings, fetch)
+            except MediaError as exc:
+                raise _BadRequest(
+                    "media_unavailable", exc.message, exc.hint, status=422, url=exc.url
+                ) from None
+            except LabelConfigError as exc:
+                raise _BadRequest("bad_label_config", exc.message, exc.hint, status=422) from None
+        metrics.tasks.inc(len(tasks))
+        kinds = {c.name: c.kind for c in plan.controls}
+        for res in results:
+            for region in res["result"]:
+                task_name = TASK_OF_TYPE.get(region["type"])
+                if task_name is None:
+                    kind = kinds.get(region["from_name"])
+                    task_name = (
+                        "phase"
+                        if kind == PHASE_CHOICE
+                        else "cvs"
+                        if kind in (CVS_MULTI, CVS_CRITERION)
+                        else "other"
+                    )
+                metrics.predictions.labels(task_name).inc()
+        return jsonify({"results": results, "model_version": holder.version})
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        data = body_json()
+        try:
+            status, body = webhooks.handle(data)
+        except WebhookError as exc:
+            raise _BadRequest("bad_webhook", str(exc)) from None
+        except SurgenetAssistError as exc:
+            raise _BadRequest("label_rejected", exc.message, exc.hint, status=422) from None
+        metrics.webhooks.labels(str(data.get("action"))).inc()
+        resp = jsonify(body)
+        resp.status_code = status
+        return resp
+
+    @app.get("/versions")
+    @app.post("/versions")
+    def versions() -> Response:
+        rows = []
+        if store is not None:
+            try:
+                rows = store.model_versions()
+            except SurgenetAssistError as exc:
+                log.warning("registry not readable: %s", exc.message)
+        names = [r["version"] for r in rows]
+        if holder.version not in names:
+            names.append(holder.version)
+        return jsonify(
+            {
+                "versions": names,
+                "current": holder.version,
+                "registry": [
+                    {k: (str(v) if k.endswith("_at") else v) for k, v in r.items() if k != "bundle_hash"}
+                    for r in rows
+                ],
+            }
+        )
+
+    @app.get("/metrics")
+    def metrics_route() -> Response:
+        metrics.model_loaded.set(1 if holder.predictor is not None else 0)
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _predict_tasks(
+    tasks: list[dict[str, Any]], plan: Any, predictor: Any, settings: BackendSettings, fetch: Callable
+) -> list[dict[str, Any]]:
+    """One prediction per task, merging image and video controls of a mixed config."""
+    merged = [{"model_version": predictor.model_version, "score": 1.0, "result": []} for _ in tasks]
+    parts = []
+    if plan.image_controls:
+        parts.append(ImageTaskModel(predictor).predict(tasks, plan, fetch))
+    if plan.video_controls:
+        parts.append(VideoTaskModel(predictor, settings.video_sample_fps).predict(tasks, plan, fetch))
+    for part in parts:
+        for m, p in zip(merged, part, strict=True):
+            m["result"] += p["result"]
+            m["score"] = min(m["score"], p["score"])
+    return merged
+
+
+class _BadRequest(Exception):
+    def __init__(
+        self, error: str, detail: str, hint: str | None = None, status: int = 400, **extra: Any
+    ) -> None:
+        super().__init__(detail)
+        self.error, self.detail, self.hint, self.status, self.extra = error, detail, hint, status, extra

@@ -1,0 +1,115 @@
+"""Fetching task media: the SDK's ``get_local_path`` plus errors that say which URL failed and what to set.
+
+Label Studio stores URLs, not pixels: ``/data/upload/...`` (uploads), ``/data/local-files/?d=...`` (local
+storage), cloud URIs or plain http(s). The SDK resolves all of them, with ``LABEL_STUDIO_URL`` and
+``LABEL_STUDIO_API_KEY`` (legacy token or personal access token; the SDK sends ``Token``/``Bearer``).
+When those are not set we fall back to the host and token Label Studio itself sent in ``/setup``. Tokens are
+never logged or echoed in errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+log = logging.getLogger("surgenet_assist.backend")
+
+ENV_HINT = (
+    "set LABEL_STUDIO_URL (e.g. http://label-studio:8080, reachable from the backend) and "
+    "LABEL_STUDIO_API_KEY "
+    "(Account & Settings -> Personal Access Token, or a legacy token) in the backend's environment; for "
+    "local-files storage you can instead set LOCAL_FILES_DOCUMENT_ROOT to the same root Label Studio serves"
+)
+
+
+class MediaError(Exception):
+    """A task's media cannot be fetched or decoded (the client gets a 422 naming the URL)."""
+
+    def __init__(self, message: str, url: str | None, hint: str = ENV_HINT) -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.hint = hint
+
+
+class _SetupCredentials:
+    """Host/token Label Studio sent in its last ``/setup`` (a fallback when the environment has none)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hostname: str | None = None
+        self.token: str | None = None
+
+    def remember(self, hostname: Any, token: Any) -> None:
+        with self._lock:
+            if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
+                self.hostname = hostname.rstrip("/")
+            if isinstance(token, str) and token:
+                self.token = token
+
+
+SETUP_CREDENTIALS = _SetupCredentials()
+
+
+def _resolve(url: str, task_id: Any) -> str:
+    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
+
+    hostname = (
+        os.environ.get("LABEL_STUDIO_URL")
+        or os.environ.get("LABEL_STUDIO_HOST")
+        or SETUP_CREDENTIALS.hostname
+    )
+    token = (
+        os.environ.get("LABEL_STUDIO_API_KEY")
+        or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN")
+        or SETUP_CREDENTIALS.token
+    )
+    return get_local_path(url, hostname=hostname or None, access_token=token or None, task_id=task_id)
+
+
+def fetch_media(url: str, task_id: Any = None) -> Path:
+    """Local path of a task's media file (downloaded and cached by the SDK when remote)."""
+    needs_ls = url.startswith(("/data/", "data/", "/upload", "upload", "s3://", "gs://", "azure-blob://"))
+    if (
+        needs_ls
+        and not (
+            os.environ.get("LABEL_STUDIO_URL")
+            or os.environ.get("LABEL_STUDIO_HOST")
+            or SETUP_CREDENTIALS.hostname
+        )
+        and not (url.startswith("/data/local-files") and os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"))
+    ):
+        raise MediaError(
+            f"cannot fetch {url}: LABEL_STUDIO_URL is not set, so the Label Studio host is unknown", url=url
+        )
+    try:
+        path = Path(_resolve(url, task_id))
+    except FileNotFoundError as exc:
+        raise MediaError(f"cannot fetch {url}: file not found ({exc})", url=url) from None
+    except Exception as exc:  # noqa: BLE001 - requests HTTPError/ConnectionError, ValueError from the SDK
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        what = f"HTTP {status}" if status else type(exc).__name__
+        detail = "authentication failed" if status in (401, 403) else str(exc).split("\n")[0][:200]
+        raise MediaError(f"cannot fetch {url}: {what} ({detail})", url=url) from None
+    if not path.is_file():
+        raise MediaError(f"cannot fetch {url}: {path} does not exist", url=url)
+    return path
+
+
+def load_image(path: Path, url: str) -> np.ndarray:
+    """Decode an image file to RGB uint8; a corrupt or non-image file is a :class:`MediaError`."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise MediaError(
+            f"cannot decode image {url} ({data.size} bytes): not a readable PNG/JPEG/…",
+            url=url,
+            hint="re-export the frame as PNG or JPEG and re-import the task",
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

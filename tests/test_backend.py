@@ -1,0 +1,513 @@
+"""The Label Studio ML backend over Flask's test client: protocol shapes, every prediction validated with the
+SDK's LabelInterface and decoded back, webhooks into a real (SQLite) label store, bad requests, auth, metrics.
+
+Media fetch is the only thing replaced (Label Studio is not running here): tasks point at PNG/MP4 files that
+the synthetic generator wrote, through an injected ``fetch``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import cv2
+import numpy as np
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
+from surgenet_assist.backend.config import parse_label_config
+from surgenet_assist.backend.labeling_configs import image_config, label_config, shipped_config, video_config
+from surgenet_assist.backend.media import MediaError
+from surgenet_assist.core.encoders import brush_rle_to_mask
+from surgenet_assist.core.schema import DEFAULT_SCHEMA
+
+H, W = 64, 96
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.core.predictor import Predictor
+
+    model = SurgeNetAssistModel.create(random_init=True)
+    return Predictor(model, batch_size=4, short_side=64, model_version="test-1.0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    """Synthetic frames as PNGs, a short MP4, and a corrupt PNG; URL -> path as LS would store them."""
+    from surgenet_assist.core.synthetic import generate_clip
+
+    root = tmp_path_factory.mktemp("media")
+    clip = generate_clip(3, 12, H, W)
+    files = {}
+    for i in range(4):
+        p = root / f"frame{i}.png"
+        cv2.imwrite(str(p), cv2.cvtColor(clip.frames[i], cv2.COLOR_RGB2BGR))
+        files[f"/data/upload/1/frame{i}.png"] = p
+    video = clip.write_video(root / "clip.mp4", fps=10)
+    files["/data/upload/1/clip.mp4"] = video
+    bad = root / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    files["/data/upload/1/corrupt.png"] = bad
+    return files
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from surgenet_assist.core.store import LabelStore
+
+    s = LabelStore(f"sqlite:///{tmp_path / 'store.db'}")
+    yield s
+    s.close()
+
+
+def make_fetch(files):
+    def fetch(url, task_id=None):
+        if url not in files:
+            raise MediaError(f"cannot fetch {url}: HTTP 404 (not found)", url=url)
+        return files[url]
+
+    return fetch
+
+
+@pytest.fixture()
+def client(predictor, media, store):
+    app = create_app(BackendSettings(), predictor=predictor, store=store, fetch=make_fetch(media))
+    return app.test_client()
+
+
+def image_tasks(n=3):
+    return [{"id": i + 1, "data": {"image": f"/data/upload/1/frame{i}.png"}} for i in range(n)]
+
+
+def post(client, path, body, **kw):
+    return client.post(path, data=json.dumps(body), content_type="application/json", **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_shipped_configs_are_valid_and_in_sync(kind):
+    xml = shipped_config(kind)
+    assert xml == label_config(kind)
+    li = LabelInterface(xml)
+    names = {c.name for c in li.controls}
+    assert names == ({"mask", "cvs", "phase"} if kind == "image" else {"phases", "cvs"})
+    plan = parse_label_config(xml, DEFAULT_SCHEMA)
+    assert not plan.unknown_labels and not plan.skipped_controls
+    assert len(plan.controls) == len(names)
+
+
+def test_config_matching_aliases_unknown_labels_and_per_criterion_cvs():
+    xml = """<View><Image name="img" value="$frame"/>
+      <PolygonLabels name="poly" toName="img">
+        <Label value="gallbladder"/><Label value="GB-Tool" predicted_values="Grasper"/><Label value="Spleen"/>
+      </PolygonLabels>
+      <Choices name="C2" toName="img" choice="single"><Choice value="Yes"/><Choice value="No"/></Choices>
+      <Choices name="ph" toName="img">
+        <Choice value="preparation"/><Choice value="Clipping and Cutting"/>
+      </Choices>
+      <RectangleLabels name="box" toName="img"><Label value="Grasper"/></RectangleLabels>
+    </View>"""
+    plan = parse_label_config(xml, DEFAULT_SCHEMA)
+    by = {c.name: c for c in plan.controls}
+    assert by["poly"].labels == {10: "gallbladder", 5: "GB-Tool"}
+    assert by["C2"].kind == "cvs_criterion" and by["C2"].criterion == 1
+    assert by["ph"].kind == "phase_choice" and by["ph"].labels == {
+        0: "preparation",
+        2: "Clipping and Cutting",
+    }
+    assert plan.unknown_labels == [{"control": "poly", "label": "Spleen"}]
+    assert [s["control"] for s in plan.skipped_controls] == ["box"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# protocol
+# ------------------------------------------------------------------------------------------------------------
+def test_health_and_setup_report_version_and_unknown_labels(client):
+    h = client.get("/health").get_json()
+    assert h["status"] == "UP" and h["model_version"] == "test-1.0" and h["model_loaded"] is True
+    cfg = image_config().replace('<Label value="Liver"', '<Label value="Spleen"/>\n<Label value="Liver"')
+    r = post(
+        client,
+        "/setup",
+        {
+            "project": "1.1795623120",
+            "schema": cfg,
+            "hostname": "http://localhost:8080",
+            "access_token": "secret-token-123",
+            "extra_params": None,
+        },
+    )
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["model_version"] == "test-1.0"
+    assert {"control": "mask", "label": "Spleen"} in body["unknown_labels"]
+
+
+def _check_prediction(cfg, pred, height=H, width=W):
+    li = LabelInterface(cfg)
+    errors = li.validate_prediction(pred, return_errors=True)
+    assert errors == [], errors
+    assert 0.0 <= pred["score"] <= 1.0 and pred["model_version"] == "test-1.0"
+
+
+def test_predict_image_tasks_valid_and_rle_round_trips(client, predictor, media):
+    cfg = image_config()
+    tasks = image_tasks(3)
+    r = post(
+        client,
+        "/predict",
+        {
+            "tasks": tasks,
+            "project": "1.1",
+            "label_config": cfg,
+            "params": {"login": None, "password": None, "context": None},
+        },
+    )
+    assert r.status_code == 200, r.get_json()
+    results = r.get_json()["results"]
+    assert len(results) == len(tasks)
+    frames = [cv2.cvtColor(cv2.imread(str(media[t["data"]["image"]])), cv2.COLOR_BGR2RGB) for t in tasks]
+    direct = predictor.predict(frames)
+    for pred, fp in zip(results, direct, strict=True):
+        _check_prediction(cfg, pred)
+        assert pred["score"] == pytest.approx(fp.score, abs=1e-3)
+        brush = [x for x in pred["result"] if x["type"] == "brushlabels"]
+        assert brush, "a random model still paints some class"
+        rebuilt = np.full((H, W), 255, np.uint8)
+        for region in brush:
+            assert (region["original_width"], region["original_height"]) == (W, H)
+            alpha = brush_rle_to_mask(region["value"]["rle"], H, W)
+            assert set(np.unique(alpha)) <= {0, 255}
+            rebuilt[alpha == 255] = DEFAULT_SCHEMA.class_id(region["value"]["brushlabels"][0])
+        np.testing.assert_array_equal(rebuilt, fp.mask)
+        phase = [x for x in pred["result"] if x["from_name"] == "phase"]
+        assert phase[0]["value"]["choices"] == [DEFAULT_SCHEMA.phase_names[fp.phase]]
+        cvs = [x for x in pred["result"] if x["from_name"] == "cvs"]
+        expected = [k for k, p in zip(DEFAULT_SCHEMA.cvs_keys, fp.cvs_probs, strict=True) if p >= 0.5]
+        assert (cvs[0]["value"]["choices"] if cvs else []) == expected
+
+
+def test_predict_polygons_and_per_criterion_cvs(client, predictor, media):
+    names = "".join(f'<Label value="{c.name}"/>' for c in DEFAULT_SCHEMA.classes)
+    cfg = (
+        f'<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">{names}'
+        "</PolygonLabels>"
+        + "".join(
+            f'<Choices name="{k}" toName="image"><Choice value="Yes"/><Choice value="No"/></Choices>'
+            for k in ("C1", "C2", "C3")
+        )
+        + "</View>"
+    )
+    r = post(client, "/predict", {"tasks": image_tasks(1), "label_config": cfg})
+    assert r.status_code == 200, r.get_json()
+    pred = r.get_json()["results"][0]
+    _check_prediction(cfg, pred)
+    polys = [x for x in pred["result"] if x["type"] == "polygonlabels"]
+    assert polys
+    for p in polys:
+        pts = np.array(p["value"]["points"])
+        assert pts.shape[1] == 2 and len(pts) >= 3 and (pts >= 0).all() and (pts <= 100).all()
+    fp = predictor.predict(
+        [cv2.cvtColor(cv2.imread(str(media["/data/upload/1/frame0.png"])), cv2.COLOR_BGR2RGB)]
+    )[0]
+    for k, prob in zip(("C1", "C2", "C3"), fp.cvs_probs, strict=True):
+        region = next(x for x in pred["result"] if x["from_name"] == k)
+        assert region["value"]["choices"] == ["Yes" if prob >= 0.5 else "No"]
+
+
+def test_predict_video_timeline(client, predictor, media):
+    cfg = video_config(frame_rate=10)
+    r = post(
+        client,
+        "/predict",
+        {"tasks": [{"id": 9, "data": {"video": "/data/upload/1/clip.mp4"}}], "label_config": cfg},
+    )
+    assert r.status_code == 200, r.get_json()
+    pred = r.get_json()["results"][0]
+    _check_prediction(cfg, pred)
+    timeline = [x for x in pred["result"] if x["type"] == "timelinelabels"]
+    ranges = [(x["value"]["ranges"][0]["start"], x["value"]["ranges"][0]["end"]) for x in timeline]
+    # contiguous, 1-based inclusive, covering the 12 frames at frameRate == video fps
+    assert ranges[0][0] == 1 and ranges[-1][1] == 12
+    assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:], strict=False))
+    vp = predictor.predict_video(media["/data/upload/1/clip.mp4"], sample_fps=1.0)
+    assert [x["value"]["timelinelabels"][0] for x in timeline] == [
+        DEFAULT_SCHEMA.phase_names[s[2]] for s in vp.segments
+    ]
+
+
+def test_no_model_day_zero(media, store):
+    app = create_app(BackendSettings(), store=store, fetch=make_fetch(media))
+    c = app.test_client()
+    assert c.get("/health").get_json()["model_loaded"] is False
+    setup = post(c, "/setup", {"project": "1.1", "schema": image_config()}).get_json()
+    assert setup["model_version"] == NO_MODEL_VERSION and "no trained model" in setup["warning"]
+    r = post(c, "/predict", {"tasks": image_tasks(3), "label_config": image_config()}).get_json()
+    assert r["results"] == [{"model_version": NO_MODEL_VERSION, "score": 0.0, "result": []}] * 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad requests
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (b"{not json", 400, "malformed_json"),
+        (json.dumps({"label_config": "<View/>"}).encode(), 400, "missing_tasks"),
+        (json.dumps({"tasks": [], "label_config": "<View/>"}).encode(), 400, "missing_tasks"),
+        (json.dumps({"tasks": [{"id": 1, "data": {"image": "x"}}]}).encode(), 400, "missing_label_config"),
+        (
+            json.dumps({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Image"}).encode(),
+            400,
+            "bad_label_config",
+        ),
+        (
+            json.dumps(
+                {
+                    "tasks": [{"id": 1, "data": {"image": "x"}}],
+                    "label_config": '<View><Image name="i" value="$image"/>'
+                    '<RectangleLabels name="b" toName="i"><Label value="Car"/></RectangleLabels>'
+                    "</View>",
+                }
+            ).encode(),
+            422,
+            "no_fillable_control",
+        ),
+    ],
+)
+def test_bad_requests_get_clear_json_errors(client, body, status, error):
+    r = client.post("/predict", data=body, content_type="application/json")
+    assert r.status_code == status
+    assert r.get_json()["error"] == error
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("url", ["/data/upload/1/missing.png", "/data/upload/1/corrupt.png"])
+def test_missing_or_corrupt_image_names_the_url(client, url):
+    tasks = image_tasks(1) + [{"id": 7, "data": {"image": url}}]
+    r = post(client, "/predict", {"tasks": tasks, "label_config": image_config()})
+    assert r.status_code == 422
+    body = r.get_json()
+    assert body["error"] == "media_unavailable" and body["url"] == url and url in body["detail"]
+    assert (
+        post(client, "/predict", {"tasks": image_tasks(1), "label_config": image_config()}).status_code == 200
+    )
+
+
+def test_fetch_media_through_sdk_names_the_variable(monkeypatch, tmp_path):
+    """The real fetch path: the SDK's get_local_path, with LABEL_STUDIO_URL unset / an HTTP failure."""
+    import requests
+    from surgenet_assist.backend import media as media_mod
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_HOST", raising=False)
+    monkeypatch.setattr(media_mod, "SETUP_CREDENTIALS", media_mod._SetupCredentials())
+    with pytest.raises(MediaError) as err:
+        media_mod.fetch_media("/data/upload/1/a.png", 1)
+    assert "LABEL_STUDIO_URL" in str(err.value) and "LABEL_STUDIO_API_KEY" in err.value.hint
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "abc")
+    seen = {}
+
+    def fake_get(url, **kw):
+        seen.update(url=url, headers=kw.get("headers"))
+        resp = requests.Response()
+        resp.status_code = 401
+        resp.url = url
+        raise requests.HTTPError("401 Client Error", response=resp)
+
+    import label_studio_sdk._extensions.label_studio_tools.core.utils.io as sdk_io
+
+    monkeypatch.setattr(sdk_io, "http_get", fake_get, raising=False)
+    monkeypatch.setattr(sdk_io.requests, "get", fake_get)
+    with pytest.raises(MediaError) as err:
+        media_mod.fetch_media(f"/data/upload/1/{tmp_path.name}.png", 1)
+    assert f"/data/upload/1/{tmp_path.name}.png" in err.value.message and "401" in err.value.message
+    assert "abc" not in err.value.message
+
+
+def test_body_size_limit(predictor, media, store):
+    app = create_app(
+        BackendSettings(max_body=2048), predictor=predictor, store=store, fetch=make_fetch(media)
+    )
+    c = app.test_client()
+    big = {"tasks": image_tasks(1), "label_config": image_config() + " " * 4096}
+    r = post(c, "/predict", big)
+    assert r.status_code == 413 and r.get_json()["error"] == "body_too_large"
+    assert c.get("/health").status_code == 200
+
+
+def test_basic_auth_everywhere_but_health(predictor, media, store):
+    settings = BackendSettings(basic_auth_user="ls", basic_auth_pass="pw")
+    c = create_app(settings, predictor=predictor, store=store, fetch=make_fetch(media)).test_client()
+    assert c.get("/health").status_code == 200
+    assert post(c, "/setup", {"schema": image_config()}).status_code == 401
+    assert c.get("/metrics").status_code == 401
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
+    assert c.get("/versions", headers=bad).status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert post(c, "/setup", {"schema": image_config()}, headers=good).status_code == 200
+
+
+def test_tokens_never_logged(client, caplog):
+    caplog.set_level("DEBUG")
+    cfg = image_config().replace('<Label value="Liver"', '<Label value="Spleen"/>\n<Label value="Liver"')
+    post(client, "/setup", {"schema": cfg, "access_token": "s3cr3t-t0ken-value", "hostname": "http://x"})
+    import logging
+
+    logging.getLogger("surgenet_assist.backend").warning("header was Token s3cr3t-t0ken-value")
+    assert "s3cr3t-t0ken-value" not in caplog.text
+    assert "Spleen" in caplog.text
+
+
+def test_metrics_count_requests_predictions_and_errors(client):
+    post(client, "/predict", {"tasks": image_tasks(2), "label_config": image_config()})
+    client.post("/predict", data=b"{", content_type="application/json")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'surgenet_backend_requests_total{method="POST",route="/predict",status="200"} 1.0' in text
+    assert 'surgenet_backend_errors_total{kind="400",route="/predict"} 1.0' in text
+    assert 'surgenet_backend_predictions_total{task="phase"} 2.0' in text
+    assert "surgenet_backend_tasks_predicted_total 2.0" in text
+    assert "surgenet_backend_request_latency_seconds_bucket" in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# webhooks -> store
+# ------------------------------------------------------------------------------------------------------------
+def _annotation_event(action, ann_id, result, updated_at, task_id=1, cfg=None):
+    return {
+        "action": action,
+        "annotation": {
+            "id": ann_id,
+            "result": result,
+            "task": task_id,
+            "completed_by": 1,
+            "was_cancelled": False,
+            "updated_at": updated_at,
+            "created_at": updated_at,
+        },
+        "task": {
+            "id": task_id,
+            "data": {"image": "/data/upload/1/frame0.png", "source_video": "case01.mp4", "frame_index": 42},
+        },
+        "project": {"id": 5, "label_config": cfg or image_config()},
+    }
+
+
+def _brush(label, mask):
+    from surgenet_assist.core.encoders import mask_to_brush_rle
+
+    return {
+        "from_name": "mask",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
+    }
+
+
+def test_webhooks_store_revisions_idempotently_and_tombstone(client, store):
+    m = np.zeros((H, W), np.uint8)
+    m[10:30, 20:50] = 255
+    result = [
+        _brush("Gallbladder", m),
+        {"from_name": "cvs", "to_name": "image", "type": "choices", "value": {"choices": ["C1", "C3"]}},
+        {
+            "from_name": "phase",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": ["ClippingCutting"]},
+        },
+    ]
+    ev = _annotation_event("ANNOTATION_CREATED", 77, result, "2026-01-01T10:00:00Z")
+    r1 = post(client, "/webhook", ev)
+    assert r1.status_code == 200, r1.get_json()
+    assert all(v["created"] for v in r1.get_json()["labels"].values())
+    again = post(client, "/webhook", ev).get_json()  # redelivery
+    assert not any(v["created"] for v in again["labels"].values())
+    result2 = [_brush("Liver", m)]
+    r2 = post(
+        client, "/webhook", _annotation_event("ANNOTATION_UPDATED", 77, result2, "2026-01-01T11:00:00Z")
+    )
+    labels = r2.get_json()["labels"]
+    assert labels["segmentation"]["revision"] == 2 and labels["cvs"]["deleted"] and labels["phase"]["deleted"]
+
+    vid = store.video_id("case01.mp4")
+    assert vid is not None
+    seg = store.label_for(vid, 42, "segmentation")
+    assert (
+        seg.payload["mask"][15, 30] == DEFAULT_SCHEMA.class_id("Liver") and seg.payload["mask"][0, 0] == 255
+    )
+    seg_id = r1.get_json()["labels"]["segmentation"]["annotation_id"]
+    assert labels["segmentation"]["annotation_id"] == seg_id
+    hist = store.history(seg_id)
+    assert [h.revision for h in hist] == [1, 2]
+    assert hist[0].payload["mask"][15, 30] == DEFAULT_SCHEMA.class_id("Gallbladder")
+    assert hist[0].source == "label-studio" and hist[0].author == "ls-user:1"
+
+    post(client, "/webhook", {"action": "ANNOTATION_DELETED", "annotation": {"id": 77}, "project": {"id": 5}})
+    assert store.history(seg_id)[-1].deleted
+
+
+def test_webhook_timeline_to_phase_segments(client, store):
+    cfg = video_config(frame_rate=25)
+    result = [
+        {
+            "from_name": "phases",
+            "to_name": "video",
+            "type": "timelinelabels",
+            "value": {"ranges": [{"start": 1, "end": 40}], "timelinelabels": ["Preparation"]},
+        },
+        {
+            "from_name": "phases",
+            "to_name": "video",
+            "type": "timelinelabels",
+            "value": {"ranges": [{"start": 41, "end": 90}], "timelinelabels": ["CalotTriangleDissection"]},
+        },
+    ]
+    ev = _annotation_event("ANNOTATION_CREATED", 8, result, "2026-01-02T10:00:00Z", cfg=cfg)
+    ev["task"]["data"] = {"video": "/data/upload/5/case02.mp4"}
+    r = post(client, "/webhook", ev)
+    assert r.status_code == 200, r.get_json()
+    vid = store.video_id("/data/upload/5/case02.mp4")
+    labels = store.phase_labels(vid, length=90)
+    assert (labels[:40] == 0).all() and (labels[40:90] == 1).all()
+
+
+def test_start_training_queues_one_cycle_and_other_events_are_quick(client, store):
+    r = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 5}})
+    assert r.status_code == 201 and r.get_json()["status"] == "queued"
+    again = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 5}}).get_json()
+    assert again["already_queued"] and again["training_run"] == r.get_json()["training_run"]
+    runs = store.training_runs()
+    assert [x["status"] for x in runs] == ["queued"]
+    other = post(client, "/webhook", {"action": "TASKS_CREATED", "tasks": [], "project": {"id": 5}})
+    assert other.status_code == 200 and other.get_json()["status"] == "ignored"
+    assert post(client, "/webhook", {"no": "action"}).status_code == 400
+
+
+def test_versions_and_registry_champion_is_picked_up(tmp_path, store, media):
+    from surgenet_assist.core.bundle import save_bundle
+    from surgenet_assist.core.model import SurgeNetAssistModel
+
+    settings = BackendSettings(registry=True, registry_poll_s=0.0, short_side=64, device="cpu")
+    app = create_app(settings, store=store, fetch=make_fetch(media))
+    c = app.test_client()
+    assert c.get("/versions").get_json()["current"] == NO_MODEL_VERSION
+    model = SurgeNetAssistModel.create(random_init=True)
+    bundle = save_bundle(model, tmp_path / "b1", version="reg-2.0")
+    store.register_model_version("reg-2.0", bundle_path=str(bundle))
+    store.set_model_status("reg-2.0", "champion")
+    holder = app.extensions["surgenet"]["holder"]
+    holder.poll(force=True, background=False)
+    assert post(c, "/setup", {"schema": image_config()}).get_json()["model_version"] == "reg-2.0"
+    v = c.get("/versions").get_json()
+    assert v["current"] == "reg-2.0" and "reg-2.0" in v["versions"]
+    r = post(c, "/predict", {"tasks": image_tasks(1), "label_config": image_config()}).get_json()
+    assert r["results"][0]["model_version"] == "reg-2.0" and r["results"][0]["result"]
