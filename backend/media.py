@@ -57,39 +57,34 @@ class _SetupCredentials:
 SETUP_CREDENTIALS = _SetupCredentials()
 
 
-def _resolve(url: str, task_id: Any) -> str:
+def _host() -> str | None:
+    env = os.environ
+    return env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or SETUP_CREDENTIALS.hostname
+
+
+def _token() -> str | None:
+    env = os.environ
+    return env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or SETUP_CREDENTIALS.token
+
+
+def fetch_media(url: str, task_id: Any = None, hostname: str | None = None, token: str | None = None) -> Path:
+    """Local path of a task's media file (downloaded and cached by the SDK when remote).
+
+    ``hostname``/``token`` default to the environment, then to what Label Studio sent in ``/setup``.
+    """
     from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
-    hostname = (
-        os.environ.get("LABEL_STUDIO_URL")
-        or os.environ.get("LABEL_STUDIO_HOST")
-        or SETUP_CREDENTIALS.hostname
-    )
-    token = (
-        os.environ.get("LABEL_STUDIO_API_KEY")
-        or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN")
-        or SETUP_CREDENTIALS.token
-    )
-    return get_local_path(url, hostname=hostname or None, access_token=token or None, task_id=task_id)
-
-
-def fetch_media(url: str, task_id: Any = None) -> Path:
-    """Local path of a task's media file (downloaded and cached by the SDK when remote)."""
+    hostname = hostname or _host()
+    token = token or _token()
     needs_ls = url.startswith(("/data/", "data/", "/upload", "upload", "s3://", "gs://", "azure-blob://"))
-    if (
-        needs_ls
-        and not (
-            os.environ.get("LABEL_STUDIO_URL")
-            or os.environ.get("LABEL_STUDIO_HOST")
-            or SETUP_CREDENTIALS.hostname
-        )
-        and not (url.startswith("/data/local-files") and os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"))
-    ):
+    local_root = url.startswith("/data/local-files") and os.environ.get("LOCAL_FILES_DOCUMENT_ROOT")
+    if needs_ls and not hostname and not local_root:
         raise MediaError(
             f"cannot fetch {url}: LABEL_STUDIO_URL is not set, so the Label Studio host is unknown", url=url
         )
     try:
-        path = Path(_resolve(url, task_id))
+        local = get_local_path(url, hostname=hostname or None, access_token=token or None, task_id=task_id)
+        path = Path(local)
     except FileNotFoundError as exc:
         raise MediaError(f"cannot fetch {url}: file not found ({exc})", url=url) from None
     except Exception as exc:  # noqa: BLE001 - requests HTTPError/ConnectionError, ValueError from the SDK

@@ -1,0 +1,285 @@
+"""Label Studio tooling through the SDK: create a project wired to this backend, and bulk pre-annotation.
+
+``preannotate`` exists because Label Studio's "Retrieve predictions" sends all selected tasks in ONE
+``/predict`` call with a 100 s timeout: big projects time out. We pull tasks page by page, predict in batches
+locally (same code as the server), and post predictions through the API. It resumes: tasks that already
+have a prediction of the current model version are skipped (read back from Label Studio, plus a local state
+file under the data dir for runs that were interrupted between posting and listing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgenet_assist.core.errors import SurgenetAssistError
+
+from .config import parse_label_config
+from .labeling_configs import label_config
+from .media import MediaError, fetch_media
+from .predictions import ImageTaskModel, VideoTaskModel
+
+log = logging.getLogger("surgenet_assist.backend")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class LabelStudioToolError(SurgenetAssistError):
+    """A Label Studio API call failed (message names the call; never the token)."""
+
+
+def client(url: str, api_key: str) -> Any:
+    """SDK client; legacy tokens and personal access tokens both work (the SDK picks the auth scheme)."""
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key)
+
+
+def _call(what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - ApiError, httpx errors
+        status = getattr(exc, "status_code", None)
+        body = str(getattr(exc, "body", "") or exc)[:300]
+        hint = "check --url and --api-key (a legacy token needs LS started with --enable-legacy-api-token)"
+        if status == 403 and "reserved" in body:
+            hint = "start Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false"
+        raise LabelStudioToolError(f"Label Studio {what} failed: HTTP {status} {body}", hint) from None
+
+
+@dataclass
+class ProjectSetup:
+    project_id: int
+    ml_backend_id: int | None
+    task_ids: list[int]
+    storage_id: int | None
+
+
+def setup_project(
+    url: str,
+    api_key: str,
+    *,
+    frames: str | Path | None = None,
+    video: str | Path | None = None,
+    backend_url: str | None = None,
+    title: str | None = None,
+    document_root: str | Path | None = None,
+) -> ProjectSetup:
+    """Create a project with our config, local-files storage (or uploads), tasks, and the backend connected.
+
+    Files under ``document_root`` (Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``) are served through a Local
+    Storage; anything else is uploaded.
+    """
+    if (frames is None) == (video is None):
+        raise LabelStudioToolError("give exactly one of --frames DIR or --video FILE")
+    ls = client(url, api_key)
+    if frames is not None:
+        files = sorted(p for p in Path(frames).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise LabelStudioToolError(f"no images in {frames}", f"put frames ({sorted(IMAGE_EXTS)}) there")
+        kind, key, folder = "image", "image", Path(frames).resolve()
+        cfg = label_config("image")
+    else:
+        from surgenet_assist.core.video import open_video
+
+        files = [Path(video).resolve()]
+        with open_video(files[0]) as v:
+            fps = float(v.fps)
+        kind, key, folder = "video", "video", files[0].parent
+        cfg = label_config("video", frame_rate=round(fps, 3))
+    project = _call(
+        "create project",
+        lambda: ls.projects.create(title=title or f"surgenet-assist {kind} {folder.name}", label_config=cfg),
+    )
+    storage_id = None
+    root = Path(document_root).resolve() if document_root else None
+    if root is not None and folder.is_relative_to(root):
+        storage = _call(
+            "create local storage",
+            lambda: ls.import_storage.local.create(
+                project=project.id, path=str(folder), use_blob_urls=True, title="surgenet-assist frames"
+            ),
+        )
+        storage_id = storage.id
+        tasks = []
+        for i, f in enumerate(files):
+            data = {key: f"/data/local-files/?d={f.resolve().relative_to(root).as_posix()}"}
+            if kind == "image":
+                data |= {"source_video": folder.name, "frame_index": i}
+            tasks.append({"data": data})
+        resp = _call(
+            "import tasks",
+            lambda: ls.projects.import_tasks(id=project.id, request=tasks, return_task_ids=True),
+        )
+        task_ids = list(getattr(resp, "task_ids", None) or [])
+    else:
+        task_ids = _upload(url, api_key, project.id, files)
+    ml_id = None
+    if backend_url:
+        ml = _call(
+            "connect ML backend",
+            lambda: ls.ml.create(
+                project=project.id, url=backend_url, title="surgenet-assist", is_interactive=False
+            ),
+        )
+        ml_id = ml.id
+    return ProjectSetup(project.id, ml_id, task_ids, storage_id)
+
+
+def _upload(url: str, api_key: str, project_id: int, files: list[Path]) -> list[int]:
+    import requests
+    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import is_jwt_well_formed
+
+    headers = {"Authorization": ("Bearer " if is_jwt_well_formed(api_key) else "Token ") + api_key}
+    if is_jwt_well_formed(api_key):  # a PAT is a refresh token: trade it for an access token
+        r = requests.post(f"{url.rstrip('/')}/api/token/refresh", json={"refresh": api_key}, timeout=30)
+        if r.ok:
+            headers["Authorization"] = "Bearer " + r.json()["access"]
+    ids: list[int] = []
+    for f in files:
+        with open(f, "rb") as fh:
+            r = requests.post(
+                f"{url.rstrip('/')}/api/projects/{project_id}/import?return_task_ids=true",
+                headers=headers,
+                files={"file": (f.name, fh)},
+                timeout=600,
+            )
+        if not r.ok:
+            raise LabelStudioToolError(f"upload of {f} failed: HTTP {r.status_code} {r.text[:200]}")
+        ids += r.json().get("task_ids") or []
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# bulk pre-annotation
+# ---------------------------------------------------------------------------------------------------
+def _state_file(url: str, project_id: int) -> Path:
+    from surgenet_assist.core.weights import data_home
+
+    safe = "".join(ch if ch.isalnum() else "_" for ch in url)
+    return data_home() / "preannotate" / f"{safe}-{project_id}.json"
+
+
+def _load_state(path: Path, version: str) -> set[int]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    return set(data.get(version, []))
+
+
+def _save_state(path: Path, version: str, done: set[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data[version] = sorted(done)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _tasks(ls: Any, project_id: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    pager = _call("list tasks", lambda: ls.tasks.list(project=project_id, page_size=page_size, fields="all"))
+    for task in pager:
+        yield {"id": task.id, "data": dict(task.data or {})}
+
+
+@dataclass
+class PreannotateReport:
+    total: int
+    predicted: int
+    skipped: int
+    failed: dict[int, str]
+    model_version: str
+
+
+def preannotate(
+    url: str,
+    api_key: str,
+    project_id: int,
+    predictor: Any,
+    *,
+    batch: int = 32,
+    video_sample_fps: float | None = 1.0,
+    progress: bool = True,
+) -> PreannotateReport:
+    """Predict every task of a project that has no prediction of ``predictor.model_version`` yet."""
+    from tqdm.auto import tqdm
+
+    ls = client(url, api_key)
+    project = _call("get project", lambda: ls.projects.get(id=project_id))
+    plan = parse_label_config(project.label_config, predictor.schema)
+    if not plan.controls:
+        raise LabelStudioToolError(
+            f"project {project_id}'s labeling config has no control this model can fill",
+            "use `surgenet-assist ls config` for a config the model fills",
+        )
+    version = predictor.model_version
+    state = _state_file(url, project_id)
+    done = _load_state(state, version)
+    existing = _call("list predictions", lambda: ls.predictions.list(project=project_id))
+    done |= {p.task for p in existing if p.model_version == version}
+    tasks = list(_tasks(ls, project_id))
+    todo = [t for t in tasks if t["id"] not in done]
+    log.info(
+        "project %s: %d tasks, %d already predicted by %s",
+        project_id,
+        len(tasks),
+        len(tasks) - len(todo),
+        version,
+    )
+
+    def fetch(u: str, task_id: Any) -> Path:
+        return fetch_media(u, task_id, hostname=url.rstrip("/"), token=api_key)
+
+    image_model = ImageTaskModel(predictor) if plan.image_controls else None
+    video_model = VideoTaskModel(predictor, video_sample_fps) if plan.video_controls else None
+    failed: dict[int, str] = {}
+    predicted = 0
+    bar = tqdm(total=len(todo), unit="task", desc=f"project {project_id}", disable=not progress)
+    step = max(1, batch) if video_model is None else 1
+    for lo in range(0, len(todo), step):
+        chunk = todo[lo : lo + step]
+        try:
+            preds = _predict_chunk(chunk, plan, image_model, video_model, fetch)
+        except MediaError:
+            preds = []  # isolate the bad task(s): retry one by one
+            for t in chunk:
+                try:
+                    preds += _predict_chunk([t], plan, image_model, video_model, fetch)
+                except MediaError as exc:
+                    failed[t["id"]] = exc.message
+                    preds.append(None)
+        for t, p in zip(chunk, preds, strict=True):
+            if p is None:
+                continue
+            _call(
+                f"post prediction for task {t['id']}",
+                lambda t=t, p=p: ls.predictions.create(
+                    task=t["id"], result=p["result"], score=p["score"], model_version=version
+                ),
+            )
+            done.add(t["id"])
+            predicted += 1
+        _save_state(state, version, done)
+        bar.update(len(chunk))
+    bar.close()
+    return PreannotateReport(len(tasks), predicted, len(tasks) - len(todo), failed, version)
+
+
+def _predict_chunk(
+    chunk: list[dict[str, Any]], plan: Any, image_model: Any, video_model: Any, fetch: Callable
+) -> list[dict[str, Any]]:
+    merged = [{"score": 1.0, "result": []} for _ in chunk]
+    for model in (image_model, video_model):
+        if model is None:
+            continue
+        for m, p in zip(merged, model.predict(chunk, plan, fetch), strict=True):
+            m["result"] += p["result"]
+            m["score"] = min(m["score"], p["score"])
+    return merged

@@ -1,0 +1,165 @@
+"""`surgenet-assist serve` (the Label Studio ML backend under gunicorn) and `surgenet-assist ls ...` tools."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ls_app = typer.Typer(
+    help="Label Studio tools: labeling configs, project setup, bulk pre-annotation.", no_args_is_help=True
+)
+
+
+def _gunicorn(factory: Any, host: str, port: int, workers: int, threads: int, timeout: int) -> None:
+    """Serve with gunicorn; the app (and the model) is built in each worker after fork, once."""
+    from gunicorn.app.base import BaseApplication
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", timeout)
+            self.cfg.set("graceful_timeout", 30)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("access_log_format", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms')
+
+        def load(self) -> Any:
+            return factory()
+
+    _App().run()
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="bind address (0.0.0.0 in Docker)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port Label Studio connects to")] = 9090,
+    workers: Annotated[int, typer.Option(help="gunicorn worker processes (each loads the model once)")] = 1,
+    threads: Annotated[int, typer.Option(help="threads per worker (/health and /setup stay fast)")] = 4,
+    model: Annotated[Path | None, typer.Option("--model", help="model bundle directory to serve")] = None,
+    registry: Annotated[
+        bool, typer.Option("--registry", help="serve the store's champion, hot-swapped")
+    ] = False,
+    db: Annotated[
+        str | None, typer.Option("--db", help="label store URL (default: SQLite in the data dir)")
+    ] = None,
+    video_fps: Annotated[float, typer.Option(help="frames per second analysed in video tasks")] = 1.0,
+    timeout: Annotated[int, typer.Option(help="worker timeout, seconds (LS waits 100 s for /predict)")] = 300,
+) -> None:
+    """Run the Label Studio ML backend (POST /predict /setup /webhook, GET /health /metrics /versions)."""
+    import logging
+
+    from surgenet_assist.backend.app import BackendSettings, create_app
+
+    if model is not None and registry:
+        raise typer.BadParameter("give --model BUNDLE or --registry, not both")
+    if model is not None and not (model / "bundle.json").is_file():
+        raise typer.BadParameter(f"{model} is not a model bundle (no bundle.json)")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    settings = BackendSettings.from_env(
+        model_path=str(model) if model else None,
+        registry=registry or None,
+        db_url=db,
+        video_sample_fps=video_fps,
+    )
+    _gunicorn(lambda: create_app(settings), host, port, workers, threads, timeout)
+
+
+@ls_app.command("config")
+def ls_config(
+    kind: Annotated[
+        str, typer.Option(help="image (masks + CVS + phase) or video (phase timeline + CVS)")
+    ] = "image",
+    frame_rate: Annotated[float, typer.Option(help="video FPS for <Video frameRate>")] = 25.0,
+) -> None:
+    """Print a labeling config for Label Studio (paste it in Settings -> Labeling Interface -> Code)."""
+    from surgenet_assist.backend.labeling_configs import KINDS, label_config
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"--kind must be one of {KINDS}")
+    typer.echo(label_config(kind, frame_rate=frame_rate), nl=False)
+
+
+@ls_app.command("setup-project")
+def ls_setup_project(
+    url: Annotated[str, typer.Option(help="Label Studio URL, e.g. http://127.0.0.1:8080")],
+    api_key: Annotated[str, typer.Option(envvar="LABEL_STUDIO_API_KEY", help="legacy token or PAT")],
+    frames: Annotated[Path | None, typer.Option(help="folder of frame images (image project)")] = None,
+    video: Annotated[Path | None, typer.Option(help="a video file (video project)")] = None,
+    backend_url: Annotated[
+        str | None, typer.Option(help="URL LS uses to reach `serve`")
+    ] = "http://127.0.0.1:9090",
+    document_root: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
+            help="LS's LOCAL_FILES_DOCUMENT_ROOT; files under it use local-files storage, others upload",
+        ),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="project title")] = None,
+) -> None:
+    """Create a project with our config, local-files storage, the tasks, and this backend connected."""
+    from surgenet_assist.backend.ls_client import setup_project
+
+    res = setup_project(
+        url,
+        api_key,
+        frames=frames,
+        video=video,
+        backend_url=backend_url or None,
+        title=title,
+        document_root=document_root,
+    )
+    typer.echo(
+        f"project {res.project_id}: {len(res.task_ids)} tasks, ML backend {res.ml_backend_id}, "
+        f"local storage {res.storage_id}"
+    )
+
+
+@ls_app.command("preannotate")
+def ls_preannotate(
+    url: Annotated[str, typer.Option(help="Label Studio URL")],
+    api_key: Annotated[str, typer.Option(envvar="LABEL_STUDIO_API_KEY", help="legacy token or PAT")],
+    project: Annotated[int, typer.Option(help="project id")],
+    batch: Annotated[int, typer.Option(help="frames per model batch")] = 32,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="bundle; default: the store's champion")
+    ] = None,
+    db: Annotated[str | None, typer.Option("--db", help="label store URL (for the champion)")] = None,
+    video_fps: Annotated[float, typer.Option(help="frames per second analysed in video tasks")] = 1.0,
+) -> None:
+    """Predict all tasks without a prediction of the current model version; resumable."""
+    from surgenet_assist.backend.app import BackendSettings, ModelHolder
+    from surgenet_assist.backend.ls_client import preannotate
+
+    settings = BackendSettings(
+        model_path=str(model) if model else None, registry=model is None, db_url=db, batch_size=batch
+    )
+    store = None
+    if model is None:
+        from surgenet_assist.core.store import LabelStore
+
+        store = LabelStore(db)
+    holder = ModelHolder(settings, store=store)
+    if holder.predictor is None:
+        raise typer.BadParameter("no model: pass --model BUNDLE or register a champion in the store")
+    rep = preannotate(url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps)
+    typer.echo(
+        f"{rep.predicted} predicted, {rep.skipped} already had {rep.model_version}, "
+        f"{len(rep.failed)} failed, {rep.total} tasks"
+    )
+    for task_id, why in rep.failed.items():
+        typer.echo(f"  task {task_id}: {why}", err=True)
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` and the `ls` sub-app to the main CLI."""
+    app.command("serve")(serve)
+    app.add_typer(ls_app, name="ls")
