@@ -226,12 +226,7 @@ class Predictor:
         for i, rec in enumerate(recs):
             mask = conf = None
             if keep_masks:
-                h, w = rec.image.shape[:2]
-                logits = F.interpolate(seg[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
-                top, mask_t = logits.max(dim=0)
-                conf_t = 1.0 / torch.exp(logits - top).sum(dim=0)
-                mask = mask_t.to(torch.uint8).cpu().numpy()
-                conf = conf_t.to(torch.float16).cpu().numpy()
+                mask, conf = self._full_size_mask(seg[i], seg_probs[i], rec.image.shape[:2])
             results.append(
                 FramePrediction(
                     index=rec.index,
@@ -249,6 +244,29 @@ class Predictor:
                 )
             )
         return results
+
+    def _full_size_mask(
+        self, logits: torch.Tensor, probs: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class mask and max-probability map at the frame's size.
+
+        On CPU, OpenCV upsamples the stride-4 probabilities class by class, keeping a running max (no
+        (H, W, C) array at full size; ~3x faster than torch here); on GPU, torch upsamples the logits."""
+        h, w = size
+        if self.device.type == "cpu":
+            planes = probs.numpy()
+            best = cv2.resize(planes[0], (w, h), interpolation=cv2.INTER_LINEAR)
+            mask = np.zeros((h, w), dtype=np.uint8)
+            for k in range(1, len(planes)):
+                up = cv2.resize(planes[k], (w, h), interpolation=cv2.INTER_LINEAR)
+                better = up > best
+                mask[better] = k
+                np.maximum(best, up, out=best)
+            return mask, best.astype(np.float16)
+        full = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        top, mask_t = full.max(dim=0)
+        conf_t = 1.0 / torch.exp(full - top).sum(dim=0)
+        return mask_t.to(torch.uint8).cpu().numpy(), conf_t.to(torch.float16).cpu().numpy()
 
     def stream_with_frames(self, frames: Any, keep_masks: bool = True) -> Iterator[tuple[FramePrediction, np.ndarray]]:
         """Like :meth:`stream`, paired with each original frame (for overlays)."""
