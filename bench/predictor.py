@@ -66,9 +66,8 @@ def naive_rate(model: SurgeNetAssistModel, video: Path, frames: int) -> float:
 def predictor_rate(predictor: Predictor, video: Path, frames: int) -> float:
     start = time.perf_counter()
     with open_video(video) as src:
-        for n, _ in enumerate(predictor.stream(src.iter_frames(end=frames))):
-            pass
-    assert n + 1 == frames
+        count = sum(1 for _ in predictor.stream(src.iter_frames(end=frames)))
+    assert count == frames
     return frames / (time.perf_counter() - start)
 
 
@@ -146,7 +145,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = SurgeNetAssistModel.create(random_init=True).eval()
-    print(f"device={device} threads={torch.get_num_threads()} cores={os.cpu_count()} torch={torch.__version__}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} cores={os.cpu_count()} torch={torch.__version__}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         video = make_video(Path(tmp) / "bench.mp4", args.frames + 8)
@@ -156,7 +157,9 @@ def main() -> None:
         predictor = Predictor(model, device=device, batch_size=args.batch_size)
         predictor_rate(predictor, video, args.batch_size)  # warm-up
         results["predictor_fps"] = predictor_rate(predictor, video, args.frames)
-        results["bare_forward_fps"] = bare_rate(predictor.model, args.batch_size, device, predictor.amp, args.frames)
+        results["bare_forward_fps"] = bare_rate(
+            predictor.model, args.batch_size, device, predictor.amp, args.frames
+        )
         if args.compile:
             compiled = Predictor(model, device=device, batch_size=args.batch_size, compile=True)
             predictor_rate(compiled, video, args.batch_size)
@@ -167,16 +170,25 @@ def main() -> None:
     results["matmul_gflops"] = matmul_gflops(device)
     print(json.dumps(results, indent=2))
     if "naive_fps" in results:
-        print(f"Predictor / naive baseline: {results['predictor_fps'] / results['naive_fps']:.2f}x (target >= 1.3x)")
-    print(f"Predictor end to end / bare forward: {results['predictor_fps'] / results['bare_forward_fps']:.0%} "
-          "(target >= 85%)")
-    print(f"Effective {results['effective_gflops']:.1f} GFLOP/s = "
-          f"{results['effective_gflops'] / results['matmul_gflops']:.0%} of torch.matmul's "
-          f"{results['matmul_gflops']:.1f} GFLOP/s ({gflop:.1f} GFLOP per 256x448 frame)")
+        print(
+            f"Predictor / naive baseline: {results['predictor_fps'] / results['naive_fps']:.2f}x "
+            "(target >= 1.3x)"
+        )
+    print(
+        f"Predictor end to end / bare forward: {results['predictor_fps'] / results['bare_forward_fps']:.0%} "
+        "(target >= 85%)"
+    )
+    print(
+        f"Effective {results['effective_gflops']:.1f} GFLOP/s = "
+        f"{results['effective_gflops'] / results['matmul_gflops']:.0%} of torch.matmul's "
+        f"{results['matmul_gflops']:.1f} GFLOP/s ({gflop:.1f} GFLOP per 256x448 frame)"
+    )
     if args.minutes > 0:
         rss = long_video_rss(args.minutes, args.batch_size)
-        print(f"{args.minutes:g}-minute 25 fps video at 1 fps: {rss['sampled_frames']} frames in "
-              f"{rss['seconds']:.0f} s, peak RSS {rss['peak_rss_mb']:.0f} MB (target < 2048 MB)")
+        print(
+            f"{args.minutes:g}-minute 25 fps video at 1 fps: {rss['sampled_frames']} frames in "
+            f"{rss['seconds']:.0f} s, peak RSS {rss['peak_rss_mb']:.0f} MB (target < 2048 MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def run_demo(
         backbone_note = "SurgeNetXL (pretrained)"
     else:
         console.print(
-            "[bold yellow]SurgeNetXL weights are not cached: this demo uses a RANDOMLY INITIALISED backbone.[/] "
+            "[bold yellow]SurgeNetXL weights are not cached: "
+            "this demo uses a RANDOMLY INITIALISED backbone.[/] "
             "Scores will be far below what SurgeNetXL gives. Get the weights with "
             "`surgenet-assist weights download surgenetxl` (or --from-file on an offline machine)."
         )
@@ -78,9 +79,18 @@ def run_demo(
     history = finetune_heads(model, data, FinetuneConfig(epochs=epochs, short_side=short_side, seed=seed))
     version = f"demo-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     bundle = save_bundle(
-        model, out / "model-bundle", version=version, overwrite=True,
-        training={"data": "synthetic", "train_frames": len(data), "epochs": epochs, "seed": seed,
-                  "backbone": backbone_note, "final_losses": {k: v[-1] for k, v in history.losses.items() if v}},
+        model,
+        out / "model-bundle",
+        version=version,
+        overwrite=True,
+        training={
+            "data": "synthetic",
+            "train_frames": len(data),
+            "epochs": epochs,
+            "seed": seed,
+            "backbone": backbone_note,
+            "final_losses": {k: v[-1] for k, v in history.losses.items() if v},
+        },
     )
     learning_curves_png(out / "learning_curves.png", history.losses | {"temporal": history.temporal_losses})
 
@@ -102,8 +112,11 @@ def run_demo(
         "phase_majority_baseline": _majority_baseline(data.phases, test.phases, schema.num_phases),
         "cvs": cvs_metrics(result.cvs_probs, test.cvs[result.indices], schema.cvs_keys),
     }
-    writer.finish(result, ground_truth_phases=test.phases[result.indices],
-                  extra={"model_version": version, "metrics": metrics})
+    writer.finish(
+        result,
+        ground_truth_phases=test.phases[result.indices],
+        extra={"model_version": version, "metrics": metrics},
+    )
     summary = {
         "model_version": version,
         "backbone": backbone_note,
@@ -119,23 +132,26 @@ def run_demo(
 
 def _markdown(summary: dict) -> str:
     m = summary["metrics"]
-    return "\n".join([
-        f"# surgenet-assist demo — {summary['model_version']}",
-        "",
-        f"Backbone: {summary['backbone']}. Trained on {summary['train_frames']} synthetic frames, "
-        f"evaluated on a held-out clip of {summary['test_frames']} frames; {summary['seconds']} s in total.",
-        "",
-        "| task | metric | value |",
-        "|---|---|---|",
-        f"| segmentation | mIoU | {m['segmentation']['mIoU']:.3f} |",
-        f"| segmentation | mDice | {m['segmentation']['mDice']:.3f} |",
-        f"| phase | accuracy | {m['phase']['accuracy']:.3f} |",
-        f"| phase | macro-F1 | {m['phase']['macro_f1']:.3f} |",
-        f"| phase | accuracy of always guessing the most common phase | "
-        f"{m['phase_majority_baseline']['accuracy']:.3f} |",
-        f"| CVS | mAP | {m['cvs']['mAP']:.3f} |",
-        f"| CVS | balanced accuracy | {m['cvs']['balanced_accuracy']:.3f} |",
-        "",
-        "Pictures: `pre-annotations/timeline.png`, `pre-annotations/overlays/`, `learning_curves.png`.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# surgenet-assist demo — {summary['model_version']}",
+            "",
+            f"Backbone: {summary['backbone']}. Trained on {summary['train_frames']} synthetic frames, "
+            f"evaluated on a held-out clip of {summary['test_frames']} frames; "
+            f"{summary['seconds']} s in total.",
+            "",
+            "| task | metric | value |",
+            "|---|---|---|",
+            f"| segmentation | mIoU | {m['segmentation']['mIoU']:.3f} |",
+            f"| segmentation | mDice | {m['segmentation']['mDice']:.3f} |",
+            f"| phase | accuracy | {m['phase']['accuracy']:.3f} |",
+            f"| phase | macro-F1 | {m['phase']['macro_f1']:.3f} |",
+            f"| phase | accuracy of always guessing the most common phase | "
+            f"{m['phase_majority_baseline']['accuracy']:.3f} |",
+            f"| CVS | mAP | {m['cvs']['mAP']:.3f} |",
+            f"| CVS | balanced accuracy | {m['cvs']['balanced_accuracy']:.3f} |",
+            "",
+            "Pictures: `pre-annotations/timeline.png`, `pre-annotations/overlays/`, `learning_curves.png`.",
+            "",
+        ]
+    )

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -22,27 +21,17 @@ from surgenet_assist.core.errors import SurgenetAssistError
 console = Console(stderr=True)
 
 
-class UserError(click.ClickException):
-    """A SurgenetAssistError shown as 'Error: ... / Fix: ...' with exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, exc: SurgenetAssistError) -> None:
-        super().__init__(exc.message)
-        self.hint = exc.hint
-
-    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"Error: {self.message}", err=True)
-        if self.hint:
-            click.echo(f"Fix: {self.hint}", err=True)
-
-
 class _FriendlyErrors(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    """Shows a SurgenetAssistError as 'Error: ... / Fix: ...' with exit code 2, no traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
         try:
             return super().invoke(ctx)
         except SurgenetAssistError as exc:
-            raise UserError(exc) from None
+            typer.echo(f"Error: {exc.message}", err=True)
+            if exc.hint:
+                typer.echo(f"Fix: {exc.hint}", err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -57,7 +46,9 @@ app.add_typer(weights_app, name="weights")
 
 # --- weights --------------------------------------------------------------------------------------------
 @weights_app.command("list")
-def weights_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def weights_list(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """List every released SurgeNet backbone with URL, SHA-256, normalisation and licence."""
     from surgenet_assist.core.weights import cached_path
     from surgenet_assist.core.zoo import list_backbones
@@ -70,14 +61,18 @@ def weights_list(as_json: Annotated[bool, typer.Option("--json", help="machine-r
     for col in ("name", "arch", "pretraining data", "file", "cached"):
         table.add_column(col)
     for s in specs:
-        table.add_row(s.name, s.arch, s.pretraining_data, s.file_name, "yes" if cached_path(s).exists() else "")
+        table.add_row(
+            s.name, s.arch, s.pretraining_data, s.file_name, "yes" if cached_path(s).exists() else ""
+        )
     Console().print(table)
 
 
 @weights_app.command("download")
 def weights_download(
     name: Annotated[str, typer.Argument(help="backbone name, e.g. surgenetxl")] = "surgenetxl",
-    from_file: Annotated[Path | None, typer.Option(help="copy a file obtained elsewhere into the cache")] = None,
+    from_file: Annotated[
+        Path | None, typer.Option(help="copy a file obtained elsewhere into the cache")
+    ] = None,
 ) -> None:
     """Download (or copy in) a backbone's weights, verify SHA-256, and cache them."""
     from surgenet_assist.core.weights import copy_into_cache, ensure_weights
@@ -108,19 +103,30 @@ def weights_inspect(
 
 
 # --- predict --------------------------------------------------------------------------------------------
-def _build_predictor(model: Path | None, weights: Path | None, random_init: bool, backbone: str,
-                     batch_size: int, device: str | None, short_side: int | None):
+def _build_predictor(
+    model: Path | None,
+    weights: Path | None,
+    random_init: bool,
+    backbone: str,
+    batch_size: int,
+    device: str | None,
+    short_side: int | None,
+):
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
 
     if model is not None:
         return Predictor.from_bundle(model, batch_size=batch_size, device=device, short_side=short_side)
     if random_init:
-        console.print("[yellow]Using a RANDOMLY INITIALISED backbone and untrained heads: outputs are "
-                      "meaningless except for testing the pipeline.[/]")
+        console.print(
+            "[yellow]Using a RANDOMLY INITIALISED backbone and untrained heads: outputs are "
+            "meaningless except for testing the pipeline.[/]"
+        )
     net = SurgeNetAssistModel.create(backbone, weights=weights, random_init=random_init)
     if not random_init:
-        console.print("[yellow]No --model bundle given: the heads are untrained (pretrained backbone only).[/]")
+        console.print(
+            "[yellow]No --model bundle given: the heads are untrained (pretrained backbone only).[/]"
+        )
     return Predictor(net, batch_size=batch_size, device=device, short_side=short_side)
 
 
@@ -135,7 +141,9 @@ def predict(
     fps: Annotated[float, typer.Option(help="frames per second to sample from a video")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
-    short_side: Annotated[int | None, typer.Option(help="model input short side (default from bundle)")] = None,
+    short_side: Annotated[
+        int | None, typer.Option(help="model input short side (default from bundle)")
+    ] = None,
     overlay_every: Annotated[int, typer.Option(help="write an overlay PNG every N sampled frames")] = 1,
 ) -> None:
     """Pre-annotate a video: per-frame masks (PNG), phases.csv, cvs.csv, overlays and a phase timeline PNG."""
@@ -167,8 +175,15 @@ def demo(
     """Offline end-to-end demo on synthetic surgery: fine-tune heads, pre-annotate a held-out clip, report."""
     from surgenet_assist.cli.demo import run_demo
 
-    summary = run_demo(out, seed=seed, train_videos=train_videos, frames_per_video=frames_per_video,
-                       epochs=epochs, short_side=short_side, console=console)
+    summary = run_demo(
+        out,
+        seed=seed,
+        train_videos=train_videos,
+        frames_per_video=frames_per_video,
+        epochs=epochs,
+        short_side=short_side,
+        console=console,
+    )
     console.print_json(json.dumps(summary["metrics"]))
     console.print(f"[green]Demo finished[/] -> {out} (bundle, overlays, timeline.png, metrics.md)")
 

@@ -54,7 +54,9 @@ _FILTERS = {
 }
 
 
-def remap_state_dict(arch: str, state: Mapping[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
+def remap_state_dict(
+    arch: str, state: Mapping[str, torch.Tensor], trunk: nn.Module
+) -> dict[str, torch.Tensor]:
     """Rename original (sail-sg / FB / PVT) keys to timm's; keys already in timm layout pass through.
 
     Keys the model does not know are kept under their original name so the strict check reports them.

@@ -125,8 +125,10 @@ def read_bundle_info(path: str | Path) -> BundleInfo:
     try:
         data = json.loads(manifest_path.read_text())
         if data.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"bundle {path} has format {data.get('format')}, expected {BUNDLE_FORMAT}",
-                              "re-export it with this version of surgenet-assist")
+            raise BundleError(
+                f"bundle {path} has format {data.get('format')}, expected {BUNDLE_FORMAT}",
+                "re-export it with this version of surgenet-assist",
+            )
         return BundleInfo(
             version=str(data["version"]),
             schema=LabelSchema.from_dict(data["schema"]),
@@ -139,7 +141,9 @@ def read_bundle_info(path: str | Path) -> BundleInfo:
             path=path,
         )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BundleError(f"bundle manifest {manifest_path} is malformed: {exc!r}", "re-create the bundle") from None
+        raise BundleError(
+            f"bundle manifest {manifest_path} is malformed: {exc!r}", "re-create the bundle"
+        ) from None
 
 
 def load_bundle(
@@ -174,7 +178,8 @@ def load_bundle(
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
     if missing or result.unexpected_keys:
         raise BundleError(
-            f"bundle {path} head weights do not fit: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}",
+            f"bundle {path} head weights do not fit: missing {missing[:6]}, "
+            f"unexpected {result.unexpected_keys[:6]}",
             "the bundle was written by an incompatible version",
         )
     model.eval()

@@ -38,8 +38,12 @@ class FPNSegHead(nn.Module):
         # level i (stride 4 * 2**i) needs i upsampling blocks to reach stride 4 (at least one conv)
         self.seg_blocks = nn.ModuleList(
             nn.Sequential(
-                *[_conv_gn_relu(pyramid_channels if j == 0 else segmentation_channels, segmentation_channels)
-                  for j in range(max(1, i))]
+                *[
+                    _conv_gn_relu(
+                        pyramid_channels if j == 0 else segmentation_channels, segmentation_channels
+                    )
+                    for j in range(max(1, i))
+                ]
             )
             for i in range(len(in_channels))
         )
@@ -47,12 +51,16 @@ class FPNSegHead(nn.Module):
         self.classifier = nn.Conv2d(segmentation_channels, num_classes, 1)
         self.num_classes = num_classes
 
-    def forward(self, features: Sequence[torch.Tensor], out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, features: Sequence[torch.Tensor], out_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         pyramid: list[torch.Tensor] = [None] * len(features)  # type: ignore[list-item]
         top = self.lateral[-1](features[-1])
         pyramid[-1] = top
         for i in range(len(features) - 2, -1, -1):
-            top = self.lateral[i](features[i]) + F.interpolate(top, size=features[i].shape[-2:], mode="nearest")
+            top = self.lateral[i](features[i]) + F.interpolate(
+                top, size=features[i].shape[-2:], mode="nearest"
+            )
             pyramid[i] = top
         target = features[0].shape[-2:]
         merged = 0
@@ -106,7 +114,12 @@ class CausalTCN(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_phases: int, hidden: int = 64, layers: int = 8, stages: int = 2,
+        self,
+        embed_dim: int,
+        num_phases: int,
+        hidden: int = 64,
+        layers: int = 8,
+        stages: int = 2,
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
@@ -143,7 +156,9 @@ class PhaseHead(nn.Module):
 class CVSHead(nn.Module):
     """Three independent sigmoid outputs: C1 two structures, C2 triangle cleared, C3 cystic plate."""
 
-    def __init__(self, embed_dim: int, num_criteria: int = 3, hidden: int = 256, dropout: float = 0.2) -> None:
+    def __init__(
+        self, embed_dim: int, num_criteria: int = 3, hidden: int = 256, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(embed_dim, hidden), nn.ReLU(True), nn.Linear(hidden, num_criteria)
@@ -164,7 +179,7 @@ class OnlinePhaseTracker:
     def update(self, embedding: torch.Tensor) -> torch.Tensor:
         """Add one (D,) embedding; return the phase probabilities for that frame."""
         self.buffer.append(embedding.detach().float().reshape(-1))
-        self.buffer = self.buffer[-self.tcn.receptive_field:]
+        self.buffer = self.buffer[-self.tcn.receptive_field :]
         seq = torch.stack(self.buffer)[None]
         param = next(self.tcn.parameters())
         logits = self.tcn(seq.to(param.device, param.dtype))[-1][0, -1]

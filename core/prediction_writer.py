@@ -35,25 +35,54 @@ class PredictionWriter:
             write_png(self.out / "overlays" / name, overlay(image, pred.mask, self.schema))
         self.count += 1
 
-    def finish(self, video: VideoPrediction, ground_truth_phases: np.ndarray | None = None,
-               extra: dict | None = None) -> dict:
+    def finish(
+        self, video: VideoPrediction, ground_truth_phases: np.ndarray | None = None, extra: dict | None = None
+    ) -> dict:
         schema = self.schema
         with open(self.out / "phases.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["frame", "timestamp", "phase_id", "phase", "frame_phase_id",
-                        *[f"p_{n}" for n in schema.phase_names]])
+            w.writerow(
+                [
+                    "frame",
+                    "timestamp",
+                    "phase_id",
+                    "phase",
+                    "frame_phase_id",
+                    *[f"p_{n}" for n in schema.phase_names],
+                ]
+            )
             for i in range(len(video.indices)):
-                w.writerow([int(video.indices[i]), f"{video.timestamps[i]:.3f}", int(video.phase_labels[i]),
-                            schema.phases[int(video.phase_labels[i])].name, int(video.phase_probs[i].argmax()),
-                            *[f"{p:.4f}" for p in video.phase_timeline_probs[i]]])
+                w.writerow(
+                    [
+                        int(video.indices[i]),
+                        f"{video.timestamps[i]:.3f}",
+                        int(video.phase_labels[i]),
+                        schema.phases[int(video.phase_labels[i])].name,
+                        int(video.phase_probs[i].argmax()),
+                        *[f"{p:.4f}" for p in video.phase_timeline_probs[i]],
+                    ]
+                )
         with open(self.out / "cvs.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["frame", "timestamp", *schema.cvs_keys, "uncertainty_segmentation",
-                        "uncertainty_phase", "uncertainty_cvs"])
+            w.writerow(
+                [
+                    "frame",
+                    "timestamp",
+                    *schema.cvs_keys,
+                    "uncertainty_segmentation",
+                    "uncertainty_phase",
+                    "uncertainty_cvs",
+                ]
+            )
             for i in range(len(video.indices)):
-                w.writerow([int(video.indices[i]), f"{video.timestamps[i]:.3f}",
-                            *[f"{p:.4f}" for p in video.cvs_probs[i]],
-                            *[f"{video.uncertainty[k][i]:.4f}" for k in ("segmentation", "phase", "cvs")]])
+                w.writerow(
+                    [
+                        int(video.indices[i]),
+                        f"{video.timestamps[i]:.3f}",
+                        *[f"{p:.4f}" for p in video.cvs_probs[i]],
+                        *[f"{video.uncertainty[k][i]:.4f}" for k in ("segmentation", "phase", "cvs")],
+                    ]
+                )
         tracks = {"predicted": video.phase_labels}
         if ground_truth_phases is not None:
             tracks["ground truth"] = np.asarray(ground_truth_phases)
@@ -61,7 +90,8 @@ class PredictionWriter:
         summary = {
             "frames": int(len(video.indices)),
             "segments": [
-                {"start_frame": s, "end_frame": e, "phase": schema.phases[p].name} for s, e, p in video.segments
+                {"start_frame": s, "end_frame": e, "phase": schema.phases[p].name}
+                for s, e, p in video.segments
             ],
             "mean_uncertainty": {k: float(np.mean(v)) for k, v in video.uncertainty.items()},
         } | (extra or {})

@@ -268,7 +268,9 @@ class Predictor:
         conf_t = 1.0 / torch.exp(full - top).sum(dim=0)
         return mask_t.to(torch.uint8).cpu().numpy(), conf_t.to(torch.float16).cpu().numpy()
 
-    def stream_with_frames(self, frames: Any, keep_masks: bool = True) -> Iterator[tuple[FramePrediction, np.ndarray]]:
+    def stream_with_frames(
+        self, frames: Any, keep_masks: bool = True
+    ) -> Iterator[tuple[FramePrediction, np.ndarray]]:
         """Like :meth:`stream`, paired with each original frame (for overlays)."""
         for recs, batch in self._prefetched(_as_records(frames)):
             preds = self._postprocess(recs, self._run(self.to_tensor(batch)), keep_masks)

@@ -80,9 +80,21 @@ CVS_CRITERIA: tuple[CVSCriterion, ...] = (
 )
 
 _PHASE_PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-    (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
 ]
 
 
@@ -172,7 +184,7 @@ class LabelSchema:
     def class_colors(self) -> dict[int, tuple[int, int, int]]:
         return {c.id: c.color for c in self.classes}
 
-    def palette(self) -> "numpy.ndarray":  # noqa: F821 - numpy imported lazily for light import
+    def palette(self) -> numpy.ndarray:  # noqa: F821 - numpy imported lazily for light import
         """(256, 3) uint8 lookup table: class id -> colour; ignore and unused ids are black."""
         import numpy as np
 
@@ -244,12 +256,16 @@ class LabelSchema:
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise SchemaError(f"label schema {path} is not valid YAML/JSON: {exc}", "fix the syntax") from None
+            raise SchemaError(
+                f"label schema {path} is not valid YAML/JSON: {exc}", "fix the syntax"
+            ) from None
         return cls.from_dict(data)
 
     def to_file(self, path: str | Path) -> None:
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict())
+        text = (
+            json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict())
+        )
         path.write_text(text, encoding="utf-8")
 
 

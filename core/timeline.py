@@ -48,7 +48,7 @@ def merge_short_runs(labels: np.ndarray, min_length: int) -> np.ndarray:
 
 
 def smooth_phase_labels(probs: np.ndarray, window: int = 5, min_length: int = 3) -> np.ndarray:
-    """Phase labels from (T, P) probabilities: argmax, majority filter, then no run shorter than min_length."""
+    """Phase labels from (T, P) probabilities: argmax, majority filter, no run shorter than min_length."""
     probs = np.asarray(probs)
     labels = probs.argmax(axis=1)
     labels = mode_filter(labels, window if window % 2 else window + 1, probs.shape[1])

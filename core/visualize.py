@@ -42,7 +42,7 @@ def timeline_png(
     title: str = "Surgical phases",
     cvs: np.ndarray | None = None,
 ) -> Path:
-    """One horizontal colour strip per track (e.g. 'predicted', 'ground truth'), a legend, optional CVS curves."""
+    """One colour strip per track (e.g. 'predicted', 'ground truth'), a legend, optional CVS curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,9 +54,14 @@ def timeline_png(
     x = np.asarray(timestamps if timestamps is not None else np.arange(n), dtype=float)
     step = float(np.median(np.diff(x))) if n > 1 else 1.0
     rows = len(names) + (1 if cvs is not None else 0)
-    fig, axes = plt.subplots(rows, 1, figsize=(11, 0.7 * len(names) + (1.6 if cvs is not None else 0) + 1.2),
-                             sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [1] * len(names) + ([2.2] if cvs is not None else [])})
+    fig, axes = plt.subplots(
+        rows,
+        1,
+        figsize=(11, 0.7 * len(names) + (1.6 if cvs is not None else 0) + 1.2),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [1] * len(names) + ([2.2] if cvs is not None else [])},
+    )
     colors = np.array([p.color for p in schema.phases]) / 255.0
     for ax, name in zip(axes[:, 0], names, strict=False):
         labels = np.asarray(tracks[name])
@@ -83,7 +88,9 @@ def timeline_png(
     return path
 
 
-def learning_curves_png(path: str | Path, curves: dict[str, Sequence[float]], title: str = "Training loss") -> Path:
+def learning_curves_png(
+    path: str | Path, curves: dict[str, Sequence[float]], title: str = "Training loss"
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -112,9 +112,11 @@ def download(spec: PretrainedSpec, progress: bool = True) -> Path:
                 f"when offline, fetch the file elsewhere and save it as {target}, or pass --weights FILE",
             ) from None
         total = int(response.headers.get("Content-Length") or 0) or None
-        with os.fdopen(fd, "wb") as out, response, tqdm(
-            total=total, unit="B", unit_scale=True, desc=spec.file_name, disable=not progress
-        ) as bar:
+        with (
+            os.fdopen(fd, "wb") as out,
+            response,
+            tqdm(total=total, unit="B", unit_scale=True, desc=spec.file_name, disable=not progress) as bar,
+        ):
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
@@ -167,7 +169,7 @@ def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in ("module.", "backbone.", "encoder."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

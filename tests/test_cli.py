@@ -69,9 +69,11 @@ def test_predict_video_writes_everything(tmp_path):
     mask = cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (96, 170) and mask.dtype == np.uint8 and mask.max() < 13
     assert len(list((out / "overlays").glob("*.png"))) == 4
-    rows = list(csv.DictReader(open(out / "phases.csv")))
+    with open(out / "phases.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [int(r["frame"]) for r in rows] == [0, 2, 4, 6] and rows[1]["timestamp"] == "0.500"
-    cvs_rows = list(csv.DictReader(open(out / "cvs.csv")))
+    with open(out / "cvs.csv") as fh:
+        cvs_rows = list(csv.DictReader(fh))
     assert set(cvs_rows[0]) >= {"C1", "C2", "C3"}
     assert (out / "timeline.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["frames"] == 4
@@ -81,8 +83,9 @@ def test_predict_single_image_and_corrupt_inputs(tmp_path):
     clip = generate_clip(seed=5, num_frames=1, height=64, width=96)
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), clip.frames[0][..., ::-1])
-    result = runner.invoke(app, ["predict", str(image), "--out", str(tmp_path / "o"), "--random-init",
-                                 "--short-side", "64"])
+    result = runner.invoke(
+        app, ["predict", str(image), "--out", str(tmp_path / "o"), "--random-init", "--short-side", "64"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "masks" / "frame_000000.png").exists()
 
@@ -100,12 +103,31 @@ def test_predict_single_image_and_corrupt_inputs(tmp_path):
 @pytest.mark.slow
 def test_demo_small_run(tmp_path):
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--train-videos", "1", "--frames-per-video", "16",
-                                 "--epochs", "2", "--short-side", "64"])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--train-videos",
+            "1",
+            "--frames-per-video",
+            "16",
+            "--epochs",
+            "2",
+            "--short-side",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["test_frames"] == 16 and "random-init" in summary["backbone"]
     assert 0 <= summary["metrics"]["segmentation"]["mIoU"] <= 1
-    for name in ("metrics.md", "learning_curves.png", "pre-annotations/timeline.png", "model-bundle/bundle.json"):
+    for name in (
+        "metrics.md",
+        "learning_curves.png",
+        "pre-annotations/timeline.png",
+        "model-bundle/bundle.json",
+    ):
         assert (out / name).exists(), name
     assert len(list((out / "pre-annotations" / "overlays").glob("*.png"))) == 16

@@ -30,8 +30,17 @@ def _spec_for(payload: bytes, **changes):
 
 def test_zoo_has_every_release():
     names = {s.name for s in list_backbones()}
-    assert {"surgenetxl", "surgenet", "surgenet-small", "surgenet-cholec", "surgenet-ramie", "surgenet-rarp",
-            "surgenet-public", "surgenet-convnextv2", "surgenet-pvtv2"} <= names
+    assert {
+        "surgenetxl",
+        "surgenet",
+        "surgenet-small",
+        "surgenet-cholec",
+        "surgenet-ramie",
+        "surgenet-rarp",
+        "surgenet-public",
+        "surgenet-convnextv2",
+        "surgenet-pvtv2",
+    } <= names
     for spec in REGISTRY.values():
         assert spec.url.startswith("https://huggingface.co/") and spec.file_name in spec.url
         assert "CC BY-NC-SA" in spec.licence and len(spec.mean) == 3
@@ -60,7 +69,9 @@ def test_download_verifies_and_caches(monkeypatch, surgenetxl_test_checkpoint, c
 
 def test_checksum_mismatch_leaves_nothing(monkeypatch):
     spec = _spec_for(b"expected bytes")
-    monkeypatch.setattr(weights_mod.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"tampered"))
+    monkeypatch.setattr(
+        weights_mod.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"tampered")
+    )
     with pytest.raises(ChecksumMismatchError, match="SHA-256"):
         weights_mod.download(spec, progress=False)
     cache = weights_mod.weights_cache_dir()

@@ -50,7 +50,9 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneHistory:
-    losses: dict[str, list[float]] = field(default_factory=lambda: {"segmentation": [], "phase": [], "cvs": []})
+    losses: dict[str, list[float]] = field(
+        default_factory=lambda: {"segmentation": [], "phase": [], "cvs": []}
+    )
     temporal_losses: list[float] = field(default_factory=list)
 
 
@@ -61,7 +63,11 @@ def _resize_batch(images: np.ndarray, size: tuple[int, int], interp: int) -> np.
 
 @torch.inference_mode()
 def extract_features(
-    model: SurgeNetAssistModel, images: np.ndarray, short_side: int, batch_size: int = 8, progress: bool = True
+    model: SurgeNetAssistModel,
+    images: np.ndarray,
+    short_side: int,
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """Backbone stage features for all images (fp16, CPU) and the model input size used."""
     model.eval()
@@ -96,7 +102,7 @@ def finetune_heads(
     config: FinetuneConfig | None = None,
     progress: bool = True,
 ) -> FinetuneHistory:
-    """Train the three heads (backbone frozen) and, when phases and video ids are given, the temporal model."""
+    """Train the three heads (backbone frozen); with phases and video ids, also the temporal model."""
     cfg = config or FinetuneConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -132,7 +138,9 @@ def finetune_heads(
             loss = out.seg_logits.sum() * 0
             if masks is not None:
                 target = masks[idx]
-                logits = F.interpolate(out.seg_logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                logits = F.interpolate(
+                    out.seg_logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+                )
                 seg = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
                 seg = seg + cfg.dice_weight * dice_loss(logits, target)
                 loss = loss + seg
