@@ -96,7 +96,7 @@ def setup_project(
     )
     storage_id = None
     root = Path(document_root).resolve() if document_root else None
-    if root is not None and folder.is_relative_to(root):
+    if root is not None and folder.is_relative_to(root) and folder != root:  # LS refuses the root itself
         storage = _call(
             "create local storage",
             lambda: ls.import_storage.local.create(
