@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--skip-http", action="store_true", help="only the RLE benchmark")
     args = ap.parse_args()
 
+    tmp = Path(tempfile.mkdtemp(prefix="surgenet-bench-"))
+    # the SDK reads LOCAL_FILES_DOCUMENT_ROOT when it is first imported: set it before anything imports it
+    os.environ["LOCAL_FILES_DOCUMENT_ROOT"] = str(tmp / "root")
     report: dict[str, object] = {"rle": bench_rle(5)}
     for name, r in report["rle"].items():
         print(
@@ -89,13 +92,11 @@ def main() -> int:
     from surgenet_assist.core.store import LabelStore
     from surgenet_assist.core.synthetic import generate_clip
 
-    tmp = Path(tempfile.mkdtemp(prefix="surgenet-bench-"))
     frames_dir = tmp / "root" / "frames"
     frames_dir.mkdir(parents=True)
     clip = generate_clip(1, args.batch, 480, 854)
     for i, f in enumerate(clip.frames):
         cv2.imwrite(str(frames_dir / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    os.environ["LOCAL_FILES_DOCUMENT_ROOT"] = str(tmp / "root")
     if args.bundle:
         predictor = Predictor.from_bundle(
             args.bundle, batch_size=8, short_side=args.short_side, allow_download=False
