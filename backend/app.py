@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
 from .media import SETUP_CREDENTIALS, MediaError, fetch_media

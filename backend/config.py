@@ -23,6 +23,7 @@ from typing import Any
 from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree as SafeET
+
 from surgenet_assist.core.schema import LabelSchema
 
 #: control kinds this backend can fill

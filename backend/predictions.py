@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from surgenet_assist.core.encoders import mask_to_brush_rle
 
 from .config import (

@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import LabelSchema

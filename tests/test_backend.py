@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
+
 from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
 from surgenet_assist.backend.config import parse_label_config
 from surgenet_assist.backend.labeling_configs import image_config, label_config, shipped_config, video_config
@@ -301,6 +302,7 @@ def test_missing_or_corrupt_image_names_the_url(client, url):
 def test_fetch_media_through_sdk_names_the_variable(monkeypatch, tmp_path):
     """The real fetch path: the SDK's get_local_path, with LABEL_STUDIO_URL unset / an HTTP failure."""
     import requests
+
     from surgenet_assist.backend import media as media_mod
 
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)

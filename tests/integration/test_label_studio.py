@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
+
 from surgenet_assist.core.encoders import brush_rle_to_mask, mask_to_brush_rle
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
@@ -125,11 +126,12 @@ def ls_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def backend(ls_server, tmp_path_factory):
     """Our backend in-process (werkzeug threaded server) with the random-init model and a SQLite store."""
+    from werkzeug.serving import make_server
+
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
     from surgenet_assist.core.store import LabelStore
-    from werkzeug.serving import make_server
 
     saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
     os.environ["LABEL_STUDIO_URL"] = ls_server["url"]
