@@ -297,3 +297,22 @@ def test_video_content_hash_conflict(store):
     assert store.videos()[0]["frame_count"] == 20
     with pytest.raises(StoreError, match="content hash"):
         store.add_video("video01", content_hash="bbbb")
+
+
+def test_label_records_carry_annotation_and_revision_ids(tmp_path):
+    """Regression: records must not swap annotation_id and revision_id."""
+    from surgenet_assist.core.store import LabelStore
+
+    store = LabelStore(f"sqlite:///{tmp_path / 'ids.db'}")
+    vid = store.add_video("v.mp4", fps=1, frame_count=10)
+    # a first, unrelated annotation so that revision ids and annotation ids diverge
+    store.record_annotation(vid, 0, "phase", {"phase": "Preparation"}, source="napari", author="a")
+    first = store.record_annotation(vid, 1, "phase", {"phase": "Preparation"}, source="napari", author="a")
+    second = store.record_annotation(vid, 1, "phase", {"phase": "ClippingCutting"}, source="napari", author="a")
+    assert second.annotation_id == first.annotation_id and second.revision_id != first.revision_id
+    history = store.history(first.annotation_id)
+    assert [h.annotation_id for h in history] == [first.annotation_id] * 2
+    assert [h.revision_id for h in history] == [first.revision_id, second.revision_id]
+    current = [r for r in store.training_labels("phase", video_id=vid) if r.frame_start == 1]
+    assert current[0].annotation_id == first.annotation_id and current[0].revision_id == second.revision_id
+    store.close()

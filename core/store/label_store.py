@@ -852,8 +852,8 @@ class LabelStore:
                 payload = pl.decode_payload(row.task, row.payload, row.mask) if with_payload else {}
                 out.append(
                     LabelRecord(
-                        row[0],
-                        row[1],
+                        row[1],  # annotation_id (the select lists R.id first)
+                        row[0],  # revision_id
                         row[2],
                         row[3],
                         row[4],
@@ -910,8 +910,8 @@ class LabelStore:
         with self._read() as s:
             return [
                 LabelRecord(
-                    r.id,
                     r.annotation_id,
+                    r.id,
                     r.revision,
                     a.video_id,
                     path,
