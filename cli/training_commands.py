@@ -1,0 +1,217 @@
+"""Training-loop commands: train, evaluate, models list/promote/rollback, nightly.
+
+`train` runs unchanged under torchrun (`torchrun --nproc_per_node N -m surgenet_assist.cli.main train ...`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="label store URL (default: $SURGENET_ASSIST_DB_URL)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML with NightlyConfig fields")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _config(
+    config: Path | None,
+    db: str | None,
+    random_init: bool | None = None,
+    epochs: int | None = None,
+    short_side: int | None = None,
+    frame_size: str | None = None,
+    budget: float | None = None,
+    force: bool | None = None,
+    progress: bool = True,
+) -> Any:
+    from surgenet_assist.training_loop.nightly import NightlyConfig
+
+    cfg = NightlyConfig.from_file(config) if config else NightlyConfig()
+    if db:
+        cfg.db = db
+    if random_init:
+        cfg.random_init = True
+    if epochs is not None:
+        cfg.finetune.epochs = epochs
+    if short_side is not None:
+        cfg.finetune.short_side = short_side
+    if frame_size:
+        h, w = (int(v) for v in frame_size.lower().split("x"))
+        cfg.frame_size = (h, w)
+    if budget is not None:
+        cfg.budget_minutes = budget
+    if force:
+        cfg.force = True
+    cfg.progress = progress
+    return cfg
+
+
+def _echo(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def register(app: typer.Typer) -> None:
+    models_app = typer.Typer(help="Model registry: list, promote, rollback.", no_args_is_help=True)
+    app.add_typer(models_app, name="models")
+
+    @app.command("train")
+    def train(
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+        random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (tests)")] = False,
+        epochs: Annotated[int | None, typer.Option(help="head fine-tuning epochs")] = None,
+        short_side: Annotated[int | None, typer.Option(help="model input short side")] = None,
+        frame_size: Annotated[
+            str | None, typer.Option(help="HxW frames are resized to, e.g. 240x426")
+        ] = None,
+        promote: Annotated[bool, typer.Option(help="run the promotion gate after registering")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Fine-tune on the store's train split, evaluate on test, register a candidate (torchrun-ready)."""
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop import distributed as ddp
+        from surgenet_assist.training_loop.evaluate import evaluate_model
+        from surgenet_assist.training_loop.nightly import train_candidate
+        from surgenet_assist.training_loop.registry import Registry, gate
+
+        ddp.init()
+        try:
+            cfg = _config(config, db, random_init, epochs, short_side, frame_size)
+            store = LabelStore(cfg.db, upgrade=ddp.is_main())
+            result = train_candidate(store, cfg)
+            out = {
+                "version": result["version"],
+                "test": result["test"]["primary"],
+                "manifest_hash": result["manifest"],
+                "world_size": ddp.world_size(),
+                "images_per_second": result["history"].images_per_second,
+            }
+            if promote and ddp.is_main():
+                from surgenet_assist.core.bundle import load_bundle
+
+                registry = Registry(store)
+                champ = registry.champion()
+                champ_primary = None
+                if champ is not None:
+                    model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
+                    champ_primary = evaluate_model(
+                        model, result["splits"]["test"].frames, short_side=cfg.finetune.short_side
+                    )["primary"]
+                decision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance)
+                if decision.promote:
+                    registry.promote(result["version"])
+                else:
+                    registry.set_status(result["version"], "rejected")
+                out["gate"] = decision.to_dict()
+            if ddp.is_main():
+                _echo(out) if as_json else typer.echo(f"registered {out['version']}: {out['test']}")
+        finally:
+            ddp.cleanup()
+
+    @app.command("evaluate")
+    def evaluate(
+        model: Annotated[str, typer.Option("--model", help="registry version or bundle directory")],
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+        split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+        short_side: Annotated[int | None, typer.Option(help="model input short side")] = None,
+        frame_size: Annotated[str | None, typer.Option(help="HxW frames are resized to")] = None,
+        relaxed_fps: Annotated[
+            float, typer.Option(help="frame rate of the labelled frames (relaxed phase)")
+        ] = 1.0,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Metrics of a model on a split of the store, plus annotation-efficiency figures."""
+        from surgenet_assist.core.bundle import load_bundle
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop.datasets import load_split
+        from surgenet_assist.training_loop.evaluate import annotation_efficiency, evaluate_model
+        from surgenet_assist.training_loop.registry import Registry
+
+        cfg = _config(config, db, short_side=short_side, frame_size=frame_size, progress=not as_json)
+        store = LabelStore(cfg.db)
+        path = Path(model)
+        if not (path / "bundle.json").exists():
+            row = Registry(store).get(model)
+            path = Path(row["bundle_path"])
+            thresholds = ((row.get("metrics") or {}).get("params") or {}).get("cvs_thresholds")
+        else:
+            thresholds = None
+        net, info = load_bundle(path, allow_download=not cfg.random_init)
+        data = load_split(store, split, project=cfg.project, size=cfg.frame_size)
+        metrics = evaluate_model(
+            net, data.frames, short_side=cfg.finetune.short_side, fps=relaxed_fps, cvs_thresholds=thresholds
+        )
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_confusion")}
+        out = {
+            "model": info.version,
+            "split": split,
+            "counts": data.counts(),
+            "metrics": metrics,
+            "annotation_efficiency": annotation_efficiency(store, cfg.project),
+        }
+        if as_json:
+            _echo(out)
+        else:
+            typer.echo(f"{info.version} on {split} ({data.counts()['frames']} frames): {metrics['primary']}")
+
+    @models_app.command("list")
+    def models_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+        """Every registered version with status, headline metrics and lineage."""
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop.registry import Registry
+
+        rows = Registry(LabelStore(db)).versions()
+        if as_json:
+            _echo(rows)
+            return
+        for r in rows:
+            primary = ((r.get("metrics") or {}).get("test") or {}).get("primary")
+            typer.echo(f"{r['version']:<28} {r['status']:<18} {primary}")
+
+    @models_app.command("promote")
+    def models_promote(
+        version: Annotated[str, typer.Argument(help="version to serve")], db: DbOpt = None
+    ) -> None:
+        """Make VERSION the champion (skips the gate: an operator decision)."""
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop.registry import Registry
+
+        Registry(LabelStore(db)).promote(version)
+        typer.echo(f"champion: {version}")
+
+    @models_app.command("rollback")
+    def models_rollback(db: DbOpt = None) -> None:
+        """Reinstate the previous champion."""
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop.registry import Registry
+
+        typer.echo(f"champion: {Registry(LabelStore(db)).rollback()}")
+
+    @app.command("nightly")
+    def nightly(
+        db: DbOpt = None,
+        budget_minutes: Annotated[
+            float | None, typer.Option(help="stop training to finish within this")
+        ] = None,
+        config: ConfigOpt = None,
+        from_queue: Annotated[
+            bool, typer.Option("--from-queue", help="run only if Label Studio queued one")
+        ] = False,
+        force: Annotated[bool, typer.Option("--force", help="train even if labels are unchanged")] = False,
+        random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (tests)")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """One cycle: ingest, pretrain when due, fine-tune, evaluate, promote or reject, re-score, report."""
+        from surgenet_assist.training_loop.nightly import run_cycle
+
+        cfg = _config(config, db, random_init, budget=budget_minutes, force=force, progress=not as_json)
+        report = run_cycle(cfg, from_queue=from_queue)
+        if as_json:
+            _echo(report)
+        else:
+            typer.echo(f"{report['outcome']} (report: {report.get('report')})")
+

@@ -1,0 +1,62 @@
+"""torchrun / DistributedDataParallel helpers: the same code runs as one process or as N.
+
+``torchrun --nproc_per_node N -m surgenet_assist.cli.main train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK;
+:func:`init` then joins the process group (``nccl`` on GPUs, ``gloo`` on CPU). Without those variables
+everything here is a no-op, so single-process callers need no special case.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(backend: str | None = None) -> bool:
+    """Join the process group when launched by torchrun; returns whether running distributed."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return dist.is_initialized()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s value on every rank (e.g. the version string only rank 0 registered)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,498 @@
+"""The nightly cycle: ingest -> continued pretraining when due -> fine-tune -> evaluate -> promote or reject
+-> re-score unlabeled frames for active learning -> report.
+
+Crash safety: one cycle at a time (``fcntl`` lock file, plus a PostgreSQL advisory lock on a shared
+database); every store write is one transaction; the candidate bundle is complete on disk before its row
+exists; the champion changes only in the single ``set_model_status`` transaction at the end of the gate.
+A ``kill -9`` at any point therefore leaves the old champion serving; the next cycle marks the dead run
+``interrupted``, removes orphaned bundle dirs and resumes fine-tuning from the last checkpoint when the
+training data are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+import yaml
+
+from surgenet_assist.core.bundle import load_bundle
+from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.model import SurgeNetAssistModel
+from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.weights import data_home
+
+from . import distributed as ddp
+from .datasets import SplitData, assign_splits, combined_manifest_hash, load_split
+from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, overall_score
+from .finetune import FinetuneConfig, FinetuneHistory, finetune_heads
+from .queue import claim_queued, fail_interrupted, update_run
+from .registry import GateDecision, Registry, gate
+
+
+class CycleLocked(SurgenetAssistError):
+    """Another nightly cycle holds the lock."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass
+class PretrainSettings:
+    enabled: bool = True
+    threshold_frames: int = 10_000  # new unlabeled frames since the last pretraining before it is due
+    steps: int = 300
+    batch_size: int = 32
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 6
+    replay_fraction: float = 0.3
+    max_frames: int = 20_000
+    out_dim: int = 4096
+
+
+@dataclass
+class NightlyConfig:
+    """Everything a cycle needs; load overrides from YAML with :meth:`from_file`."""
+
+    db: str | None = None
+    project: str | None = None
+    backbone: str = "surgenetxl"
+    random_init: bool = False  # tests / offline demos only
+    frame_size: tuple[int, int] = (240, 426)  # frames and masks are resized to this for training/eval
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    finetune: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(short_side=224, checkpoint_every=25)
+    )
+    margin: float = 0.005
+    tolerance: float = 0.02
+    warm_start: bool = True  # start from the champion's weights (heads and backbone)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    rescore_max_frames_per_video: int = 200
+    rescore_fps: float = 1.0
+    budget_minutes: float | None = None
+    force: bool = False  # train even if the labels did not change since the champion
+    report_dir: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NightlyConfig:
+        data = dict(data)
+        ft = FinetuneConfig(**{**dataclasses.asdict(cls().finetune), **data.pop("finetune", {})})
+        pt = PretrainSettings(**data.pop("pretrain", {}))
+        for key in ("frame_size", "split_fractions"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(finetune=ft, pretrain=pt, **data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> NightlyConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- lock --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cycle_lock(store: LabelStore, path: Path | None = None) -> Iterator[None]:
+    """Exclusive, non-blocking: a second cycle fails at once. Released by the OS if the process dies."""
+    path = path or data_home() / "nightly.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole cycle
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CycleLocked(
+                f"another training cycle is running (lock {path})",
+                "wait for it to finish; a killed cycle releases the lock automatically",
+            ) from None
+        conn = None
+        if store.engine.dialect.name == "postgresql":  # several trainer hosts on one database
+            conn = store.engine.connect()
+            key = int(hashlib.sha256(b"surgenet-assist-nightly").hexdigest()[:15], 16)
+            if not conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.close()
+                raise CycleLocked(
+                    "another training cycle holds the database lock", "wait for the other trainer to finish"
+                )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} {_now().isoformat()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            if conn is not None:
+                conn.close()  # ends the session, releasing the advisory lock
+    finally:
+        fh.close()
+
+
+# --- one training step: used by the cycle and by `surgenet-assist train` (torchrun-compatible) -------------
+def load_parent(cfg: NightlyConfig, registry: Registry | None) -> tuple[SurgeNetAssistModel, str | None]:
+    """The champion's model when warm-starting, else a fresh model from the configured backbone."""
+    champ = registry.champion() if registry is not None else None
+    if champ is not None and cfg.warm_start:
+        model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
+        return model, champ["version"]
+    model = SurgeNetAssistModel.create(cfg.backbone, random_init=cfg.random_init)
+    return model, champ["version"] if champ else None
+
+
+def load_data(store: LabelStore, cfg: NightlyConfig) -> dict[str, SplitData]:
+    """Splits assigned on rank 0 only (the others wait), then every rank decodes the same frames."""
+    if ddp.is_main():
+        assign_splits(store, cfg.split_fractions, cfg.project)
+    ddp.barrier()
+    show = cfg.progress and ddp.is_main()
+    return {
+        s: load_split(store, s, project=cfg.project, size=cfg.frame_size, progress=show)
+        for s in ("train", "val", "test")
+    }
+
+
+def work_dir(key: str) -> Path:
+    return data_home() / "work" / key
+
+
+def fit(
+    model: SurgeNetAssistModel,
+    splits: dict[str, SplitData],
+    cfg: NightlyConfig,
+    manifest: str,
+    deadline: float | None,
+    tag: str = "main",
+) -> tuple[FinetuneHistory, dict[str, Any]]:
+    """Fine-tune ``model`` in place on train (checkpointed), return history and val metrics."""
+    ft = dataclasses.replace(cfg.finetune, deadline=deadline)
+    key = hashlib.sha256(
+        (manifest + ft.key() + tag + str(model.backbone.weights_sha256)).encode()
+    ).hexdigest()
+    ft.checkpoint_dir = str(work_dir(key[:20]))
+    history = finetune_heads(model, splits["train"].frames, ft, progress=cfg.progress and ddp.is_main())
+    val = evaluate_model(model, splits["val"].frames, short_side=ft.short_side)
+    return history, val
+
+
+def train_candidate(
+    store: LabelStore,
+    cfg: NightlyConfig,
+    *,
+    deadline: float | None = None,
+    splits: dict[str, SplitData] | None = None,
+    model: SurgeNetAssistModel | None = None,
+    parent: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate on test, register a candidate (rank 0). Returns what the cycle reports."""
+    registry = Registry(store)
+    splits = splits or load_data(store, cfg)
+    if len(splits["train"].frames) == 0:
+        raise SurgenetAssistError(
+            "no human labels in the train split",
+            "label some frames (Label Studio / napari / import) before training",
+        )
+    manifest = combined_manifest_hash(splits)
+    if model is None:
+        model, parent = load_parent(cfg, registry)
+    history, val = fit(model, splits, cfg, manifest, deadline)
+    thresholds = cvs_thresholds_on(model, splits["val"].frames, short_side=cfg.finetune.short_side)
+    test = evaluate_model(
+        model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
+    )
+    version = None
+    if ddp.is_main():
+        version = registry.register_candidate(
+            model,
+            metrics=_slim(test),
+            manifest_hash=manifest,
+            seeds={"finetune": cfg.finetune.seed},
+            parent=parent,
+            params={
+                "finetune": dataclasses.asdict(cfg.finetune),
+                "frame_size": cfg.frame_size,
+                "counts": {s: d.counts() for s, d in splits.items()},
+                "val": _slim(val),
+                "cvs_thresholds": thresholds,
+            },
+        )
+    version = ddp.broadcast_object(version)
+    return {
+        "version": version,
+        "model": model,
+        "history": history,
+        "val": val,
+        "test": test,
+        "manifest": manifest,
+        "parent": parent,
+        "splits": splits,
+        "cvs_thresholds": thresholds,
+    }
+
+
+def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not k.endswith("_confusion")}
+
+
+# --- continued pretraining decision ------------------------------------------------------------------------
+def _total_frames(store: LabelStore, project: str | None) -> int:
+    return int(sum(v.get("frame_count") or 0 for v in store.videos(project)))
+
+
+def pretrain_due(store: LabelStore, cfg: NightlyConfig) -> tuple[bool, int]:
+    """Due when the store holds ``threshold_frames`` more frames than at the last continued pretraining."""
+    done = [r for r in store.training_runs(task="pretrain") if r.get("status") == "finished"]
+    last = int((done[-1].get("params") or {}).get("total_frames", 0)) if done else 0
+    new = _total_frames(store, cfg.project) - last
+    return cfg.pretrain.enabled and new >= cfg.pretrain.threshold_frames, new
+
+
+# --- active learning ---------------------------------------------------------------------------------------
+def rescore(store: LabelStore, bundle_path: str, version: str, cfg: NightlyConfig) -> dict[str, int]:
+    """Uncertainty (normalised entropy) per task for sampled frames of the train-split videos."""
+    from surgenet_assist.core.predictor import Predictor
+    from surgenet_assist.core.video import open_video
+
+    predictor = Predictor.from_bundle(
+        bundle_path, allow_download=not cfg.random_init, short_side=cfg.finetune.short_side, batch_size=16
+    )
+    scores: dict[str, list[tuple[int, int, float]]] = {"segmentation": [], "phase": [], "cvs": []}
+    for video in store.videos(cfg.project):
+        if video["split"] != "train":
+            continue
+        with open_video(video["path"], fps=video.get("fps")) as src:
+            idx = src.sample_indices(cfg.rescore_fps)
+            if len(idx) > cfg.rescore_max_frames_per_video:
+                idx = [
+                    idx[i] for i in np.linspace(0, len(idx) - 1, cfg.rescore_max_frames_per_video).astype(int)
+                ]
+            keep = set(idx)
+            records = (r for r in src.iter_frames(cfg.rescore_fps) if r.index in keep)
+            for pred in predictor.stream(records, keep_masks=False):
+                for task, value in pred.uncertainty.items():
+                    scores[task].append((video["id"], pred.index, float(value)))
+    return {
+        task: store.save_acquisition_scores(rows, task=task, method="entropy", model_version=version)
+        for task, rows in scores.items()
+    }
+
+
+# --- report ------------------------------------------------------------------------------------------------
+def write_report(
+    out: Path,
+    report: dict[str, Any],
+    history: FinetuneHistory | None,
+    test: dict[str, Any] | None,
+    schema: Any,
+) -> Path:
+    """Markdown summary + learning curves + confusion matrices (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from surgenet_assist.core.visualize import learning_curves_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    if history is not None:
+        learning_curves_png(
+            out / "learning_curves.png", history.losses | {"temporal": history.temporal_losses}
+        )
+        pictures.append("learning_curves.png")
+    for key, names, fname in (
+        ("segmentation_confusion", schema.class_names, "confusion_segmentation.png"),
+        ("phase_confusion", schema.phase_names, "confusion_phase.png"),
+    ):
+        if test and key in test:
+            conf = np.asarray(test[key], float)
+            norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+            fig, ax = plt.subplots(figsize=(7, 6))
+            im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("ground truth")
+            ax.set_title(key.replace("_", " ") + " (row-normalised, test split)")
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=100)
+            plt.close(fig)
+            pictures.append(fname)
+    lines = [f"# Training cycle {report['started_at']}", "", f"Outcome: **{report['outcome']}**", ""]
+    for key in ("candidate", "champion_before", "champion_after", "manifest_hash", "pretraining", "seconds"):
+        if key in report:
+            lines.append(f"- {key.replace('_', ' ')}: `{json.dumps(report[key], default=str)}`")
+    if "gate" in report:
+        lines += ["", "## Promotion gate (frozen test split)", ""]
+        lines += [f"- {r}" for r in report["gate"]["reasons"]]
+        lines += ["", "| task | candidate | champion |", "|---|---|---|"]
+        cand, champ = report.get("candidate_primary", {}), report.get("champion_primary") or {}
+        for t in sorted(set(cand) | set(champ)):
+            c, h = cand.get(t), champ.get(t)
+            lines.append(f"| {t} | {'' if c is None else f'{c:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
+    if "annotation_efficiency" in report:
+        lines += [
+            "",
+            "## Annotation efficiency",
+            "",
+            "```json",
+            json.dumps(report["annotation_efficiency"], indent=2),
+            "```",
+        ]
+    lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in pictures]
+    lines += ["", "## Full record", "", "```json", json.dumps(report, indent=2, default=str), "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return out / "report.md"
+
+
+# --- the cycle ---------------------------------------------------------------------------------------------
+def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
+    """One full cycle under the lock; returns the report dict (also written as Markdown + PNGs)."""
+    started = time.time()
+    deadline = started + cfg.budget_minutes * 60 if cfg.budget_minutes else None
+    store = LabelStore(cfg.db, project=cfg.project or "default")
+    report: dict[str, Any] = {"started_at": _now().isoformat(timespec="seconds")}
+    with cycle_lock(store):
+        registry = Registry(store)
+        report["interrupted_runs_closed"] = fail_interrupted(store)
+        report["orphans_removed"] = registry.remove_orphans()
+        if from_queue:
+            row = claim_queued(store)
+            if row is None:
+                return {"outcome": "nothing queued"}
+            run_id = row["id"]
+        else:
+            run_id = store.record_training_run(
+                task="nightly", status="running", params={"trigger": "nightly"}
+            )
+        report["training_run"] = run_id
+        try:
+            _cycle(store, registry, cfg, report, deadline)
+            status = "finished"
+        except BaseException as exc:
+            report["outcome"] = f"failed: {getattr(exc, 'message', exc)!s}"
+            update_run(
+                store,
+                run_id,
+                status="failed",
+                finished_at=_now(),
+                metrics={"error": str(getattr(exc, "message", exc))[:500]},
+            )
+            raise
+        report["seconds"] = round(time.time() - started, 1)
+        out = (
+            Path(cfg.report_dir)
+            if cfg.report_dir
+            else data_home() / "reports" / report["started_at"].replace(":", "")
+        )
+        report["report"] = str(
+            write_report(out, report, report.pop("_history", None), report.pop("_test", None), store.schema)
+        )
+        update_run(
+            store,
+            run_id,
+            status=status,
+            finished_at=_now(),
+            model_version=report.get("candidate"),
+            metrics={k: report.get(k) for k in ("outcome", "gate", "candidate_primary", "seconds")},
+            num_labels=report.get("num_train_frames"),
+            max_revision_id=report.get("label_version"),
+        )
+    return report
+
+
+def _cycle(
+    store: LabelStore, registry: Registry, cfg: NightlyConfig, report: dict[str, Any], deadline: float | None
+) -> None:
+    # 1. ingest: split new videos, read the labels
+    report["label_version"] = store.label_version()
+    splits = load_data(store, cfg)
+    manifest = combined_manifest_hash(splits)
+    report["manifest_hash"] = manifest
+    report["counts"] = {s: d.counts() for s, d in splits.items()}
+    report["num_train_frames"] = len(splits["train"].frames)
+    champ = registry.champion()
+    report["champion_before"] = champ["version"] if champ else None
+    if len(splits["train"].frames) == 0:
+        report["outcome"] = "skipped: no human labels in the train split"
+        return
+    if champ and not cfg.force and (champ.get("metrics") or {}).get("manifest_hash") == manifest:
+        report["outcome"] = "skipped: labels unchanged since the champion was trained"
+        report["champion_after"] = champ["version"]
+        return
+    model, parent = load_parent(cfg, registry)
+
+    # 2. continued self-supervised pretraining when enough new frames arrived
+    due, new_frames = pretrain_due(store, cfg)
+    report["pretraining"] = {"due": due, "new_frames": new_frames}
+    if due:
+        from .pretrain import continue_pretraining, select_backbone
+
+        budget = None if deadline is None else time.time() + 0.4 * (deadline - time.time())
+        adapted, info = continue_pretraining(store, model.backbone, cfg, deadline=budget)
+        choice = select_backbone(model, adapted, splits, cfg, manifest, deadline)
+        report["pretraining"] |= info | {"kept": choice["kept"], "val_scores": choice["val_scores"]}
+        store.record_training_run(
+            task="pretrain",
+            status="finished",
+            params={"total_frames": _total_frames(store, cfg.project), **info},
+            metrics={"kept": choice["kept"], "val_scores": choice["val_scores"]},
+        )
+        model = choice["model"]
+
+    # 3.-4. fine-tune and evaluate the candidate, register it
+    result = train_candidate(store, cfg, deadline=deadline, splits=splits, model=model, parent=parent)
+    report["candidate"] = result["version"]
+    report["candidate_primary"] = result["test"]["primary"]
+    report["finetune"] = {
+        "steps": result["history"].steps,
+        "resumed_from_step": result["history"].resumed_from_step,
+        "stopped_early_by_budget": result["history"].stopped_early,
+        "images_per_second": result["history"].images_per_second,
+    }
+    report["_history"], report["_test"] = result["history"], result["test"]
+
+    # 5. the champion on the same frozen test data, then the gate
+    champ_primary = None
+    if champ is not None:
+        champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
+        thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
+        champ_primary = evaluate_model(
+            champ_model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
+        )["primary"]
+    report["champion_primary"] = champ_primary
+    decision: GateDecision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance)
+    report["gate"] = decision.to_dict()
+    if decision.promote:
+        registry.promote(result["version"])
+        report["outcome"] = f"promoted {result['version']}"
+    else:
+        registry.set_status(result["version"], "rejected")
+        report["outcome"] = f"rejected {result['version']}; champion {report['champion_before']} kept"
+    after = registry.champion()
+    report["champion_after"] = after["version"] if after else None
+
+    # 6. active learning: re-score unlabeled frames with the serving model
+    if after is not None:
+        report["acquisition_scores"] = rescore(store, after["bundle_path"], after["version"], cfg)
+    report["annotation_efficiency"] = annotation_efficiency(store, cfg.project)
+    report["overall"] = {
+        "candidate": overall_score(result["test"]["primary"]),
+        "champion": None if champ_primary is None else overall_score(champ_primary),
+    }

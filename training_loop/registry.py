@@ -1,0 +1,237 @@
+"""Model registry: immutable bundles under ``data_home()/registry/<version>/`` plus rows in the label store.
+
+A version is written once (``save_bundle`` writes a temp dir and renames it) and then registered as a
+``candidate`` row with its metrics and lineage (training-manifest hash, code version, seeds, parent). Only
+the promotion gate (or an explicit ``promote``) makes it ``champion``; the store demotes the old champion
+to ``previous-champion`` in the same transaction, which is what ``rollback`` moves back. The backend
+reads the row with status ``champion`` and its ``bundle_path``, so serving follows the registry without a
+restart. A ``CHAMPION`` pointer file (written atomically) mirrors the current champion for file readers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgenet_assist.core.bundle import read_bundle_info, save_bundle
+from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.model import SurgeNetAssistModel
+from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.weights import data_home
+
+from .evaluate import overall_score
+
+
+class RegistryError(SurgenetAssistError):
+    """A registry operation cannot be done (unknown version, nothing to roll back to, ...)."""
+
+
+def registry_root() -> Path:
+    return data_home() / "registry"
+
+
+def code_version() -> str:
+    """Git commit of the source tree if available, else the installed package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return "surgenet-assist " + version("surgenet-assist")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def new_version(prefix: str = "v") -> str:
+    """Sortable, unique: ``v20250101-120000-a1b2``."""
+    return f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def bundle_hash(path: str | Path) -> str:
+    """Hash of the bundle's recorded file hashes and backbone hash (what defines its behaviour)."""
+    info = read_bundle_info(path)
+    blob = json.dumps({"files": info.files, "backbone": info.backbone.get("weights_sha256")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class GateDecision:
+    """Outcome of comparing a candidate with the champion on the frozen test split."""
+
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    candidate_score: float = 0.0
+    champion_score: float | None = None
+    deltas: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reasons": self.reasons,
+            "candidate_score": self.candidate_score,
+            "champion_score": self.champion_score,
+            "deltas": self.deltas,
+        }
+
+
+def gate(
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    margin: float = 0.005,
+    tolerance: float = 0.02,
+) -> GateDecision:
+    """Promote only if the mean headline metric beats the champion's by ``margin`` and no task drops by more
+    than ``tolerance``. Both dicts map task -> headline metric on the same test data; no champion: promote.
+    """
+    cand = overall_score(candidate)
+    if champion is None:
+        return GateDecision(True, ["no champion yet"], cand, None)
+    tasks = sorted(set(candidate) & set(champion))
+    if not tasks:
+        return GateDecision(False, ["no task measured for both models on the test split"], cand, None)
+    cand = overall_score({t: candidate[t] for t in tasks})
+    champ = overall_score({t: champion[t] for t in tasks})
+    deltas = {t: candidate[t] - champion[t] for t in tasks}
+    reasons = []
+    if cand < champ + margin:
+        reasons.append(
+            f"mean headline metric {cand:.4f} does not beat the champion's {champ:.4f} by {margin}"
+        )
+    for t, d in deltas.items():
+        if d < -tolerance:
+            reasons.append(f"{t} regresses by {-d:.4f} (> tolerance {tolerance})")
+    if not reasons:
+        reasons.append(f"beats the champion by {cand - champ:.4f} with no task regression > {tolerance}")
+    return GateDecision(len(reasons) == 1 and reasons[0].startswith("beats"), reasons, cand, champ, deltas)
+
+
+class Registry:
+    """Model versions of one label store; bundles under ``root`` (default ``data_home()/registry``)."""
+
+    def __init__(self, store: LabelStore, root: str | Path | None = None) -> None:
+        self.store = store
+        self.root = Path(root) if root else registry_root()
+
+    # --- reading ----------------------------------------------------------------------------------------
+    def versions(self) -> list[dict[str, Any]]:
+        return self.store.model_versions()
+
+    def get(self, version: str) -> dict[str, Any]:
+        rows = [r for r in self.versions() if r["version"] == version]
+        if not rows:
+            known = [r["version"] for r in self.versions()][-5:]
+            raise RegistryError(f"no model version {version!r}", f"use `models list`; latest: {known}")
+        return rows[0]
+
+    def champion(self) -> dict[str, Any] | None:
+        rows = [r for r in self.store.model_versions(status="champion") if r.get("bundle_path")]
+        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+
+    # --- writing ----------------------------------------------------------------------------------------
+    def register_candidate(
+        self,
+        model: SurgeNetAssistModel,
+        *,
+        metrics: dict[str, Any],
+        manifest_hash: str,
+        seeds: dict[str, int],
+        parent: str | None,
+        params: dict[str, Any] | None = None,
+        version: str | None = None,
+    ) -> str:
+        """Write the bundle (atomic), register it as ``candidate`` with its lineage; return the version."""
+        version = version or new_version()
+        lineage = {
+            "manifest_hash": manifest_hash,
+            "code_version": code_version(),
+            "seeds": seeds,
+            "parent": parent,
+            "params": params or {},
+        }
+        path = save_bundle(
+            model, self.root / version, version=version, training=lineage | {"metrics": metrics}
+        )
+        self.store.register_model_version(
+            version,
+            task=None,
+            bundle_path=str(path),
+            bundle_hash=bundle_hash(path),
+            metrics={"test": metrics, **lineage},
+            status="candidate",
+        )
+        return version
+
+    def set_status(self, version: str, status: str) -> None:
+        self.get(version)
+        self.store.set_model_status(version, status)
+        self.write_pointer()
+
+    def promote(self, version: str) -> None:
+        """Make ``version`` the champion (the old one becomes previous-champion)."""
+        row = self.get(version)
+        if not row.get("bundle_path") or not Path(row["bundle_path"], "bundle.json").exists():
+            raise RegistryError(
+                f"version {version} has no bundle on disk ({row.get('bundle_path')})",
+                "promote a version whose bundle directory exists",
+            )
+        self.store.set_model_status(version, "champion")
+        self.write_pointer()
+
+    def rollback(self) -> str:
+        """Reinstate the previous champion; returns its version."""
+        prev = [r for r in self.store.model_versions(status="previous-champion") if r.get("bundle_path")]
+        if not prev:
+            raise RegistryError(
+                "there is no previous champion to roll back to",
+                "promote a specific version with `models promote VERSION`",
+            )
+        target = max(prev, key=lambda r: r["updated_at"])
+        current = self.champion()
+        self.store.set_model_status(target["version"], "champion")
+        if current is not None:  # the rolled-back model should not come back by the next rollback
+            self.store.set_model_status(current["version"], "rolled-back")
+        self.write_pointer()
+        return target["version"]
+
+    def write_pointer(self) -> None:
+        """``registry/CHAMPION`` = JSON of the champion row, replaced atomically."""
+        champ = self.champion()
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".CHAMPION.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(champ, default=str, indent=2))
+        os.replace(tmp, self.root / "CHAMPION")
+
+    def remove_orphans(self) -> list[str]:
+        """Delete bundle dirs (and temp dirs) that no registry row points to: left by a killed run."""
+        if not self.root.exists():
+            return []
+        known = {Path(r["bundle_path"]).name for r in self.versions() if r.get("bundle_path")}
+        removed = []
+        for child in self.root.iterdir():
+            if child.is_dir() and child.name not in known:
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+        return removed
