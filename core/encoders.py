@@ -38,14 +38,20 @@ def _runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def encode_brush_rle(flat: np.ndarray) -> list[int]:
     """Encode a flat uint8 RGBA array exactly as ``label_studio_sdk.converter.brush.encode_rle`` does."""
     flat = np.ascontiguousarray(flat).ravel()
-    num = int(flat.size)
+    if not flat.size:
+        return _encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    lengths, values = _runs(flat)
+    return _encode_runs(lengths, values, int(flat.size))
+
+
+def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]:
+    """The SDK's token stream for given runs, assembled 32 bits at a time with numpy (no per-bit arrays)."""
     header = (num << 21) | ((_WORDSIZE - 1) << 16)
     for i, size in enumerate(_RLE_SIZES):
         header |= (size - 1) << (12 - 4 * i)
     codes: list[np.ndarray] = [np.array([header], dtype=np.int64)]
     nbits: list[np.ndarray] = [np.array([53], dtype=np.int64)]
     if num:
-        lengths, values = _runs(flat)
         # Runs longer than 2**16 are split like the SDK: full pieces of 65536, then the remainder (1..65536),
         # every piece of an originally long run written with the 16-bit size.
         long = lengths > 256
@@ -58,9 +64,9 @@ def encode_brush_rle(flat: np.ndarray) -> list[int]:
         last = k == np.repeat(pieces, pieces) - 1
         piece_len = np.where(last, tok_len - 65536 * k, 65536)
         single = tok_len == 1
-        size_idx = np.select(
-            [single, tok_len <= 8, tok_len <= 16, ~tok_long], [0, 0, 1, 2], default=3
-        ).astype(np.int64)
+        size_idx = np.select([single, tok_len <= 8, tok_len <= 16, ~tok_long], [0, 0, 1, 2], default=3).astype(
+            np.int64
+        )
         size_bits = np.array([3, 4, 8, 16], dtype=np.int64)[size_idx]
         count = np.where(single, 0, np.where(tok_long, piece_len - 1, tok_len - 1))
         flag = np.where(single, 0, 1)
@@ -71,22 +77,40 @@ def encode_brush_rle(flat: np.ndarray) -> list[int]:
     lens = np.concatenate(nbits)
     total = int(lens.sum())
     pad = 8 - total % 8  # the SDK always pads, even a full byte when already aligned
-    parts = []
-    for lo in range(0, code.size, 1 << 16):  # chunked: bounded int64 temporaries on noisy masks
-        c, n = code[lo : lo + (1 << 16)], lens[lo : lo + (1 << 16)]
-        owner = np.repeat(np.arange(c.size), n)
-        pos = np.arange(owner.size) - np.repeat(np.cumsum(n) - n, n)
-        parts.append(((c[owner] >> (n[owner] - 1 - pos)) & 1).astype(np.uint8))
-    parts.append(np.zeros(pad, dtype=np.uint8))
-    return np.packbits(np.concatenate(parts)).tolist()
+    nbytes = (total + pad) // 8
+    # The 53-bit header is written first on its own; every token has <= 27 bits, so it touches at most two
+    # 32-bit big-endian words. Its bits in each word are disjoint from every other token's, so summing the
+    # per-word contributions (exact in float64, each word < 2**32) is the same as OR-ing them.
+    words = np.zeros((nbytes + 3) // 4 + 2, dtype=np.float64)
+    head_bits, head = 53, int(code[0])
+    words[0] = head >> (head_bits - 32)
+    words[1] = (head & ((1 << (head_bits - 32)) - 1)) << (64 - head_bits)
+    if code.size > 1:
+        c, n = code[1:], lens[1:]
+        end = head_bits + np.cumsum(n)  # bit position just after each token
+        start = end - n
+        w = start >> 5
+        used = (start & 31) + n  # bits from the start of word w to the end of the token
+        fits = used <= 32
+        hi = np.where(fits, c << np.where(fits, 32 - used, 0), c >> np.where(fits, 0, used - 32))
+        lo = np.where(fits, 0, (c << (64 - used)) & 0xFFFFFFFF)
+        words += np.bincount(w, weights=hi.astype(np.float64), minlength=words.size)
+        words += np.bincount(w + 1, weights=lo.astype(np.float64), minlength=words.size)[: words.size]
+    return list(words.astype(np.uint64).astype(">u4").tobytes()[:nbytes])
 
 
 def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
-    """2-D uint8 mask -> Label Studio brush RLE (each pixel repeated into 4 RGBA bytes; use 255 for 'on')."""
+    """2-D uint8 mask -> Label Studio brush RLE (each pixel repeated into 4 RGBA bytes; use 255 for 'on').
+
+    The runs of the RGBA stream are the mask's runs times four, so they are found on the mask itself."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise ValueError(f"brush masks must be 2-D uint8, got shape {mask.shape} dtype {mask.dtype}")
-    return encode_brush_rle(np.repeat(mask.ravel(), 4))
+    flat = np.ascontiguousarray(mask).ravel()
+    if not flat.size:
+        return _encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    lengths, values = _runs(flat)
+    return _encode_runs(lengths * 4, values, int(flat.size) * 4)
 
 
 def decode_brush_rle(rle: Sequence[int]) -> np.ndarray:
