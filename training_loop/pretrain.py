@@ -1,0 +1,440 @@
+"""Continued self-supervised pretraining of the backbone, DINO (v1) style, on the store's frames.
+
+Student and teacher start from the current backbone (SurgeNetXL or a previously adapted one) with a fresh
+DINO head (MLP -> L2-normalised bottleneck -> weight-normalised prototypes). The teacher is the EMA of
+the student (momentum cosine-scheduled towards 1) and sees the two global crops; the student sees global
+and local crops; the loss is cross-entropy between the centred, sharpened teacher distribution and the
+student's, with the centre an EMA of teacher outputs. Batches mix new frames with a replay share of earlier
+frames, the LR re-warms then re-decays (continual-pretraining recipe). The adapted backbone (teacher) is
+kept only if heads fine-tuned on it beat the current backbone on validation (:func:`select_backbone`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from surgenet_assist.core.backbone import SurgeNetBackbone
+from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.video import open_video
+from surgenet_assist.core.weights import data_home
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: 3-layer MLP, L2-normalised bottleneck, weight-normalised last layer."""
+
+    def __init__(self, in_dim: int, out_dim: int = 4096, hidden: int = 1024, bottleneck: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1.0)  # norm_last_layer: fixed unit norms
+        self.last.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred/sharpened teacher and student distributions over crop pairs."""
+
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.student_temp, self.teacher_temp, self.center_momentum = (
+            student_temp,
+            teacher_temp,
+            center_momentum,
+        )
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        targets = [F.softmax((t - self.center) / self.teacher_temp, dim=-1).detach() for t in teacher]
+        total, pairs = 0.0, 0
+        for i, q in enumerate(targets):
+            for v, s in enumerate(student):
+                if v == i:  # the same view is not its own target
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s / self.student_temp, dim=-1), dim=-1).mean()
+                pairs += 1
+        self.update_center(torch.cat(teacher))
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        batch_center = teacher_out.mean(dim=0, keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_center)
+            batch_center /= torch.distributed.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+class MultiCrop:
+    """DINO augmentations on uint8 (3, H, W) tensors: 2 global crops and ``n_local`` local crops."""
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ):
+        flip_jitter = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+        norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+        def blur(p: float) -> v2.Transform:
+            return v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=p)
+
+        self.global1 = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_size, scale=global_scale, antialias=True),
+                *flip_jitter,
+                blur(1.0),
+                *norm,
+            ]
+        )
+        self.global2 = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_size, scale=global_scale, antialias=True),
+                *flip_jitter,
+                blur(0.1),
+                v2.RandomSolarize(128, p=0.2),
+                *norm,
+            ]
+        )
+        self.local = v2.Compose(
+            [
+                v2.RandomResizedCrop(local_size, scale=local_scale, antialias=True),
+                *flip_jitter,
+                blur(0.5),
+                *norm,
+            ]
+        )
+        self.n_local = n_local
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.n_local)]
+
+
+class _Embed(nn.Module):
+    """Backbone -> pooled embedding -> DINO head."""
+
+    def __init__(self, backbone: SurgeNetBackbone, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        # crops of equal size go through together (as in DINO's MultiCropWrapper)
+        out, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape == crops[start].shape:
+                end += 1
+            x = torch.cat(crops[start:end])
+            emb = self.backbone.pool(self.backbone(x)[-1])
+            out.extend(self.head(emb).float().chunk(end - start))
+            start = end
+        return out
+
+
+def cosine(base: float, final: float, step: int, total: int, warmup: int = 0, start: float = 0.0) -> float:
+    if step < warmup:
+        return start + (base - start) * step / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θ_t <- m θ_t + (1 - m) θ_s for every parameter."""
+    for pt, ps in zip(teacher.parameters(), student.parameters(), strict=True):
+        pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+
+
+@dataclasses.dataclass
+class DINOConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-5  # re-warm to a low peak: 0.1x of DINO's 5e-4 * B/256 order
+    min_lr: float = 1e-6
+    warmup_steps: int = 30
+    weight_decay: float = 0.04
+    momentum: float = 0.996  # teacher EMA momentum, cosine to 1
+    out_dim: int = 4096
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 6
+    replay_fraction: float = 0.3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    clip_grad: float = 3.0
+    seed: int = 0
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 50
+
+
+class DINOTrainer:
+    """Student/teacher pair on a copy of ``backbone``; :meth:`train` runs the steps, :meth:`adapted` returns
+    the teacher backbone (DINO's released weights are the teacher's)."""
+
+    def __init__(self, backbone: SurgeNetBackbone, cfg: DINOConfig, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(cfg.seed)
+        student_bb = copy.deepcopy(backbone).to(self.device)
+        for p in student_bb.parameters():
+            p.requires_grad_(True)
+        self.student = _Embed(student_bb, DINOHead(backbone.embed_dim, cfg.out_dim)).to(self.device)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.teacher_temp, cfg.center_momentum).to(
+            self.device
+        )
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.crops = MultiCrop(
+            cfg.global_size, cfg.local_size, cfg.local_crops, mean=backbone.mean, std=backbone.std
+        )
+        self.step = 0
+        self.losses: list[float] = []
+        self.amp = self.device.type == "cuda"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "center": self.loss.center.cpu(),
+            "optim": self.optim.state_dict(),
+            "step": self.step,
+            "losses": self.losses,
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.loss.center.copy_(state["center"])
+        self.optim.load_state_dict(state["optim"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+
+    def _save(self) -> None:
+        if not self.cfg.checkpoint_path:
+            return
+        path = Path(self.cfg.checkpoint_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        views = [self.crops(torch.from_numpy(im).permute(2, 0, 1).contiguous()) for im in images]
+        return [torch.stack([v[k] for v in views]).to(self.device) for k in range(len(views[0]))]
+
+    def train_step(self, images: list[np.ndarray]) -> float:
+        cfg = self.cfg
+        total = cfg.steps
+        lr = cosine(cfg.lr, cfg.min_lr, self.step, total, cfg.warmup_steps)
+        for g in self.optim.param_groups:
+            g["lr"] = lr
+        crops = self.batch(images)
+        self.student.train()
+        self.teacher.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                t_out = self.teacher(crops[:2])
+            s_out = self.student(crops)
+        loss = self.loss(s_out, t_out)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], cfg.clip_grad)
+        self.optim.step()
+        ema_update(self.teacher, self.student, self.momentum_at(self.step))
+        self.step += 1
+        self.losses.append(float(loss.detach()))
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self._save()
+        return self.losses[-1]
+
+    def momentum_at(self, step: int) -> float:
+        return 1 - (1 - self.cfg.momentum) * (math.cos(math.pi * step / max(1, self.cfg.steps)) + 1) / 2
+
+    def train(
+        self,
+        new: FramePool,
+        replay: FramePool | None = None,
+        deadline: float | None = None,
+        progress: bool = True,
+    ) -> list[float]:
+        rng = np.random.default_rng(self.cfg.seed + self.step)
+        n_replay = int(round(self.cfg.batch_size * self.cfg.replay_fraction)) if replay and len(replay) else 0
+        for _ in tqdm(range(self.step, self.cfg.steps), desc="continued pretraining", disable=not progress):
+            if deadline is not None and time.time() > deadline:
+                break
+            images = new.sample(rng, self.cfg.batch_size - n_replay)
+            if n_replay:
+                images += replay.sample(rng, n_replay)
+            self.train_step(images)
+        self._save()
+        return self.losses
+
+    def adapted(self) -> SurgeNetBackbone:
+        bb = copy.deepcopy(self.teacher.backbone).cpu().eval()
+        for p in bb.parameters():
+            p.requires_grad_(False)
+        bb.weights_origin = "continued-pretraining"
+        return bb
+
+
+class FramePool:
+    """Frames addressed as (video path, fps, index), decoded on demand (a small LRU of open videos)."""
+
+    def __init__(
+        self, items: list[tuple[str, float | None, int]], size: tuple[int, int] | None = None
+    ) -> None:
+        self.items = items
+        self.size = size
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+        import cv2
+
+        out = []
+        for i in rng.integers(0, len(self.items), n):
+            path, fps, index = self.items[int(i)]
+            if path not in self._open:
+                if len(self._open) > 8:
+                    self._open.pop(next(iter(self._open))).close()
+                self._open[path] = open_video(path, fps=fps)
+            image = self._open[path].read_frame(index)
+            if self.size is not None:
+                image = cv2.resize(image, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA)
+            out.append(image)
+        return out
+
+
+def frame_pools(
+    store: LabelStore,
+    project: str | None,
+    max_frames: int,
+    seen_videos: set[str],
+    size: tuple[int, int] | None,
+    fps: float = 1.0,
+) -> tuple[FramePool, FramePool]:
+    """New frames (videos not in ``seen_videos``) and replay frames (earlier videos), sampled at ``fps``.
+
+    Test-split videos are left out, so continued pretraining never sees the frames the gate is judged on.
+    """
+    new, old = [], []
+    for v in store.videos(project):
+        if v["split"] == "test" or not v.get("frame_count"):
+            continue
+        step = max(1, int(round((v.get("fps") or fps) / fps)))
+        items = [(v["path"], v.get("fps"), i) for i in range(0, v["frame_count"], step)]
+        (old if v["path"] in seen_videos else new).extend(items)
+    rng = np.random.default_rng(0)
+    if len(new) > max_frames:
+        new = [new[i] for i in sorted(rng.choice(len(new), max_frames, replace=False))]
+    if len(old) > max_frames:
+        old = [old[i] for i in sorted(rng.choice(len(old), max_frames, replace=False))]
+    if not new:  # nothing new: adapt on everything (still a valid continuation)
+        new, old = old, []
+    return FramePool(new, size), FramePool(old, size)
+
+
+def continue_pretraining(
+    store: LabelStore, backbone: SurgeNetBackbone, cfg: Any, deadline: float | None = None
+) -> tuple[SurgeNetBackbone, dict[str, Any]]:
+    """Run DINO continuation for a nightly config (``cfg.pretrain``); returns the adapted backbone + info."""
+    p = cfg.pretrain
+    seen = set()
+    for r in store.training_runs(task="pretrain"):
+        seen |= set((r.get("params") or {}).get("videos", []))
+    new, replay = frame_pools(store, cfg.project, p.max_frames, seen, cfg.frame_size)
+    dcfg = DINOConfig(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        global_size=p.global_size,
+        local_size=p.local_size,
+        local_crops=p.local_crops,
+        replay_fraction=p.replay_fraction,
+        out_dim=p.out_dim,
+        warmup_steps=max(1, p.steps // 10),
+        checkpoint_path=str(data_home() / "pretrain" / "dino_last.pt"),
+    )
+    trainer = DINOTrainer(backbone, dcfg)
+    started = time.time()
+    losses = trainer.train(new, replay, deadline=deadline, progress=cfg.progress)
+    info = {
+        "steps": trainer.step,
+        "new_frames_pool": len(new),
+        "replay_pool": len(replay),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(time.time() - started, 1),
+        "videos": sorted({path for path, _, _ in new.items + replay.items}),
+    }
+    return trainer.adapted(), info
+
+
+def select_backbone(
+    model: Any,
+    adapted: SurgeNetBackbone,
+    splits: dict[str, Any],
+    cfg: Any,
+    manifest: str,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """Fine-tune heads on the current and on the adapted backbone; keep the one better on validation."""
+    from surgenet_assist.core.model import SurgeNetAssistModel
+
+    from .evaluate import overall_score
+    from .nightly import fit
+
+    current = copy.deepcopy(model)
+    candidate = SurgeNetAssistModel(adapted, model.schema)
+    candidate.load_state_dict(model.heads_state_dict(), strict=False)
+    candidate.backbone.input_size = model.backbone.input_size
+    # fit copies: the winner goes back un-fitted, so the cycle fine-tunes it exactly like any candidate
+    _, val_cur = fit(copy.deepcopy(current), splits, cfg, manifest, deadline, tag="backbone-current")
+    _, val_new = fit(copy.deepcopy(candidate), splits, cfg, manifest, deadline, tag="backbone-adapted")
+    s_cur, s_new = overall_score(val_cur["primary"]), overall_score(val_new["primary"])
+    kept = s_new > s_cur
+    return {
+        "kept": kept,
+        "val_scores": {"current": s_cur, "adapted": s_new},
+        "model": candidate if kept else current,
+    }
