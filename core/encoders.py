@@ -64,9 +64,9 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
         last = k == np.repeat(pieces, pieces) - 1
         piece_len = np.where(last, tok_len - 65536 * k, 65536)
         single = tok_len == 1
-        size_idx = np.select([single, tok_len <= 8, tok_len <= 16, ~tok_long], [0, 0, 1, 2], default=3).astype(
-            np.int64
-        )
+        size_idx = np.select(
+            [single, tok_len <= 8, tok_len <= 16, ~tok_long], [0, 0, 1, 2], default=3
+        ).astype(np.int64)
         size_bits = np.array([3, 4, 8, 16], dtype=np.int64)[size_idx]
         count = np.where(single, 0, np.where(tok_long, piece_len - 1, tok_len - 1))
         flag = np.where(single, 0, 1)

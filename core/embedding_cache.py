@@ -1,0 +1,182 @@
+"""Per-video cache of backbone features, so propagation after a new label takes seconds, not a backbone pass.
+
+A cache entry is keyed by the video's content hash, the backbone's weights hash, the input size and the
+sampling rate; any change gives a new key (a mismatch recomputes, never reuses stale features). Each entry
+holds, per sampled frame: stride-8 features (stage 2), stride-16 features (stage 3), the pooled
+embedding, as fp16 ``.npy`` files read with memory mapping, plus ``meta.json``. Entries are written to a
+temporary folder and renamed into place, so a crash never leaves a half-written entry that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import SurgeNetBackbone
+from .predictor import target_size
+from .video import open_video
+from .weights import data_home
+
+_SAMPLE = 4 << 20
+
+
+def video_content_hash(path: str | Path) -> str:
+    """SHA-256 of the file size plus its first, middle and last 4 MB: fast on hour-long files, and any
+    re-encode or trim changes it. For a frame folder: the names, sizes and mtimes of its files."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                digest.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            fh.seek(offset)
+            digest.update(fh.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+@dataclass
+class VideoFeatures:
+    """Cached features of one video's sampled frames (arrays may be memory-mapped)."""
+
+    indices: np.ndarray  # (T,) frame indices in the video
+    stride8: np.ndarray  # (T, C8, h8, w8) float16
+    stride16: np.ndarray  # (T, C16, h16, w16) float16
+    embeddings: np.ndarray  # (T, D) float16
+    frame_size: tuple[int, int]  # original (H, W)
+    key: str
+    from_cache: bool = False
+
+    def position(self, frame_index: int) -> int:
+        pos = int(np.searchsorted(self.indices, frame_index))
+        if pos >= len(self.indices) or self.indices[pos] != frame_index:
+            raise KeyError(f"frame {frame_index} was not sampled (sampled: {self.indices[:5]}...)")
+        return pos
+
+
+class EmbeddingCache:
+    """Disk cache of :class:`VideoFeatures` under ``root`` (default ``$SURGENET_ASSIST_HOME/embeddings``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root else data_home() / "embeddings"
+
+    @staticmethod
+    def key(video_hash: str, backbone_sha256: str, short_side: int, sample_fps: float | None) -> str:
+        text = f"{video_hash}|{backbone_sha256}|{short_side}|{sample_fps}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _load(self, folder: Path, key: str) -> VideoFeatures:
+        meta = json.loads((folder / "meta.json").read_text())
+        return VideoFeatures(
+            indices=np.load(folder / "indices.npy"),
+            stride8=np.load(folder / "stride8.npy", mmap_mode="r"),
+            stride16=np.load(folder / "stride16.npy", mmap_mode="r"),
+            embeddings=np.load(folder / "embeddings.npy"),
+            frame_size=tuple(meta["frame_size"]),
+            key=key,
+            from_cache=True,
+        )
+
+    def get_or_compute(
+        self,
+        video: str | Path,
+        backbone: SurgeNetBackbone,
+        sample_fps: float | None = 1.0,
+        short_side: int = 256,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> VideoFeatures:
+        key = self.key(
+            video_content_hash(video), backbone.weights_sha256 or "unknown", short_side, sample_fps
+        )
+        folder = self.root / key
+        if (folder / "meta.json").exists():
+            return self._load(folder, key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            feats = compute_features(video, backbone, sample_fps, short_side, batch_size, progress)
+            np.save(tmp / "indices.npy", feats.indices)
+            np.save(tmp / "stride8.npy", feats.stride8)
+            np.save(tmp / "stride16.npy", feats.stride16)
+            np.save(tmp / "embeddings.npy", feats.embeddings)
+            meta = {
+                "video": str(video),
+                "frame_size": list(feats.frame_size),
+                "short_side": short_side,
+                "sample_fps": sample_fps,
+                "backbone": backbone.name,
+                "backbone_sha256": backbone.weights_sha256,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        feats.key = key
+        return feats
+
+
+@torch.inference_mode()
+def compute_features(
+    video: str | Path,
+    backbone: SurgeNetBackbone,
+    sample_fps: float | None = 1.0,
+    short_side: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> VideoFeatures:
+    """Run the backbone over a video's sampled frames, keeping stride-8/16 maps and embeddings (fp16)."""
+    import cv2
+
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
+    indices, s8, s16, emb = [], [], [], []
+    frame_size = (0, 0)
+
+    def run(batch: list[np.ndarray]) -> None:
+        x = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float()
+        stages = backbone((x - mean) / std)
+        s8.append(stages[1].half().cpu().numpy())
+        s16.append(stages[2].half().cpu().numpy())
+        emb.append(backbone.pool(stages[3]).half().cpu().numpy())
+
+    with open_video(video) as src:
+        total = len(src.sample_indices(sample_fps))
+        batch: list[np.ndarray] = []
+        for rec in tqdm(
+            src.iter_frames(sample_fps=sample_fps), total=total, desc="features", disable=not progress
+        ):
+            h, w = rec.image.shape[:2]
+            frame_size = (h, w)
+            th, tw = target_size(h, w, short_side)
+            batch.append(cv2.resize(rec.image, (tw, th), interpolation=cv2.INTER_AREA))
+            indices.append(rec.index)
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)
+    return VideoFeatures(
+        indices=np.asarray(indices, dtype=np.int64),
+        stride8=np.concatenate(s8),
+        stride16=np.concatenate(s16),
+        embeddings=np.concatenate(emb),
+        frame_size=frame_size,
+        key="",
+    )
