@@ -57,7 +57,7 @@ class PropagatedFrame:
 
 
 def guided_filter(guide: np.ndarray, planes: np.ndarray, radius: int = 4, eps: float = 1e-3) -> np.ndarray:
-    """He et al.'s guided filter (grey guide, box filters): edge-aware smoothing of each plane in ``planes``."""
+    """He et al.'s guided filter (grey guide, box filters): edge-aware smoothing of each plane."""
     ksize = (2 * radius + 1, 2 * radius + 1)
 
     def box(x: np.ndarray) -> np.ndarray:
@@ -126,7 +126,7 @@ class MaskPropagator:
         return self._feat_cache[pos]
 
     def label_probs(self, mask: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-        """(H, W) class ids -> (K, h, w) area-averaged one-hot at feature resolution (ignore pixels dropped)."""
+        """(H, W) class ids -> (K, h, w) area-averaged one-hot on the feature grid (ignore pixels dropped)."""
         h, w = self.grid
         planes = np.stack(
             [
