@@ -156,11 +156,14 @@ class SurgeNetAssistWidget(QWidget):
         # legend
         box = QGroupBox("Classes (Labels layer ids)")
         lay = QVBoxLayout(box)
-        html = "<br>".join(
-            f"<span style='background-color: rgb{c.color}'>&nbsp;&nbsp;&nbsp;&nbsp;</span> {c.id} {c.name}"
+        cells = [
+            f"<td><span style='background-color: rgb{c.color}'>&nbsp;&nbsp;&nbsp;</span> {c.id} {c.name}"
+            + (" (clear)" if c.id == 0 else "") + "</td>"
             for c in self.schema.classes
-        )
-        self.legend = QLabel(html)
+        ]
+        half = (len(cells) + 1) // 2
+        rows = [cells[i] + (cells[i + half] if i + half < len(cells) else "") for i in range(half)]
+        self.legend = QLabel("<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
         lay.addWidget(self.legend)
         root.addWidget(box)
         # phase
