@@ -188,6 +188,43 @@ def demo(
     console.print(f"[green]Demo finished[/] -> {out} (bundle, overlays, timeline.png, metrics.md)")
 
 
+@app.command()
+def propagate(
+    video: Annotated[Path, typer.Argument(help="video file or frame folder")],
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="folder of keyframe masks (frame_000123.png, class ids; optional "
+            "phases.csv / cvs.csv with a 'frame' column), or 'store'"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    fps: Annotated[float | None, typer.Option(help="sampling rate (default: every frame)")] = None,
+    db: Annotated[str | None, typer.Option(help="label store URL, with --labels store")] = None,
+    weights: Annotated[Path | None, typer.Option(help="backbone checkpoint")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
+    short_side: Annotated[int, typer.Option(help="feature input short side")] = 256,
+) -> None:
+    """Carry keyframe labels to the other frames of a video by SurgeNetXL feature similarity (no training)."""
+    from surgenet_assist.cli.propagate import run_propagation
+
+    summary = run_propagation(
+        video,
+        labels,
+        out,
+        fps=fps,
+        db=db,
+        weights=weights,
+        random_init=random_init,
+        short_side=short_side,
+        console=console,
+    )
+    console.print(
+        f"[green]{summary['propagated_frames']} frames propagated "
+        f"({summary['unreliable_frames']} unreliable)[/] -> {out}"
+    )
+
+
 def _register_front_ends() -> None:
     """Front-ends add their commands here; a missing optional extra only hides its commands."""
     for module in ("store_commands", "backend_commands", "napari_commands", "training_commands"):

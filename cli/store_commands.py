@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+
 from surgenet_assist.core.errors import SurgenetAssistError
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -133,3 +133,51 @@ def test_cvs_nearest_neighbours():
     probs = propagate_cvs(emb, {0: np.array([1.0, 0.0, 1.0]), 9: np.array([0.0, 1.0, 0.0])}, k=2)
     assert probs.shape == (10, 3)
     assert (probs[:5, 0] > 0.9).all() and (probs[5:, 1] > 0.9).all()
+
+
+def test_propagate_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+
+    clip = generate_clip(seed=6, num_frames=6, height=64, width=112)
+    clip.write_frames(tmp_path / "clip")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    cv2.imwrite(str(labels / "frame_000000.png"), clip.masks[0])
+    (labels / "phases.csv").write_text("frame,phase\n0,Preparation\n5,CalotTriangleDissection\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "propagate",
+            str(tmp_path / "clip"),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "out"),
+            "--random-init",
+            "--short-side",
+            "64",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "out" / "masks").glob("*.png"))
+    assert written == [f"frame_{i:06d}.png" for i in range(1, 6)]
+    rows = (tmp_path / "out" / "phases.csv").read_text().splitlines()
+    assert rows[1].startswith("0,0,Preparation") and rows[-1].startswith("5,1,CalotTriangleDissection")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cv2.imwrite(str(bad / "frame_000000.png"), np.full((64, 112), 77, np.uint8))
+    result = CliRunner().invoke(
+        app,
+        [
+            "propagate",
+            str(tmp_path / "clip"),
+            "--labels",
+            str(bad),
+            "--out",
+            str(tmp_path / "o2"),
+            "--random-init",
+        ],
+    )
+    assert result.exit_code == 2 and "unknown to the schema" in result.stderr
