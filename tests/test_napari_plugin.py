@@ -7,6 +7,7 @@ Screenshots go to ``$SURGENET_NAPARI_ARTIFACTS`` (default: the test's tmp dir).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_reader_layer_and_widget_defaults(viewer):
     assert widget.clip.frame_count == 12
 
 
-def test_preannotate_paint_commit_keeps_prediction(viewer, qtbot):
+def test_preannotate_paint_commit_keeps_prediction(viewer, qtbot, tmp_path):
     _, widget = open_widget(viewer)
     preannotate(qtbot, widget)
     assert widget.predicted == set(range(12))
@@ -97,6 +98,12 @@ def test_preannotate_paint_commit_keeps_prediction(viewer, qtbot):
     np.testing.assert_array_equal(after[0], before[0])
     # the human label is what the store shows for the frame now
     assert widget.session.store.label_for(widget.clip.video_id, frame, "segmentation").origin == "human"
+
+    # File > Save on the segmentation layer exports the store's human labels (COCO) through our writer
+    out = tmp_path / "labels.json"
+    assert layer.save(str(out), plugin=PLUGIN) == [str(out)]
+    coco = json.loads(out.read_text())
+    assert len(coco["images"]) == 1 and coco["annotations"]
 
 
 def test_phase_range_and_cvs_via_shortcuts(viewer, qtbot):
@@ -251,6 +258,12 @@ def test_screenshot_after_preannotation(make_napari_viewer, qtbot, tmp_path):
             matched += int(np.abs(shot[sy, sx] - colors[cls]).max() <= 8)
     assert checked >= 100
     assert matched / checked > 0.9, (matched, checked)
+
+    # optional uncertainty heatmap: 1 - max class probability of the frames predicted so far
+    widget.uncertainty_check.setChecked(True)
+    unc = widget.uncertainty_layer
+    assert unc is not None and unc.data.shape == (12, 120, 214)
+    assert 0.0 < float(unc.data[4].max()) <= 1.0 and not unc.data[3].any()
 
 
 def test_reader_random_seeks_are_frame_exact(tmp_path):
