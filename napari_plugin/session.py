@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from surgenet_assist.core.predictor import FramePrediction, Predictor
-from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
-from surgenet_assist.core.store import LabelRecord, LabelStore, Payload, build_payload
-from surgenet_assist.core.store.db import mask_url, resolve_url
-from surgenet_assist.core.timeline import runs
+
+def _keep_triton_out_after_gl() -> None:
+    """Importing triton (pulled in by timm/torchvision -> torch._dynamo) after napari has created its OpenGL
+    context segfaults with Mesa's llvmpipe (two LLVMs in one process; reproduced on Debian 12). The usual
+    order is exactly that: napari starts, then the plugin loads torch. The review GUI never compiles
+    kernels, so in that order triton is made unimportable (torch then reports it as absent)."""
+    if "triton" in sys.modules:
+        return
+    qtwidgets = sys.modules.get("qtpy.QtWidgets")
+    if qtwidgets is not None and qtwidgets.QApplication.instance() is not None:
+        sys.modules["triton"] = None  # type: ignore[assignment]
+
+
+_keep_triton_out_after_gl()
+
+from surgenet_assist.core.predictor import FramePrediction, Predictor  # noqa: E402
+from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema  # noqa: E402
+from surgenet_assist.core.store import LabelRecord, LabelStore, Payload, build_payload  # noqa: E402
+from surgenet_assist.core.store.db import mask_url, resolve_url  # noqa: E402
+from surgenet_assist.core.timeline import runs  # noqa: E402
 
 PLUGIN = "surgenet-assist"
 UNTRAINED = "untrained (random-init)"

@@ -291,3 +291,25 @@ def test_manifest_is_valid_and_complete():
     assert [w.display_name for w in c.widgets] == ["SurgeNet Assist"]
     assert c.readers[0].accepts_directories and "*.mkv" in c.readers[0].filename_patterns
     assert c.writers and c.sample_data and "store" in (c.configurations or {})
+
+
+def test_widget_loads_torch_after_viewer_in_fresh_process(tmp_path):
+    """The real start-up order (napari first, the plugin imports torch later) must not crash the process."""
+    import subprocess
+    import sys
+
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs the X display that pytest-xvfb provides")
+    script = (
+        "import napari, sys\n"
+        "v = napari.Viewer(show=True)\n"
+        f"v.open({str(sample_clip_path())!r}, plugin='surgenet-assist')\n"
+        "_, w = v.window.add_plugin_dock_widget('surgenet-assist', 'SurgeNet Assist')\n"
+        "w.session.short_side = 64\n"
+        "w.session.predictor(w.model_choice)\n"
+        "print('OK', w.clip.frame_count)\n"
+    )
+    env = dict(os.environ, SURGENET_ASSIST_HOME=str(tmp_path), NAPARI_ASYNC="0")
+    cmd = [sys.executable, "-c", script]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK 12" in proc.stdout, proc.stderr[-2000:]
