@@ -1,0 +1,303 @@
+"""Day-one assistance for a server: label propagation and instant heads over the store's human labels.
+
+The backend keeps one :class:`DayOneAssist` per process. It owns a frozen backbone, the per-video embedding
+cache and the :class:`~.instant.InstantUpdater` worker; the HTTP layer only asks it for predictions
+(``propagated``, ``phase_timeline``, ``instant_predictor``) and calls ``label_arrived`` after a webhook stored
+a label, so all the logic lives here and requests never wait for a refit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from surgenet_assist.core.backbone import SurgeNetBackbone
+from surgenet_assist.core.embedding_cache import EmbeddingCache, VideoFeatures
+from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy, target_size
+from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
+from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from surgenet_assist.core.timeline import runs, smooth_phase_labels
+from surgenet_assist.core.video import open_video
+
+from .instant import (
+    InstantHeads,
+    InstantUpdater,
+    SegSample,
+    ServingChoice,
+    choose_serving,
+    fit_with_validation,
+    latest_instant,
+    register_instant,
+)
+
+log = logging.getLogger("surgenet_assist.assist")
+
+Stages = tuple[np.ndarray, np.ndarray, np.ndarray]  # stride-8 (C, h, w), stride-16, embedding (D,)
+
+
+@torch.inference_mode()
+def image_stages(backbone: SurgeNetBackbone, image: np.ndarray, short_side: int) -> Stages:
+    """Backbone features of one RGB frame, resized exactly as the embedding cache resizes video frames."""
+    h, w = image.shape[:2]
+    th, tw = target_size(h, w, short_side)
+    x = torch.from_numpy(cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None]
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1) * 255
+    device = next(backbone.parameters()).device
+    stages = backbone(((x.float() - mean) / std).to(device))
+    return (
+        stages[1][0].half().cpu().numpy(),
+        stages[2][0].half().cpu().numpy(),
+        backbone.pool(stages[3])[0].half().cpu().numpy(),
+    )
+
+
+class InstantPredictor:
+    """The instant heads behind the :class:`~surgenet_assist.core.predictor.Predictor` interface the
+    backend's prediction formatting uses (``predict``, ``predict_video``, ``model_version``, ``schema``)."""
+
+    def __init__(self, assist: DayOneAssist, heads: InstantHeads, version: str) -> None:
+        self.assist, self.heads, self.model_version = assist, heads, version
+        self.schema = assist.schema
+
+    def _frame(self, index: int, stages: Stages, size: tuple[int, int] | None) -> FramePrediction:
+        s8, s16, emb = stages
+        phase = self.heads.phase_probs(emb)[0]
+        cvs = self.heads.cvs_probs(emb)[0]
+        unc: dict[str, float] = {}
+        mask = conf = None
+        if self.heads.has_seg:
+            probs = self.heads.seg_probs(s8, s16)
+            unc["segmentation"] = float(normalised_entropy(torch.from_numpy(probs), 0).mean())
+            if size is not None:
+                mask, conf = self.heads.to_mask(probs, size)
+        if self.heads.has_phase:
+            unc["phase"] = float(normalised_entropy(torch.from_numpy(phase), 0))
+        if self.heads.has_cvs:
+            p = np.clip(cvs, 1e-6, 1 - 1e-6)
+            unc["cvs"] = float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)))
+        return FramePrediction(
+            index, float(index), mask, conf, phase, cvs, unc or {"all": 1.0}, np.asarray(emb, np.float32)
+        )
+
+    def predict(self, frames: Any, keep_masks: bool = True) -> list[FramePrediction]:
+        out = []
+        for i, image in enumerate(frames):
+            stages = image_stages(self.assist.backbone, image, self.assist.short_side)
+            out.append(self._frame(i, stages, image.shape[:2] if keep_masks else None))
+        return out
+
+    def predict_video(self, source: str | Path, sample_fps: float | None = 1.0) -> VideoPrediction:
+        feats = self.assist.video_features(source)
+        phase = self.heads.phase_probs(np.asarray(feats.embeddings, np.float32))
+        preds = [
+            self._frame(int(i), (feats.stride8[p], feats.stride16[p], feats.embeddings[p]), None)
+            for p, i in enumerate(feats.indices)
+        ]
+        labels = smooth_phase_labels(phase)
+        idx = np.asarray(feats.indices)
+        return VideoPrediction(
+            indices=idx,
+            timestamps=idx.astype(float),
+            phase_probs=phase,
+            phase_timeline_probs=phase,
+            phase_labels=labels,
+            cvs_probs=np.stack([p.cvs_probs for p in preds]),
+            uncertainty={k: np.array([p.uncertainty[k] for p in preds]) for k in preds[0].uncertainty},
+            embeddings=np.asarray(feats.embeddings, np.float16),
+            fps=sample_fps or 1.0,
+            segments=[(int(idx[s]), int(idx[e - 1]), lab) for s, e, lab in runs(labels)],
+        )
+
+
+class DayOneAssist:
+    """Propagation + instant heads for one label store (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Any,
+        backbone: SurgeNetBackbone,
+        *,
+        schema: LabelSchema = DEFAULT_SCHEMA,
+        short_side: int = 256,
+        sample_fps: float | None = 1.0,
+        cache: EmbeddingCache | None = None,
+        resolve: Callable[[str], Path] | None = None,
+        project: str | None = None,
+        instant_root: str | Path | None = None,
+        debounce_s: float = 0.5,
+        worker: bool = True,
+    ) -> None:
+        self.store, self.backbone, self.schema = store, backbone.eval(), schema
+        self.short_side, self.sample_fps, self.project = short_side, sample_fps, project
+        self.cache = cache or EmbeddingCache()
+        self.resolve = resolve or Path
+        self.instant_root = instant_root
+        self._features: dict[str, VideoFeatures] = {}
+        self._frames: OrderedDict[tuple[str, int], Stages] = OrderedDict()
+        self._propagated: dict[tuple[int, tuple], dict[int, Any]] = {}
+        self._heads: tuple[str, InstantHeads] | None = None
+        self._lock = threading.RLock()
+        self._fitted_label_version: int | None = None
+        self.updater = InstantUpdater(self.update_instant, debounce_s) if worker else None
+
+    # --- features ---------------------------------------------------------------------------------------
+    def video_features(self, video: str | Path) -> VideoFeatures:
+        path = str(self.resolve(str(video)))
+        with self._lock:
+            if path not in self._features:
+                self._features[path] = self.cache.get_or_compute(
+                    path, self.backbone, self.sample_fps, self.short_side
+                )
+            return self._features[path]
+
+    def frame_stages(self, video: str, frame: int) -> Stages:
+        """Features of one frame: from the video's cache when the frame was sampled, else computed."""
+        feats = self.video_features(video)
+        try:
+            p = feats.position(frame)
+            return feats.stride8[p], feats.stride16[p], feats.embeddings[p]
+        except KeyError:
+            pass
+        key = (str(video), int(frame))
+        with self._lock:
+            if key not in self._frames:
+                with open_video(self.resolve(str(video))) as src:
+                    image = src.read_frame(frame)
+                self._frames[key] = image_stages(self.backbone, image, self.short_side)
+                while len(self._frames) > 512:
+                    self._frames.popitem(last=False)
+            return self._frames[key]
+
+    # --- instant heads --------------------------------------------------------------------------------
+    def training_data(self) -> tuple[list[SegSample], list[tuple[np.ndarray, int]], list[tuple]]:
+        """Every current human label as features + target (phase ranges: their sampled frames)."""
+        seg, phase, cvs = [], [], []
+        for r in self.store.training_labels("segmentation", project=self.project):
+            s8, s16, _ = self.frame_stages(r.video_path, r.frame_start)
+            seg.append(SegSample(np.asarray(s8), np.asarray(s16), r.payload["mask"]))
+        for r in self.store.training_labels("cvs", project=self.project):
+            cvs.append((np.asarray(self.frame_stages(r.video_path, r.frame_start)[2], np.float32),
+                        np.asarray(r.payload["values"], float)))
+        for r in self.store.training_labels("phase", project=self.project):
+            if "segments" in r.payload:
+                feats = self.video_features(r.video_path)
+                for start, end, name in r.payload["segments"]:
+                    pid = self.schema.phase_id(name)
+                    for p in np.flatnonzero((feats.indices >= start) & (feats.indices <= end)):
+                        phase.append((np.asarray(feats.embeddings[p], np.float32), pid))
+            else:
+                emb = self.frame_stages(r.video_path, r.frame_start)[2]
+                phase.append((np.asarray(emb, np.float32), self.schema.phase_id(r.payload["phase"])))
+        return seg, phase, cvs
+
+    def update_instant(self, force: bool = False) -> str | None:
+        """Refit on all current labels and register the result; None when the labels did not change."""
+        label_version = self.store.label_version()
+        if not force and label_version == self._fitted_label_version:
+            return None
+        seg, phase, cvs = self.training_data()
+        if not (seg or phase or cvs):
+            return None
+        heads = fit_with_validation(
+            seg, phase, cvs, self.schema,
+            meta={"label_version": label_version, "backbone_sha256": self.backbone.weights_sha256,
+                  "short_side": self.short_side},
+        )
+        version = register_instant(self.store, heads, self.instant_root)
+        with self._lock:
+            self._heads = (version, heads)
+            self._fitted_label_version = label_version
+        log.info("instant heads %s fitted on %s", version, heads.meta["counts"])
+        return version
+
+    def label_arrived(self) -> None:
+        """Called after a label was stored: schedules a refit (debounced) and returns at once."""
+        if self.updater is not None:
+            self.updater.notify()
+
+    def instant_heads(self) -> tuple[str, InstantHeads] | None:
+        row = latest_instant(self.store)
+        if row is None:
+            return None
+        with self._lock:
+            if self._heads is None or self._heads[0] != row["version"]:
+                heads = InstantHeads.load(row["bundle_path"])
+                if heads.meta.get("backbone_sha256") not in (None, self.backbone.weights_sha256):
+                    return None  # fitted on another backbone's features: meaningless here
+                self._heads = (row["version"], heads)
+            return self._heads
+
+    def serving(self, champion: dict[str, Any] | None) -> ServingChoice:
+        return choose_serving(champion, latest_instant(self.store))
+
+    def instant_predictor(self) -> InstantPredictor | None:
+        got = self.instant_heads()
+        return InstantPredictor(self, got[1], got[0]) if got else None
+
+    # --- propagation ------------------------------------------------------------------------------------
+    def propagated(self, video: str, frame: int, image: np.ndarray | None = None) -> dict[str, Any] | None:
+        """Propagated mask for ``frame`` of a store video from its human segmentation labels on *other*
+        frames, or None (no such labels, frame not sampled, or unreliable, e.g. behind a camera cut)."""
+        vid = self.store.video_id(video, project=self.project)
+        if vid is None:
+            return None
+        labels = [r for r in self.store.training_labels("segmentation", video_id=vid, project=self.project)
+                  if r.frame_start != frame]
+        if not labels:
+            return None
+        feats = self.video_features(video)
+        sampled = {int(i) for i in feats.indices}
+        keyframes = {r.frame_start: r.payload["mask"] for r in labels if r.frame_start in sampled}
+        if not keyframes or frame not in sampled:
+            return None
+        cache_key = (vid, tuple(sorted(r.revision_id for r in labels)))
+        with self._lock:
+            if cache_key not in self._propagated:
+                prop = MaskPropagator(feats, self.schema.num_classes)
+                self._propagated = {cache_key: {"prop": prop, "frames": prop.propagate(keyframes)}}
+            entry = self._propagated[cache_key]
+        result = entry["frames"].get(frame)
+        if result is None or not result.reliable:
+            return None
+        mask, conf = entry["prop"].to_mask(result, image)
+        return {"mask": mask, "confidence": conf, "frame": result, "label_version": max(cache_key[1])}
+
+    def phase_timeline(self, video: str) -> dict[str, Any] | None:
+        """Phase of every sampled frame from the video's human phase labels (ordered k-NN + Viterbi)."""
+        vid = self.store.video_id(video, project=self.project)
+        if vid is None:
+            return None
+        per_frame = self.store.phase_labels(vid)
+        if not (per_frame >= 0).any():
+            return None
+        feats = self.video_features(video)
+        labelled = {p: int(per_frame[i]) for p, i in enumerate(feats.indices)
+                    if i < len(per_frame) and per_frame[i] >= 0}
+        if not labelled:
+            return None
+        labels, probs = propagate_phases(feats.embeddings, labelled, self.schema.num_phases)
+        idx = np.asarray(feats.indices)
+        cvs_labels = {feats.position(r.frame_start): np.asarray(r.payload["values"], float)
+                      for r in self.store.training_labels("cvs", video_id=vid, project=self.project)
+                      if r.frame_start in set(idx.tolist())}
+        return {
+            "indices": idx,
+            "labels": labels,
+            "probs": probs,
+            "segments": [(int(idx[s]), int(idx[e - 1]), lab) for s, e, lab in runs(labels)],
+            "cvs": propagate_cvs(feats.embeddings, cvs_labels) if cvs_labels else None,
+            "label_version": self.store.label_version(),
+        }
+
+    def close(self) -> None:
+        if self.updater is not None:
+            self.updater.close()
