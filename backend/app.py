@@ -30,7 +30,7 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
 from .media import SETUP_CREDENTIALS, MediaError, fetch_media
 from .metrics import TASK_OF_TYPE, Metrics
-from .predictions import ImageTaskModel, VideoTaskModel, empty_prediction
+from .predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
 from .webhooks import WebhookError, WebhookHandler
 
 log = logging.getLogger("surgenet_assist.backend")
@@ -66,6 +66,8 @@ class BackendSettings:
     device: str | None = None
     registry_poll_s: float = 5.0
     store_project: str | None = None  # label-store project for LS annotations (None: the store's default)
+    day_one: bool = False  # label propagation + instant heads (needs the store and cached backbone weights)
+    day_one_short_side: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -82,6 +84,8 @@ class BackendSettings:
             batch_size=int(env.get("SURGENET_ASSIST_BATCH", "8")),
             device=env.get("SURGENET_ASSIST_DEVICE") or None,
             store_project=env.get("SURGENET_ASSIST_STORE_PROJECT") or None,
+            day_one=env.get("SURGENET_ASSIST_DAY_ONE", "1").lower() in ("1", "true", "yes"),
+            day_one_short_side=int(env.get("SURGENET_ASSIST_DAY_ONE_SHORT_SIDE", "256")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -196,8 +200,10 @@ def create_app(
     store: Any = None,
     schema: LabelSchema | None = None,
     fetch: Callable[[str, Any], Path] | None = None,
+    assist: Any = None,
 ) -> Flask:
-    """Build the backend app. ``predictor``/``store``/``fetch`` may be injected (tests, embedding)."""
+    """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a
+    :class:`~surgenet_assist.training_loop.assist.DayOneAssist`) may be injected (tests, embedding)."""
     settings = settings or BackendSettings.from_env()
     if store is None and (
         settings.db_url is not None or settings.registry or settings.extra.get("open_store", True)
@@ -210,6 +216,8 @@ def create_app(
     holder = ModelHolder(settings, store=store, predictor=predictor)
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
     fetch = fetch or fetch_media
+    if assist is None and settings.day_one and store is not None:
+        assist = _day_one(settings, store, schema, fetch)
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     webhooks = WebhookHandler(store, schema, settings.store_project)
@@ -221,7 +229,13 @@ def create_app(
     app = Flask("surgenet_assist.backend", root_path=here, instance_path=here + "/instance")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.config["JSON_SORT_KEYS"] = False
-    app.extensions["surgenet"] = {"holder": holder, "store": store, "metrics": metrics, "settings": settings}
+    app.extensions["surgenet"] = {
+        "holder": holder,
+        "store": store,
+        "metrics": metrics,
+        "settings": settings,
+        "assist": assist,
+    }
 
     # --- cross-cutting: auth, metrics, errors -------------------------------------------------------------
     @app.before_request
@@ -365,17 +379,17 @@ def create_app(
             )
         holder.poll()
         predictor = holder.predictor
-        if predictor is None:
-            results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
-        else:
-            try:
+        try:
+            if predictor is not None and _model_wins(holder, assist):
                 results = _predict_tasks(tasks, plan, predictor, settings, fetch)
-            except MediaError as exc:
-                raise _BadRequest(
-                    "media_unavailable", exc.message, exc.hint, status=422, url=exc.url
-                ) from None
-            except LabelConfigError as exc:
-                raise _BadRequest("bad_label_config", exc.message, exc.hint, status=422) from None
+            elif assist is not None:
+                results = day_one_predictions(tasks, plan, assist, fetch, settings.video_sample_fps)
+            else:
+                results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
+        except MediaError as exc:
+            raise _BadRequest("media_unavailable", exc.message, exc.hint, status=422, url=exc.url) from None
+        except LabelConfigError as exc:
+            raise _BadRequest("bad_label_config", exc.message, exc.hint, status=422) from None
         metrics.tasks.inc(len(tasks))
         kinds = {c.name: c.kind for c in plan.controls}
         for res in results:
@@ -403,6 +417,8 @@ def create_app(
         except SurgenetAssistError as exc:
             raise _BadRequest("label_rejected", exc.message, exc.hint, status=422) from None
         metrics.webhooks.labels(str(data.get("action"))).inc()
+        if assist is not None and status == 200 and body.get("labels"):
+            assist.label_arrived()  # refit the instant heads on the worker thread; never waits here
         resp = jsonify(body)
         resp.status_code = status
         return resp
@@ -436,6 +452,44 @@ def create_app(
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _model_wins(holder: ModelHolder, assist: Any) -> bool:
+    """A pinned model (``--model`` / injected) always serves; the registry's champion serves unless the
+    newest instant head scores better on validation (then day-one assistance answers)."""
+    if assist is None or holder.source == "given" or holder.source == holder.settings.model_path:
+        return True
+    try:
+        return assist.serving(holder.champion()).kind == "champion"
+    except Exception as exc:  # noqa: BLE001 - a registry hiccup: keep serving the champion
+        log.warning("serving choice failed, serving the champion: %s", exc)
+        return True
+
+
+def _day_one(settings: BackendSettings, store: Any, schema: LabelSchema, fetch: Callable) -> Any:
+    """Propagation + instant heads on the SurgeNetXL backbone, if its weights are cached (never downloads
+    during start-up); without them the backend behaves as before."""
+    try:
+        from surgenet_assist.core.backbone import load_backbone
+        from surgenet_assist.training_loop.assist import DayOneAssist
+
+        backbone = load_backbone(allow_download=False, progress=False)
+    except Exception as exc:  # noqa: BLE001 - day-one assistance is optional
+        log.warning("day-one assistance off (no backbone): %s", getattr(exc, "message", exc))
+        return None
+
+    def resolve(url: str) -> Path:
+        return Path(url) if Path(url).exists() else fetch(url, None)
+
+    return DayOneAssist(
+        store,
+        backbone,
+        schema=schema,
+        short_side=settings.day_one_short_side,
+        sample_fps=settings.video_sample_fps,
+        resolve=resolve,
+        project=settings.store_project,
+    )
 
 
 def _predict_tasks(

@@ -258,18 +258,30 @@ class ImageTaskModel:
         version = self.predictor.model_version
         out = []
         for fp in preds:
-            result: list[dict[str, Any]] = []
-            for ctrl in controls:
-                if ctrl.kind == BRUSH:
-                    result += brush_regions(ctrl, fp.mask, fp.confidence)
-                elif ctrl.kind == POLYGON:
-                    result += polygon_regions(ctrl, fp.mask, fp.confidence)
-                elif ctrl.kind in (CVS_MULTI, CVS_CRITERION):
-                    result += cvs_regions(ctrl, fp.cvs_probs)
-                elif ctrl.kind == PHASE_CHOICE:
-                    result += phase_choice_regions(ctrl, fp.phase_probs)
+            result = image_regions(controls, fp.mask, fp.confidence, fp.cvs_probs, fp.phase_probs)
             out.append({"model_version": version, "score": _r(fp.score), "result": result})
         return out
+
+
+def image_regions(
+    controls: Sequence[ControlPlan],
+    mask: np.ndarray | None,
+    confidence: np.ndarray | None,
+    cvs_probs: np.ndarray | None,
+    phase_probs: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Regions of one frame for every image control; a missing output (None) leaves its controls empty."""
+    result: list[dict[str, Any]] = []
+    for ctrl in controls:
+        if ctrl.kind == BRUSH and mask is not None:
+            result += brush_regions(ctrl, mask, confidence)
+        elif ctrl.kind == POLYGON and mask is not None:
+            result += polygon_regions(ctrl, mask, confidence)
+        elif ctrl.kind in (CVS_MULTI, CVS_CRITERION) and cvs_probs is not None:
+            result += cvs_regions(ctrl, cvs_probs)
+        elif ctrl.kind == PHASE_CHOICE and phase_probs is not None:
+            result += phase_choice_regions(ctrl, phase_probs)
+    return result
 
 
 class VideoTaskModel:
@@ -322,3 +334,69 @@ def _task_rate(task: dict[str, Any], ctrl: ControlPlan) -> float | None:
     except (TypeError, ValueError):
         return None
     return rate if rate > 0 else None
+
+
+def day_one_predictions(
+    tasks: list[dict[str, Any]], plan: ConfigPlan, assist: Any, fetch: Fetch, sample_fps: float | None
+) -> list[dict[str, Any]]:
+    """Before a champion wins: propagated masks for frames of videos with human masks on other frames,
+    propagated phase timelines for videos with phase labels, the instant heads for everything else.
+
+    ``assist`` is a :class:`surgenet_assist.training_loop.assist.DayOneAssist`; model versions say which
+    source answered (``propagation-<label version>`` or the instant head's ``instant-...``).
+    """
+    from surgenet_assist.core.video import open_video
+
+    instant = assist.instant_predictor()
+    out = []
+    for task in tasks:
+        data = task.get("data") or {}
+        version, score, result = None, 1.0, []
+        if plan.image_controls:
+            key = plan.image_controls[0].value_key
+            url = _task_value(task, key, "image")
+            image = load_image(fetch(url, task.get("id")), url)
+            fp = instant.predict([image])[0] if instant is not None else None
+            mask = conf = None
+            if fp is not None:
+                mask, conf, version, score = fp.mask, fp.confidence, instant.model_version, fp.score
+            if data.get("source_video") is not None:
+                prop = assist.propagated(str(data["source_video"]), int(data.get("frame_index") or 0), image)
+                if prop is not None:
+                    mask, conf = prop["mask"], prop["confidence"]
+                    version, score = f"propagation-{prop['label_version']}", prop["frame"].confidence
+            result += image_regions(
+                plan.image_controls,
+                mask,
+                conf,
+                fp.cvs_probs if fp is not None else None,
+                fp.phase_probs if fp is not None else None,
+            )
+        if plan.video_controls:
+            key = plan.video_controls[0].value_key
+            url = _task_value(task, key, "video")
+            path = fetch(url, task.get("id"))
+            with open_video(path) as video:
+                fps, count = float(video.fps), int(video.frame_count)
+            timeline = assist.phase_timeline(url)
+            segments, probs, indices, cvs = None, None, None, None
+            if timeline is not None:
+                segments, probs, indices = timeline["segments"], timeline["probs"], timeline["indices"]
+                cvs = timeline["cvs"]
+                version = f"propagation-{timeline['label_version']}"
+            elif instant is not None and instant.heads.has_phase:
+                vp = instant.predict_video(url, sample_fps)
+                segments, probs, indices = vp.segments, vp.phase_timeline_probs, vp.indices
+                cvs = vp.cvs_probs if instant.heads.has_cvs else None
+                version = instant.model_version
+            for ctrl in plan.video_controls:
+                if ctrl.kind == TIMELINE and segments is not None:
+                    rate = ctrl.frame_rate or _task_rate(task, ctrl) or fps
+                    result += timeline_regions(ctrl, segments, fps, count, rate, probs, np.asarray(indices))
+                elif ctrl.kind in (CVS_MULTI, CVS_CRITERION) and cvs is not None:
+                    result += cvs_regions(ctrl, np.asarray(cvs).max(axis=0))
+        if version is None:
+            out.append(empty_prediction(assist.no_model_version))
+        else:
+            out.append({"model_version": version, "score": _r(score), "result": result})
+    return out

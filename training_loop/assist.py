@@ -121,6 +121,8 @@ class InstantPredictor:
 class DayOneAssist:
     """Propagation + instant heads for one label store (see the module docstring)."""
 
+    no_model_version = "no-model"  # what a task gets when neither source can say anything
+
     def __init__(
         self,
         store: Any,
@@ -185,8 +187,12 @@ class DayOneAssist:
             s8, s16, _ = self.frame_stages(r.video_path, r.frame_start)
             seg.append(SegSample(np.asarray(s8), np.asarray(s16), r.payload["mask"]))
         for r in self.store.training_labels("cvs", project=self.project):
-            cvs.append((np.asarray(self.frame_stages(r.video_path, r.frame_start)[2], np.float32),
-                        np.asarray(r.payload["values"], float)))
+            cvs.append(
+                (
+                    np.asarray(self.frame_stages(r.video_path, r.frame_start)[2], np.float32),
+                    np.asarray(r.payload["values"], float),
+                )
+            )
         for r in self.store.training_labels("phase", project=self.project):
             if "segments" in r.payload:
                 feats = self.video_features(r.video_path)
@@ -208,9 +214,15 @@ class DayOneAssist:
         if not (seg or phase or cvs):
             return None
         heads = fit_with_validation(
-            seg, phase, cvs, self.schema,
-            meta={"label_version": label_version, "backbone_sha256": self.backbone.weights_sha256,
-                  "short_side": self.short_side},
+            seg,
+            phase,
+            cvs,
+            self.schema,
+            meta={
+                "label_version": label_version,
+                "backbone_sha256": self.backbone.weights_sha256,
+                "short_side": self.short_side,
+            },
         )
         version = register_instant(self.store, heads, self.instant_root)
         with self._lock:
@@ -250,8 +262,11 @@ class DayOneAssist:
         vid = self.store.video_id(video, project=self.project)
         if vid is None:
             return None
-        labels = [r for r in self.store.training_labels("segmentation", video_id=vid, project=self.project)
-                  if r.frame_start != frame]
+        labels = [
+            r
+            for r in self.store.training_labels("segmentation", video_id=vid, project=self.project)
+            if r.frame_start != frame
+        ]
         if not labels:
             return None
         feats = self.video_features(video)
@@ -280,15 +295,20 @@ class DayOneAssist:
         if not (per_frame >= 0).any():
             return None
         feats = self.video_features(video)
-        labelled = {p: int(per_frame[i]) for p, i in enumerate(feats.indices)
-                    if i < len(per_frame) and per_frame[i] >= 0}
+        labelled = {
+            p: int(per_frame[i])
+            for p, i in enumerate(feats.indices)
+            if i < len(per_frame) and per_frame[i] >= 0
+        }
         if not labelled:
             return None
         labels, probs = propagate_phases(feats.embeddings, labelled, self.schema.num_phases)
         idx = np.asarray(feats.indices)
-        cvs_labels = {feats.position(r.frame_start): np.asarray(r.payload["values"], float)
-                      for r in self.store.training_labels("cvs", video_id=vid, project=self.project)
-                      if r.frame_start in set(idx.tolist())}
+        cvs_labels = {
+            feats.position(r.frame_start): np.asarray(r.payload["values"], float)
+            for r in self.store.training_labels("cvs", video_id=vid, project=self.project)
+            if r.frame_start in set(idx.tolist())
+        }
         return {
             "indices": idx,
             "labels": labels,

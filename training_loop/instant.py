@@ -170,8 +170,11 @@ class InstantHeads:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in self._ARRAYS
-                       if getattr(self, k) is not None}
+            tensors = {
+                k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                for k in self._ARRAYS
+                if getattr(self, k) is not None
+            }
             torch.save(tensors, tmp / "heads.pt")
             info = {
                 "format": "surgenet-assist-instant/1",
@@ -226,8 +229,9 @@ def _fit_pixels(
     torch.nn.init.zeros_(lin.weight)
     with torch.no_grad():
         lin.bias.copy_(torch.log(freq.clamp_min(1e-4)))
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, history_size=10,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        lin.parameters(), lr=1.0, max_iter=iters, history_size=10, line_search_fn="strong_wolfe"
+    )
     l2 = 1e-3
 
     def closure() -> torch.Tensor:
@@ -290,8 +294,8 @@ def fit_instant(
     cvs: Sequence[tuple[np.ndarray, np.ndarray]],
     schema: LabelSchema = DEFAULT_SCHEMA,
     *,
-    max_pixels: int = 20_000,
-    iters: int = 60,
+    max_pixels: int = 6_000,
+    iters: int = 30,
     c: float = 0.5,
     seed: int = 0,
     meta: dict[str, Any] | None = None,
@@ -321,7 +325,7 @@ def fit_instant(
     return heads
 
 
-# --- evaluation ---------------------------------------------------------------------------------------------
+# --- evaluation ----------------------------------------------------------------------------------------
 def score_heads(
     heads: InstantHeads,
     seg: Sequence[SegSample],
@@ -372,14 +376,19 @@ def fit_with_validation(
     tc, vc = _holdout(len(cvs))
     val: dict[str, float] = {}
     if vs or vp or vc:
-        probe = fit_instant([seg[i] for i in ts], [phase[i] for i in tp], [cvs[i] for i in tc], schema, **kwargs)
+        probe = fit_instant(
+            [seg[i] for i in ts], [phase[i] for i in tp], [cvs[i] for i in tc], schema, **kwargs
+        )
         val = score_heads(probe, [seg[i] for i in vs], [phase[i] for i in vp], [cvs[i] for i in vc], schema)
     heads = fit_instant(seg, phase, cvs, schema, **kwargs)
-    heads.meta["val"] = {"primary": val, "held_out": {"segmentation": len(vs), "phase": len(vp), "cvs": len(vc)}}
+    heads.meta["val"] = {
+        "primary": val,
+        "held_out": {"segmentation": len(vs), "phase": len(vp), "cvs": len(vc)},
+    }
     return heads
 
 
-# --- registry -------------------------------------------------------------------------------------------------
+# --- registry --------------------------------------------------------------------------------------------
 def new_instant_version(label_version: int) -> str:
     return f"{INSTANT_PREFIX}{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-r{label_version}-{secrets.token_hex(2)}"
 
@@ -393,9 +402,13 @@ def register_instant(store: Any, heads: InstantHeads, root: str | Path | None = 
         version,
         task=None,
         bundle_path=str(folder),
-        metrics={"val": heads.meta.get("val", {}), "kind": "instant", "counts": heads.meta.get("counts"),
-                 "label_version": heads.meta.get("label_version"),
-                 "backbone_sha256": heads.meta.get("backbone_sha256")},
+        metrics={
+            "val": heads.meta.get("val", {}),
+            "kind": "instant",
+            "counts": heads.meta.get("counts"),
+            "label_version": heads.meta.get("label_version"),
+            "backbone_sha256": heads.meta.get("backbone_sha256"),
+        },
         status=INSTANT_STATUS,
     )
     for row in store.model_versions(status=INSTANT_STATUS):
@@ -442,7 +455,9 @@ def choose_serving(champion: dict[str, Any] | None, instant: dict[str, Any] | No
     if not inst:
         return ServingChoice("champion", champion, "instant head has no validation scores")
     if not tasks:
-        return ServingChoice("instant", instant, "champion has no validation score on the instant head's tasks")
+        return ServingChoice(
+            "instant", instant, "champion has no validation score on the instant head's tasks"
+        )
     c = overall_score({t: champ[t] for t in tasks})
     i = overall_score({t: inst[t] for t in tasks})
     if c >= i:
@@ -450,7 +465,7 @@ def choose_serving(champion: dict[str, Any] | None, instant: dict[str, Any] | No
     return ServingChoice("instant", instant, f"instant {i:.4f} > champion {c:.4f} on validation")
 
 
-# --- background updates -------------------------------------------------------------------------------------
+# --- background updates ------------------------------------------------------------------------------
 class InstantUpdater:
     """Refits the instant heads on a worker thread after labels arrive (never on the request's thread).
 
