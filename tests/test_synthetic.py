@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from surgenet_assist.core.errors import FrameError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 from surgenet_assist.core.synthetic import (

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from surgenet_assist.core.errors import FrameError, VideoReadError
 from surgenet_assist.core.synthetic import decode_frame_index, make_indexed_video
 from surgenet_assist.core.video import FrameRecord, check_frame, open_video
