@@ -417,16 +417,27 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
     return report
 
 
+@contextlib.contextmanager
+def _timed(report: dict[str, Any], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.setdefault("timings_s", {})[name] = round(time.perf_counter() - t0, 2)
+
+
 def _cycle(
     store: LabelStore, registry: Registry, cfg: NightlyConfig, report: dict[str, Any], deadline: float | None
 ) -> None:
     # 1. ingest: split new videos, read the labels
+    t_ingest = time.perf_counter()
     report["label_version"] = store.label_version()
     splits = load_data(store, cfg)
     manifest = combined_manifest_hash(splits)
     report["manifest_hash"] = manifest
     report["counts"] = {s: d.counts() for s, d in splits.items()}
     report["num_train_frames"] = len(splits["train"].frames)
+    report.setdefault("timings_s", {})["ingest"] = round(time.perf_counter() - t_ingest, 2)
     champ = registry.champion()
     report["champion_before"] = champ["version"] if champ else None
     if len(splits["train"].frames) == 0:
@@ -445,6 +456,7 @@ def _cycle(
         from .pretrain import continue_pretraining, select_backbone
 
         budget = None if deadline is None else time.time() + 0.4 * (deadline - time.time())
+        t_pre = time.perf_counter()
         adapted, info = continue_pretraining(store, model.backbone, cfg, deadline=budget)
         choice = select_backbone(model, adapted, splits, cfg, manifest, deadline)
         report["pretraining"] |= info | {"kept": choice["kept"], "val_scores": choice["val_scores"]}
@@ -455,9 +467,11 @@ def _cycle(
             metrics={"kept": choice["kept"], "val_scores": choice["val_scores"]},
         )
         model = choice["model"]
+        report["timings_s"]["pretraining_and_backbone_gate"] = round(time.perf_counter() - t_pre, 2)
 
     # 3.-4. fine-tune and evaluate the candidate, register it
-    result = train_candidate(store, cfg, deadline=deadline, splits=splits, model=model, parent=parent)
+    with _timed(report, "finetune_evaluate_register"):
+        result = train_candidate(store, cfg, deadline=deadline, splits=splits, model=model, parent=parent)
     report["candidate"] = result["version"]
     report["candidate_primary"] = result["test"]["primary"]
     report["finetune"] = {
@@ -470,6 +484,7 @@ def _cycle(
 
     # 5. the champion on the same frozen test data, then the gate
     champ_primary = None
+    t_champ = time.perf_counter()
     if champ is not None:
         champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
         thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
@@ -477,6 +492,7 @@ def _cycle(
             champ_model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
         )["primary"]
     report["champion_primary"] = champ_primary
+    report["timings_s"]["champion_evaluation"] = round(time.perf_counter() - t_champ, 2)
     decision: GateDecision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance)
     report["gate"] = decision.to_dict()
     if decision.promote:
@@ -490,7 +506,8 @@ def _cycle(
 
     # 6. active learning: re-score unlabeled frames with the serving model
     if after is not None:
-        report["acquisition_scores"] = rescore(store, after["bundle_path"], after["version"], cfg)
+        with _timed(report, "rescore"):
+            report["acquisition_scores"] = rescore(store, after["bundle_path"], after["version"], cfg)
     report["annotation_efficiency"] = annotation_efficiency(store, cfg.project)
     report["overall"] = {
         "candidate": overall_score(result["test"]["primary"]),
