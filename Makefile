@@ -2,9 +2,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev
+EXTRAS ?= dev,napari
+LS_VENV := .ls-venv
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-deps lint bench install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/surgenet-assist demo --out demo-output
 
-test: $(STAMP)
+# The suite also needs a virtual X server (napari tests) and a real Label Studio in its own venv
+# (integration tests); both steps are idempotent and skip when already done.
+test-deps: $(STAMP)
+	bash scripts/install_system_deps.sh
+	bash scripts/setup_label_studio.sh $(LS_VENV)
+
+test: test-deps
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)
@@ -29,4 +36,4 @@ bench: $(STAMP)
 	$(PY) bench/predictor.py
 
 clean:
-	rm -rf $(VENV) demo-output build dist *.egg-info
+	rm -rf $(VENV) $(LS_VENV) demo-output build dist *.egg-info
