@@ -215,3 +215,16 @@ def register(app: typer.Typer) -> None:
         else:
             typer.echo(f"{report['outcome']} (report: {report.get('report')})")
 
+    @app.command("trainer")
+    def trainer(
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+        at: Annotated[str, typer.Option("--at", help="daily cycle time, local HH:MM, or off")] = "02:00",
+        poll_seconds: Annotated[float, typer.Option(help="how often to look for queued cycles")] = 60.0,
+        budget_minutes: Annotated[float | None, typer.Option(help="time budget of each cycle")] = None,
+    ) -> None:
+        """Run forever: the nightly cycle at --at, plus any cycle Label Studio queued (START_TRAINING)."""
+        from surgenet_assist.training_loop.nightly import trainer_loop
+
+        cfg = _config(config, db, budget=budget_minutes, progress=False)
+        trainer_loop(cfg, at=None if at == "off" else at, poll_s=poll_seconds)

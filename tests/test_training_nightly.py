@@ -136,3 +136,15 @@ def test_queue_claims_a_queued_run_once(tmp_path):
     assert claimed is not None and claimed["id"] == rid
     assert claim_queued(store) is None
     assert {r["id"]: r["status"] for r in store.training_runs()}[rid] == "running"
+
+
+def test_trainer_consumes_a_cycle_queued_by_label_studio(tmp_path):
+    from surgenet_assist.training_loop.nightly import trainer_loop
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = LabelStore(url)
+    rid = store.record_training_run(status="queued", params={"trigger": "label-studio START_TRAINING"})
+    trainer_loop(NightlyConfig(db=url, random_init=True, progress=False), at=None, poll_s=0, max_loops=1)
+    row = {r["id"]: r for r in store.training_runs()}[rid]
+    assert row["status"] == "finished" and row["task"] == "nightly"
+    assert row["metrics"]["outcome"].startswith("skipped: no human labels")

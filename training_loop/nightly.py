@@ -513,3 +513,34 @@ def _cycle(
         "candidate": overall_score(result["test"]["primary"]),
         "champion": None if champ_primary is None else overall_score(champ_primary),
     }
+
+
+def trainer_loop(
+    cfg: NightlyConfig, at: str | None = "02:00", poll_s: float = 60.0, max_loops: int | None = None
+) -> None:
+    """The ``trainer`` service: a full cycle once a day at ``at`` (local HH:MM) and a cycle whenever Label
+    Studio queued one (START_TRAINING). A failed cycle is logged and retried at the next occasion."""
+    import logging
+
+    log = logging.getLogger("surgenet_assist.trainer")
+    hour, minute = (int(v) for v in at.split(":")) if at else (99, 0)  # None: queued cycles only
+    last_day = None
+    loops = 0
+    while max_loops is None or loops < max_loops:
+        loops += 1
+        now = dt.datetime.now()
+        due = (now.hour, now.minute) >= (hour, minute) and last_day != now.date()
+        try:
+            if due:
+                last_day = now.date()
+                log.warning("scheduled cycle: %s", run_cycle(cfg).get("outcome"))
+            else:
+                outcome = run_cycle(cfg, from_queue=True).get("outcome")
+                if outcome != "nothing queued":
+                    log.warning("queued cycle: %s", outcome)
+        except CycleLocked:
+            pass
+        except Exception:  # noqa: BLE001 - the service keeps running; the run row says what failed
+            log.exception("training cycle failed")
+        if max_loops is None or loops < max_loops:
+            time.sleep(poll_s)
