@@ -493,7 +493,7 @@ def _sampled_frames(
     from surgenet_assist.core.video import open_video
 
     for video in store.videos(project):
-        if split is not None and video.get("split") not in (split, None):
+        if split is not None and video.get("split") != split:
             continue
         with open_video(video["path"], fps=video.get("fps")) as src:
             idx = src.sample_indices(fps)

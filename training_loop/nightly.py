@@ -262,33 +262,23 @@ def pretrain_due(store: LabelStore, cfg: NightlyConfig) -> tuple[bool, int]:
 
 
 # --- active learning ---------------------------------------------------------------------------------------
-def rescore(store: LabelStore, bundle_path: str, version: str, cfg: NightlyConfig) -> dict[str, int]:
-    """Uncertainty (normalised entropy) per task for sampled frames of the train-split videos."""
-    from surgenet_assist.core.predictor import Predictor
-    from surgenet_assist.core.video import open_video
+def rescore(store: LabelStore, bundle_path: str, version: str, cfg: NightlyConfig) -> dict[str, Any]:
+    """Active-learning queue (default strategy, plus plain entropy rows) for sampled train-split frames;
+    per-task counts of queued frames, see ``acquisition.score_frames``."""
+    from .acquisition import score_frames
 
-    predictor = Predictor.from_bundle(
-        bundle_path, allow_download=not cfg.random_init, short_side=cfg.finetune.short_side, batch_size=16
+    result = score_frames(
+        store,
+        bundle_path,
+        version,
+        project=cfg.project,
+        fps=cfg.rescore_fps,
+        max_frames_per_video=cfg.rescore_max_frames_per_video,
+        short_side=cfg.finetune.short_side,
+        allow_download=not cfg.random_init,
+        progress=cfg.progress,
     )
-    scores: dict[str, list[tuple[int, int, float]]] = {"segmentation": [], "phase": [], "cvs": []}
-    for video in store.videos(cfg.project):
-        if video["split"] != "train":
-            continue
-        with open_video(video["path"], fps=video.get("fps")) as src:
-            idx = src.sample_indices(cfg.rescore_fps)
-            if len(idx) > cfg.rescore_max_frames_per_video:
-                idx = [
-                    idx[i] for i in np.linspace(0, len(idx) - 1, cfg.rescore_max_frames_per_video).astype(int)
-                ]
-            keep = set(idx)
-            records = (r for r in src.iter_frames(cfg.rescore_fps) if r.index in keep)
-            for pred in predictor.stream(records, keep_masks=False):
-                for task, value in pred.uncertainty.items():
-                    scores[task].append((video["id"], pred.index, float(value)))
-    return {
-        task: store.save_acquisition_scores(rows, task=task, method="entropy", model_version=version)
-        for task, rows in scores.items()
-    }
+    return {**result["queue"], "strategy": result["strategy"], "frames_scored": result["frames_scored"]}
 
 
 # --- report ------------------------------------------------------------------------------------------------
