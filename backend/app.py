@@ -383,6 +383,7 @@ def create_app(
             if predictor is not None and _model_wins(holder, assist):
                 results = _predict_tasks(tasks, plan, predictor, settings, fetch)
             elif assist is not None:
+                assist.poll_labels()  # napari commits / imports land in the store without a webhook
                 results = day_one_predictions(tasks, plan, assist, fetch, settings.video_sample_fps)
             else:
                 results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]

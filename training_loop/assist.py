@@ -149,6 +149,7 @@ class DayOneAssist:
         self._heads: tuple[str, InstantHeads] | None = None
         self._lock = threading.RLock()
         self._fitted_label_version: int | None = None
+        self._seen_label_version: int | None = None
         self.updater = InstantUpdater(self.update_instant, debounce_s) if worker else None
 
     # --- features ---------------------------------------------------------------------------------------
@@ -235,6 +236,21 @@ class DayOneAssist:
         """Called after a label was stored: schedules a refit (debounced) and returns at once."""
         if self.updater is not None:
             self.updater.notify()
+
+    def poll_labels(self) -> None:
+        """Schedule a refit when labels arrived by another route (a napari commit, an import): the store's
+        label version moved since this process last looked. One cheap query."""
+        version = self.store.label_version()
+        if version == self._seen_label_version:
+            return
+        if self._seen_label_version is None:  # first look after start-up: refit unless already current
+            row = latest_instant(self.store)
+            stale = row is None or (row.get("metrics") or {}).get("label_version") != version
+            if version > 0 and stale:
+                self.label_arrived()
+        else:
+            self.label_arrived()
+        self._seen_label_version = version
 
     def instant_heads(self) -> tuple[str, InstantHeads] | None:
         row = latest_instant(self.store)
