@@ -201,9 +201,11 @@ def create_app(
     schema: LabelSchema | None = None,
     fetch: Callable[[str, Any], Path] | None = None,
     assist: Any = None,
+    assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable], Any] | None = None,
 ) -> Flask:
-    """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a
-    :class:`~surgenet_assist.training_loop.assist.DayOneAssist`) may be injected (tests, embedding)."""
+    """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a day-one assistant such as
+    ``training_loop.assist.DayOneAssist``) may be injected (tests, embedding). The backend never imports
+    the training loop itself: the CLI (the composition root) passes ``assist_factory``."""
     settings = settings or BackendSettings.from_env()
     if store is None and (
         settings.db_url is not None or settings.registry or settings.extra.get("open_store", True)
@@ -216,8 +218,8 @@ def create_app(
     holder = ModelHolder(settings, store=store, predictor=predictor)
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
     fetch = fetch or fetch_media
-    if assist is None and settings.day_one and store is not None:
-        assist = _day_one(settings, store, schema, fetch)
+    if assist is None and assist_factory is not None and settings.day_one and store is not None:
+        assist = assist_factory(settings, store, schema, fetch)
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     webhooks = WebhookHandler(store, schema, settings.store_project)
@@ -465,32 +467,6 @@ def _model_wins(holder: ModelHolder, assist: Any) -> bool:
     except Exception as exc:  # noqa: BLE001 - a registry hiccup: keep serving the champion
         log.warning("serving choice failed, serving the champion: %s", exc)
         return True
-
-
-def _day_one(settings: BackendSettings, store: Any, schema: LabelSchema, fetch: Callable) -> Any:
-    """Propagation + instant heads on the SurgeNetXL backbone, if its weights are cached (never downloads
-    during start-up); without them the backend behaves as before."""
-    try:
-        from surgenet_assist.core.backbone import load_backbone
-        from surgenet_assist.training_loop.assist import DayOneAssist
-
-        backbone = load_backbone(allow_download=False, progress=False)
-    except Exception as exc:  # noqa: BLE001 - day-one assistance is optional
-        log.warning("day-one assistance off (no backbone): %s", getattr(exc, "message", exc))
-        return None
-
-    def resolve(url: str) -> Path:
-        return Path(url) if Path(url).exists() else fetch(url, None)
-
-    return DayOneAssist(
-        store,
-        backbone,
-        schema=schema,
-        short_side=settings.day_one_short_side,
-        sample_fps=settings.video_sample_fps,
-        resolve=resolve,
-        project=settings.store_project,
-    )
 
 
 def _predict_tasks(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,7 +68,37 @@ def serve(
         db_url=db,
         video_sample_fps=video_fps,
     )
-    _gunicorn(lambda: create_app(settings), host, port, workers, threads, timeout)
+    _gunicorn(
+        lambda: create_app(settings, assist_factory=day_one_assist), host, port, workers, threads, timeout
+    )
+
+
+def day_one_assist(settings, store, schema, fetch):  # noqa: ANN001, ANN201 - see create_app
+    """Propagation + instant heads on the SurgeNetXL backbone, if its weights are cached (never downloads
+    during start-up); without them the backend behaves as before."""
+    try:
+        from surgenet_assist.core.backbone import load_backbone
+        from surgenet_assist.training_loop.assist import DayOneAssist
+
+        backbone = load_backbone(allow_download=False, progress=False)
+    except Exception as exc:  # noqa: BLE001 - day-one assistance is optional
+        logging.getLogger("surgenet_assist.backend").warning(
+            "day-one assistance off (no backbone): %s", getattr(exc, "message", exc)
+        )
+        return None
+
+    def resolve(url: str) -> Path:
+        return Path(url) if Path(url).exists() else fetch(url, None)
+
+    return DayOneAssist(
+        store,
+        backbone,
+        schema=schema,
+        short_side=settings.day_one_short_side,
+        sample_fps=settings.video_sample_fps,
+        resolve=resolve,
+        project=settings.store_project,
+    )
 
 
 @ls_app.command("config")
