@@ -153,51 +153,64 @@ class MaskPropagator:
         grid = cells.T.reshape(1, -1, h, w)
         return F.pad(grid, (pad, pad + wp - w, pad, pad + hp - h))
 
-    def _step(self, target: int, refs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, float]:
-        """Labels of ``target`` from its top-k most similar key cells within +-radius in every reference."""
-        r, t = self.config.radius, self.config.tile
+    def _tiles(self, cells: torch.Tensor) -> torch.Tensor:
+        """(hw, C) -> (L, t*t, C) contiguous: the cells of each target tile."""
+        t = self.config.tile
+        q = F.unfold(self._to_grid(cells, 0), kernel_size=t, stride=t)  # (1, C*t*t, L)
+        return q.view(cells.shape[1], t * t, -1).permute(2, 1, 0).contiguous()
+
+    def _window_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """(hw, C) -> (L, W*W, C) contiguous: the key cells around each tile (zero outside the frame)."""
+        return self._windows(self._to_grid(cells, self.config.radius))[0].permute(1, 2, 0).contiguous()
+
+    def _reference(self, pos: int, probs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frame as a reference: its key windows and the matching label windows, computed once."""
+        values = torch.from_numpy(np.ascontiguousarray(probs.reshape(self.num_classes, -1).T))
+        return self._window_cells(self.feature(pos)), self._window_cells(values)
+
+    def _step(
+        self, target: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[np.ndarray, float]:
+        """Labels of ``target`` from its top-k most similar key cells within +-radius in the references.
+
+        ``keys`` (L, n*WW, d) / ``values`` (L, n*WW, K) hold the references' windows side by side;
+        ``valid`` (L, n*WW) marks real cells of filled reference slots."""
+        t = self.config.tile
         h, w = self.grid
-        # queries: (L, t*t, d), one row of cells per tile
-        q = F.unfold(self._to_grid(self.feature(target), 0), kernel_size=t, stride=t)  # (1, d*t*t, L)
-        d = q.shape[1] // (t * t)
-        q = q.view(d, t * t, -1).permute(2, 1, 0)
-        keys = torch.cat([self._windows(self._to_grid(k, r)) for k, _ in refs], 0)  # (n, d, L, WW)
-        values = torch.cat([self._windows(self._to_grid(v, r)) for _, v in refs], 0)  # (n, K, L, WW)
-        n, _, L, ww = keys.shape
-        keys = keys.permute(2, 1, 0, 3).reshape(L, d, n * ww)
-        sim = torch.bmm(q, keys)  # (L, t*t, n*WW)
-        valid = self._key_valid.repeat(1, n)  # (L, n*WW)
+        q = self._tiles(self.feature(target))  # (L, t*t, d)
+        L, nww, kk = values.shape
+        sim = torch.bmm(q, keys.transpose(1, 2))  # (L, t*t, n*WW)
         sim.masked_fill_(~valid[:, None, :], -4.0)
-        k = min(self.config.topk, sim.shape[-1])
+        k = min(self.config.topk, nww)
         top, idx = sim.topk(k, dim=-1)  # (L, t*t, k)
         weights = torch.softmax(top / self.config.temperature, dim=-1)
-        values = values.permute(2, 0, 3, 1).reshape(L, n * ww, -1)  # (L, n*WW, K)
         picked = torch.gather(
-            values[:, None].expand(L, t * t, n * ww, values.shape[-1]),
-            2,
-            idx[..., None].expand(L, t * t, k, values.shape[-1]),
+            values[:, None].expand(L, t * t, nww, kk), 2, idx[..., None].expand(L, t * t, k, kk)
         )
         probs = (weights[..., None] * picked).sum(2)  # (L, t*t, K)
-        kk = probs.shape[-1]
         hp, wp = self._padded
         grid = F.fold(probs.permute(2, 1, 0).reshape(1, kk * t * t, L), (hp, wp), kernel_size=t, stride=t)
-        grid = grid[0, :, :h, :w]
-        best = top[..., 0].T.reshape(1, t * t, L)
-        best = F.fold(best, (hp, wp), kernel_size=t, stride=t)[0, 0, :h, :w]
-        return grid.contiguous().numpy(), float(best.mean())
+        best = F.fold(top[..., 0].T.reshape(1, t * t, L), (hp, wp), kernel_size=t, stride=t)[0, 0, :h, :w]
+        return grid[0, :, :h, :w].contiguous().numpy(), float(best.mean())
 
     def _run(self, start: int, probs0: np.ndarray, stop: int, step: int) -> list[PropagatedFrame]:
         """From sampled position ``start`` towards ``stop`` (exclusive) in direction ``step``."""
         cfg = self.config
         indices = self.features.indices
-        key_ref = (self.feature(start), torch.from_numpy(probs0.reshape(self.num_classes, -1).T.copy()))
-        recent: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # reference slots side by side: slot 0 = the keyframe, slots 1..n_recent = a ring of the last frames
+        key_k, key_v = self._reference(start, probs0)
+        L, ww, d = key_k.shape
+        slots = 1 + cfg.n_recent
+        keys = key_k.new_zeros(L, slots * ww, d)
+        values = key_v.new_zeros(L, slots * ww, key_v.shape[-1])
+        valid = torch.zeros(L, slots * ww, dtype=torch.bool)
+        keys[:, :ww], values[:, :ww], valid[:, :ww] = key_k, key_v, self._key_valid
         out: list[PropagatedFrame] = []
         baseline = None
         for distance, pos in enumerate(range(start + step, stop, step), start=1):
             if cfg.max_distance is not None and distance > cfg.max_distance:
                 break
-            probs, similarity = self._step(pos, [key_ref, *recent])
+            probs, similarity = self._step(pos, keys, values, valid)
             baseline = baseline or similarity
             reliable = similarity >= cfg.cut_ratio * baseline
             out.append(
@@ -205,8 +218,11 @@ class MaskPropagator:
             )
             if not reliable:
                 break  # confidence collapsed (e.g. camera cut): don't carry labels into another scene
-            recent.append((self.feature(pos), torch.from_numpy(probs.reshape(self.num_classes, -1).T.copy())))
-            recent = recent[-cfg.n_recent :]
+            if cfg.n_recent:
+                slot = 1 + (distance - 1) % cfg.n_recent
+                ref_k, ref_v = self._reference(pos, probs)
+                span = slice(slot * ww, (slot + 1) * ww)
+                keys[:, span], values[:, span], valid[:, span] = ref_k, ref_v, self._key_valid
         return out
 
     def propagate(
