@@ -55,7 +55,7 @@ def naive_rate(model: SurgeNetAssistModel, video: Path, frames: int) -> float:
             if n == frames:
                 break
             img = Image.fromarray(rec.image).resize((tw, th), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(255)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
             out = model(((x - mean) / std)[None])
             logits = F.interpolate(out.seg_logits, size=(H, W), mode="bilinear", align_corners=False)
             torch.softmax(logits, 1).max(1)
