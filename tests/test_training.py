@@ -123,6 +123,7 @@ def test_promote_rollback_and_pointer(trained, tmp_path):
         registry.promote("nope")
 
 
+@pytest.mark.slow
 def test_resume_after_crash_continues_from_last_checkpoint(tmp_path, monkeypatch):
     clips = generate_dataset([21], 16, *SIZE)
     data = _frames(clips)
@@ -233,3 +234,37 @@ def test_annotation_efficiency_from_store(tmp_path):
     assert eff["labels_with_prediction"] == 2
     assert eff["accepted_unchanged"] == 0.5
     assert 0 < eff["mean_edit"] < 1
+
+
+def test_cli_models_and_evaluate(trained, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+
+    untrained, model, _, _ = trained
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = LabelStore(url)
+    populate_store(store, tmp_path / "clips", [71, 72], frames=8, size=SIZE, splits=["val", "test"])
+    registry = Registry(store)
+    a = registry.register_candidate(untrained, metrics={}, manifest_hash="a", seeds={}, parent=None)
+    b = registry.register_candidate(model, metrics={}, manifest_hash="b", seeds={}, parent=a)
+    runner = CliRunner()
+    res = runner.invoke(app, ["models", "rollback", "--db", url])
+    assert res.exit_code == 2 and "Error:" in res.output and "Fix:" in res.output
+    for version in (a, b):
+        assert runner.invoke(app, ["models", "promote", version, "--db", url]).exit_code == 0
+    listed = json.loads(runner.invoke(app, ["models", "list", "--db", url, "--json"]).output)
+    assert {r["version"]: r["status"] for r in listed} == {a: "previous-champion", b: "champion"}
+    res = runner.invoke(app, ["models", "rollback", "--db", url])
+    assert res.exit_code == 0 and a in res.output
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"frame_size: [{SIZE[0]}, {SIZE[1]}]\nrandom_init: true\nfinetune: {{short_side: 64}}\n")
+    res = runner.invoke(app, ["evaluate", "--model", b, "--db", url, "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{") :])
+    assert out["model"] == b and out["counts"]["frames"] == 8
+    assert set(out["metrics"]["primary"]) == {"segmentation", "phase", "cvs"}
+    res = runner.invoke(app, ["evaluate", "--model", "nope", "--db", url, "--json"])
+    assert res.exit_code == 2 and "no model version" in res.output

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from surgenet_assist.core.store import LabelStore
@@ -23,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_registers_one_candidate(tmp_path, _isolated_home):
     url = f"sqlite:///{tmp_path}/store.db"
     store = LabelStore(url)

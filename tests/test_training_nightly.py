@@ -66,6 +66,7 @@ def store_with_champion(tmp_path, _isolated_home):
     return url, store, registry, champion
 
 
+@pytest.mark.slow
 def test_kill_9_mid_cycle_keeps_champion_and_next_cycle_resumes(
     store_with_champion, tmp_path, _isolated_home
 ):

@@ -266,7 +266,7 @@ def finetune_heads(
         )
 
     history = FinetuneHistory()
-    step = 0
+    step, temporal_done = 0, False
     sums = {"segmentation": 0.0, "phase": 0.0, "cvs": 0.0}
     ckpt_path = Path(cfg.checkpoint_dir) / "finetune_last.pt" if cfg.checkpoint_dir else None
     run_key = hashlib.sha256((cfg.key() + data.fingerprint() + str(world)).encode()).hexdigest()[:16]
@@ -280,6 +280,7 @@ def finetune_heads(
             history.losses = state["losses"]
             history.resumed_from_step = step
             torch.set_rng_state(state["torch_rng"])
+            temporal_done = bool(state.get("temporal_done")) and step >= total
 
     def save_checkpoint() -> None:
         if ckpt_path is None or rank != 0:
@@ -295,6 +296,7 @@ def finetune_heads(
                 "sums": sums,
                 "losses": history.losses,
                 "torch_rng": torch.get_rng_state(),
+                "temporal_done": step >= total and bool(model.phase_head.temporal_trained),
             },
             ckpt_path,
         )
@@ -376,6 +378,7 @@ def finetune_heads(
         and data.video_ids is not None
         and (phases >= 0).any()
         and not history.stopped_early
+        and not temporal_done
     ):
         emb = embeddings_for(model, inputs, on_features, device, amp)
         if rank == 0:

@@ -28,6 +28,7 @@ import numpy as np
 import sqlalchemy as sa
 import yaml
 
+from surgenet_assist.core.backbone import state_dict_sha256
 from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
@@ -180,9 +181,8 @@ def fit(
 ) -> tuple[FinetuneHistory, dict[str, Any]]:
     """Fine-tune ``model`` in place on train (checkpointed), return history and val metrics."""
     ft = dataclasses.replace(cfg.finetune, deadline=deadline)
-    key = hashlib.sha256(
-        (manifest + ft.key() + tag + str(model.backbone.weights_sha256)).encode()
-    ).hexdigest()
+    start = state_dict_sha256(model.state_dict())  # the starting weights (parent backbone and heads)
+    key = hashlib.sha256((manifest + ft.key() + tag + start).encode()).hexdigest()
     ft.checkpoint_dir = str(work_dir(key[:20]))
     history = finetune_heads(model, splits["train"].frames, ft, progress=cfg.progress and ddp.is_main())
     val = evaluate_model(model, splits["val"].frames, short_side=ft.short_side)
