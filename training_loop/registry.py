@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,14 +225,17 @@ class Registry:
         tmp.write_text(json.dumps(champ, default=str, indent=2))
         os.replace(tmp, self.root / "CHAMPION")
 
-    def remove_orphans(self) -> list[str]:
-        """Delete bundle dirs (and temp dirs) that no registry row points to: left by a killed run."""
+    def remove_orphans(self, min_age_s: float = 3600.0) -> list[str]:
+        """Delete bundle dirs (and temp dirs) that no registry row points to: left by a killed run.
+
+        Only those older than ``min_age_s``, so a ``train`` running outside the nightly lock keeps the bundle
+        it is writing right now."""
         if not self.root.exists():
             return []
         known = {Path(r["bundle_path"]).name for r in self.versions() if r.get("bundle_path")}
         removed = []
         for child in self.root.iterdir():
-            if child.is_dir() and child.name not in known:
+            if child.is_dir() and child.name not in known and time.time() - child.stat().st_mtime > min_age_s:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child.name)
         return removed
