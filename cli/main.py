@@ -227,7 +227,8 @@ def propagate(
 
 def _register_front_ends() -> None:
     """Front-ends add their commands here; a missing optional extra only hides its commands."""
-    for module in ("store_commands", "backend_commands", "napari_commands", "training_commands"):
+    fronts = ("store_commands", "backend_commands", "napari_commands", "training_commands", "al_commands")
+    for module in fronts:
         try:
             mod = importlib.import_module(f"surgenet_assist.cli.{module}")
         except ModuleNotFoundError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -207,3 +209,40 @@ def test_queue_survives_a_restart_and_skips_labelled_frames(tmp_path):
     # plain entropy rows stay for older readers
     assert store.acquisition_queue("segmentation", method="entropy", limit=1000, exclude_labelled=False)
     store.close()
+
+
+def test_cli_al_score_then_next_reads_the_same_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.training_loop.registry import Registry
+    from surgenet_assist.training_loop.synthetic_store import populate_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = LabelStore(url)
+    populate_store(store, tmp_path / "clips", [41, 42], frames=10, size=(64, 112), splits=["train", "test"],
+                   unlabelled_seeds=[43])
+    registry = Registry(store)
+    version = registry.register_candidate(
+        SurgeNetAssistModel.create(random_init=True), metrics={}, manifest_hash="x", seeds={}, parent=None
+    )
+    registry.promote(version)
+    runner = CliRunner()
+    args = ["--db", url, "--short-side", "64", "--max-frames", "8", "--split", "", "--json"]
+    res = runner.invoke(app, ["al", "score", *args])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.output)
+    assert scored["strategy"] == "hybrid" and scored["frames_scored"] > 0
+    res = runner.invoke(app, ["al", "next", "--n", "5", "--db", url, "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert 0 < len(rows) <= 5
+    assert all(r["method"] == "hybrid" and r["model_version"] == version for r in rows)
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    labels = store.training_labels("segmentation", with_payload=False)
+    labelled = {(r.video_id, r.frame_start) for r in labels}
+    assert labelled, "the store must hold labelled frames for this check to mean anything"
+    assert not labelled & {(r["video_id"], r["frame_index"]) for r in rows}
+    bad = runner.invoke(app, ["al", "score", "--db", url, "--strategy", "nope"])
+    assert bad.exit_code == 2 and "unknown strategy" in bad.output
