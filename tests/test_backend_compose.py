@@ -72,3 +72,17 @@ def test_dockerfile_serves_the_backend():
     assert text.startswith("#") and "FROM python:3.11" in text
     assert '".[backend]"' in text and "EXPOSE 9090" in text and "HEALTHCHECK" in text
     assert '"surgenet-assist", "serve"' in text
+
+
+def test_trainer_runs_the_nightly_cycle_command():
+    """The trainer service must run a real `surgenet-assist` command that the CLI knows."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+    command = compose["services"]["trainer"]["command"]
+    assert command[:2] == ["surgenet-assist", "trainer"]
+    result = CliRunner().invoke(app, ["trainer", "--help"])
+    assert result.exit_code == 0 and "--at" in result.output
