@@ -271,7 +271,7 @@ def finetune_heads(
     ckpt_path = Path(cfg.checkpoint_dir) / "finetune_last.pt" if cfg.checkpoint_dir else None
     run_key = hashlib.sha256((cfg.key() + data.fingerprint() + str(world)).encode()).hexdigest()[:16]
     if ckpt_path is not None and cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if state.get("run_key") == run_key:
             model.load_state_dict(state["model"], strict=False)
             optim.load_state_dict(state["optim"])
