@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 
+from .acquisition import apply_queue_scores
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
 from .media import SETUP_CREDENTIALS, MediaError, fetch_media
 from .metrics import TASK_OF_TYPE, Metrics
@@ -389,6 +390,7 @@ def create_app(
                 results = day_one_predictions(tasks, plan, assist, fetch, settings.video_sample_fps)
             else:
                 results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
+            results = apply_queue_scores(results, tasks, store, settings.store_project)  # AL order in LS
         except MediaError as exc:
             raise _BadRequest("media_unavailable", exc.message, exc.hint, status=422, url=exc.url) from None
         except LabelConfigError as exc:

@@ -349,9 +349,11 @@ class ReviewSession:
 
         Frames with a human label and frames in ``skip`` (already reviewed this session) are passed over.
         """
+        from surgenet_assist.training_loop.acquisition import read_queue
+
         queue = [
             item.frame_index
-            for item in self.store.acquisition_queue("segmentation", limit=500)
+            for item in read_queue(self.store, "segmentation", limit=500)
             if item.video_id == clip.video_id and item.frame_index < clip.frame_count
         ]
         for f in queue:
