@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
 from surgenet_assist.core.errors import StoreError
 from surgenet_assist.core.formats.cholec80 import import_cholec80
 from surgenet_assist.core.schema import DEFAULT_SCHEMA

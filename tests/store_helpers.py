@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from surgenet_assist.core.encoders import (
     brush_rle_to_mask,
     coco_rle_decode,

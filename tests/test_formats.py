@@ -12,6 +12,7 @@ import ls_brush_reference as sdk
 import numpy as np
 import pytest
 from store_helpers import random_mask, store, store_url, write_cholecseg8k, write_phase_file  # noqa: F401
+
 from surgenet_assist.core.encoders import coco_rle_decode
 from surgenet_assist.core.errors import DatasetFormatError
 from surgenet_assist.core.formats.cholec80 import export_cholec80, import_cholec80

@@ -13,7 +13,11 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA, IGNORE_INDEX, LabelSchem
 def test_defaults_match_the_datasets():
     s = DEFAULT_SCHEMA
     assert s.num_classes == 13 and s.num_phases == 7 and s.cvs_keys == ["C1", "C2", "C3"]
-    assert s.classes[5].name == "Grasper" and s.classes[5].color == (170, 255, 0) and s.classes[5].watershed == 31
+    assert (
+        s.classes[5].name == "Grasper"
+        and s.classes[5].color == (170, 255, 0)
+        and s.classes[5].watershed == 31
+    )
     assert s.phase_id("calot triangle dissection") == 1 == s.phase_id("CalotTriangleDissection")
     assert s.class_id("l-hook electrocautery") == 9
     assert s.palette()[IGNORE_INDEX].tolist() == [0, 0, 0] and s.palette()[2].tolist() == [255, 114, 114]

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from store_helpers import random_mask, store, store_url, write_cholecseg8k  # noqa: F401 - fixtures
+
 from surgenet_assist.core.errors import SchemaError, StoreError
 from surgenet_assist.core.store import LabelStore, upgrade
 from surgenet_assist.core.store.models import AnnotationRevision, Base
@@ -308,7 +309,9 @@ def test_label_records_carry_annotation_and_revision_ids(tmp_path):
     # a first, unrelated annotation so that revision ids and annotation ids diverge
     store.record_annotation(vid, 0, "phase", {"phase": "Preparation"}, source="napari", author="a")
     first = store.record_annotation(vid, 1, "phase", {"phase": "Preparation"}, source="napari", author="a")
-    second = store.record_annotation(vid, 1, "phase", {"phase": "ClippingCutting"}, source="napari", author="a")
+    second = store.record_annotation(
+        vid, 1, "phase", {"phase": "ClippingCutting"}, source="napari", author="a"
+    )
     assert second.annotation_id == first.annotation_id and second.revision_id != first.revision_id
     history = store.history(first.annotation_id)
     assert [h.annotation_id for h in history] == [first.annotation_id] * 2

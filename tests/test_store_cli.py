@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import typer
 from store_helpers import random_mask, write_cholecseg8k, write_phase_file
-from surgenet_assist.cli.store_commands import register
 from typer.testing import CliRunner
+
+from surgenet_assist.cli.store_commands import register
 
 
 @pytest.fixture

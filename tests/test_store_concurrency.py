@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from store_helpers import store_url  # noqa: F401 - fixture
+
 from surgenet_assist.core.store import LabelStore
 
 WRITES = 15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import text
+
 from surgenet_assist.core.store.models import Base
 
 config = context.config
