@@ -126,8 +126,14 @@ def latency(backbone, cache: EmbeddingCache, folder: Path, short_side: int, labe
     instant_total = time.perf_counter() - t0
     t0 = time.perf_counter()
     prop = MaskPropagator(feats, DEFAULT_SCHEMA.num_classes)
-    result = prop.propagate({k: clip.masks[k] for k in keyframes})
+    masks = {k: clip.masks[k] for k in keyframes}
+    result = prop.propagate(masks)
     prop_s = time.perf_counter() - t0
+    # a new label between two existing ones: only the span between its neighbours is re-propagated
+    new = (keyframes[0] + keyframes[1]) // 2
+    t0 = time.perf_counter()
+    updated = prop.propagate(masks | {new: clip.masks[new]}, changed=new)
+    update_s = time.perf_counter() - t0
     return {
         "frames": len(feats.indices),
         "labelled_frames": labels,
@@ -136,6 +142,8 @@ def latency(backbone, cache: EmbeddingCache, folder: Path, short_side: int, labe
         "instant_refit_plus_predict_all_s": round(instant_total, 2),
         "propagation_all_frames_s": round(prop_s, 2),
         "propagated_frames": len(result),
+        "new_label_propagation_update_s": round(update_s, 3),
+        "new_label_updated_frames": len(updated),
     }
 
 

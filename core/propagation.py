@@ -226,17 +226,40 @@ class MaskPropagator:
         return out
 
     def propagate(
-        self, keyframes: dict[int, np.ndarray], targets: Iterable[int] | None = None
+        self,
+        keyframes: dict[int, np.ndarray],
+        targets: Iterable[int] | None = None,
+        changed: int | None = None,
     ) -> dict[int, PropagatedFrame]:
-        """Propagate ``{frame_index: mask}`` to the other sampled frames (or only to ``targets``)."""
+        """Propagate ``{frame_index: mask}`` to the other sampled frames (or only to ``targets``).
+
+        ``changed``: the keyframe that was just added or corrected. Only frames between its neighbouring
+        keyframes can change, so only the runs that reach them are computed (a new label on a long video
+        costs the span around it, not the whole video)."""
         positions = sorted((self.features.position(i), m) for i, m in keyframes.items())
+        starts = [p for p, _ in positions]
         n = len(self.features.indices)
+        k = None
+        if changed is not None:
+            k = starts.index(self.features.position(changed))
+            lo = starts[k - 1] if k > 0 else -1
+            hi = starts[k + 1] if k + 1 < len(starts) else n
+            span = {int(i) for i in self.features.indices[lo + 1 : hi]}
+            targets = span if targets is None else span & set(targets)
         candidates: dict[int, list[PropagatedFrame]] = {}
         for j, (pos, mask) in enumerate(positions):
+            # with a changed keyframe k, only runs into the span around it: k-1 forward, k both, k+1 backward
+            forward = k is None or j in (k - 1, k)
+            backward = k is None or j in (k, k + 1)
+            if not (forward or backward):
+                continue
             probs0 = self.label_probs(mask)
-            left = positions[j - 1][0] if j > 0 else -1
-            right = positions[j + 1][0] if j + 1 < len(positions) else n
-            for frame in self._run(pos, probs0, right, +1) + self._run(pos, probs0, left, -1):
+            left = starts[j - 1] if j > 0 else -1
+            right = starts[j + 1] if j + 1 < len(starts) else n
+            frames = (self._run(pos, probs0, right, +1) if forward else []) + (
+                self._run(pos, probs0, left, -1) if backward else []
+            )
+            for frame in frames:
                 candidates.setdefault(frame.frame_index, []).append(frame)
         wanted = set(targets) if targets is not None else None
         result = {}

@@ -181,3 +181,22 @@ def test_propagate_cli(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "unknown to the schema" in result.stderr
+
+
+def test_incremental_update_matches_full_propagation(tmp_path, backbone):
+    masks = _disc_video(tmp_path / "disc", n=11)
+    feats = EmbeddingCache(tmp_path / "c").get_or_compute(tmp_path / "disc", backbone, None, short_side=128)
+    prop = MaskPropagator(feats, num_classes=2)
+    keyframes = {0: masks[0], 5: masks[5], 10: masks[10]}
+    full = prop.propagate(keyframes)
+    steps = []
+    original = prop._step
+    prop._step = lambda *a, **kw: steps.append(1) or original(*a, **kw)
+    partial = prop.propagate(keyframes, changed=5)
+    assert sorted(partial) == [1, 2, 3, 4, 6, 7, 8, 9]  # the span between the neighbouring keyframes
+    for i in partial:
+        np.testing.assert_allclose(partial[i].probs, full[i].probs, atol=1e-5)
+        assert partial[i].keyframe == full[i].keyframe
+    steps.clear()
+    prop.propagate(keyframes, changed=10)
+    assert len(steps) == 8  # 5 -> forward (4 steps) and 10 -> backward (4 steps), not the whole video
