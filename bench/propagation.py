@@ -8,7 +8,8 @@
    embedding cache: instant refit + predictions for every frame, and propagation over the whole video.
 
 Random-init backbone unless the SurgeNetXL weights are cached (the output says which).
-Usage: .venv/bin/python bench/propagation.py [--threads 2] [--clips 2] [--short-side 128]
+Usage: .venv/bin/python bench/propagation.py [--threads 2] [--clips 3] [--short-side 256]
+       [--height 240 --width 426]
 """
 
 from __future__ import annotations
@@ -150,9 +151,11 @@ def latency(backbone, cache: EmbeddingCache, folder: Path, short_side: int, labe
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clips", type=int, default=2)
+    ap.add_argument("--clips", type=int, default=3)
     ap.add_argument("--frames", type=int, default=60)
-    ap.add_argument("--short-side", type=int, default=128)
+    ap.add_argument("--short-side", type=int, default=256)
+    ap.add_argument("--height", type=int, default=240)
+    ap.add_argument("--width", type=int, default=426)
     ap.add_argument("--labels", type=int, default=10, help="labelled frames in the latency test")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -164,14 +167,21 @@ def main() -> None:
         cache = EmbeddingCache(folder / "cache")
         clips, feats = [], []
         for seed in range(1, args.clips + 1):
-            clip = generate_clip(seed=seed, num_frames=max(args.frames, 51), height=120, width=214)
+            clip = generate_clip(
+                seed=seed, num_frames=max(args.frames, 51), height=args.height, width=args.width
+            )
             clips.append(clip)
             feats.append(
                 cache.get_or_compute(
                     clip.write_frames(folder / f"clip{seed}"), backbone, None, short_side=args.short_side
                 )
             )
-        report = {"backbone": which, "threads": args.threads, "short_side": args.short_side}
+        report = {
+            "backbone": which,
+            "threads": args.threads,
+            "short_side": args.short_side,
+            "frame_size": [args.height, args.width],
+        }
         report["propagation"] = propagation_vs_distance(clips, feats, folder)
         print(json.dumps(report["propagation"]))
         report["instant"] = instant_vs_labels(clips, feats)
