@@ -111,12 +111,15 @@ def _build_predictor(
     batch_size: int,
     device: str | None,
     short_side: int | None,
+    compile: bool = False,
 ):
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
 
     if model is not None:
-        return Predictor.from_bundle(model, batch_size=batch_size, device=device, short_side=short_side)
+        return Predictor.from_bundle(
+            model, batch_size=batch_size, device=device, short_side=short_side, compile=compile
+        )
     if random_init:
         console.print(
             "[yellow]Using a RANDOMLY INITIALISED backbone and untrained heads: outputs are "
@@ -127,7 +130,7 @@ def _build_predictor(
         console.print(
             "[yellow]No --model bundle given: the heads are untrained (pretrained backbone only).[/]"
         )
-    return Predictor(net, batch_size=batch_size, device=device, short_side=short_side)
+    return Predictor(net, batch_size=batch_size, device=device, short_side=short_side, compile=compile)
 
 
 @app.command()
@@ -139,18 +142,21 @@ def predict(
     random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
     backbone: Annotated[str, typer.Option(help="backbone name from `weights list`")] = "surgenetxl",
     fps: Annotated[float, typer.Option(help="frames per second to sample from a video")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
     short_side: Annotated[
         int | None, typer.Option(help="model input short side (default from bundle)")
     ] = None,
     overlay_every: Annotated[int, typer.Option(help="write an overlay PNG every N sampled frames")] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (long videos)")] = False,
 ) -> None:
     """Pre-annotate a video: per-frame masks (PNG), phases.csv, cvs.csv, overlays and a phase timeline PNG."""
     from surgenet_assist.core.prediction_writer import PredictionWriter
     from surgenet_assist.core.video import load_image
 
-    predictor = _build_predictor(model, weights, random_init, backbone, batch_size, device, short_side)
+    predictor = _build_predictor(
+        model, weights, random_init, backbone, batch_size, device, short_side, compile
+    )
     writer = PredictionWriter(out, predictor.schema, overlay_every=overlay_every)
     if input.is_file() and input.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
         image = load_image(input)

@@ -104,7 +104,7 @@ class Predictor:
         self,
         model: SurgeNetAssistModel,
         device: str | torch.device | None = None,
-        batch_size: int = 8,
+        batch_size: int = 4,
         short_side: int | None = None,
         amp: bool | None = None,
         channels_last: bool | None = None,
@@ -119,7 +119,7 @@ class Predictor:
         self.short_side = int(short_side or min(model.backbone.input_size))
         is_cuda = self.device.type == "cuda"
         self.amp = is_cuda if amp is None else amp
-        self.channels_last = is_cuda if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last  # faster on CPU (oneDNN) too
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.prefetch = max(1, prefetch)
@@ -128,6 +128,11 @@ class Predictor:
         self._std = torch.tensor(model.backbone.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward: Callable = self.model
         if compile:
+            if self.device.type == "cpu":
+                # inference-only: constant-fold weights and prepack them for oneDNN (~13% faster on CPU)
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True
             self._forward = torch.compile(self.model, dynamic=False)
 
     @classmethod
