@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .backbone import SurgeNetBackbone
 from .predictor import target_size
-from .video import open_video
+from .video import FrameRecord, open_video
 from .weights import data_home
 
 _SAMPLE = 4 << 20
@@ -138,8 +138,11 @@ def compute_features(
     short_side: int = 256,
     batch_size: int = 8,
     progress: bool = False,
+    frames: list[int] | None = None,
 ) -> VideoFeatures:
-    """Run the backbone over a video's sampled frames, keeping stride-8/16 maps and embeddings (fp16)."""
+    """Run the backbone over a video's sampled frames (or exactly ``frames``, read by frame-accurate
+    seeks: e.g. the next N frames around a keyframe of a long video), keeping stride-8/16 maps and
+    embeddings (fp16)."""
     import cv2
 
     backbone.eval()
@@ -157,11 +160,15 @@ def compute_features(
         emb.append(backbone.pool(stages[3]).half().cpu().numpy())
 
     with open_video(video) as src:
-        total = len(src.sample_indices(sample_fps))
+        if frames is not None:
+            wanted = sorted(set(frames))
+            records = (FrameRecord(i, i / src.fps, src.read_frame(i)) for i in wanted)
+            total = len(wanted)
+        else:
+            records = src.iter_frames(sample_fps=sample_fps)
+            total = len(src.sample_indices(sample_fps))
         batch: list[np.ndarray] = []
-        for rec in tqdm(
-            src.iter_frames(sample_fps=sample_fps), total=total, desc="features", disable=not progress
-        ):
+        for rec in tqdm(records, total=total, desc="features", disable=not progress):
             h, w = rec.image.shape[:2]
             frame_size = (h, w)
             th, tw = target_size(h, w, short_side)

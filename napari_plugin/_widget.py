@@ -149,6 +149,20 @@ class SurgeNetAssistWidget(QWidget):
         row.addWidget(self.run_btn)
         row.addWidget(self.cancel_btn)
         form.addRow(row)
+        # propagation: carry the current frame's mask to neighbouring frames (no trained head needed)
+        self.propagate_n = QSpinBox()
+        self.propagate_n.setRange(1, 500)
+        self.propagate_n.setValue(10)
+        self.propagate_dir = QComboBox()
+        self.propagate_dir.addItems(["next", "previous", "both"])
+        self.propagate_btn = QPushButton("Propagate")
+        self.propagate_btn.setToolTip("Carry this frame's mask to the next/previous N frames")
+        self.propagate_btn.clicked.connect(lambda *_: self.propagate())
+        row = QHBoxLayout()
+        row.addWidget(self.propagate_btn)
+        row.addWidget(self.propagate_dir)
+        row.addWidget(self.propagate_n)
+        form.addRow("Propagate", row)
         self.uncertainty_check = QCheckBox("Show uncertainty heatmap")
         self.uncertainty_check.toggled.connect(self._on_uncertainty_toggled)
         form.addRow(self.uncertainty_check)
@@ -496,6 +510,60 @@ class SurgeNetAssistWidget(QWidget):
         worker.start()
         return worker
 
+    def propagate(self, direction: str | None = None, n: int | None = None) -> Any:
+        """Propagate the current frame's mask to the next/previous ``n`` frames in a background worker;
+        results show as predictions (never over human or edited masks) for review and commit."""
+        from napari.qt.threading import create_worker
+
+        if self.clip is None or self.labels_layer is None:
+            self._say("Open a video first (File › Open, or File › Open Sample › SurgeNet Assist).")
+            return None
+        if self.worker is not None:
+            self._say("A pre-annotation or propagation is already running.")
+            return None
+        direction = direction or self.propagate_dir.currentText()
+        n = int(n or self.propagate_n.value())
+        f, last = self.frame, self.clip.frame_count - 1
+        targets: list[int] = []
+        if direction in ("next", "both"):
+            targets += list(range(f + 1, min(last, f + n) + 1))
+        if direction in ("previous", "both"):
+            targets += list(range(max(0, f - n), f))
+        if not targets:
+            self._say("No frames in that direction.")
+            return None
+        mask = np.asarray(self.labels_layer.data[f]).copy()
+        session, clip, choice = self.session, self.clip, self.model_choice
+        self._stop = stop = threading.Event()
+
+        def job():
+            predictor = session.predictor(choice)
+            yield from session.propagate_frames(clip, predictor, f, mask, targets, should_stop=stop.is_set)
+            return f"propagation-from-{f}"
+
+        progress = {"total": len(targets), "desc": f"Propagating to {len(targets)} frame(s)"}
+        worker = create_worker(job, _progress=progress)
+        worker.yielded.connect(lambda item, c=clip: self._apply_propagated(c, *item))
+        worker.returned.connect(lambda v: self._say(f"Propagated ({v}). Review, correct, then commit."))
+        worker.errored.connect(lambda exc: self._say(f"Propagation failed: {exc}"))
+        worker.finished.connect(self._on_worker_finished)
+        self.worker = worker
+        self.run_btn.setEnabled(False)
+        self.propagate_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._say(f"Propagating frame {f}'s mask to {len(targets)} frame(s)…")
+        worker.start()
+        return worker
+
+    def _apply_propagated(self, clip: Clip, frame: int, mask: np.ndarray) -> None:
+        if clip is not self.clip or self.labels_layer is None:
+            return
+        if frame not in self.dirty_masks and frame not in self.human_masks:
+            self.labels_layer.data[frame] = mask
+            self.predicted.add(frame)
+        if frame == self.frame:
+            self.labels_layer.refresh()
+
     def cancel(self) -> None:
         """Stop the running pre-annotation after its current batch (frames done so far are kept)."""
         if self.worker is not None:
@@ -528,6 +596,7 @@ class SurgeNetAssistWidget(QWidget):
     def _on_worker_finished(self) -> None:
         self.worker = None
         self.run_btn.setEnabled(True)
+        self.propagate_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
         if self.labels_layer is not None:
             self.labels_layer.refresh()

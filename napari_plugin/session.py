@@ -272,6 +272,53 @@ class ReviewSession:
                     cache[p.index] = item
                     yield p.index, item
 
+    def propagate_frames(
+        self,
+        clip: Clip,
+        predictor: Predictor,
+        keyframe: int,
+        mask: np.ndarray,
+        targets: Sequence[int],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Carry ``mask`` from ``keyframe`` to ``targets`` by backbone feature similarity (no trained head
+        needed), store each result as a ``propagation-from-<keyframe>`` prediction, yield ``(frame, mask)``.
+
+        Runs in a worker thread; stops between frames when ``should_stop()``. Frames after a similarity
+        collapse (e.g. a camera cut) are not yielded."""
+        from surgenet_assist.core.embedding_cache import compute_features
+        from surgenet_assist.core.propagation import MaskPropagator
+        from surgenet_assist.core.video import open_video
+
+        frames = sorted({int(keyframe), *(int(t) for t in targets)})
+        feats = compute_features(
+            clip.path, predictor.model.backbone, None, self.short_side, self.batch_size, frames=frames
+        )
+        prop = MaskPropagator(feats, self.schema.num_classes)
+        result = prop.propagate({int(keyframe): np.asarray(mask, dtype=np.uint8)})
+        version = f"propagation-from-{int(keyframe)}"
+        with open_video(clip.path, fps=clip.fps) as video:
+            for f in sorted(result, key=lambda i: abs(i - keyframe)):
+                if should_stop():
+                    return
+                if not result[f].reliable:
+                    continue
+                full, _ = prop.to_mask(result[f], video.read_frame(f))
+                self.store.ensure_frames(clip.video_id, [f])
+                self.store.add_predictions(
+                    [
+                        {
+                            "video_id": clip.video_id,
+                            "frame_index": f,
+                            "model_version": version,
+                            "task": "segmentation",
+                            "payload": full,
+                            "score": result[f].confidence,
+                        }
+                    ]
+                )
+                yield f, full
+
     @staticmethod
     def _as_cached(p: FramePrediction, version: str) -> CachedPrediction:
         assert p.mask is not None and p.confidence is not None
