@@ -355,9 +355,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], strategies: list[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--pool-videos", type=int, default=4)
     ap.add_argument("--test-videos", type=int, default=2)
     ap.add_argument("--frames", type=int, default=60, help="frames per video (1 fps)")
