@@ -13,6 +13,7 @@ from rich.console import Console
 from surgenet_assist.core.backbone import load_backbone
 from surgenet_assist.core.embedding_cache import EmbeddingCache
 from surgenet_assist.core.errors import DatasetFormatError
+from surgenet_assist.core.prediction_writer import write_csv
 from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from surgenet_assist.core.video import open_video
@@ -124,29 +125,33 @@ def run_propagation(
                         int(frame.reliable),
                     ]
                 )
-        with open(out / "propagation.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["frame", "keyframe", "distance", "similarity", "confidence", "reliable"])
-            w.writerows(rows)
+        write_csv(
+            out / "propagation.csv",
+            ["frame", "keyframe", "distance", "similarity", "confidence", "reliable"],
+            rows,
+        )
         summary["propagated_frames"] = len(rows)
         summary["unreliable_frames"] = sum(1 for r in rows if not r[-1])
     pos_of = {int(i): p for p, i in enumerate(feats.indices)}
     if phases:
         labelled = {pos_of[i]: p for i, p in phases.items() if i in pos_of}
         labels_t, _ = propagate_phases(feats.embeddings, labelled, schema.num_phases)
-        with open(out / "phases.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["frame", "phase_id", "phase", "labelled"])
-            for p, i in enumerate(feats.indices):
-                w.writerow([int(i), int(labels_t[p]), schema.phases[labels_t[p]].name, int(int(i) in phases)])
+        write_csv(
+            out / "phases.csv",
+            ["frame", "phase_id", "phase", "labelled"],
+            (
+                [int(i), int(labels_t[p]), schema.phases[labels_t[p]].name, int(int(i) in phases)]
+                for p, i in enumerate(feats.indices)
+            ),
+        )
         timeline_png(out / "timeline.png", schema, {"propagated": labels_t}, title="Propagated phases")
     if cvs:
         labelled = {pos_of[i]: v for i, v in cvs.items() if i in pos_of}
         probs = propagate_cvs(feats.embeddings, labelled)
-        with open(out / "cvs.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["frame", *schema.cvs_keys])
-            for p, i in enumerate(feats.indices):
-                w.writerow([int(i), *[f"{v:.4f}" for v in probs[p]]])
+        write_csv(
+            out / "cvs.csv",
+            ["frame", *schema.cvs_keys],
+            ([int(i), *[f"{v:.4f}" for v in probs[p]]] for p, i in enumerate(feats.indices)),
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

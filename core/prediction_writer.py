@@ -13,6 +13,13 @@ from .schema import LabelSchema
 from .visualize import overlay, timeline_png, write_png
 
 
+def write_csv(path: Path, header: list[str], rows) -> None:  # noqa: ANN001 - any iterable of lists
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 class PredictionWriter:
     """Streaming sink for :meth:`Predictor.predict_video`'s ``on_frame``; ``finish`` writes the summaries.
 
@@ -39,50 +46,45 @@ class PredictionWriter:
         self, video: VideoPrediction, ground_truth_phases: np.ndarray | None = None, extra: dict | None = None
     ) -> dict:
         schema = self.schema
-        with open(self.out / "phases.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(
-                [
-                    "frame",
-                    "timestamp",
-                    "phase_id",
-                    "phase",
-                    "frame_phase_id",
-                    *[f"p_{n}" for n in schema.phase_names],
+        rows = range(len(video.indices))
+
+        def lead(i: int) -> list:
+            return [int(video.indices[i]), f"{video.timestamps[i]:.3f}"]
+
+        write_csv(
+            self.out / "phases.csv",
+            [
+                "frame",
+                "timestamp",
+                "phase_id",
+                "phase",
+                "frame_phase_id",
+                *[f"p_{n}" for n in schema.phase_names],
+            ],
+            (
+                lead(i)
+                + [
+                    int(video.phase_labels[i]),
+                    schema.phases[int(video.phase_labels[i])].name,
+                    int(video.phase_probs[i].argmax()),
+                    *[f"{p:.4f}" for p in video.phase_timeline_probs[i]],
                 ]
-            )
-            for i in range(len(video.indices)):
-                w.writerow(
-                    [
-                        int(video.indices[i]),
-                        f"{video.timestamps[i]:.3f}",
-                        int(video.phase_labels[i]),
-                        schema.phases[int(video.phase_labels[i])].name,
-                        int(video.phase_probs[i].argmax()),
-                        *[f"{p:.4f}" for p in video.phase_timeline_probs[i]],
-                    ]
-                )
-        with open(self.out / "cvs.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(
-                [
-                    "frame",
-                    "timestamp",
-                    *schema.cvs_keys,
-                    "uncertainty_segmentation",
-                    "uncertainty_phase",
-                    "uncertainty_cvs",
+                for i in rows
+            ),
+        )
+        tasks = ("segmentation", "phase", "cvs")
+        write_csv(
+            self.out / "cvs.csv",
+            ["frame", "timestamp", *schema.cvs_keys, *[f"uncertainty_{k}" for k in tasks]],
+            (
+                lead(i)
+                + [
+                    *[f"{p:.4f}" for p in video.cvs_probs[i]],
+                    *[f"{video.uncertainty[k][i]:.4f}" for k in tasks],
                 ]
-            )
-            for i in range(len(video.indices)):
-                w.writerow(
-                    [
-                        int(video.indices[i]),
-                        f"{video.timestamps[i]:.3f}",
-                        *[f"{p:.4f}" for p in video.cvs_probs[i]],
-                        *[f"{video.uncertainty[k][i]:.4f}" for k in ("segmentation", "phase", "cvs")],
-                    ]
-                )
+                for i in rows
+            ),
+        )
         tracks = {"predicted": video.phase_labels}
         if ground_truth_phases is not None:
             tracks["ground truth"] = np.asarray(ground_truth_phases)
