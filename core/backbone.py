@@ -78,9 +78,10 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """Content hash of a state dict (names, shapes, dtypes, values), independent of file format."""
     digest = hashlib.sha256()
     for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
+        tensor = state[key].detach().cpu()
+        flat = tensor.reshape(-1)  # logical order: channels_last and contiguous copies hash alike
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()
 
 

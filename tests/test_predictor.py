@@ -183,3 +183,17 @@ def test_corrupt_bundle(tmp_path, model):
         load_bundle(path)
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(tmp_path)
+
+
+def test_weights_hash_ignores_memory_format():
+    """A Predictor puts the model in channels_last; bundles and caches must still see the same weights."""
+    from surgenet_assist.core.backbone import state_dict_sha256
+
+    torch.manual_seed(0)
+    net = SurgeNetAssistModel.create(random_init=True)
+    before = state_dict_sha256(net.backbone.trunk.state_dict())
+    net = net.to(memory_format=torch.channels_last)
+    assert state_dict_sha256(net.backbone.trunk.state_dict()) == before
+    changed = {k: v.clone() for k, v in net.backbone.trunk.state_dict().items()}
+    changed["stem.conv.weight"][0, 0, 0, 0] += 1
+    assert state_dict_sha256(changed) != before
