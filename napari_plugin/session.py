@@ -33,6 +33,7 @@ def _keep_triton_out_after_gl() -> None:
 
 _keep_triton_out_after_gl()
 
+from surgenet_assist.core.embedding_cache import video_content_hash  # noqa: E402
 from surgenet_assist.core.predictor import FramePrediction, Predictor  # noqa: E402
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema  # noqa: E402
 from surgenet_assist.core.store import LabelRecord, LabelStore, Payload, build_payload  # noqa: E402
@@ -108,12 +109,6 @@ def clip_signature(clip: Clip, model_version: str, short_side: int) -> str:
     """Key of the per-clip prediction cache: same pixels + same model + same input size = same outputs."""
     text = f"{clip.content_hash}|{model_version}|{short_side}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _content_hash(path: Path) -> str:
-    from surgenet_assist.core.embedding_cache import video_content_hash
-
-    return video_content_hash(path)
 
 
 class ReviewSession:
@@ -208,7 +203,7 @@ class ReviewSession:
     def open_clip(self, source: dict[str, Any]) -> Clip:
         """Register the reader's source (path, fps, size) in the store; idempotent on the path."""
         path = Path(source["path"])
-        digest = _content_hash(path)
+        digest = video_content_hash(path)
         vid = self.store.add_video(
             str(path),
             fps=float(source["fps"]),
