@@ -9,9 +9,22 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
+from tests.repository_boundary import GUARD
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PG_URL = os.environ.get("SURGENET_ASSIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def _reads_stay_in_repository():
+    """Fails any test that read a file beside the repository (a fresh clone has nothing there)."""
+    GUARD.take()
+    yield
+    outside = GUARD.take()
+    if outside:
+        paths = sorted(set(outside))[:5]
+        pytest.fail(f"read outside the repository: {paths}; copy what the test needs into tests/fixtures/")
 
 
 @pytest.fixture(autouse=True)
