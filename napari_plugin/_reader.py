@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from surgenet_assist.core.errors import VideoReadError
 from surgenet_assist.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoSource, open_video
 
 AXIS_LABELS = ("frame", "y", "x")
@@ -140,10 +139,8 @@ def video_layer_data(path: str | Path, fps: float | None = None, name: str | Non
 
 
 def read_video(path: str | list[str]) -> list[LayerData]:
-    """Open one video file or frame folder (errors name the file and the fix)."""
+    """Open one video file or frame folder; a file that cannot be read raises :class:`VideoReadError`, which
+    names the file and the fix (napari shows it as the open error)."""
     if isinstance(path, list):
         path = path[0]
-    try:
-        return [video_layer_data(path)]
-    except VideoReadError as exc:
-        raise ValueError(str(exc)) from exc
+    return [video_layer_data(path)]

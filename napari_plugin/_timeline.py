@@ -1,6 +1,7 @@
 """Phase timeline strip: one colour per phase, a cursor on the current frame, click to jump, drag to select.
 
-napari has no timeline widget; a QPainter strip is cheap at any video length (it draws runs, not frames).
+Neither napari nor magicgui has a timeline widget, so this strip is the panel's one custom Qt widget; a
+QPainter strip is cheap at any video length (it draws runs, not frames).
 """
 
 from __future__ import annotations

@@ -1,37 +1,50 @@
 """The "SurgeNet Assist" dock widget: review and correct masks, phases and CVS, commit to the label store.
 
-Thin on purpose: model, cache and store logic live in :mod:`.session` (Qt-free); this module wires them to
-napari layers, a phase timeline, keyboard shortcuts and a background worker. Layers are only touched on the
-main thread (``yielded``/``returned`` signals); the worker only runs the model and writes prediction rows.
+Thin on purpose. The panel is a magicgui :class:`~magicgui.widgets.Container` of magicgui value widgets; it
+only wires them, the napari layers and the keyboard shortcuts to two Qt-free objects:
+
+- :class:`.session.ReviewSession` — model, prediction cache, label store, review order;
+- :class:`.edits.ClipEdits` — the clip's working labels, what is uncommitted, the merge and commit rules.
+
+Background jobs (pre-annotate, propagate) go through one helper, :meth:`SurgeNetAssistWidget._start_job`, a
+napari ``create_worker`` with a progress bar in the activity panel. Layers are only touched on the main thread
+(``yielded``/``returned`` signals); the worker only runs the model and writes prediction rows. The phase
+timeline under the canvas is the one custom Qt widget (:mod:`._timeline`): magicgui has no timeline. Qt is
+touched directly in two more places where magicgui has no option: word wrap on long labels, and the yes/no
+question before discarding uncommitted corrections.
+
+Actions the user cannot take right now (no clip open, a job already running, nothing in that direction) raise
+:class:`.edits.ReviewError`; the buttons and shortcuts show it in the status line and as a napari
+notification with its hint.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QMessageBox,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    Label,
+    PushButton,
+    SpinBox,
+    Widget,
+    show_file_dialog,
 )
+from psygnal import Signal
 
+from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 from ._reader import SOURCE_KEY
 from ._timeline import PhaseTimeline
-from .session import CachedPrediction, Clip, ModelChoice, ReviewSession, plugin_settings
+from .edits import COMMIT_SCOPES, DIRECTIONS, OPEN_A_CLIP, SCOPES, ClipEdits, ReviewError
+from .session import EXPORT_FORMATS, CachedPrediction, Clip, ModelChoice, ReviewSession, plugin_settings
 
 if TYPE_CHECKING:
     import napari
@@ -43,7 +56,8 @@ SHORTCUTS = {
     "previous": "Shift-N",
     **{f"phase{i}": f"Alt-{i + 1}" for i in range(len(DEFAULT_SCHEMA.phases))},
 }
-SCOPES = ("current frame", "frame range", "whole clip")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def class_colormap(schema=DEFAULT_SCHEMA) -> Any:
@@ -57,14 +71,58 @@ def class_colormap(schema=DEFAULT_SCHEMA) -> Any:
     return DirectLabelColormap(color_dict=colors)
 
 
-class SurgeNetAssistWidget(QWidget):
-    """Dock widget; one per viewer. ``preannotation_finished`` fires on the main thread when a run ends."""
+# --- layout helpers (magicgui) ----------------------------------------------------------------------------
+def _wrapping_label(value: str = "") -> Label:
+    """A Label that wraps long text: magicgui's Label has no word-wrap option, the QLabel behind it has."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label = Label(value=value)
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
+    return label
+
+
+def _box(*widgets: Widget, label: str = "", layout: str = "horizontal", labels: bool = False) -> Container:
+    """A borderless row (or column) of widgets, optionally labelled inside a form."""
+    box = Container(widgets=widgets, layout=layout, labels=labels, label=label)
+    box.margins = (0, 0, 0, 0)
+    return box
+
+
+def _section(title: str, *parts: Widget) -> Container:
+    """One titled group of the panel (what a group box was), laid out top to bottom."""
+    section = Container(widgets=[Label(value=f"<b>{title}</b>"), *parts], labels=False)
+    section.margins = (4, 8, 4, 2)
+    return section
+
+
+def _user_action(failed: str | None = None) -> Callable[[F], F]:
+    """Run a panel action; a problem the user can fix is shown (status line + notification), not raised.
+
+    The action returns ``None`` when refused. ``failed`` prefixes the status line for errors other than a
+    refused action (e.g. "Commit failed: <store error>")."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(self: SurgeNetAssistWidget, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(self, *args, **kwargs)
+            except SurgenetAssistError as exc:
+                self._report(exc, None if isinstance(exc, ReviewError) else failed)
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class SurgeNetAssistWidget(Container):
+    """Dock widget; one per viewer. ``preannotation_finished`` fires on the main thread when a job ends."""
 
     preannotation_finished = Signal(object)
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None,
-                 session: ReviewSession | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: napari.viewer.Viewer, session: ReviewSession | None = None) -> None:
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         self.schema = DEFAULT_SCHEMA
         cfg = plugin_settings()
@@ -72,22 +130,15 @@ class SurgeNetAssistWidget(QWidget):
             cfg["database_url"] or None, project=cfg["project"], author=cfg["author"] or None,
             short_side=cfg["short_side"], batch_size=cfg["batch_size"], device=cfg["device"] or None,
         )
-        # per-clip state
+        # the clip under review: its layers, and its edit state (None until a video is open)
         self.clip: Clip | None = None
+        self.edits: ClipEdits | None = None
         self.image_layer: Any = None
         self.labels_layer: Any = None
         self.uncertainty_layer: Any = None
-        self.phases = np.zeros(0, dtype=np.int64)
-        self.cvs: dict[int, list[float]] = {}
-        self.cvs_probs: dict[int, np.ndarray] = {}
-        self.predicted: set[int] = set()
-        self.human_masks: set[int] = set()
-        self.dirty_masks: set[int] = set()
-        self.dirty_phase: set[int] = set()
-        self.dirty_cvs: set[int] = set()
-        self.reviewed: list[int] = []
-        self.shown_model: str | None = None
         self.worker: Any = None
+        self._job = ""
+        self._choices: list[ModelChoice] = []
         self._stop = threading.Event()
         self._updating = False
         self._build_ui()
@@ -102,74 +153,52 @@ class SurgeNetAssistWidget(QWidget):
     # UI
     # ------------------------------------------------------------------------------------------------
     def _build_ui(self) -> None:
-        root = QVBoxLayout(self)
         # model
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.served_label = QLabel()
-        self.served_label.setWordWrap(True)
-        self.model_combo = QComboBox()
-        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
-        self.bundle_btn = QPushButton("Bundle…")
-        self.bundle_btn.setToolTip("Use a model bundle directory that is not in the registry")
+        self.served_label = _wrapping_label()
+        self.model_combo = ComboBox(choices=self._model_items)
+        self.model_combo.changed.connect(self._on_model_changed)
+        self.bundle_btn = PushButton(
+            text="Bundle…", tooltip="Use a model bundle directory that is not in the registry"
+        )
         self.bundle_btn.clicked.connect(self._choose_bundle)
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(self.bundle_btn)
-        form.addRow(self.served_label)
-        form.addRow("Version", row)
-        self.store_label = QLabel(f"Store: {self.session.display_url}")
-        self.store_label.setWordWrap(True)
-        form.addRow(self.store_label)
-        root.addWidget(box)
+        self.store_label = _wrapping_label(f"Store: {self.session.display_url}")
+        model = _section(
+            "Model", self.served_label,
+            _box(_box(self.model_combo, self.bundle_btn, label="Version"), layout="vertical", labels=True),
+            self.store_label,
+        )
         # clip + pre-annotation
-        box = QGroupBox("Clip and pre-annotation")
-        form = QFormLayout(box)
-        self.clip_combo = QComboBox()
-        self.clip_combo.currentIndexChanged.connect(self._on_clip_combo)
-        form.addRow("Clip", self.clip_combo)
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems(SCOPES)
-        form.addRow("Scope", self.scope_combo)
-        self.start_spin, self.end_spin = QSpinBox(), QSpinBox()
+        # choices are callables: napari re-reads them (reset_choices) whenever layers change or are renamed
+        self.clip_combo = ComboBox(choices=self._clip_items, label="Clip")
+        self.clip_combo.changed.connect(self._on_clip_combo)
+        self.scope_combo = ComboBox(choices=SCOPES, value=SCOPES[0], label="Scope")
+        self.start_spin, self.end_spin = SpinBox(min=0, max=0), SpinBox(min=0, max=0)
         for s in (self.start_spin, self.end_spin):
-            s.setRange(0, 0)
-            s.valueChanged.connect(self._on_range_spin)
-        row = QHBoxLayout()
-        row.addWidget(self.start_spin)
-        row.addWidget(QLabel("to"))
-        row.addWidget(self.end_spin)
-        form.addRow("Frames", row)
-        self.run_btn = QPushButton("Pre-annotate")
-        self.run_btn.clicked.connect(self.preannotate)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
-        row = QHBoxLayout()
-        row.addWidget(self.run_btn)
-        row.addWidget(self.cancel_btn)
-        form.addRow(row)
+            s.changed.connect(self._on_range_spin)
+        self.run_btn = PushButton(text="Pre-annotate")
+        self.run_btn.clicked.connect(lambda *_: self.preannotate())
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
+        self.cancel_btn.clicked.connect(lambda *_: self.cancel())
         # propagation: carry the current frame's mask to neighbouring frames (no trained head needed)
-        self.propagate_n = QSpinBox()
-        self.propagate_n.setRange(1, 500)
-        self.propagate_n.setValue(10)
-        self.propagate_dir = QComboBox()
-        self.propagate_dir.addItems(["next", "previous", "both"])
-        self.propagate_btn = QPushButton("Propagate")
-        self.propagate_btn.setToolTip("Carry this frame's mask to the next/previous N frames")
+        self.propagate_btn = PushButton(text="Propagate",
+                                        tooltip="Carry this frame's mask to the next/previous N frames")
         self.propagate_btn.clicked.connect(lambda *_: self.propagate())
-        row = QHBoxLayout()
-        row.addWidget(self.propagate_btn)
-        row.addWidget(self.propagate_dir)
-        row.addWidget(self.propagate_n)
-        form.addRow("Propagate", row)
-        self.uncertainty_check = QCheckBox("Show uncertainty heatmap")
-        self.uncertainty_check.toggled.connect(self._on_uncertainty_toggled)
-        form.addRow(self.uncertainty_check)
-        root.addWidget(box)
+        self.propagate_dir = ComboBox(choices=DIRECTIONS, value=DIRECTIONS[0])
+        self.propagate_n = SpinBox(min=1, max=500, value=10)
+        self.uncertainty_check = CheckBox(text="Show uncertainty heatmap")
+        self.uncertainty_check.changed.connect(self._on_uncertainty_toggled)
+        clip = _section(
+            "Clip and pre-annotation",
+            _box(
+                self.clip_combo, self.scope_combo,
+                _box(self.start_spin, Label(value="to"), self.end_spin, label="Frames"),
+                _box(self.run_btn, self.cancel_btn),
+                _box(self.propagate_btn, self.propagate_dir, self.propagate_n, label="Propagate"),
+                layout="vertical", labels=True,
+            ),
+            self.uncertainty_check,
+        )
         # legend
-        box = QGroupBox("Classes (Labels layer ids)")
-        lay = QVBoxLayout(box)
         cells = [
             f"<td><span style='background-color: rgb{c.color}'>&nbsp;&nbsp;&nbsp;</span> {c.id} {c.name}"
             + (" (clear)" if c.id == 0 else "") + "</td>"
@@ -177,59 +206,51 @@ class SurgeNetAssistWidget(QWidget):
         ]
         half = (len(cells) + 1) // 2
         rows = [cells[i] + (cells[i + half] if i + half < len(cells) else "") for i in range(half)]
-        self.legend = QLabel("<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
-        lay.addWidget(self.legend)
-        root.addWidget(box)
+        self.legend = Label(value="<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
+        legend = _section("Classes (Labels layer ids)", self.legend)
         # phase
-        box = QGroupBox("Phase")
-        form = QFormLayout(box)
-        self.phase_label = QLabel("–")
-        form.addRow("This frame", self.phase_label)
-        self.phase_combo = QComboBox()
-        self.phase_combo.addItems(
-            [f"{p.name}  [{SHORTCUTS[f'phase{p.id}']}]" for p in self.schema.phases]
+        self.phase_label = Label(value="–", label="This frame")
+        self.phase_combo = ComboBox(
+            choices=[(f"{p.name}  [{SHORTCUTS[f'phase{p.id}']}]", p.id) for p in self.schema.phases]
         )
-        self.set_phase_btn = QPushButton("Set phase for frames")
-        self.set_phase_btn.setToolTip("Applies to the selected frame range (timeline drag or the spin boxes)")
-        self.set_phase_btn.clicked.connect(lambda: self.set_phase(self.phase_combo.currentIndex()))
-        form.addRow(self.phase_combo, self.set_phase_btn)
-        root.addWidget(box)
+        self.set_phase_btn = PushButton(
+            text="Set phase for frames",
+            tooltip="Applies to the selected frame range (timeline drag or the spin boxes)",
+        )
+        self.set_phase_btn.clicked.connect(lambda *_: self.set_phase(self.phase_combo.value))
+        phase = _section(
+            "Phase",
+            _box(self.phase_label, layout="vertical", labels=True),
+            _box(self.phase_combo, self.set_phase_btn),
+        )
         # CVS
-        box = QGroupBox("Critical View of Safety (this frame)")
-        lay = QVBoxLayout(box)
-        self.cvs_boxes: list[QCheckBox] = []
+        self.cvs_boxes: list[CheckBox] = []
         for c in self.schema.cvs:
-            cb = QCheckBox(f"{c.key} {c.name}")
-            cb.toggled.connect(self._on_cvs_toggled)
-            lay.addWidget(cb)
+            cb = CheckBox(text=f"{c.key} {c.name}")
+            cb.changed.connect(self._on_cvs_toggled)
             self.cvs_boxes.append(cb)
-        root.addWidget(box)
+        cvs = _section("Critical View of Safety (this frame)", *self.cvs_boxes)
         # commit / review
-        box = QGroupBox("Review")
-        form = QFormLayout(box)
-        self.commit_scope = QComboBox()
-        self.commit_scope.addItems(["current frame", "frame range"])
-        self.commit_btn = QPushButton(f"Commit [{SHORTCUTS['commit']}]")
-        self.commit_btn.clicked.connect(self.commit)
-        form.addRow(self.commit_scope, self.commit_btn)
-        self.prev_btn = QPushButton(f"Previous [{SHORTCUTS['previous']}]")
-        self.prev_btn.clicked.connect(self.previous)
-        self.next_btn = QPushButton(f"Next to review [{SHORTCUTS['next']}]")
-        self.next_btn.clicked.connect(self.next_to_review)
-        form.addRow(self.prev_btn, self.next_btn)
-        self.export_combo = QComboBox()
-        from .session import EXPORT_FORMATS
-
-        self.export_combo.addItems(EXPORT_FORMATS)
-        self.export_btn = QPushButton("Export store…")
+        self.commit_scope = ComboBox(choices=COMMIT_SCOPES, value=COMMIT_SCOPES[0])
+        self.commit_btn = PushButton(text=f"Commit [{SHORTCUTS['commit']}]")
+        self.commit_btn.clicked.connect(lambda *_: self.commit())
+        self.prev_btn = PushButton(text=f"Previous [{SHORTCUTS['previous']}]")
+        self.prev_btn.clicked.connect(lambda *_: self.previous())
+        self.next_btn = PushButton(text=f"Next to review [{SHORTCUTS['next']}]")
+        self.next_btn.clicked.connect(lambda *_: self.next_to_review())
+        self.export_combo = ComboBox(choices=EXPORT_FORMATS, value=EXPORT_FORMATS[0])
+        self.export_btn = PushButton(text="Export store…")
         self.export_btn.clicked.connect(self._export_dialog)
-        form.addRow(self.export_combo, self.export_btn)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        form.addRow(self.status)
-        root.addWidget(box)
-        root.addStretch(1)
-        # timeline docked under the canvas
+        self.status = _wrapping_label()
+        review = _section(
+            "Review",
+            _box(self.commit_scope, self.commit_btn),
+            _box(self.prev_btn, self.next_btn),
+            _box(self.export_combo, self.export_btn),
+            self.status,
+        )
+        self.extend([model, clip, legend, phase, cvs, review])
+        # timeline docked under the canvas: the one custom Qt widget (magicgui has no timeline)
         self.timeline = PhaseTimeline(self.schema)
         self.timeline.frame_clicked.connect(self.goto)
         self.timeline.range_selected.connect(self.select_range)
@@ -238,30 +259,39 @@ class SurgeNetAssistWidget(QWidget):
         )
 
     def _say(self, text: str) -> None:
-        self.status.setText(text)
+        self.status.value = text
+
+    def _report(self, exc: SurgenetAssistError, failed: str | None = None) -> None:
+        """Show a problem the user can fix: the message in the status line, message and hint as a napari
+        notification (a warning for a refused action, an error for a failed one)."""
+        from napari.utils.notifications import show_error, show_warning
+
+        self._say(exc.message if failed is None else f"{failed}: {exc.message}")
+        (show_warning if isinstance(exc, ReviewError) else show_error)(str(exc))
 
     # ------------------------------------------------------------------------------------------------
     # model selection
     # ------------------------------------------------------------------------------------------------
+    def _model_items(self, *_: Any) -> list[tuple[str, ModelChoice]]:
+        return [(c.label, c) for c in self._choices]
+
     def _refresh_models(self, select: ModelChoice | None = None) -> None:
         self._choices = self.session.model_choices()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        self.model_combo.addItems([c.label for c in self._choices])
-        if select is not None and select in self._choices:
-            self.model_combo.setCurrentIndex(self._choices.index(select))
-        self.model_combo.blockSignals(False)
+        with self.model_combo.changed.blocked():
+            self.model_combo.reset_choices()
+            if select in self._choices:
+                self.model_combo.value = select
         self._on_model_changed()
 
     @property
     def model_choice(self) -> ModelChoice:
-        return self._choices[max(0, self.model_combo.currentIndex())]
+        return self.model_combo.value or self._choices[0]
 
     def _on_model_changed(self, *_: Any) -> None:
         c = self.model_choice
         champion = next((x for x in self._choices if x.status == "champion"), None)
         if not c.trained:
-            self.served_label.setText(
+            self.served_label.value = (
                 "<b style='color:#ff6060'>No trained model: untrained (random-init).</b> Pre-annotations are "
                 "noise; label by hand or choose a bundle."
                 + ("" if champion is None else f" The registry serves {champion.version}.")
@@ -270,13 +300,16 @@ class SurgeNetAssistWidget(QWidget):
             served = (
                 f"Registry serves <b>{champion.version}</b>." if champion else "No champion in the registry."
             )
-            self.served_label.setText(f"{served} Using <b>{c.version}</b> ({c.status}).")
+            self.served_label.value = f"{served} Using <b>{c.version}</b> ({c.status})."
 
-    def _choose_bundle(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Model bundle directory (with bundle.json)")
+    def _choose_bundle(self, *_: Any) -> None:
+        path = show_file_dialog(
+            mode="d", caption="Model bundle directory (with bundle.json)", parent=self.native
+        )
         if path:
             self.use_bundle(path)
 
+    @_user_action("Bundle not usable")
     def use_bundle(self, path: str) -> ModelChoice:
         """Add a bundle picked by hand to the selector and select it."""
         choice = self.session.add_bundle(path)
@@ -289,44 +322,46 @@ class SurgeNetAssistWidget(QWidget):
     def _clip_layers(self) -> list[Any]:
         return [ly for ly in self.viewer.layers if SOURCE_KEY in getattr(ly, "metadata", {})]
 
+    def _clip_items(self, *_: Any) -> list[tuple[str, Any]]:
+        return [(ly.name, ly) for ly in self._clip_layers()]
+
     def _refresh_clips(self, *_: Any) -> None:
         layers = self._clip_layers()
-        names = [ly.name for ly in layers]
-        current = self.image_layer.name if self.image_layer is not None else None
-        self.clip_combo.blockSignals(True)
-        self.clip_combo.clear()
-        self.clip_combo.addItems(names)
-        if current in names:
-            self.clip_combo.setCurrentIndex(names.index(current))
-        self.clip_combo.blockSignals(False)
+        with self.clip_combo.changed.blocked():
+            self.clip_combo.reset_choices()
+            if self.image_layer in layers:
+                self.clip_combo.value = self.image_layer
         if self.image_layer is not None and self.image_layer not in layers:
             self._clear_clip()
         if self.image_layer is None and layers:
             self.set_clip(layers[-1])
 
-    def _on_clip_combo(self, index: int) -> None:
-        layers = self._clip_layers()
-        if not 0 <= index < len(layers) or layers[index] is self.image_layer:
+    def _on_clip_combo(self, layer: Any) -> None:
+        if layer is None or layer is self.image_layer:
             return
-        if not self.set_clip(layers[index]):
-            self.clip_combo.blockSignals(True)
-            self.clip_combo.setCurrentIndex(layers.index(self.image_layer))
-            self.clip_combo.blockSignals(False)
+        if not self.set_clip(layer):
+            with self.clip_combo.changed.blocked():
+                self.clip_combo.value = self.image_layer
 
     def has_uncommitted(self) -> bool:
-        return bool(self.dirty_masks or self.dirty_phase or self.dirty_cvs)
+        return self.edits is not None and self.edits.has_uncommitted()
 
     def confirm_discard(self) -> bool:
-        """Asked before switching clip with uncommitted edits (tests replace it)."""
-        n = len(self.dirty_masks) + len(self.dirty_phase) + len(self.dirty_cvs)
+        """Asked before switching clip with uncommitted edits (tests replace it).
+
+        A yes/no question is the one dialog magicgui lacks (its Dialog has OK/Cancel), so this stays Qt."""
+        from qtpy.QtWidgets import QMessageBox
+
+        assert self.edits is not None
         answer = QMessageBox.question(
-            self, "Uncommitted corrections",
-            f"{n} corrected frame label(s) of {self.image_layer.name} are not committed. Discard them?",
+            self.native, "Uncommitted corrections",
+            f"{self.edits.uncommitted_count()} corrected frame label(s) of {self.image_layer.name} are not "
+            "committed. Discard them?",
         )
         return answer == QMessageBox.StandardButton.Yes
 
     def _clear_clip(self) -> None:
-        self.clip = self.image_layer = self.labels_layer = self.uncertainty_layer = None
+        self.clip = self.edits = self.image_layer = self.labels_layer = self.uncertainty_layer = None
 
     def set_clip(self, layer: Any) -> bool:
         """Make ``layer`` (a video opened by the reader) the clip under review; False if the user kept the
@@ -335,42 +370,38 @@ class SurgeNetAssistWidget(QWidget):
             self._say("Kept the current clip: commit or discard its corrections first.")
             return False
         self.cancel()
-        self.clip = self.session.open_clip(layer.metadata[SOURCE_KEY])
-        self.image_layer = layer
-        n = self.clip.frame_count
-        human = self.session.human_labels(self.clip)
-        self.phases = np.asarray(human["phases"], dtype=np.int64)
-        self.cvs = {f: list(v) for f, v in human["cvs"].items()}
-        self.cvs_probs, self.predicted, self.reviewed = {}, set(), []
-        self.dirty_masks, self.dirty_phase, self.dirty_cvs = set(), set(), set()
-        self.human_masks = set(human["masks"])
+        clip = self.session.open_clip(layer.metadata[SOURCE_KEY])
+        edits = ClipEdits.load(self.session, clip)
+        self.clip, self.edits, self.image_layer = clip, edits, layer
+        n = clip.frame_count
         name = f"{layer.name} segmentation"
-        masks = np.zeros((n, self.clip.height, self.clip.width), dtype=np.uint8)  # pages allocated on write
-        for f, m in human["masks"].items():
-            masks[f] = m
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
+        # the layer paints straight into the edit state's mask array
         self.labels_layer = self.viewer.add_labels(
-            masks, name=name, colormap=class_colormap(self.schema), axis_labels=("frame", "y", "x"),
-            opacity=0.55, metadata={"surgenet_clip": self.clip.path},
+            edits.masks, name=name, colormap=class_colormap(self.schema), axis_labels=("frame", "y", "x"),
+            opacity=0.55, metadata={"surgenet_clip": clip.path},
         )
         self.labels_layer.events.paint.connect(self._on_paint)
         self.uncertainty_layer = None
         for ly in (self.image_layer, self.labels_layer):
             self._bind_keys(ly)
-        for s in (self.start_spin, self.end_spin):
-            s.blockSignals(True)
-            s.setRange(0, n - 1)
-            s.blockSignals(False)
-        self.start_spin.setValue(0)
-        self.end_spin.setValue(n - 1)
-        self.timeline.set_phases(self.phases)
+        for s, value in ((self.start_spin, 0), (self.end_spin, n - 1)):
+            with s.changed.blocked():
+                s.max = n - 1
+                s.value = value
+        self.timeline.set_phases(edits.phases)
         self.timeline.set_selection(None)
         self._refresh_clips()
         self.viewer.layers.selection.active = self.labels_layer
         self._on_step()
-        self._say(f"{layer.name}: {n} frames, video id {self.clip.video_id} in the store.")
+        self._say(f"{layer.name}: {n} frames, video id {clip.video_id} in the store.")
         return True
+
+    def _require_clip(self) -> ClipEdits:
+        if self.clip is None or self.edits is None or self.labels_layer is None:
+            raise ReviewError("No clip is open.", hint=OPEN_A_CLIP)
+        return self.edits
 
     # ------------------------------------------------------------------------------------------------
     # navigation
@@ -383,28 +414,29 @@ class SurgeNetAssistWidget(QWidget):
         self.viewer.dims.set_current_step(0, int(frame))
 
     def select_range(self, start: int, end: int) -> None:
-        self.start_spin.setValue(int(start))
-        self.end_spin.setValue(int(end))
+        for s, value in ((self.start_spin, start), (self.end_spin, end)):
+            with s.changed.blocked():
+                s.value = int(value)
         self.timeline.set_selection((int(start), int(end)))
 
     @property
     def frame_range(self) -> tuple[int, int]:
-        a, b = self.start_spin.value(), self.end_spin.value()
+        a, b = self.start_spin.value, self.end_spin.value
         return (min(a, b), max(a, b))
 
     def _on_range_spin(self, *_: Any) -> None:
         self.timeline.set_selection(self.frame_range)
 
     def _on_step(self, *_: Any) -> None:
-        if self.clip is None:
+        if self.edits is None:
             return
         f = self.frame
         self.timeline.set_current(f)
-        ph = int(self.phases[f]) if f < len(self.phases) else -1
+        ph = self.edits.phase_at(f)
         name = self.schema.phase_names[ph] if ph >= 0 else "no phase"
-        self.phase_label.setText(name)
+        self.phase_label.value = name
         if ph >= 0:
-            self.phase_combo.setCurrentIndex(ph)
+            self.phase_combo.value = ph
         text = self.viewer.canvas.overlays.text
         text.visible = True
         text.position = "top_left"
@@ -414,174 +446,173 @@ class SurgeNetAssistWidget(QWidget):
         self._show_cvs(f)
 
     def _show_cvs(self, f: int) -> None:
+        assert self.edits is not None
         self._updating = True
-        probs = self.cvs_probs.get(f)
-        values = self.cvs.get(f)
+        probs = self.edits.cvs_probs.get(f)
+        values = self.edits.cvs_at(f)
         for k, cb in enumerate(self.cvs_boxes):
             c = self.schema.cvs[k]
             p = "" if probs is None else f"  (model p={float(probs[k]):.2f})"
-            cb.setText(f"{c.key} {c.name}{p}")
-            cb.setChecked(bool(values is not None and values[k] >= 0.5))
+            cb.text = f"{c.key} {c.name}{p}"
+            cb.value = bool(values is not None and values[k] >= 0.5)
         self._updating = False
 
+    @_user_action()
     def next_to_review(self) -> int | None:
-        if self.clip is None:
-            return None
-        f = self.session.next_to_review(self.clip, self.frame, skip=set(self.reviewed) | {self.frame})
+        """Jump to the next frame worth a look (active-learning queue, else the next unlabelled frame)."""
+        edits = self._require_clip()
+        f = edits.next_to_review(self.session, self.frame)
         if f is None:
             self._say("Nothing left to review in this clip.")
             return None
-        self.reviewed.append(self.frame)
         self.goto(f)
         return f
 
+    @_user_action()
     def previous(self) -> None:
-        if self.reviewed:
-            self.goto(self.reviewed.pop())
-        elif self.frame > 0:
-            self.goto(self.frame - 1)
+        """Go back along the frames reviewed with *Next to review* (else one frame back)."""
+        f = self._require_clip().previous(self.frame)
+        if f is not None:
+            self.goto(f)
 
     # ------------------------------------------------------------------------------------------------
     # edits
     # ------------------------------------------------------------------------------------------------
     def _on_paint(self, *_: Any) -> None:
-        self.dirty_masks.add(self.frame)
+        if self.edits is not None:
+            self.edits.mark_painted(self.frame)
 
+    @_user_action()
     def set_phase(self, phase: int, frames: tuple[int, int] | None = None) -> None:
-        """Set a phase for the selected range (timeline / spin boxes) — or ``frames`` — and mark it dirty."""
-        if self.clip is None:
-            return
+        """Set a phase for the selected range (timeline / spin boxes) — or ``frames``; without a selection,
+        for the current frame. Uncommitted until Commit."""
+        edits = self._require_clip()
         if frames is None:
             frames = self.frame_range if self.timeline.selection is not None else (self.frame, self.frame)
-        a, b = frames
-        self.phases[a : b + 1] = int(phase)
-        self.dirty_phase.update(range(a, b + 1))
-        self.timeline.set_phases(self.phases)
+        a, b = edits.set_phase(int(phase), frames)
+        self.timeline.set_phases(edits.phases)
         self._on_step()
         self._say(f"Phase {self.schema.phase_names[phase]} set for frames {a}–{b} (not committed).")
 
     def _on_cvs_toggled(self, *_: Any) -> None:
-        if self._updating or self.clip is None:
+        if self._updating or self.edits is None:
             return
-        self.cvs[self.frame] = [1.0 if cb.isChecked() else 0.0 for cb in self.cvs_boxes]
-        self.dirty_cvs.add(self.frame)
+        self.edits.set_cvs(self.frame, [cb.value for cb in self.cvs_boxes])
 
     # ------------------------------------------------------------------------------------------------
-    # pre-annotation (worker thread)
+    # background jobs (one worker helper for pre-annotation and propagation)
     # ------------------------------------------------------------------------------------------------
-    def _indices(self, scope: str) -> list[int]:
-        assert self.clip is not None
-        if scope == "current frame":
-            return [self.frame]
-        if scope == "frame range":
-            a, b = self.frame_range
-            return list(range(a, b + 1))
-        return list(range(self.clip.frame_count))
+    def _start_job(
+        self,
+        what: str,
+        job: Callable[[threading.Event], Iterator[Any]],
+        *,
+        total: int,
+        desc: str,
+        on_item: Callable[..., None],
+        on_done: Callable[[Any], None],
+    ) -> Any:
+        """Run ``job(stop_event)`` — a generator — in a napari worker with a progress bar of ``total`` steps.
 
-    def preannotate(self, scope: str | None = None) -> Any:
-        """Start a background pre-annotation of the current frame, the range or the whole clip."""
+        ``on_item(*yielded)`` and ``on_done(returned)`` run on the main thread; Cancel sets the stop event and
+        quits the worker after the item in flight. Errors the user can fix are shown with their hint; others
+        reach napari's error notification with the traceback."""
         from napari.qt.threading import create_worker
 
-        if self.clip is None:
-            self._say("Open a video first (File › Open, or File › Open Sample › SurgeNet Assist).")
-            return None
         if self.worker is not None:
-            self._say("A pre-annotation is already running.")
-            return None
-        indices = self._indices(scope or self.scope_combo.currentText())
-        session, clip, choice = self.session, self.clip, self.model_choice
+            raise ReviewError(
+                f"A {self._job.lower()} is already running.", hint="wait for it to finish, or press Cancel"
+            )
         self._stop = stop = threading.Event()
-
-        def job():
-            predictor = session.predictor(choice)
-            yield from session.predict_frames(clip, predictor, indices, should_stop=stop.is_set)
-            return predictor.model_version
-
-        progress = {"total": len(indices), "desc": f"Pre-annotating {len(indices)} frame(s)"}
-        worker = create_worker(job, _progress=progress)
-        worker.yielded.connect(lambda item, c=clip: self._apply_prediction(c, *item))
-        worker.returned.connect(self._on_worker_returned)
-        worker.errored.connect(lambda exc: self._say(f"Pre-annotation failed: {exc}"))
+        worker = create_worker(job, stop, _progress={"total": total, "desc": desc}, _start_thread=False,
+                               _connect={"errored": lambda exc: self._on_job_error(what, exc)})
+        worker.yielded.connect(lambda item: on_item(*item))
+        worker.returned.connect(on_done)
         worker.finished.connect(self._on_worker_finished)
-        self.worker = worker
-        self.run_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
-        self._say(f"Pre-annotating {len(indices)} frame(s) with {choice.version}…")
+        self.worker, self._job = worker, what
+        self.run_btn.enabled = False
+        self.propagate_btn.enabled = False
+        self.cancel_btn.enabled = True
         worker.start()
         return worker
 
-    def propagate(self, direction: str | None = None, n: int | None = None) -> Any:
-        """Propagate the current frame's mask to the next/previous ``n`` frames in a background worker;
-        results show as predictions (never over human or edited masks) for review and commit."""
-        from napari.qt.threading import create_worker
-
-        if self.clip is None or self.labels_layer is None:
-            self._say("Open a video first (File › Open, or File › Open Sample › SurgeNet Assist).")
-            return None
-        if self.worker is not None:
-            self._say("A pre-annotation or propagation is already running.")
-            return None
-        direction = direction or self.propagate_dir.currentText()
-        n = int(n or self.propagate_n.value())
-        f, last = self.frame, self.clip.frame_count - 1
-        targets: list[int] = []
-        if direction in ("next", "both"):
-            targets += list(range(f + 1, min(last, f + n) + 1))
-        if direction in ("previous", "both"):
-            targets += list(range(max(0, f - n), f))
-        if not targets:
-            self._say("No frames in that direction.")
-            return None
-        mask = np.asarray(self.labels_layer.data[f]).copy()
-        session, clip, choice = self.session, self.clip, self.model_choice
-        self._stop = stop = threading.Event()
-
-        def job():
-            predictor = session.predictor(choice)
-            yield from session.propagate_frames(clip, predictor, f, mask, targets, should_stop=stop.is_set)
-            return f"propagation-from-{f}"
-
-        progress = {"total": len(targets), "desc": f"Propagating to {len(targets)} frame(s)"}
-        worker = create_worker(job, _progress=progress)
-        worker.yielded.connect(lambda item, c=clip: self._apply_propagated(c, *item))
-        worker.returned.connect(lambda v: self._say(f"Propagated ({v}). Review, correct, then commit."))
-        worker.errored.connect(lambda exc: self._say(f"Propagation failed: {exc}"))
-        worker.finished.connect(self._on_worker_finished)
-        self.worker = worker
-        self.run_btn.setEnabled(False)
-        self.propagate_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
-        self._say(f"Propagating frame {f}'s mask to {len(targets)} frame(s)…")
-        worker.start()
-        return worker
-
-    def _apply_propagated(self, clip: Clip, frame: int, mask: np.ndarray) -> None:
-        if clip is not self.clip or self.labels_layer is None:
+    def _on_job_error(self, what: str, exc: BaseException) -> None:
+        if isinstance(exc, SurgenetAssistError):
+            self._report(exc, failed=f"{what} failed")
             return
-        if frame not in self.dirty_masks and frame not in self.human_masks:
-            self.labels_layer.data[frame] = mask
-            self.predicted.add(frame)
-        if frame == self.frame:
+        self._say(f"{what} failed: {exc}")
+        raise exc  # napari's error notification, with the traceback
+
+    def _on_worker_finished(self) -> None:
+        self.worker = None
+        self.run_btn.enabled = True
+        self.propagate_btn.enabled = True
+        self.cancel_btn.enabled = False
+        if self.labels_layer is not None:
             self.labels_layer.refresh()
+        if self.edits is not None:
+            self.timeline.set_phases(self.edits.phases)
+            self._on_step()
+            if self._stop.is_set():
+                self._say(f"{self._job} cancelled; {len(self.edits.predicted)} frame(s) have predictions.")
+        self.preannotation_finished.emit(self)
 
     def cancel(self) -> None:
-        """Stop the running pre-annotation after its current batch (frames done so far are kept)."""
+        """Stop the running job after its current batch (frames done so far are kept)."""
         if self.worker is not None:
             self._stop.set()
             self.worker.quit()
 
-    def _apply_prediction(self, clip: Clip, frame: int, pred: CachedPrediction) -> None:
-        if clip is not self.clip or self.labels_layer is None:
-            return
-        self.shown_model = pred.model_version
-        if frame not in self.dirty_masks and frame not in self.human_masks:
-            self.labels_layer.data[frame] = pred.mask
-        self.predicted.add(frame)
-        self.cvs_probs[frame] = pred.cvs_probs
-        if frame not in self.dirty_cvs and frame not in self.cvs:
-            self.cvs[frame] = [float(p >= 0.5) for p in pred.cvs_probs]
-        if self.phases[frame] < 0:
-            self.phases[frame] = int(np.argmax(pred.phase_probs))
+    @_user_action("Pre-annotation failed")
+    def preannotate(self, scope: str | None = None) -> Any:
+        """Start a background pre-annotation of the current frame, the range or the whole clip."""
+        edits = self._require_clip()
+        indices = edits.scope_frames(scope or self.scope_combo.value, self.frame, self.frame_range)
+        session, clip, choice = self.session, edits.clip, self.model_choice
+
+        def job(stop: threading.Event) -> Iterator[tuple[int, CachedPrediction]]:
+            predictor = session.predictor(choice)
+            yield from session.predict_frames(clip, predictor, indices, should_stop=stop.is_set)
+            return predictor.model_version
+
+        worker = self._start_job(
+            "Pre-annotation", job, total=len(indices), desc=f"Pre-annotating {len(indices)} frame(s)",
+            on_item=lambda frame, pred: self._apply_prediction(edits, frame, pred),
+            on_done=lambda version: self._say(
+                f"Pre-annotated with {version}. Correct the masks, phases and CVS, then commit."
+            ),
+        )
+        self._say(f"Pre-annotating {len(indices)} frame(s) with {choice.version}…")
+        return worker
+
+    @_user_action("Propagation failed")
+    def propagate(self, direction: str | None = None, n: int | None = None) -> Any:
+        """Propagate the current frame's mask to the next/previous ``n`` frames in a background worker;
+        results show as predictions (never over human or edited masks) for review and commit."""
+        edits = self._require_clip()
+        f = self.frame
+        direction = direction or self.propagate_dir.value
+        targets = edits.propagation_targets(f, direction, int(n or self.propagate_n.value))
+        mask = edits.masks[f].copy()
+        session, clip, choice = self.session, edits.clip, self.model_choice
+
+        def job(stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+            predictor = session.predictor(choice)
+            yield from session.propagate_frames(clip, predictor, f, mask, targets, should_stop=stop.is_set)
+            return f"propagation-from-{f}"
+
+        worker = self._start_job(
+            "Propagation", job, total=len(targets), desc=f"Propagating to {len(targets)} frame(s)",
+            on_item=lambda frame, m: self._apply_propagated(edits, frame, m),
+            on_done=lambda v: self._say(f"Propagated ({v}). Review, correct, then commit."),
+        )
+        self._say(f"Propagating frame {f}'s mask to {len(targets)} frame(s)…")
+        return worker
+
+    def _apply_prediction(self, edits: ClipEdits, frame: int, pred: CachedPrediction) -> None:
+        if edits is not self.edits or self.labels_layer is None:
+            return  # the clip changed while the job ran
+        edits.apply_prediction(frame, pred)
         if self.uncertainty_layer is not None:
             self.uncertainty_layer.data[frame] = pred.uncertainty_map
         if frame == self.frame:
@@ -590,21 +621,12 @@ class SurgeNetAssistWidget(QWidget):
                 self.uncertainty_layer.refresh()
             self._on_step()
 
-    def _on_worker_returned(self, version: str) -> None:
-        self._say(f"Pre-annotated with {version}. Correct the masks, phases and CVS, then commit.")
-
-    def _on_worker_finished(self) -> None:
-        self.worker = None
-        self.run_btn.setEnabled(True)
-        self.propagate_btn.setEnabled(True)
-        self.cancel_btn.setEnabled(False)
-        if self.labels_layer is not None:
+    def _apply_propagated(self, edits: ClipEdits, frame: int, mask: np.ndarray) -> None:
+        if edits is not self.edits or self.labels_layer is None:
+            return
+        edits.apply_propagated(frame, mask)
+        if frame == self.frame:
             self.labels_layer.refresh()
-        self.timeline.set_phases(self.phases)
-        self._on_step()
-        if self._stop.is_set():
-            self._say(f"Pre-annotation cancelled; {len(self.predicted)} frame(s) have predictions.")
-        self.preannotation_finished.emit(self)
 
     def _on_uncertainty_toggled(self, on: bool) -> None:
         if self.clip is None:
@@ -626,55 +648,29 @@ class SurgeNetAssistWidget(QWidget):
     # ------------------------------------------------------------------------------------------------
     # commit / export
     # ------------------------------------------------------------------------------------------------
+    @_user_action("Commit failed")
     def commit(self, scope: str | None = None) -> Any:
-        """Save the clinician's labels of the current frame (or the range) to the store with provenance.
-
-        Current frame: its mask (predicted or painted), phase and CVS — committing is also how a clinician
-        confirms a correct pre-annotation. Range: the phase run(s) of the range as one range label, plus the
-        masks and CVS edited inside it. Predictions in the store are never touched.
-        """
-        if self.clip is None or self.labels_layer is None:
-            self._say("Nothing to commit: open a clip first.")
-            return None
-        scope = scope or self.commit_scope.currentText()
-        if scope == "current frame":
-            a = b = self.frame
-            mask_frames = {a} & (self.predicted | self.dirty_masks | self.human_masks)
-            cvs_frames = {a} & set(self.cvs)
-            phases = self.phases if self.phases[a] >= 0 else None
-        else:
-            a, b = self.frame_range
-            span = set(range(a, b + 1))
-            mask_frames = span & self.dirty_masks
-            cvs_frames = span & self.dirty_cvs
-            phases = self.phases
-        masks = {f: np.asarray(self.labels_layer.data[f]).copy() for f in sorted(mask_frames)}
-        cvs = {f: self.cvs[f] for f in sorted(cvs_frames)}
-        try:
-            result = self.session.commit(
-                self.clip, (a, b), masks=masks, phases=phases, cvs=cvs, shown_model=self.shown_model
-            )
-        except Exception as exc:  # noqa: BLE001 - shown to the user, nothing was written (one transaction each)
-            self._say(f"Commit failed: {exc}")
-            raise
-        self.dirty_masks -= set(masks)
-        self.human_masks |= set(masks)
-        self.dirty_cvs -= set(cvs)
-        if phases is not None:
-            self.dirty_phase -= set(range(a, b + 1))
+        """Save the clinician's labels of the current frame (or the range) to the store with provenance
+        (the rules: :class:`.edits.ClipEdits`). Predictions in the store are never touched."""
+        edits = self._require_clip()
+        result = edits.commit(self.session, scope or self.commit_scope.value, self.frame, self.frame_range)
+        a, b = result.frames
         self._say(f"Committed {result.count} label(s) for frames {a}–{b} as {self.session.author}.")
         return result
 
-    def _export_dialog(self) -> None:
-        fmt = self.export_combo.currentText()
+    def _export_dialog(self, *_: Any) -> None:
+        fmt = self.export_combo.value
         if fmt == "coco":
-            path, _ = QFileDialog.getSaveFileName(self, "COCO JSON", "labels.json", "JSON (*.json)")
+            path = show_file_dialog(mode="w", caption="COCO JSON", start_path="labels.json",
+                                    filter="JSON (*.json)", parent=self.native)
         else:
-            path = QFileDialog.getExistingDirectory(self, f"Folder for the {fmt} export")
+            path = show_file_dialog(mode="d", caption=f"Folder for the {fmt} export", parent=self.native)
         if path:
-            self.export(fmt, path)
+            self.export(fmt, str(path))
 
+    @_user_action("Export failed")
     def export(self, fmt: str, out: str) -> Any:
+        """Export the store's human labels (uncommitted corrections are not in the store yet)."""
         if self.has_uncommitted():
             self._say("Note: uncommitted corrections are not exported — commit them first.")
         result = self.session.export(fmt, out)

@@ -64,7 +64,7 @@ def test_reader_layer_and_widget_defaults(viewer):
     assert type(image.data).__name__ == "LazyVideo"
     # no registry rows: the widget says clearly that it serves an untrained model
     assert widget.model_choice.version == UNTRAINED
-    assert "untrained" in widget.served_label.text().lower()
+    assert "untrained" in widget.served_label.value.lower()
     assert widget.labels_layer is not None and widget.labels_layer.data.shape == (12, 120, 214)
     assert widget.clip.frame_count == 12
 
@@ -72,7 +72,7 @@ def test_reader_layer_and_widget_defaults(viewer):
 def test_preannotate_paint_commit_keeps_prediction(viewer, qtbot, tmp_path):
     _, widget = open_widget(viewer)
     preannotate(qtbot, widget)
-    assert widget.predicted == set(range(12))
+    assert widget.edits.predicted == set(range(12))
     layer = widget.labels_layer
     frame = 3
     widget.goto(frame)
@@ -86,13 +86,13 @@ def test_preannotate_paint_commit_keeps_prediction(viewer, qtbot, tmp_path):
     layer.brush_size = 20
     layer.selected_label = cls
     layer.paint((frame, 60, 110), cls)
-    assert frame in widget.dirty_masks
+    assert frame in widget.edits.dirty_masks
     expected = np.asarray(layer.data[frame]).copy()
     assert (expected != before[0]).sum() > 100
     np.testing.assert_array_equal(layer.data[5], other)  # painting stays on the current frame
 
     result = widget.commit("current frame")
-    assert result.count >= 1 and not widget.dirty_masks
+    assert result.count >= 1 and not widget.edits.dirty_masks
     labels = widget.session.store.training_labels("segmentation", video_id=widget.clip.video_id)
     assert [(r.frame_start, r.source, r.author) for r in labels] == [(frame, "napari", widget.session.author)]
     np.testing.assert_array_equal(labels[0].payload["mask"], expected)
@@ -126,15 +126,15 @@ def test_phase_range_and_cvs_via_shortcuts(viewer, qtbot):
     widget.timeline.range_selected.emit(2, 6)
     assert widget.frame_range == (2, 6)
     press(layer, "Alt-5")
-    assert set(widget.phases[2:7]) == {4}
+    assert set(widget.edits.phases[2:7]) == {4}
     widget.goto(5)
     for cb, on in zip(widget.cvs_boxes, (True, False, True), strict=True):
-        cb.setChecked(on)
-    widget.cvs_boxes[1].setChecked(True)
-    widget.cvs_boxes[1].setChecked(False)
-    widget.commit_scope.setCurrentText("frame range")
+        cb.value = on
+    widget.cvs_boxes[1].value = True
+    widget.cvs_boxes[1].value = False
+    widget.commit_scope.value = "frame range"
     press(widget.viewer, "Shift-C")
-    assert not widget.dirty_phase and not widget.dirty_cvs
+    assert not widget.edits.dirty_phase and not widget.edits.dirty_cvs
 
     store, vid = widget.session.store, widget.clip.video_id
     phases = store.phase_labels(vid, length=12)
@@ -177,13 +177,14 @@ def test_event_loop_stays_responsive_and_cancel(viewer, qtbot):
 
     # cancel: a second clip, stopped after the first frame arrives
     widget.session._cache.clear()
-    widget.predicted.clear()
+    widget.edits.predicted.clear()
     worker = widget.preannotate("whole clip")
-    qtbot.waitUntil(lambda: len(widget.predicted) >= 1, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: len(widget.edits.predicted) >= 1, timeout=WAIT_MS)
     with qtbot.waitSignal(widget.preannotation_finished, timeout=WAIT_MS):
-        widget.cancel_btn.click()
-    assert worker is not None and 1 <= len(widget.predicted) < 12
-    assert widget.run_btn.isEnabled()
+        widget.cancel_btn.native.click()
+    assert worker is not None and 1 <= len(widget.edits.predicted) < 12
+    assert widget.run_btn.enabled and not widget.cancel_btn.enabled
+    assert "cancelled" in widget.status.value
 
 
 def test_switching_clip_flags_uncommitted_edits(viewer, qtbot):
@@ -208,6 +209,32 @@ def test_next_to_review_follows_acquisition_queue(viewer):
     assert widget.next_to_review() == 9
     assert widget.next_to_review() == 4
     assert widget.next_to_review() == 2
+
+
+def test_panel_is_magicgui_and_user_errors_are_notified(viewer):
+    """The dock is a magicgui Container; an action the user cannot take shows a message with a hint in the
+    status line and as a napari notification instead of raising."""
+    from magicgui.widgets import Container
+    from napari.utils.notifications import notification_manager
+
+    from surgenet_assist.napari_plugin.edits import ReviewError
+
+    _, widget = open_widget(viewer)
+    assert isinstance(widget, Container)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.goto(11)
+        assert widget.propagate("next", 3) is None  # the last frame has nothing after it
+        assert "No frames in that direction" in widget.status.value
+        assert seen and "No frames in that direction" in seen[-1].message and "Fix:" in seen[-1].message
+        with pytest.raises(ReviewError):  # the rule itself, as the edit state states it
+            widget.edits.propagation_targets(11, "next", 3)
+        viewer.layers.clear()  # no clip left: the shortcuts say so instead of failing silently
+        assert widget.clip is None and widget.commit() is None
+        assert "No clip is open" in widget.status.value and "File › Open" in seen[-1].message
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
 
 
 def _artifact_dir(tmp_path: Path) -> Path:
@@ -265,7 +292,7 @@ def test_screenshot_after_preannotation(make_napari_viewer, qtbot, tmp_path):
     assert matched / checked > 0.9, (matched, checked)
 
     # optional uncertainty heatmap: 1 - max class probability of the frames predicted so far
-    widget.uncertainty_check.setChecked(True)
+    widget.uncertainty_check.value = True
     unc = widget.uncertainty_layer
     assert unc is not None and unc.data.shape == (12, 120, 214)
     assert 0.0 < float(unc.data[4].max()) <= 1.0 and not unc.data[3].any()
@@ -285,6 +312,19 @@ def test_reader_random_seeks_are_frame_exact(tmp_path):
     seeks = [89, 0, 45, 44, 46, 3, 88, *rng.integers(0, 90, 25).tolist()]
     assert [decode_frame_index(data[i]) for i in seeks] == seeks
     np.testing.assert_array_equal(data[10:13][1], data[11])
+
+
+def test_reader_names_the_problem_of_an_unreadable_file(tmp_path):
+    from surgenet_assist.core.errors import VideoReadError
+    from surgenet_assist.napari_plugin._reader import get_reader
+
+    bad = tmp_path / "case.mp4"
+    bad.write_bytes(b"not a video")
+    reader = get_reader(str(bad))
+    assert reader is not None
+    with pytest.raises(VideoReadError, match="case.mp4") as err:
+        reader(str(bad))
+    assert err.value.hint
 
 
 def test_manifest_is_valid_and_complete():
@@ -335,7 +375,7 @@ def test_propagate_carries_a_mask_to_the_next_frames(viewer, qtbot):
     widget.labels_layer.data[0] = truth[0]
     with qtbot.waitSignal(widget.preannotation_finished, timeout=WAIT_MS):
         assert widget.propagate("next", 6) is not None
-    assert widget.predicted >= set(range(1, 7)) and 7 not in widget.predicted
+    assert widget.edits.predicted >= set(range(1, 7)) and 7 not in widget.edits.predicted
 
     def agreement(a, b):
         return float((a == b).mean())
