@@ -494,6 +494,7 @@ class SurgeNetAssistWidget(Container):
         self._on_step()
         self._say(f"Phase {self.schema.phase_names[phase]} set for frames {a}–{b} (not committed).")
 
+    @_user_action()
     def _on_cvs_toggled(self, *_: Any) -> None:
         if self._updating or self.edits is None:
             return
