@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from surgenet_assist.core.errors import SurgenetAssistError
+
 log = logging.getLogger("surgenet_assist.backend")
 
 ENV_HINT = (
@@ -28,14 +30,12 @@ ENV_HINT = (
 )
 
 
-class MediaError(Exception):
+class MediaError(SurgenetAssistError):
     """A task's media cannot be fetched or decoded (the client gets a 422 naming the URL)."""
 
     def __init__(self, message: str, url: str | None, hint: str = ENV_HINT) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, hint)
         self.url = url
-        self.hint = hint
 
 
 class _SetupCredentials:

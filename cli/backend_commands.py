@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from surgenet_assist.core.errors import BundleError, UsageError
+
 ls_app = typer.Typer(
     help="Label Studio tools: labeling configs, project setup, bulk pre-annotation.", no_args_is_help=True
 )
@@ -56,9 +58,11 @@ def serve(
     from surgenet_assist.backend.app import BackendSettings, create_app
 
     if model is not None and registry:
-        raise typer.BadParameter("give --model BUNDLE or --registry, not both")
-    if model is not None and not (model / "bundle.json").is_file():
-        raise typer.BadParameter(f"{model} is not a model bundle (no bundle.json)")
+        raise UsageError("--model and --registry both choose the served model", "give one of them")
+    if model is not None:
+        from surgenet_assist.core.bundle import read_bundle_info
+
+        read_bundle_info(model)  # a missing or incomplete bundle is refused before the server starts
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -112,7 +116,7 @@ def ls_config(
     from surgenet_assist.backend.labeling_configs import KINDS, label_config
 
     if kind not in KINDS:
-        raise typer.BadParameter(f"--kind must be one of {KINDS}")
+        raise UsageError(f"unknown labeling config kind {kind!r}", f"use --kind {' or --kind '.join(KINDS)}")
     typer.echo(label_config(kind, frame_rate=frame_rate), nl=False)
 
 
@@ -178,7 +182,9 @@ def ls_preannotate(
         store = LabelStore(db)
     holder = ModelHolder(settings, store=store)
     if holder.predictor is None:
-        raise typer.BadParameter("no model: pass --model BUNDLE or register a champion in the store")
+        raise BundleError(
+            "no model to pre-annotate with", "pass --model BUNDLE or promote a champion (`models promote`)"
+        )
     rep = preannotate(url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps)
     typer.echo(
         f"{rep.predicted} predicted, {rep.skipped} already had {rep.model_version}, "

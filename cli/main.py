@@ -1,7 +1,7 @@
 """`surgenet-assist` command line: the composition root that wires core, backend, napari and training.
 
-Errors a user can fix (bad input, missing weights, ...) are printed as a message and a fix, exit code 2,
-with no traceback.
+Errors a user can fix (bad input, missing weights, ...) are printed on one line, the problem and the fix,
+with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
@@ -22,16 +22,20 @@ console = Console(stderr=True)
 
 
 class _FriendlyErrors(TyperGroup):
-    """Shows a SurgenetAssistError as 'Error: ... / Fix: ...' with exit code 2, no traceback."""
+    """Shows a SurgenetAssistError as one line, 'Error: ... Fix: ...', with exit code 2 and no traceback."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
         try:
             return super().invoke(ctx)
         except SurgenetAssistError as exc:
-            typer.echo(f"Error: {exc.message}", err=True)
-            if exc.hint:
-                typer.echo(f"Fix: {exc.hint}", err=True)
+            typer.echo(one_line_error(exc), err=True)
             raise typer.Exit(2) from None
+
+
+def one_line_error(exc: SurgenetAssistError) -> str:
+    """'Error: <problem> Fix: <what to do>' on a single line (messages may carry newlines from libraries)."""
+    line = "Error: " + " ".join(exc.message.split())
+    return line + " Fix: " + " ".join(exc.hint.split()) if exc.hint else line
 
 
 app = typer.Typer(

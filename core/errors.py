@@ -16,6 +16,10 @@ class SurgenetAssistError(Exception):
         self.hint = hint
 
 
+class UsageError(SurgenetAssistError, ValueError):
+    """An option or argument has a value the command cannot use (a ValueError too, for library callers)."""
+
+
 class WeightsError(SurgenetAssistError):
     """Checkpoint missing, unreadable, unsafe, or not matching the architecture."""
 

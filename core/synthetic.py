@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import FrameError, VideoReadError
+from .errors import FrameError, UsageError, VideoReadError
 from .schema import DEFAULT_SCHEMA, LabelSchema
 
 __all__ = [
@@ -348,10 +348,13 @@ def _insertion(present: np.ndarray) -> np.ndarray:
 
 def _make_plan(seed: int, num_frames: int, camera_cuts: int) -> _Plan:
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise UsageError(
+            f"a synthetic clip needs at least 1 frame, got {num_frames}", "ask for 1 or more frames"
+        )
     if camera_cuts < 0 or (camera_cuts and num_frames < 4 * camera_cuts + 2):
-        raise ValueError(
-            f"{camera_cuts} camera cuts need at least {4 * camera_cuts + 2} frames, got {num_frames}"
+        raise UsageError(
+            f"{camera_cuts} camera cuts need at least {4 * camera_cuts + 2} frames, got {num_frames}",
+            "ask for more frames or fewer camera cuts",
         )
     rng = np.random.default_rng([seed, 0x5EED])
     keep = rng.random(7) < _PHASE_KEEP_PROB
@@ -480,7 +483,9 @@ def clip_timeline(
 class _Renderer:
     def __init__(self, seed: int, plan: _Plan, height: int, width: int, schema: LabelSchema) -> None:
         if height < 16 or width < 16:
-            raise ValueError(f"frame size must be at least 16x16, got {height}x{width}")
+            raise UsageError(
+                f"frame size must be at least 16x16, got {height}x{width}", "ask for a larger frame"
+            )
         self.plan, self.h, self.w = plan, height, width
         self.ids = {key: schema.class_id(name) for key, name in _CLASS_NAMES.items()}
         rng = np.random.default_rng([seed, 0x7E47, height, width])
@@ -827,7 +832,9 @@ def make_indexed_video(
     frame. ``size`` is (height, width).
     """
     if not 0 < num_frames <= 1 << _DATA_BITS:
-        raise ValueError(f"num_frames must be in 1..{1 << _DATA_BITS}, got {num_frames}")
+        raise UsageError(
+            f"num_frames must be in 1..{1 << _DATA_BITS}, got {num_frames}", "ask for fewer frames"
+        )
     height, width = size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

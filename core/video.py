@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import FrameError, VideoReadError
+from .errors import FrameError, UsageError, VideoReadError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -258,7 +258,9 @@ class VideoSource:
         if sample_fps is None or sample_fps >= self.fps:
             return list(range(start, end))
         if sample_fps <= 0:
-            raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
+            raise UsageError(
+                f"sampling rate must be > 0 frames/s, got {sample_fps}", "pass --fps 1 (or any rate > 0)"
+            )
         step = self.fps / float(sample_fps)
         count = int(np.floor((end - 1 - start) / step + 1e-9)) + 1 if end > start else 0
         indices = start + np.round(np.arange(count) * step).astype(int)

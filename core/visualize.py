@@ -1,4 +1,8 @@
-"""Pictures people look at: mask overlays and phase timelines (PNG via OpenCV / matplotlib Agg)."""
+"""Pictures people look at: overlays, phase timelines, learning curves, confusion matrices (PNG).
+
+Figures are built with `matplotlib.figure.Figure`, never pyplot, so library code picks no GUI backend and
+leaves no global figure state behind (napari and the backend run Qt and threads beside it).
+"""
 
 from __future__ import annotations
 
@@ -43,10 +47,7 @@ def timeline_png(
     cvs: np.ndarray | None = None,
 ) -> Path:
     """One colour strip per track (e.g. 'predicted', 'ground truth'), a legend, optional CVS curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     names = list(tracks)
@@ -54,10 +55,10 @@ def timeline_png(
     x = np.asarray(timestamps if timestamps is not None else np.arange(n), dtype=float)
     step = float(np.median(np.diff(x))) if n > 1 else 1.0
     rows = len(names) + (1 if cvs is not None else 0)
-    fig, axes = plt.subplots(
+    fig = Figure(figsize=(11, 0.7 * len(names) + (1.6 if cvs is not None else 0) + 1.2))
+    axes = fig.subplots(
         rows,
         1,
-        figsize=(11, 0.7 * len(names) + (1.6 if cvs is not None else 0) + 1.2),
         sharex=True,
         squeeze=False,
         gridspec_kw={"height_ratios": [1] * len(names) + ([2.2] if cvs is not None else [])},
@@ -84,19 +85,17 @@ def timeline_png(
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def learning_curves_png(
     path: str | Path, curves: dict[str, Sequence[float]], title: str = "Training loss"
 ) -> Path:
-    import matplotlib
+    """Loss per epoch, one line per curve."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for name, values in curves.items():
         if len(values):
             ax.plot(range(1, len(values) + 1), values, label=name)
@@ -106,5 +105,24 @@ def learning_curves_png(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return Path(path)
+
+
+def confusion_png(path: str | Path, confusion: np.ndarray, names: Sequence[str], title: str) -> Path:
+    """A row-normalised confusion matrix (rows: ground truth, columns: prediction)."""
+    from matplotlib.figure import Figure
+
+    conf = np.asarray(confusion, float)
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     return Path(path)
