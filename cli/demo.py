@@ -22,7 +22,7 @@ from surgenet_assist.core.predictor import Predictor
 from surgenet_assist.core.synthetic import generate_dataset
 from surgenet_assist.core.visualize import learning_curves_png
 from surgenet_assist.core.weights import cached_path
-from surgenet_assist.core.zoo import get_spec
+from surgenet_assist.core.zoo import DEFAULT_BACKBONE, get_spec
 from surgenet_assist.training_loop.finetune import FinetuneConfig, LabelledFrames, finetune_heads
 from surgenet_assist.training_loop.metrics import SegmentationAccumulator, cvs_metrics, phase_metrics
 
@@ -48,10 +48,10 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    spec = get_spec("surgenetxl")
+    spec = get_spec(DEFAULT_BACKBONE)
     if cached_path(spec).exists():
         console.print(f"Backbone: SurgeNetXL weights from {cached_path(spec)}")
-        model = SurgeNetAssistModel.create("surgenetxl", allow_download=False)
+        model = SurgeNetAssistModel.create(DEFAULT_BACKBONE, allow_download=False)
         backbone_note = "SurgeNetXL (pretrained)"
     else:
         console.print(
@@ -60,7 +60,7 @@ def run_demo(
             "Scores will be far below what SurgeNetXL gives. Get the weights with "
             "`surgenet-assist weights download surgenetxl` (or --from-file on an offline machine)."
         )
-        model = SurgeNetAssistModel.create("surgenetxl", random_init=True)
+        model = SurgeNetAssistModel.create(DEFAULT_BACKBONE, random_init=True)
         backbone_note = "random-init (SurgeNetXL weights not cached)"
     model.backbone.input_size = (short_side, int(round(short_side * 16 / 9 / 32)) * 32)
 

@@ -6,7 +6,6 @@ with exit code 2 and no traceback.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +16,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 console = Console(stderr=True)
 
@@ -73,7 +73,7 @@ def weights_list(
 
 @weights_app.command("download")
 def weights_download(
-    name: Annotated[str, typer.Argument(help="backbone name, e.g. surgenetxl")] = "surgenetxl",
+    name: Annotated[str, typer.Argument(help="backbone name, e.g. surgenetxl")] = DEFAULT_BACKBONE,
     from_file: Annotated[
         Path | None, typer.Option(help="copy a file obtained elsewhere into the cache")
     ] = None,
@@ -90,7 +90,9 @@ def weights_download(
 @weights_app.command("inspect")
 def weights_inspect(
     file: Annotated[Path, typer.Argument(help="checkpoint file (.pth)")],
-    name: Annotated[str, typer.Option(help="backbone whose architecture to check against")] = "surgenetxl",
+    name: Annotated[str, typer.Option(help="backbone whose architecture to check against")] = (
+        DEFAULT_BACKBONE
+    ),
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check a checkpoint against the architecture: missing/unexpected keys, parameters, SHA-256."""
@@ -144,7 +146,7 @@ def predict(
     model: Annotated[Path | None, typer.Option(help="model bundle directory")] = None,
     weights: Annotated[Path | None, typer.Option(help="backbone checkpoint (without --model)")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
-    backbone: Annotated[str, typer.Option(help="backbone name from `weights list`")] = "surgenetxl",
+    backbone: Annotated[str, typer.Option(help="backbone name from `weights list`")] = DEFAULT_BACKBONE,
     fps: Annotated[float, typer.Option(help="frames per second to sample from a video")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
@@ -236,16 +238,11 @@ def propagate(
 
 
 def _register_front_ends() -> None:
-    """Front-ends add their commands here; a missing optional extra only hides its commands."""
-    fronts = ("store_commands", "backend_commands", "napari_commands", "training_commands", "al_commands")
-    for module in fronts:
-        try:
-            mod = importlib.import_module(f"surgenet_assist.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("surgenet_assist.cli."):
-                continue  # that front-end does not exist (yet)
-            raise
-        mod.register(app)
+    """Each front-end's command module adds its commands (heavy imports stay inside the commands)."""
+    from surgenet_assist.cli import al_commands, backend_commands, store_commands, training_commands
+
+    for module in (store_commands, backend_commands, training_commands, al_commands):
+        module.register(app)
 
 
 _register_front_ends()

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .backbone import SurgeNetBackbone, load_backbone
 from .heads import CVSHead, FPNSegHead, PhaseHead
 from .schema import DEFAULT_SCHEMA, LabelSchema
+from .zoo import DEFAULT_BACKBONE
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SurgeNetAssistModel(nn.Module):
     @classmethod
     def create(
         cls,
-        backbone: str = "surgenetxl",
+        backbone: str = DEFAULT_BACKBONE,
         schema: LabelSchema = DEFAULT_SCHEMA,
         weights=None,
         random_init: bool = False,
