@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.errors import DatasetFormatError, SurgenetAssistError
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, soft_wrap=True)
@@ -48,6 +48,32 @@ def _store(db: str | None, project: str = "default", upgrade: bool = True) -> An
     from surgenet_assist.core.store import LabelStore
 
     return LabelStore(db, project=project, upgrade=upgrade)
+
+
+LabelConfigOption = typer.Option(
+    None,
+    "--label-config",
+    help="label-studio: the project's labeling config (XML file); default: the one `ls config` generates.",
+)
+
+
+def _label_studio_options(fmt: StrEnum, **given: Any) -> dict[str, Any]:
+    """Keyword arguments for the Label Studio importer/exporter; refuses them for other formats."""
+    used = {k: v for k, v in given.items() if v not in (None, False)}
+    if fmt != "label-studio":
+        if used:
+            flags = ", ".join("--" + k.replace("_", "-") for k in used)
+            raise typer.BadParameter(f"{flags}: only for label-studio")
+        return {}
+    if given.get("label_config") is not None:
+        path = given["label_config"]
+        try:
+            used["label_config"] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetFormatError(
+                f"cannot read labeling config {path}: {exc}", "give the project's config XML file"
+            ) from None
+    return used
 
 
 class ImportFormat(StrEnum):
@@ -127,8 +153,11 @@ def register(app: typer.Typer) -> None:
             db: str | None = DbOption,
             project: str = ProjectOption,
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+            label_config: Path | None = LabelConfigOption,
         ) -> None:
             from surgenet_assist.core.formats import cholec80, cholecseg8k, endoscapes, label_studio
+
+            extra = _label_studio_options(fmt, label_config=label_config)
 
             fn = {
                 ImportFormat.cholecseg8k: cholecseg8k.import_cholecseg8k,
@@ -138,7 +167,7 @@ def register(app: typer.Typer) -> None:
             }[fmt]
             store = _store(db, project)
             try:
-                report = fn(store, path, project=project, progress=not as_json)
+                report = fn(store, path, project=project, progress=not as_json, **extra)
             finally:
                 store.close()
             if as_json:
@@ -164,14 +193,29 @@ def register(app: typer.Typer) -> None:
             model_version: str | None = typer.Option(
                 None, "--model-version", help="label-studio: only this model."
             ),
+            label_config: Path | None = LabelConfigOption,
+            tasks: Path | None = typer.Option(
+                None,
+                "--tasks",
+                help="label-studio: the project's tasks (its JSON export) to attach the labels to.",
+            ),
+            annotations: bool = typer.Option(
+                False, "--annotations", help="label-studio: also write human labels as annotations."
+            ),
         ) -> None:
             from surgenet_assist.core.formats import cholec80, cholecseg8k, coco, label_studio
 
+            extra = _label_studio_options(
+                fmt, label_config=label_config, tasks=tasks, annotations=annotations
+            )
             store = _store(db, project)
             try:
                 if fmt is ExportFormat.label_studio:
-                    n = label_studio.export_label_studio(store, out_path, model_version=model_version)
-                    msg = f"{n} Label Studio tasks with predictions"
+                    n = label_studio.export_label_studio(
+                        store, out_path, model_version=model_version, **extra
+                    )
+                    what = "annotations and predictions" if annotations else "predictions"
+                    msg = f"{n} Label Studio tasks with {what}"
                 elif fmt is ExportFormat.coco:
                     counts = coco.export_coco(store, out_path, split=split)
                     msg = f"{counts['images']} images, {counts['annotations']} RLE annotations"

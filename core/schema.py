@@ -181,6 +181,10 @@ class LabelSchema:
     def has_phase(self, name: str) -> bool:
         return _norm(name) in self._lookup["phase"]
 
+    def has_cvs(self, name: str) -> bool:
+        """Is ``name`` a CVS criterion (its key such as ``C1``, or its name)? Asked here and nowhere else."""
+        return _norm(name) in self._lookup["cvs"]
+
     def class_colors(self) -> dict[int, tuple[int, int, int]]:
         return {c.id: c.color for c in self.classes}
 

@@ -8,12 +8,14 @@ the synthetic generator wrote, through an injected ``fetch``.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 
 import cv2
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
+from ls_semantics import assert_same_annotations, fixture
 
 from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
 from surgenet_assist.backend.config import parse_label_config
@@ -379,107 +381,56 @@ def test_metrics_count_requests_predictions_and_errors(client):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# webhooks -> store
+# webhooks -> store (bodies captured from a real Label Studio 1.23: tests/fixtures/label_studio/README.md)
 # ------------------------------------------------------------------------------------------------------------
-def _annotation_event(action, ann_id, result, updated_at, task_id=1, cfg=None):
-    return {
-        "action": action,
-        "annotation": {
-            "id": ann_id,
-            "result": result,
-            "task": task_id,
-            "completed_by": 1,
-            "was_cancelled": False,
-            "updated_at": updated_at,
-            "created_at": updated_at,
-        },
-        "task": {
-            "id": task_id,
-            "data": {"image": "/data/upload/1/frame0.png", "source_video": "case01.mp4", "frame_index": 42},
-        },
-        "project": {"id": 5, "label_config": cfg or image_config()},
-    }
+def test_captured_webhooks_become_what_label_studio_holds(client, store, tmp_path):
+    from surgenet_assist.core.formats.label_studio import export_label_studio
 
-
-def _brush(label, mask):
-    from surgenet_assist.core.encoders import mask_to_brush_rle
-
-    return {
-        "from_name": "mask",
-        "to_name": "image",
-        "type": "brushlabels",
-        "original_width": W,
-        "original_height": H,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
-    }
-
-
-def test_webhooks_store_revisions_idempotently_and_tombstone(client, store):
-    m = np.zeros((H, W), np.uint8)
-    m[10:30, 20:50] = 255
-    result = [
-        _brush("Gallbladder", m),
-        {"from_name": "cvs", "to_name": "image", "type": "choices", "value": {"choices": ["C1", "C3"]}},
-        {
-            "from_name": "phase",
-            "to_name": "image",
-            "type": "choices",
-            "value": {"choices": ["ClippingCutting"]},
-        },
-    ]
-    ev = _annotation_event("ANNOTATION_CREATED", 77, result, "2026-01-01T10:00:00Z")
-    r1 = post(client, "/webhook", ev)
-    assert r1.status_code == 200, r1.get_json()
-    assert all(v["created"] for v in r1.get_json()["labels"].values())
-    again = post(client, "/webhook", ev).get_json()  # redelivery
+    bodies = fixture("webhooks.json")
+    replies = [post(client, "/webhook", b) for b in bodies]
+    assert [r.status_code for r in replies] == [200] * len(bodies), [r.get_json() for r in replies]
+    created, _, updated = (r.get_json() for r in replies[:3])
+    assert all(v["created"] for v in created["labels"].values())
+    assert set(created["labels"]) == {"segmentation", "cvs", "phase"}
+    # the update repainted task 2's mask and dropped its phase: a new revision and a tombstone
+    assert updated["labels"]["segmentation"]["revision"] == 2 and updated["labels"]["phase"]["deleted"]
+    assert replies[3].get_json()["status"] == "ignored"  # a skipped task
+    assert replies[5].get_json()["tombstones"] == 1  # ANNOTATIONS_DELETED
+    again = post(client, "/webhook", bodies[0]).get_json()  # redelivery
     assert not any(v["created"] for v in again["labels"].values())
-    result2 = [_brush("Liver", m)]
-    r2 = post(
-        client, "/webhook", _annotation_event("ANNOTATION_UPDATED", 77, result2, "2026-01-01T11:00:00Z")
-    )
-    labels = r2.get_json()["labels"]
-    assert labels["segmentation"]["revision"] == 2 and labels["cvs"]["deleted"] and labels["phase"]["deleted"]
 
-    vid = store.video_id("case01.mp4")
-    assert vid is not None
-    seg = store.label_for(vid, 42, "segmentation")
+    seg = store.label_for(store.video_id("case07"), 1, "segmentation")
+    assert seg.author == "ls-user:1" and seg.source == "label-studio"
+    assert [h.revision for h in store.history(seg.annotation_id)] == [1, 2]
+    assert store.label_for(store.video_id("case07"), 1, "phase") is None
+    for kind in ("image", "video"):
+        export_label_studio(
+            store,
+            tmp_path / f"{kind}.json",
+            annotations=True,
+            label_config=fixture(f"{kind}_config.xml"),
+            tasks=fixture(f"{kind}_export.json"),
+        )
+        assert_same_annotations(
+            json.loads((tmp_path / f"{kind}.json").read_text()), fixture(f"{kind}_export.json")
+        )
+
+
+def test_webhook_with_a_label_the_schema_lacks_is_refused(client, store):
+    body = copy.deepcopy(fixture("webhooks.json")[0])
+    body["annotation"]["result"][0]["value"]["brushlabels"] = ["Suturing needle"]
+    r = post(client, "/webhook", body)
+    assert r.status_code == 422, r.get_json()
+    err = r.get_json()
     assert (
-        seg.payload["mask"][15, 30] == DEFAULT_SCHEMA.class_id("Liver") and seg.payload["mask"][0, 0] == 255
+        err["error"] == "label_rejected" and "'Suturing needle'" in err["detail"] and "Liver" in err["hint"]
     )
-    seg_id = r1.get_json()["labels"]["segmentation"]["annotation_id"]
-    assert labels["segmentation"]["annotation_id"] == seg_id
-    hist = store.history(seg_id)
-    assert [h.revision for h in hist] == [1, 2]
-    assert hist[0].payload["mask"][15, 30] == DEFAULT_SCHEMA.class_id("Gallbladder")
-    assert hist[0].source == "label-studio" and hist[0].author == "ls-user:1"
-
-    post(client, "/webhook", {"action": "ANNOTATION_DELETED", "annotation": {"id": 77}, "project": {"id": 5}})
-    assert store.history(seg_id)[-1].deleted
-
-
-def test_webhook_timeline_to_phase_segments(client, store):
-    cfg = video_config(frame_rate=25)
-    result = [
-        {
-            "from_name": "phases",
-            "to_name": "video",
-            "type": "timelinelabels",
-            "value": {"ranges": [{"start": 1, "end": 40}], "timelinelabels": ["Preparation"]},
-        },
-        {
-            "from_name": "phases",
-            "to_name": "video",
-            "type": "timelinelabels",
-            "value": {"ranges": [{"start": 41, "end": 90}], "timelinelabels": ["CalotTriangleDissection"]},
-        },
-    ]
-    ev = _annotation_event("ANNOTATION_CREATED", 8, result, "2026-01-02T10:00:00Z", cfg=cfg)
-    ev["task"]["data"] = {"video": "/data/upload/5/case02.mp4"}
-    r = post(client, "/webhook", ev)
-    assert r.status_code == 200, r.get_json()
-    vid = store.video_id("/data/upload/5/case02.mp4")
-    labels = store.phase_labels(vid, length=90)
-    assert (labels[:40] == 0).all() and (labels[40:90] == 1).all()
+    assert store.stats()["annotations"]["revisions"] == 0
+    assert post(client, "/webhook", {"action": "ANNOTATION_CREATED", "task": {}}).status_code == 400
+    assert (
+        post(client, "/webhook", {"action": "ANNOTATION_DELETED", "annotation": {"id": 999}}).status_code
+        == 200
+    )
 
 
 def test_start_training_queues_one_cycle_and_other_events_are_quick(client, store):

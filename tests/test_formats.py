@@ -11,10 +11,11 @@ import cv2
 import ls_brush_reference as sdk
 import numpy as np
 import pytest
+from ls_semantics import FIXTURES, assert_same_annotations, fixture
 from store_helpers import random_mask, store, store_url, write_cholecseg8k, write_phase_file  # noqa: F401
 
 from surgenet_assist.core.encoders import coco_rle_decode
-from surgenet_assist.core.errors import DatasetFormatError
+from surgenet_assist.core.errors import DatasetFormatError, SchemaError
 from surgenet_assist.core.formats.cholec80 import export_cholec80, import_cholec80
 from surgenet_assist.core.formats.cholecseg8k import export_cholecseg8k, import_cholecseg8k
 from surgenet_assist.core.formats.coco import export_coco
@@ -216,137 +217,193 @@ def test_endoscapes_missing_fields(store, tmp_path, coco, match):
 
 
 # --- Label Studio -------------------------------------------------------------------------------------------
-def _ls_export(mask):
-    h, w = mask.shape
-    brush = [
-        {
-            "id": f"r{c}",
-            "from_name": "seg",
-            "to_name": "image",
-            "type": "brushlabels",
-            "original_width": w,
-            "original_height": h,
-            "image_rotation": 0,
-            "value": {
-                "format": "rle",
-                "rle": sdk.mask2rle(((mask == c) * 255).astype(np.uint8)),
-                "brushlabels": [DEFAULT_SCHEMA.class_names[c]],
-            },
-        }
-        for c in np.unique(mask)
-        if c != IGNORE_INDEX
-    ]
-    return [
-        {
-            "id": 1,
-            "data": {"image": "/data/upload/1/video03_frame_000120.png"},
-            "annotations": [
-                {
-                    "id": 10,
-                    "completed_by": {"email": "a@x"},
-                    "updated_at": "2024-05-01T10:00:00.5Z",
-                    "result": brush
-                    + [
-                        {
-                            "type": "choices",
-                            "from_name": "cvs",
-                            "to_name": "image",
-                            "value": {"choices": ["C1", "C3"]},
-                        },
-                        {"type": "polygonlabels", "value": {}},
-                    ],
-                },
-                {"id": 11, "was_cancelled": True, "result": []},
-            ],
-        },
-        {
-            "id": 2,
-            "data": {"video": "/data/video03.mp4", "video_name": "video03", "fps": 25},
-            "annotations": [
-                {
-                    "id": 12,
-                    "completed_by": 3,
-                    "created_at": "2024-05-02T00:00:00Z",
-                    "result": [
-                        {
-                            "type": "timelinelabels",
-                            "from_name": "phases",
-                            "to_name": "video",
-                            "value": {"ranges": [{"start": 1, "end": 10}], "timelinelabels": ["Preparation"]},
-                        },
-                        {
-                            "type": "timelinelabels",
-                            "from_name": "phases",
-                            "to_name": "video",
-                            "value": {
-                                "ranges": [{"start": 11, "end": 25}],
-                                "timelinelabels": ["Calot triangle dissection"],
-                            },
-                        },
-                    ],
-                }
-            ],
-        },
-    ]
+# Payloads captured from a real Label Studio 1.23 (tests/fixtures/label_studio/README.md).
+IMAGE_CFG, VIDEO_CFG, POLY_CFG = (fixture(f"{k}_config.xml") for k in ("image", "video", "polygon"))
 
 
-def test_label_studio_export_import(store, tmp_path):
-    mask = random_mask(np.random.default_rng(3))
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(_ls_export(mask)))
-    report = import_label_studio(store, path)
-    assert report.counts["new revisions"] == 3
-    reasons = " ".join(r for _, r in report.skipped)
-    assert "cancelled" in reasons and "polygonlabels" in reasons
-    seg = store.training_labels("segmentation")[0]
-    assert (seg.video_path, seg.frame_start, seg.author, seg.source) == (
-        "video03",
-        120,
-        "a@x",
-        "label-studio",
-    )
-    np.testing.assert_array_equal(seg.payload["mask"], mask)  # border stays unlabelled
+def _export(store, tmp_path, name="out.json", **kw):
+    export_label_studio(store, tmp_path / name, **kw)
+    return json.loads((tmp_path / name).read_text())
+
+
+def test_label_studio_import_of_a_real_export_exports_back_the_same(store, tmp_path):
+    for kind, cfg in (("image", IMAGE_CFG), ("video", VIDEO_CFG)):
+        report = import_label_studio(store, FIXTURES / f"{kind}_export.json", label_config=cfg)
+        assert report.counts["new revisions"] >= 1
+        ours = _export(
+            store, tmp_path, annotations=True, label_config=cfg, tasks=FIXTURES / f"{kind}_export.json"
+        )
+        assert_same_annotations(ours, fixture(f"{kind}_export.json"))
+    reasons = " ".join(r for _, r in report.skipped)  # the video export has nothing to skip
+    assert "cvs" not in reasons
+    seg = {(r.video_path, r.frame_start): r for r in store.training_labels("segmentation")}
+    assert set(seg) == {("case07", 0), ("case07", 1), ("video09", 120)}  # upload: named by its file name
+    assert {r.author for r in seg.values()} == {"ls-user:1"} and seg[("case07", 0)].source == "label-studio"
+    gb, liver = DEFAULT_SCHEMA.class_id("Gallbladder"), DEFAULT_SCHEMA.class_id("Liver")
+    mask = seg[("case07", 0)].payload["mask"]
+    assert mask[45, 60] == gb and mask[45, 35] == liver and mask[0, 0] == IGNORE_INDEX  # later stroke on top
     assert store.training_labels("cvs")[0].payload["values"] == [1.0, 0.0, 1.0]
-    phase = store.phase_labels(store.video_id("video03"))
-    assert list(phase[:25]) == [0] * 10 + [1] * 15
-    assert import_label_studio(store, path).counts["new revisions"] == 0
+    phase = store.phase_labels(store.video_id("/data/local-files/?d=videos/case10.mp4"))
+    assert list(phase[:25]) == [0] * 8 + [1] * 17
+    again = import_label_studio(store, FIXTURES / "image_export.json", label_config=IMAGE_CFG)
+    assert again.counts["new revisions"] == 0
+    skipped = " ".join(r for _, r in again.skipped)
+    assert "cancelled" in skipped and "no annotations" in skipped
 
 
-def test_label_studio_unknown_label_is_rejected(store, tmp_path):
-    tasks = _ls_export(random_mask(np.random.default_rng(1)))
-    tasks[1]["annotations"][0]["result"][0]["value"]["timelinelabels"] = ["Suturing"]
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(tasks))
-    with pytest.raises(DatasetFormatError, match="task 2 annotation 12.*Suturing"):
-        import_label_studio(store, path)
-    assert store.stats()["annotations"]["revisions"] == 0  # task 1 was valid but is not half-written
+def _labels(st):
+    out = []
+    for task in ("segmentation", "phase", "cvs"):
+        for r in st.training_labels(task):
+            payload = dict(r.payload)
+            if "mask" in payload:
+                payload["mask"] = payload["mask"].tobytes().hex()
+            out.append((r.video_path, r.frame_start, r.task, r.author, json.dumps(payload, sort_keys=True)))
+    return sorted(out)
 
 
-def test_webhook_bodies_are_idempotent_and_deletes_tombstone(store):
-    task = {"id": 5, "data": {"video_name": "video04", "frame_index": 33}}
-    ann = {
-        "id": 77,
-        "completed_by": 1,
-        "updated_at": "2024-05-01T00:00:00Z",
-        "result": [{"type": "choices", "from_name": "phase", "value": {"choices": ["Preparation"]}}],
+def test_label_studio_export_without_tasks_reimports_to_the_same_labels(store, sqlite_store, tmp_path):
+    import_label_studio(store, FIXTURES / "image_export.json")  # no config: by type and values
+    tasks = _export(store, tmp_path, annotations=True)  # default config: the one `ls config` generates
+    assert {r["from_name"] for t in tasks for a in t["annotations"] for r in a["result"]} == {
+        "mask",
+        "cvs",
+        "phase",
     }
-    body = {"action": "ANNOTATION_CREATED", "task": task, "annotation": ann, "project": {"id": 1}}
-    assert ingest_webhook(store, body)["counts"]["new revisions"] == 1
-    assert ingest_webhook(store, body)["counts"]["unchanged (already stored)"] == 1
-    updated = dict(
-        ann,
-        updated_at="2024-05-02T00:00:00Z",
-        result=[{"type": "choices", "value": {"choices": ["ClippingCutting"]}}],
+    assert {(t["data"]["source_video"], t["data"]["frame_index"]) for t in tasks} == {
+        ("case07", 0),
+        ("case07", 1),
+        ("video09", 120),
+    }
+    assert all(a["completed_by"] == 1 for t in tasks for a in t["annotations"])
+    import_label_studio(sqlite_store, tmp_path / "out.json")
+    assert _labels(sqlite_store) == _labels(store)
+
+
+def test_captured_webhooks_build_what_label_studio_holds(store, tmp_path):
+    bodies = fixture("webhooks.json")
+    results = [ingest_webhook(store, b) for b in bodies]
+    assert [r["action"] for r in results] == [b["action"] for b in bodies]
+    for kind, cfg in (("image", IMAGE_CFG), ("video", VIDEO_CFG)):
+        ours = _export(
+            store, tmp_path, annotations=True, label_config=cfg, tasks=FIXTURES / f"{kind}_export.json"
+        )
+        assert_same_annotations(ours, fixture(f"{kind}_export.json"))
+    # the update dropped the phase of frame 1 and the clip CVS; the video's boundary moved from 12|13 to 8|9
+    assert store.label_for(store.video_id("case07"), 1, "phase") is None
+    video = store.video_id("/data/local-files/?d=videos/case10.mp4")
+    assert list(store.phase_labels(video)) == [0] * 8 + [1] * 17
+    assert [r["tombstones"] for r in results if r["action"] == "ANNOTATIONS_DELETED"] == [1]
+    skipped = [s for r in results for s in r.get("skipped", [])]
+    assert any("video task" in s for s in skipped)  # the clip-level CVS choice
+    before = store.stats()["annotations"]
+    for b in bodies:
+        ingest_webhook(store, b)  # redelivery of everything: nothing current changes
+    after = store.stats()["annotations"]
+    # (the video update tombstones the annotation's labels before writing its new range: on redelivery that
+    # adds one non-current tombstone to the new range label's history)
+    assert after.pop("revisions") - before.pop("revisions") <= 1 and after == before
+    for kind, cfg in (("image", IMAGE_CFG), ("video", VIDEO_CFG)):
+        ours = _export(
+            store, tmp_path, annotations=True, label_config=cfg, tasks=FIXTURES / f"{kind}_export.json"
+        )
+        assert_same_annotations(ours, fixture(f"{kind}_export.json"))
+    # one identity: importing Label Studio's export of the same annotations adds nothing
+    for kind in ("image", "video", "polygon"):
+        report = import_label_studio(
+            store, FIXTURES / f"{kind}_export.json", label_config=fixture(f"{kind}_config.xml")
+        )
+        assert report.counts["new revisions"] == 0, kind
+
+
+def _polygon_pixels(points, h, w):
+    """Pixel centres inside a polygon given in percent (matplotlib's point-in-polygon, not OpenCV)."""
+    from matplotlib.path import Path as MplPath
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    centres = np.stack([(xx.ravel() + 0.5) / w * 100, (yy.ravel() + 0.5) / h * 100], axis=1)
+    return MplPath(points).contains_points(centres).reshape(h, w)
+
+
+def test_polygons_import_and_webhook_agree(store):
+    report = import_label_studio(store, FIXTURES / "polygon_export.json", label_config=POLY_CFG)
+    assert report.counts["new revisions"] == 2  # mask + CVS
+    rec = store.training_labels("segmentation")[0]
+    mask = rec.payload["mask"]
+    regions = fixture("polygon_export.json")[0]["annotations"][0]["result"]
+    h, w = mask.shape
+    expected = np.full((h, w), IGNORE_INDEX, np.uint8)
+    for r in regions:
+        if r["type"] == "polygonlabels":
+            inside = _polygon_pixels(r["value"]["points"], h, w)
+            expected[inside] = DEFAULT_SCHEMA.class_id(r["value"]["polygonlabels"][0])
+    assert (mask != expected).sum() <= 0.02 * mask.size  # edge pixels may differ by rasteriser
+    assert (mask == DEFAULT_SCHEMA.class_id("Liver")).sum() > 100
+    body = next(b for b in fixture("webhooks.json") if "PolygonLabels" in b["project"]["label_config"])
+    out = ingest_webhook(store, body)
+    assert out["labels"]["segmentation"]["created"] is False  # same identity, same mask: nothing new
+
+
+def test_label_studio_unknown_labels_are_refused(store, tmp_path):
+    tasks = fixture("image_export.json")
+    tasks[0]["annotations"][0]["result"][1]["value"]["brushlabels"] = ["Suturing needle"]
+    (tmp_path / "bad.json").write_text(json.dumps(tasks))
+    with pytest.raises(SchemaError, match="task 1 annotation 1.*'Suturing needle'") as info:
+        import_label_studio(store, tmp_path / "bad.json")
+    assert "Gallbladder" in info.value.hint
+    assert store.stats()["annotations"]["revisions"] == 0  # the valid tasks are not half-written
+    # a label the project's config offers but the schema lacks: named with its control and the way to map it
+    cfg = IMAGE_CFG.replace(
+        '<BrushLabels name="mask" toName="image">',
+        '<BrushLabels name="mask" toName="image">\n<Label value="Clip"/>',
     )
-    ingest_webhook(store, {"action": "ANNOTATION_UPDATED", "task": task, "annotation": updated})
-    ingest_webhook(store, body)  # late redelivery of the old version: kept as history, not current
-    assert store.training_labels("phase")[0].payload == {"phase": "ClippingCutting"}
-    assert ingest_webhook(store, {"action": "START_TRAINING", "project": {}})["ignored"]
-    assert (
-        ingest_webhook(store, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 77}]})["deleted"] == 1
+    tasks[0]["annotations"][0]["result"][1]["value"]["brushlabels"] = ["Clip"]
+    (tmp_path / "bad.json").write_text(json.dumps(tasks))
+    with pytest.raises(SchemaError, match="'Clip' of control 'mask'") as info:
+        import_label_studio(store, tmp_path / "bad.json", label_config=cfg)
+    assert "predicted_values" in info.value.hint
+    video = fixture("video_export.json")
+    video[0]["annotations"][0]["result"][0]["value"]["timelinelabels"] = ["Suturing"]
+    (tmp_path / "bad.json").write_text(json.dumps(video))
+    with pytest.raises(SchemaError, match="Suturing"):
+        import_label_studio(store, tmp_path / "bad.json", label_config=VIDEO_CFG)
+
+
+def test_label_studio_control_names_and_aliases_come_from_the_config(store, tmp_path):
+    cfg = (
+        IMAGE_CFG.replace('name="mask"', 'name="seg"')
+        .replace('<Label value="Gallbladder"', '<Label value="GB" predicted_values="Gallbladder"')
+        .replace(
+            "</Choices>\n</View>",
+            '</Choices>\n<Choices name="quality" toName="image">'
+            '<Choice value="good"/><Choice value="blurry"/></Choices>\n</View>',
+        )
     )
-    assert store.training_labels("phase") == []
-    assert store.stats()["annotations"]["revisions"] == 3
+    tasks = fixture("image_export.json")[:1]
+    result = tasks[0]["annotations"][0]["result"]
+    for r in result:
+        if r["type"] == "brushlabels":
+            r["from_name"] = "seg"
+            r["value"]["brushlabels"] = ["GB" if x == "Gallbladder" else x for x in r["value"]["brushlabels"]]
+    quality = dict(result[3], id="q", from_name="quality", value={"choices": ["blurry"]})
+    result.append(quality)
+    (tmp_path / "in.json").write_text(json.dumps(tasks))
+    with pytest.raises(SchemaError, match="'GB' is not a segmentation class"):
+        import_label_studio(store, tmp_path / "in.json")  # without the config, "GB" means nothing
+    only_quality = [dict(tasks[0], annotations=[dict(tasks[0]["annotations"][0], result=[quality])])]
+    (tmp_path / "q.json").write_text(json.dumps(only_quality))
+    with pytest.raises(SchemaError, match="neither CVS criteria nor one phase"):
+        import_label_studio(store, tmp_path / "q.json")  # without the config, "blurry" means nothing
+    report = import_label_studio(store, tmp_path / "in.json", label_config=cfg)
+    assert any("'quality' is not one of ours" in r for _, r in report.skipped)
+    mask = store.training_labels("segmentation")[0].payload["mask"]
+    assert (mask == DEFAULT_SCHEMA.class_id("Gallbladder")).any()
+    ours = _export(store, tmp_path, annotations=True, label_config=cfg, tasks=tmp_path / "in.json")
+    regions = ours[0]["annotations"][0]["result"]
+    assert {r["from_name"] for r in regions} == {"seg", "cvs", "phase"}
+    assert ["GB"] in [r["value"].get("brushlabels") for r in regions]
+    result.remove(quality)
+    assert_same_annotations(ours, tasks)
 
 
 def test_label_studio_predictions_export(sqlite_store, tmp_path):
@@ -361,11 +418,14 @@ def test_label_studio_predictions_export(sqlite_store, tmp_path):
     assert export_label_studio(st, tmp_path / "tasks.json") == 2
     tasks = json.loads((tmp_path / "tasks.json").read_text())
     frame_task = next(t for t in tasks if "frame_index" in t["data"])
+    assert frame_task["data"] == {"source_video": "video05", "frame_index": 7}
     result = frame_task["predictions"][0]["result"]
     assert frame_task["predictions"][0]["model_version"] == "m1"
+    assert frame_task["predictions"][0]["score"] == 0.4 and frame_task["annotations"] == []
     rebuilt = np.full(mask.shape, IGNORE_INDEX, np.uint8)
     for r in result:
         if r["type"] == "brushlabels":
+            assert r["from_name"] == "mask"  # the control name of the generated config
             alpha = sdk.decode_rle(r["value"]["rle"]).reshape(*mask.shape, 4)[:, :, 3]
             rebuilt[alpha == 255] = DEFAULT_SCHEMA.class_id(r["value"]["brushlabels"][0])
     np.testing.assert_array_equal(rebuilt, mask)
@@ -398,3 +458,27 @@ def test_coco_export_rle_masks(sqlite_store, tmp_path):
         np.testing.assert_array_equal(rebuilt, lab.payload["mask"])
     img80 = next(i for i in coco["images"] if i["frame"] == 80)
     assert img80["ds"] == [1, 0.5, 0] and len(img80["ds_raters"]) == 3
+
+
+def test_label_studio_round_trip_from_the_command_line(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.store_commands import register
+
+    app = typer.Typer()
+    register(app)
+    db, cfg = f"sqlite:///{tmp_path / 'cli.db'}", str(FIXTURES / "image_config.xml")
+    export = str(FIXTURES / "image_export.json")
+    r = CliRunner().invoke(
+        app, ["import", "label-studio", export, "--db", db, "--label-config", cfg, "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["counts"]["new revisions"] == 6  # 3 + 1 + 2 labels of 3 frames
+    out = tmp_path / "back.json"
+    args = ["export", "label-studio", "--out", str(out), "--db", db, "--label-config", cfg, "--tasks", export]
+    r = CliRunner().invoke(app, [*args, "--annotations"])
+    assert r.exit_code == 0 and "3 Label Studio tasks with annotations" in r.output, r.output
+    assert_same_annotations(json.loads(out.read_text()), fixture("image_export.json"))
+    r = CliRunner().invoke(app, ["import", "cholec80", export, "--db", db, "--label-config", cfg])
+    assert r.exit_code == 2 and "only for label-studio" in r.output

@@ -31,6 +31,17 @@ def test_unknown_labels_are_errors_with_the_known_ones():
         DEFAULT_SCHEMA.class_id("Spleen")
 
 
+def test_membership_questions_match_the_strict_lookups():
+    s = DEFAULT_SCHEMA
+    assert s.has_cvs("C2") and s.has_cvs("c 2") and s.has_cvs("Cystic plate")
+    assert s.cvs_id("cystic plate") == 2
+    assert not s.has_cvs("C4") and not s.has_cvs("Preparation") and not s.has_cvs("")
+    assert s.has_phase("Clipping and Cutting") and not s.has_phase("C1")
+    assert s.has_class("gallbladder") and not s.has_class("C1")
+    custom = LabelSchema.from_dict({"name": "x", "cvs": [{"key": "A", "name": "Anatomy seen"}]})
+    assert custom.has_cvs("anatomy seen") and not custom.has_cvs("C1")
+
+
 def test_yaml_schema_file_round_trip(tmp_path):
     path = tmp_path / "autolaparo.yaml"
     path.write_text(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..store.payloads import Payload
 
 if TYPE_CHECKING:
-    from ..store import LabelStore, Writer
+    from ..store import LabelStore, RecordResult, Writer
 
 
 @dataclass
@@ -74,11 +74,14 @@ def write_labels(
     labels: Sequence[PendingLabel],
     report: ImportReport,
     project: str | None = None,
-) -> None:
-    """Write videos, frames and labels in one transaction and count what was new vs. already stored."""
+) -> list[RecordResult | None]:
+    """Write videos, frames and labels in one transaction and count what was new vs. already stored.
+
+    Returns the store's result per label, in order (None for a delete of a label never stored).
+    """
     from ..store import AnnotationInput
 
-    def fn(w: Writer) -> Counter[str]:
+    def fn(w: Writer) -> tuple[Counter[str], list[RecordResult | None]]:
         counts: Counter[str] = Counter()
         ids = {}
         for name, info in videos.items():
@@ -106,14 +109,17 @@ def write_labels(
             )
             for lab in labels
         ]
-        for res in w.record_annotations(items, project):
+        results = w.record_annotations(items, project)
+        for res in results:
             if res is None:
                 counts["deletes of unknown labels"] += 1
             else:
                 counts["new revisions" if res.created else "unchanged (already stored)"] += 1
-        return counts
+        return counts, list(results)
 
-    report.counts.update(store.transaction(fn))
+    counts, results = store.transaction(fn)
+    report.counts.update(counts)
+    return results
 
 
 def progress_iter(items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Iterable[Any]:

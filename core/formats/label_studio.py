@@ -1,173 +1,691 @@
-"""Label Studio: JSON exports and webhook bodies in, tasks with predictions out.
+"""Label Studio <-> label store: the one translator of Label Studio JSON.
 
-Results understood (``label-studio.md`` §3): ``brushlabels`` (brush RLE; all regions of one annotation form
-one class-id mask, unpainted pixels are unlabelled), ``choices`` (CVS criteria C1-C3 -> 1.0 when chosen, or a
-per-frame phase), ``timelinelabels`` (1-based inclusive frame ranges -> one phase-range label). Other result
-types are reported as skipped.
+The importer (JSON exports), the exporter, the ML backend's webhook handler and its prediction builder all go
+through this module; control names always come from a labeling config (:mod:`.ls_config`): the project's, or
+the one ``surgenet-assist ls config`` generates (brush control ``mask``, choices ``cvs`` and ``phase``,
+timeline ``phases``).
 
-Tasks name their frame with ``data.video_name`` + ``data.frame_index`` (what :func:`export_label_studio`
-writes); otherwise ``<video>_<frame>.<ext>`` is parsed from ``data.image``. Video tasks
-(``timelinelabels``) name their video with ``data.video_name`` or ``data.video``.
+One policy for each question (label-studio.md section 3 for the result shapes):
+
+* **Which frame a task shows** (:func:`task_target`). Image tasks name their frame with ``data.source_video``
+  and ``data.frame_index`` (what ``ls setup-project`` imports and :func:`export_label_studio` writes;
+  ``data.video_name``, written by earlier exports, is read too); without them the file name
+  ``<video>_<frame>.<ext>`` (``video01_frame_000120.png``, also behind Label Studio's upload prefix) names it;
+  otherwise the image URL itself is a one-frame video (frame 0). Video tasks are their ``source_video`` or
+  their video URL, and their labels carry frame ranges.
+* **Identity of a label**: the Label Studio annotation id, the store video, the frame(s) and the task -- the
+  store's own :func:`~surgenet_assist.core.store.annotation_key` for ``ls_annotation_id``. An update of the
+  same annotation appends a revision, a redelivery changes nothing current, and an import of an export of what
+  webhooks already delivered adds nothing.
+* **Author**: ``ls-user:<id>`` from the annotation's ``completed_by`` (:func:`ls_author`); the exporter writes
+  the id back.
+* **Labels the schema does not know** are refused with a :class:`SchemaError` that names the task, the
+  annotation, the label and the fix; never skipped, never mapped to something else (a config may map its
+  label values to the schema's names with ``predicted_values``). Regions of controls that are not ours (a
+  rectangle, a "quality" choice) are skipped with a reason.
+* **Masks**: the brush and polygon regions of an annotation form one class-id mask (later regions on top;
+  unpainted pixels are unlabelled). **Phases**: a single choice per frame, or ``timelinelabels`` ranges
+  (1-based inclusive in Label Studio, 0-based inclusive in the store; counted at the config's ``frameRate``,
+  which ``ls setup-project`` sets to the video's FPS). **CVS**: a multiple choice of criteria,
+  or one yes/no control per criterion. Choices on a video task (a whole-clip CVS) have no store label and are
+  skipped with a reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..encoders import brush_rle_to_mask, labels_to_segments, mask_to_brush_rle
-from ..errors import DatasetFormatError, SchemaError
+from ..encoders import brush_rle_to_mask, mask_to_brush_rle
+from ..errors import DatasetFormatError, SchemaError, SurgenetAssistError
 from ..schema import DEFAULT_SCHEMA, LabelSchema
-from ..store import LabelStore, to_utc
+from ..store import LabelStore, RecordResult, to_utc
 from ..store.payloads import cvs_payload, phase_payload, phase_segments_payload, segmentation_payload
 from . import ImportReport, PendingLabel, VideoInfo, progress_iter, write_labels
+from .ls_config import (
+    BRUSH,
+    CVS_CRITERION,
+    CVS_MULTI,
+    PHASE_CHOICE,
+    POLYGON,
+    TIMELINE,
+    ConfigPlan,
+    ControlPlan,
+    image_config,
+    parse_label_config,
+    video_config,
+)
 
+SOURCE = "label-studio"
+#: task data keys: the store video of an image task (written and read), and the older spelling (read only)
+VIDEO_KEY, LEGACY_VIDEO_KEYS, FRAME_KEY = "source_video", ("video_name",), "frame_index"
+AUTHOR_PREFIX = "ls-user:"
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+TASKS = ("segmentation", "phase", "cvs")
 IMAGE_RE = re.compile(r"^(?P<video>.+?)[_-](?:frame[_-]?)?(?P<frame>\d+)(?:_endo)?\.\w+$")
-TRAIN_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-DELETE_ACTIONS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")  # Label Studio prefixes uploaded file names with a hash
+#: CVS criterion counts as met at or above this probability (predictions) or value (human labels)
+CVS_THRESHOLD = 0.5
+#: polygons smaller than this fraction of the image are noise, not regions
+MIN_POLYGON_AREA = 0.0005
+#: polygon simplification tolerance, fraction of the contour's perimeter
+POLYGON_EPSILON = 0.002
 
 
-def _target(task: dict[str, Any]) -> tuple[str, int | None] | None:
-    data = task.get("data") or {}
-    if data.get("video_name") is not None:
-        frame = data.get("frame_index")
-        return str(data["video_name"]), None if frame is None else int(frame)
-    image = data.get("image")
-    if isinstance(image, str):
-        m = IMAGE_RE.match(Path(image.split("?")[0]).name)
-        if m:
-            return m.group("video"), int(m.group("frame"))
-    video = data.get("video")
-    if isinstance(video, str):
-        return Path(video.split("?")[0]).stem, None
+# ----------------------------------------------------------------------------------------------------------
+# tasks, authors
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskTarget:
+    """Where a Label Studio task's labels live in the store."""
+
+    video: str  # store video path
+    frame: int | None  # the frame an image task shows; None for a video task (labels carry ranges)
+    media_key: str  # task data key of the media ("image" for value="$image")
+    media: str | None  # the media URL
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.frame is not None else "video"
+
+
+def _media_name(url: str) -> str:
+    """The file name behind a task URL (``/data/local-files/?d=a/b.png`` -> ``b.png``; upload hash cut)."""
+    parts = urlsplit(url)
+    path = (parse_qs(parts.query).get("d") or [parts.path])[0]
+    name = Path(path).name
+    return _UPLOAD_PREFIX.sub("", name) if "/data/upload/" in parts.path else name
+
+
+def task_target(task: dict[str, Any], plan: ConfigPlan | None = None) -> TaskTarget:
+    """The store video and frame of a task (module docstring: "Which frame a task shows")."""
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"task {task.get('id')} has no 'data' object", "send Label Studio task JSON")
+    kinds = {c.value_key: c.object_tag for c in plan.controls} if plan is not None else {}
+    kinds.update({k: k for k in ("image", "video") if k not in kinds})
+    key = next((k for k in kinds if isinstance(data.get(k), str) and data[k]), None)
+    kind = kinds.get(key) if key else ("video" if data.get(FRAME_KEY) is None else "image")
+    named = next((data[k] for k in (VIDEO_KEY, *LEGACY_VIDEO_KEYS) if data.get(k) not in (None, "")), None)
+    url = data[key] if key else None
+    if named is not None:
+        frame = data.get(FRAME_KEY)
+        try:
+            frame = None if frame is None and kind == "video" else int(frame or 0)
+        except (TypeError, ValueError):
+            raise DatasetFormatError(
+                f"task {task.get('id')}: {FRAME_KEY} {frame!r} is not an integer",
+                "use the 0-based frame number",
+            ) from None
+        return TaskTarget(str(named), frame, key or kind, url)
+    if url is None:
+        raise DatasetFormatError(
+            f"task {task.get('id')} names no image or video (data keys {sorted(data)[:10]})",
+            f"give the task data the labeling config's media key, or {VIDEO_KEY} and {FRAME_KEY}",
+        )
+    if kind == "video":
+        return TaskTarget(url, None, key, url)
+    m = IMAGE_RE.match(_media_name(url))
+    if m:
+        return TaskTarget(m.group("video"), int(m.group("frame")), key, url)
+    return TaskTarget(url, 0, key, url)
+
+
+def ls_author(annotation: dict[str, Any]) -> str | None:
+    """``ls-user:<id>`` of who completed an annotation (``completed_by``: a user id, or a user object)."""
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        who = who.get("id")
+    return None if who is None else f"{AUTHOR_PREFIX}{who}"
+
+
+def ls_user_id(author: str | None) -> int | None:
+    """The Label Studio user id behind an author written by :func:`ls_author` (None for other authors)."""
+    if author and author.startswith(AUTHOR_PREFIX) and author[len(AUTHOR_PREFIX) :].isdigit():
+        return int(author[len(AUTHOR_PREFIX) :])
     return None
 
 
-def _author(annotation: dict[str, Any]) -> str | None:
-    who = annotation.get("completed_by")
-    if isinstance(who, dict):
-        who = who.get("email") or who.get("id")
-    return None if who is None else str(who)
+# ----------------------------------------------------------------------------------------------------------
+# Label Studio -> store
+# ----------------------------------------------------------------------------------------------------------
+class LabelStudioTranslator:
+    """Reads annotations and writes result regions for one labeling config (``plan``) and label schema.
 
-
-def parse_annotation(
-    task: dict[str, Any], annotation: dict[str, Any], schema: LabelSchema = DEFAULT_SCHEMA
-) -> tuple[list[PendingLabel], list[str]]:
-    """One Label Studio annotation -> labels to store, and reasons for the results it skipped.
-
-    Raises DatasetFormatError (naming task and annotation) for labels unknown to the schema or broken RLE.
+    Without a plan (an export read on its own) regions are classified by their type and values: brush and
+    polygon labels are segmentation classes, choices are CVS criteria when all of them are, else one phase.
     """
-    where = f"task {task.get('id')} annotation {annotation.get('id')}"
-    target = _target(task)
-    if target is None:
-        raise DatasetFormatError(
-            f"{where}: cannot tell which video/frame the task shows",
-            "give the task data video_name and frame_index (export_label_studio writes them)",
+
+    def __init__(self, plan: ConfigPlan | None = None, schema: LabelSchema = DEFAULT_SCHEMA) -> None:
+        self.plan = plan
+        self.schema = schema
+        self._controls = {c.name: c for c in plan.controls} if plan is not None else {}
+        self._skipped = {c["control"]: c["reason"] for c in plan.skipped_controls} if plan is not None else {}
+
+    @classmethod
+    def for_config(
+        cls, label_config: str | None, schema: LabelSchema = DEFAULT_SCHEMA
+    ) -> LabelStudioTranslator:
+        """A translator for a labeling config's XML (None: no config, classify by type and values)."""
+        return cls(parse_label_config(label_config, schema) if label_config else None, schema)
+
+    def target(self, task: dict[str, Any]) -> TaskTarget:
+        return task_target(task, self.plan)
+
+    def read(self, task: dict[str, Any], annotation: dict[str, Any]) -> tuple[list[PendingLabel], list[str]]:
+        """One annotation of a task -> the labels to store, and the reasons for the regions it skipped.
+
+        Raises :class:`SchemaError` for a label the schema does not know and :class:`DatasetFormatError` for
+        a malformed region, both naming the task and the annotation.
+        """
+        where = f"task {task.get('id')} annotation {annotation.get('id')}"
+        target = self.target(task)
+        common = dict(
+            video=target.video,
+            author=ls_author(annotation),
+            source=SOURCE,
+            updated_at=to_utc(annotation.get("updated_at") or annotation.get("created_at")),
+            ls_task_id=task.get("id"),
+            ls_annotation_id=None if annotation.get("id") is None else _annotation_id(annotation),
+            image_path=target.media if target.kind == "image" and target.media != target.video else None,
         )
-    video, frame = target
-    common = dict(
-        video=video,
-        author=_author(annotation),
-        source="label-studio",
-        updated_at=to_utc(annotation.get("updated_at") or annotation.get("created_at")),
-        ls_task_id=task.get("id"),
-        ls_annotation_id=annotation.get("id"),
-    )
-    labels: list[PendingLabel] = []
-    skipped: list[str] = []
-    brush: list[dict[str, Any]] = []
-    timeline: list[tuple[int, int, str]] = []
-    try:
-        for res in annotation.get("result") or []:
-            kind = res.get("type")
-            value = res.get("value") or {}
-            if kind == "brushlabels":
-                brush.append(res)
-            elif kind == "choices":
-                choices = value.get("choices") or []
-                if frame is None:
-                    skipped.append("choices on a video task (whole-clip labels are not stored)")
-                elif choices and all(_is_cvs(c, schema) for c in choices):
-                    vec = [0.0] * schema.num_cvs
-                    for c in choices:
-                        vec[schema.cvs_id(c)] = 1.0
-                    labels.append(
-                        PendingLabel(
-                            frame_start=frame, task="cvs", payload=cvs_payload(vec, None, schema), **common
-                        )
+        mask: np.ndarray | None = None
+        phase: str | None = None
+        segments: list[tuple[int, int, str]] = []
+        cvs: list[float] | None = None
+        skipped: list[str] = []
+        for region in annotation.get("result") or []:
+            try:
+                kind, value = self._classify(region)
+                if kind is None:
+                    skipped.append(value)
+                elif target.frame is None and kind in ("mask", "phase", "cvs", "cvs_criterion"):
+                    skipped.append(
+                        f"{region.get('type')} {region.get('from_name')!r} on a video task (the store keeps "
+                        "frame labels and phase ranges, not whole-clip labels)"
                     )
-                elif len(choices) == 1:
-                    labels.append(
-                        PendingLabel(
-                            frame_start=frame,
-                            task="phase",
-                            payload=phase_payload(choices[0], schema),
-                            **common,
-                        )
+                elif kind == "mask":
+                    mask = self._paint(mask, region, value)
+                elif kind == "phase":
+                    phase = value
+                elif kind == "cvs":
+                    cvs = cvs or [0.0] * self.schema.num_cvs
+                    for cid in value:
+                        cvs[cid] = 1.0
+                elif kind == "cvs_criterion":
+                    cvs = cvs or [0.0] * self.schema.num_cvs
+                    cvs[value[0]] = value[1]
+                elif kind == "segments":
+                    segments += value
+            except SurgenetAssistError as exc:
+                raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise DatasetFormatError(
+                    f"{where}: malformed {region.get('type') if isinstance(region, dict) else 'region'} "
+                    f"region {region.get('id') if isinstance(region, dict) else region!r}: {exc!r}",
+                    "compare the result with Label Studio's format (label-studio.md section 3)",
+                ) from None
+        labels: list[PendingLabel] = []
+        try:
+            if mask is not None:
+                labels.append(
+                    PendingLabel(
+                        frame_start=target.frame or 0,
+                        task="segmentation",
+                        payload=segmentation_payload(mask, self.schema),
+                        **common,
                     )
-                else:
-                    raise SchemaError(
-                        f"choices {choices} are neither CVS criteria nor one phase",
-                        f"use {schema.cvs_keys} or one of {schema.phase_names}",
-                    )
-            elif kind == "timelinelabels":
-                for name in value.get("timelinelabels") or []:
-                    for rng in value.get("ranges") or []:
-                        timeline.append((int(rng["start"]) - 1, int(rng["end"]) - 1, name))
-            else:
-                skipped.append(f"unsupported result type {kind!r}")
-        if brush:
-            if frame is None:
-                raise DatasetFormatError(f"{where}: brush labels on a task without a frame")
-            h, w = int(brush[0]["original_height"]), int(brush[0]["original_width"])
-            mask = np.full((h, w), schema.ignore_index, dtype=np.uint8)
-            for res in brush:
-                names = res["value"].get("brushlabels") or []
-                if len(names) != 1:
-                    raise DatasetFormatError(f"{where}: a brush region needs exactly one label, got {names}")
-                alpha = brush_rle_to_mask(res["value"]["rle"], h, w)
-                mask[alpha > 127] = schema.class_id(names[0])
-            labels.append(
-                PendingLabel(
-                    frame_start=frame,
-                    task="segmentation",
-                    payload=segmentation_payload(mask, schema),
-                    **common,
                 )
-            )
-        if timeline:
-            timeline.sort()
-            labels.append(
-                PendingLabel(
-                    frame_start=timeline[0][0],
-                    frame_end=max(t[1] for t in timeline),
-                    task="phase",
-                    payload=phase_segments_payload(timeline, schema),
-                    **common,
+            if segments:
+                segments.sort()
+                labels.append(
+                    PendingLabel(
+                        frame_start=segments[0][0],
+                        frame_end=max(s[1] for s in segments),
+                        task="phase",
+                        payload=phase_segments_payload(segments, self.schema),
+                        **common,
+                    )
                 )
+            elif phase is not None:
+                labels.append(
+                    PendingLabel(
+                        frame_start=target.frame or 0,
+                        task="phase",
+                        payload=phase_payload(phase, self.schema),
+                        **common,
+                    )
+                )
+            if cvs is not None:
+                labels.append(
+                    PendingLabel(
+                        frame_start=target.frame or 0,
+                        task="cvs",
+                        payload=cvs_payload(cvs, None, self.schema),
+                        **common,
+                    )
+                )
+        except SurgenetAssistError as exc:
+            raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
+        return labels, skipped
+
+    def _unknown(self, what: str, label: Any, ctrl: ControlPlan | None) -> SchemaError:
+        where = f" of control {ctrl.name!r}" if ctrl is not None else ""
+        known = {
+            "segmentation class": self.schema.class_names,
+            "phase": self.schema.phase_names,
+            "CVS criterion": self.schema.cvs_keys,
+        }[what]
+        return SchemaError(
+            f"label {label!r}{where} is not a {what} of schema {self.schema.name!r}",
+            f'use one of {known}, map it with predicted_values="<schema name>" on its <Label>/<Choice> '
+            "in the labeling config, or load a schema file that defines it",
+        )
+
+    def _label_id(self, ctrl: ControlPlan | None, value: str, what: str) -> int:
+        if ctrl is not None:
+            found = ctrl.model_id(value)
+            if found is None:
+                raise self._unknown(what, value, ctrl)
+            return found
+        has, find = {
+            "segmentation class": (self.schema.has_class, self.schema.class_id),
+            "phase": (self.schema.has_phase, self.schema.phase_id),
+            "CVS criterion": (self.schema.has_cvs, self.schema.cvs_id),
+        }[what]
+        if not has(value):
+            raise self._unknown(what, value, None)
+        return find(value)
+
+    def _classify(self, region: Any) -> tuple[str | None, Any]:
+        """(kind, value) of one result region; kind None means skipped with ``value`` as the reason."""
+        if not isinstance(region, dict):
+            raise TypeError(f"a result region must be an object, got {type(region).__name__}")
+        rtype = str(region.get("type", "")).lower()
+        name = region.get("from_name")
+        value = region.get("value") or {}
+        ctrl = self._controls.get(name)
+        if ctrl is None and name in self._skipped:
+            return None, f"control {name!r} is not one of ours ({self._skipped[name]})"
+        if rtype in ("brushlabels", "polygonlabels"):
+            if ctrl is not None and ctrl.kind not in (BRUSH, POLYGON):
+                return None, f"{rtype} region of control {name!r} ({ctrl.kind})"
+            labels = value.get(rtype) or []
+            if len(labels) != 1:
+                raise ValueError(f"a {rtype} region needs exactly one label, got {labels}")
+            return "mask", self._label_id(ctrl, str(labels[0]), "segmentation class")
+        if rtype == "timelinelabels":
+            out = []
+            for label in value.get("timelinelabels") or []:
+                pid = self._label_id(ctrl, str(label), "phase")
+                for rng in value.get("ranges") or []:
+                    out.append((int(rng["start"]) - 1, int(rng["end"]) - 1, self.schema.phase_names[pid]))
+            return "segments", out
+        if rtype == "choices":
+            chosen = [str(c) for c in value.get("choices") or []]
+            if ctrl is None:
+                if chosen and all(self.schema.has_cvs(c) for c in chosen):
+                    return "cvs", [self.schema.cvs_id(c) for c in chosen]
+                if len(chosen) == 1 and self.schema.has_phase(chosen[0]):
+                    return "phase", self.schema.phase_names[self.schema.phase_id(chosen[0])]
+                raise SchemaError(
+                    f"choices {chosen} of control {name!r} are neither CVS criteria nor one phase",
+                    f"use {self.schema.cvs_keys} or one of {self.schema.phase_names}, or read the export "
+                    "with the project's labeling config so that choices of other controls are skipped",
+                )
+            if ctrl.kind == PHASE_CHOICE:
+                if len(chosen) != 1:
+                    raise ValueError(f"a phase choice needs exactly one value, got {chosen}")
+                return "phase", self.schema.phase_names[self._label_id(ctrl, chosen[0], "phase")]
+            if ctrl.kind == CVS_MULTI:
+                return "cvs", [self._label_id(ctrl, c, "CVS criterion") for c in chosen]
+            if ctrl.kind == CVS_CRITERION and ctrl.criterion is not None and ctrl.yes_no is not None:
+                if len(chosen) != 1 or chosen[0] not in ctrl.yes_no:
+                    raise self._unknown("CVS criterion", chosen, ctrl)
+                return "cvs_criterion", (ctrl.criterion, 1.0 if chosen[0] == ctrl.yes_no[0] else 0.0)
+            return None, f"choices region of control {name!r} ({ctrl.kind})"
+        return None, f"unsupported result type {rtype!r}"
+
+    def _paint(self, mask: np.ndarray | None, region: dict[str, Any], class_id: int) -> np.ndarray:
+        import cv2
+
+        h, w = int(region["original_height"]), int(region["original_width"])
+        if mask is None:
+            mask = np.full((h, w), self.schema.ignore_index, dtype=np.uint8)
+        elif mask.shape != (h, w):
+            raise ValueError(
+                f"region {region.get('id')} is {w}x{h}, the others {mask.shape[1]}x{mask.shape[0]}"
             )
-    except (SchemaError, KeyError, TypeError, ValueError) as exc:
-        msg = exc.message if isinstance(exc, SchemaError) else f"malformed result: {exc!r}"
-        hint = exc.hint if isinstance(exc, SchemaError) else "check the export against label-studio.md §3"
-        raise DatasetFormatError(f"{where}: {msg}", hint) from None
-    return labels, skipped
+        value = region["value"]
+        if region["type"].lower() == "brushlabels":
+            mask[brush_rle_to_mask(value["rle"], h, w) > 127] = class_id
+        else:
+            pts = np.array([[x / 100 * w, y / 100 * h] for x, y in value["points"]], dtype=np.float64)
+            if len(pts) < 3:
+                raise ValueError(f"a polygon needs at least 3 points, got {len(pts)}")
+            # pixel centres inside the polygon (x, y in % of the image, 0..100 spanning the pixel edges)
+            poly = np.round((pts - 0.5) * 16).astype(np.int32)
+            cv2.fillPoly(mask, [poly], int(class_id), lineType=cv2.LINE_8, shift=4)
+        return mask
+
+    # --- store -> Label Studio ------------------------------------------------------------------------------
+    def controls(self, kind: str, *kinds: str) -> list[ControlPlan]:
+        """The config's controls on ``kind`` ("image"/"video") objects filling any of ``kinds``."""
+        plan = self.plan
+        if plan is None:
+            return []
+        found = plan.image_controls if kind == "image" else plan.video_controls
+        return [c for c in found if c.kind in kinds]
+
+    def label_regions(
+        self, kind: str, task: str, payload: dict[str, Any], *, human: bool = True
+    ) -> list[dict[str, Any]]:
+        """A stored label of a ``kind`` ("image"/"video") task as result regions of this config.
+
+        ``human``: an annotation's regions (unscored); a label the config cannot express raises
+        :class:`SchemaError`. Otherwise a stored prediction: what the config cannot express is left out, as
+        the backend does. A task without any control for the label gets no region.
+        """
+        strict = human
+        if task == "segmentation":
+            ctrls = self.controls(kind, BRUSH) or self.controls(kind, POLYGON)
+            if not ctrls:
+                return []
+            ctrl = ctrls[0]
+            mask = payload["mask"]
+            if strict:
+                self._check_offered(ctrl, [int(c) for c in np.unique(mask) if c != self.schema.ignore_index])
+            build = brush_regions if ctrl.kind == BRUSH else polygon_regions
+            return build(ctrl, mask, None)
+        if task == "cvs":
+            out = []
+            vec = np.asarray(payload["values"], dtype=np.float64)
+            for ctrl in self.controls(kind, CVS_MULTI, CVS_CRITERION):
+                if strict and ctrl.kind == CVS_MULTI:
+                    self._check_offered(ctrl, [int(i) for i in np.flatnonzero(vec >= CVS_THRESHOLD)], "CVS")
+                out += cvs_regions(ctrl, vec, scored=not human)
+            return out
+        if "segments" in payload:
+            ctrls = self.controls(kind, TIMELINE)
+            if not ctrls:
+                return []
+            ctrl = ctrls[0]
+            ids = [self.schema.phase_id(name) for _, _, name in payload["segments"]]
+            if strict:
+                self._check_offered(ctrl, ids, "phase")
+            return [
+                timeline_region(ctrl, k, int(s) + 1, int(e) + 1, ctrl.labels[pid], None)
+                for k, ((s, e, _), pid) in enumerate(zip(payload["segments"], ids, strict=True))
+                if pid in ctrl.labels
+            ]
+        ctrls = self.controls(kind, PHASE_CHOICE)
+        if not ctrls:
+            return []
+        pid = self.schema.phase_id(payload["phase"])
+        if strict:
+            self._check_offered(ctrls[0], [pid], "phase")
+        return [choice_region(ctrls[0], [ctrls[0].labels[pid]], None)] if pid in ctrls[0].labels else []
+
+    def _check_offered(self, ctrl: ControlPlan, ids: Iterable[int], what: str = "segmentation") -> None:
+        names = {
+            "segmentation": self.schema.class_names,
+            "phase": self.schema.phase_names,
+            "CVS": self.schema.cvs_keys,
+        }[what]
+        missing = [names[i] for i in ids if i not in ctrl.labels]
+        if missing:
+            raise SchemaError(
+                f"the labeling config's control {ctrl.name!r} offers no label for {what} {missing}",
+                f'add <Label value="..."/> (or <Choice>) for them to {ctrl.name!r}, or export with the '
+                "config `surgenet-assist ls config` generates",
+            )
 
 
-def _is_cvs(name: str, schema: LabelSchema) -> bool:
+# ----------------------------------------------------------------------------------------------------------
+# result regions (predictions and exports)
+# ----------------------------------------------------------------------------------------------------------
+def _r(x: float, nd: int = 4) -> float:
+    return round(float(x), nd)
+
+
+def _scored(region: dict[str, Any], score: float | None) -> dict[str, Any]:
+    if score is not None:
+        region["score"] = _r(score)
+        region["readonly"] = False
+    return region
+
+
+def brush_regions(ctrl: ControlPlan, mask: np.ndarray, confidence: np.ndarray | None) -> list[dict[str, Any]]:
+    """One RLE region per class the control offers (foreground 255).
+
+    Scored with the mean pixel confidence when ``confidence`` is given (predictions); unscored otherwise.
+    """
+    h, w = mask.shape
+    out = []
+    for cid in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
+        label = ctrl.labels.get(int(cid))
+        if label is None:
+            continue
+        binary = mask == cid
+        score = float(confidence[binary].astype(np.float32).mean()) if confidence is not None else None
+        region = {
+            "id": f"{ctrl.name}-{int(cid)}",
+            "from_name": ctrl.name,
+            "to_name": ctrl.to_name,
+            "type": "brushlabels",
+            "original_width": int(w),
+            "original_height": int(h),
+            "image_rotation": 0,
+            "value": {
+                "format": "rle",
+                "rle": mask_to_brush_rle(binary.astype(np.uint8) * 255),
+                "brushlabels": [label],
+            },
+        }
+        out.append(_scored(region, score))
+    return out
+
+
+def polygon_regions(
+    ctrl: ControlPlan, mask: np.ndarray, confidence: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Outer contours of each class (OpenCV), simplified, points in percent of the image."""
+    import cv2
+
+    h, w = mask.shape
+    out = []
+    for cid in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
+        label = ctrl.labels.get(int(cid))
+        if label is None:
+            continue
+        binary = (mask == cid).astype(np.uint8)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        for k, contour in enumerate(contours):
+            if cv2.contourArea(contour) < MIN_POLYGON_AREA * h * w:
+                continue
+            approx = cv2.approxPolyDP(contour, POLYGON_EPSILON * cv2.arcLength(contour, True), True)
+            pts = approx.reshape(-1, 2)
+            if len(pts) < 3:
+                continue
+            score = None
+            if confidence is not None:
+                region_mask = np.zeros_like(binary)
+                cv2.drawContours(region_mask, [contour], -1, 1, thickness=-1)
+                sel = region_mask.astype(bool) & binary.astype(bool)
+                score = float(confidence[sel].astype(np.float32).mean()) if sel.any() else 1.0
+            region = {
+                "id": f"{ctrl.name}-{int(cid)}-{k}",
+                "from_name": ctrl.name,
+                "to_name": ctrl.to_name,
+                "type": "polygonlabels",
+                "original_width": int(w),
+                "original_height": int(h),
+                "image_rotation": 0,
+                "value": {
+                    "points": [[_r(x / w * 100, 3), _r(y / h * 100, 3)] for x, y in pts.tolist()],
+                    "closed": True,
+                    "polygonlabels": [label],
+                },
+            }
+            out.append(_scored(region, score))
+    return out
+
+
+def choice_region(ctrl: ControlPlan, choices: list[str], score: float | None) -> dict[str, Any]:
+    region = {
+        "id": f"{ctrl.name}-0",
+        "from_name": ctrl.name,
+        "to_name": ctrl.to_name,
+        "type": "choices",
+        "value": {"choices": choices},
+    }
+    return _scored(region, score)
+
+
+def cvs_regions(ctrl: ControlPlan, cvs_probs: np.ndarray, scored: bool = True) -> list[dict[str, Any]]:
+    """CVS as one multiple-choice region, or a yes/no region for a per-criterion control."""
+    probs = np.asarray(cvs_probs, dtype=np.float64)
+    if ctrl.kind == CVS_CRITERION:
+        assert ctrl.criterion is not None and ctrl.yes_no is not None
+        p = float(probs[ctrl.criterion])
+        met = p >= CVS_THRESHOLD
+        value = ctrl.yes_no[0] if met else ctrl.yes_no[1]
+        return [choice_region(ctrl, [value], (p if met else 1 - p) if scored else None)]
+    chosen = [(cid, label) for cid, label in sorted(ctrl.labels.items()) if probs[cid] >= CVS_THRESHOLD]
+    if not ctrl.multiple and chosen:
+        cid, label = max(chosen, key=lambda item: probs[item[0]])
+        chosen = [(cid, label)]
+    certainty = [max(probs[c], 1 - probs[c]) for c in ctrl.labels]
+    if not chosen:
+        return []  # nothing met: an empty choices value is not allowed, and "none" is the absence of a region
+    score = float(np.mean(certainty)) if scored else None
+    return [choice_region(ctrl, [label for _, label in chosen], score)]
+
+
+def phase_choice_regions(ctrl: ControlPlan, phase_probs: np.ndarray) -> list[dict[str, Any]]:
+    """The most probable phase among those the config offers."""
+    probs = np.asarray(phase_probs, dtype=np.float64)
+    pid = max(ctrl.labels, key=lambda i: probs[i])
+    return [choice_region(ctrl, [ctrl.labels[pid]], float(probs[pid]))]
+
+
+def timeline_region(
+    ctrl: ControlPlan, k: int, start: int, end: int, label: str, score: float | None
+) -> dict[str, Any]:
+    """One ``timelinelabels`` region; ``start``/``end`` are Label Studio's 1-based inclusive frames."""
+    region = {
+        "id": f"{ctrl.name}-{k}",
+        "from_name": ctrl.name,
+        "to_name": ctrl.to_name,
+        "type": "timelinelabels",
+        "value": {"ranges": [{"start": int(start), "end": int(end)}], "timelinelabels": [label]},
+    }
+    return _scored(region, score)
+
+
+def timeline_regions(
+    ctrl: ControlPlan,
+    segments: Sequence[tuple[int, int, int]],
+    video_fps: float,
+    frame_count: int,
+    frame_rate: float,
+    phase_probs: np.ndarray | None = None,
+    sample_indices: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """Predicted phase segments (first/last decoded frame index, 0-based) -> ``timelinelabels`` regions.
+
+    A segment covers the video from its first sampled frame to the frame before the next segment starts (the
+    last one to the end), converted to the config's ``frameRate`` through time, 1-based and inclusive, as
+    Label Studio counts frames. Phases the config does not offer are left out (a gap in the timeline).
+    """
+    total = max(1, int(math.floor(frame_count / video_fps * frame_rate + 1e-6)))
+    out = []
+    for k, (first, _last, phase) in enumerate(segments):
+        label = ctrl.labels.get(int(phase))
+        nxt = segments[k + 1][0] if k + 1 < len(segments) else frame_count
+        start = int(math.floor(first / video_fps * frame_rate + 1e-6)) + 1
+        end = int(math.floor(nxt / video_fps * frame_rate + 1e-6))
+        start, end = min(start, total), min(max(end, start), total)
+        if label is None:
+            continue
+        score = 1.0
+        if phase_probs is not None and sample_indices is not None:
+            sel = (sample_indices >= first) & (sample_indices < nxt)
+            if sel.any():
+                score = float(phase_probs[sel, int(phase)].mean())
+        out.append(timeline_region(ctrl, k, start, end, label, score))
+    return out
+
+
+def image_regions(
+    controls: Sequence[ControlPlan],
+    mask: np.ndarray | None,
+    confidence: np.ndarray | None,
+    cvs_probs: np.ndarray | None,
+    phase_probs: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Predicted regions of one frame for every image control; a missing output (None) leaves its controls
+    empty. Masks are scored (``confidence`` None scores 1.0)."""
+    result: list[dict[str, Any]] = []
+    for ctrl in controls:
+        if ctrl.kind in (BRUSH, POLYGON) and mask is not None:
+            conf = confidence if confidence is not None else np.ones(mask.shape, np.float32)
+            result += (brush_regions if ctrl.kind == BRUSH else polygon_regions)(ctrl, mask, conf)
+        elif ctrl.kind in (CVS_MULTI, CVS_CRITERION) and cvs_probs is not None:
+            result += cvs_regions(ctrl, cvs_probs)
+        elif ctrl.kind == PHASE_CHOICE and phase_probs is not None:
+            result += phase_choice_regions(ctrl, phase_probs)
+    return result
+
+
+def video_regions(
+    controls: Sequence[ControlPlan],
+    task: dict[str, Any],
+    video_fps: float,
+    frame_count: int,
+    segments: Sequence[tuple[int, int, int]] | None,
+    phase_probs: np.ndarray | None,
+    sample_indices: Sequence[int] | None,
+    cvs_probs: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Predicted regions of one video task: the phase timeline (at the config's or the task's ``frameRate``,
+    else the video's own) and the clip-level CVS (the maximum over the sampled frames)."""
+    result: list[dict[str, Any]] = []
+    for ctrl in controls:
+        if ctrl.kind == TIMELINE and segments is not None:
+            rate = ctrl.frame_rate or _task_rate(task, ctrl) or video_fps
+            indices = None if sample_indices is None else np.asarray(sample_indices)
+            result += timeline_regions(ctrl, segments, video_fps, frame_count, rate, phase_probs, indices)
+        elif ctrl.kind in (CVS_MULTI, CVS_CRITERION) and cvs_probs is not None:
+            result += cvs_regions(ctrl, np.asarray(cvs_probs).max(axis=0))
+    return result
+
+
+def _task_rate(task: dict[str, Any], ctrl: ControlPlan) -> float | None:
+    if not ctrl.frame_rate_key:
+        return None
     try:
-        schema.cvs_id(name)
-        return True
-    except SchemaError:
-        return False
+        rate = float((task.get("data") or {}).get(ctrl.frame_rate_key))
+    except (TypeError, ValueError):
+        return None
+    return rate if rate > 0 else None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# import (JSON exports) and webhooks
+# ----------------------------------------------------------------------------------------------------------
 def _collect(
-    tasks: Sequence[dict[str, Any]], report: ImportReport, schema: LabelSchema, progress: bool
+    tasks: Sequence[Any], report: ImportReport, tr: LabelStudioTranslator, progress: bool
 ) -> tuple[list[PendingLabel], dict[str, VideoInfo]]:
     labels: list[PendingLabel] = []
     videos: dict[str, VideoInfo] = {}
@@ -180,7 +698,7 @@ def _collect(
             if ann.get("was_cancelled"):
                 report.skip(name, "annotation was cancelled (skipped) in Label Studio")
                 continue
-            found, skipped = parse_annotation(task, ann, schema)
+            found, skipped = tr.read(task, ann)
             for reason in skipped:
                 report.skip(name, reason)
             for lab in found:
@@ -191,26 +709,36 @@ def _collect(
     return labels, videos
 
 
+def _read_json(path: str | Path, what: str) -> list[dict[str, Any]]:
+    path = Path(path)
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"cannot read {what} {path}: {exc}", "export as JSON") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise DatasetFormatError(f"{path} is not a list of tasks", "use Label Studio's JSON export")
+    return tasks
+
+
 def import_label_studio(
     store: LabelStore,
     path: str | Path,
     *,
     project: str | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
+    label_config: str | None = None,
     progress: bool = False,
 ) -> ImportReport:
-    """Import a Label Studio JSON export (list of tasks with annotations) in one transaction."""
-    path = Path(path)
-    try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetFormatError(f"cannot read Label Studio export {path}: {exc}", "export as JSON") from None
-    if isinstance(tasks, dict):
-        tasks = [tasks]
-    if not isinstance(tasks, list):
-        raise DatasetFormatError(f"{path} is not a list of tasks", "use Label Studio's JSON export")
+    """Import a Label Studio JSON export (list of tasks with annotations) in one transaction.
+
+    ``label_config``: the project's labeling config; with it, regions are read by their control (aliases,
+    per-criterion CVS, other controls skipped), without it by their type and values.
+    """
+    tasks = _read_json(path, "Label Studio export")
     report = ImportReport("label-studio", str(path))
-    labels, videos = _collect(tasks, report, schema, progress)
+    labels, videos = _collect(tasks, report, LabelStudioTranslator.for_config(label_config, schema), progress)
     report.counts["labels read"] = len(labels)
     write_labels(store, videos, labels, report, project)
     return report
@@ -223,123 +751,223 @@ def ingest_webhook(
     project: str | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
 ) -> dict[str, Any]:
-    """Apply a Label Studio webhook body (``ANNOTATION_CREATED/UPDATED/DELETED``); other actions are ignored.
+    """Apply a Label Studio webhook body; other actions than the annotation events are ignored.
 
-    Redelivery of the same body is a no-op (see LabelStore's idempotency rules).
+    ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: the annotation's labels (read with the project's
+    labeling config from the body) are written in one transaction. An update replaces the annotation: a
+    task it no longer labels gets a tombstone, and on a video task (whose phase range may have moved) every
+    label of the annotation is tombstoned first. ``ANNOTATION_DELETED`` / ``ANNOTATIONS_DELETED``:
+    tombstones. Redelivery of the same body changes nothing current (the store is idempotent on content +
+    timestamp; a redelivered video-task update may add a non-current tombstone to history).
+
+    Returns ``{"action", "annotation", "labels": {task: {annotation_id, revision, created[, deleted]}},
+    "skipped": [reasons]}``, ``{"action", "tombstones"}`` for deletes, or ``{"action", "ignored": True}``.
+    Raises :class:`SchemaError` / :class:`DatasetFormatError` for annotations it refuses.
     """
     action = body.get("action")
-    if action in TRAIN_ACTIONS:
-        report = ImportReport("label-studio-webhook", str(action))
-        labels, videos = _collect(
-            [dict(body.get("task") or {}, annotations=[body.get("annotation") or {}])], report, schema, False
+    if action in DELETE_EVENTS:
+        anns = body.get("annotations") if action == "ANNOTATIONS_DELETED" else [body.get("annotation")]
+        ids = [_annotation_id(a) for a in anns or [] if isinstance(a, dict) and a.get("id") is not None]
+        when = (body.get("annotation") or {}).get("updated_at") if action == "ANNOTATION_DELETED" else None
+        return {"action": action, "tombstones": sum(store.delete_ls_annotation(i, when) for i in ids)}
+    if action not in ANNOTATION_EVENTS:
+        return {"action": action, "ignored": True}
+    annotation, task = body.get("annotation"), body.get("task")
+    if not isinstance(annotation, dict) or annotation.get("id") is None:
+        raise DatasetFormatError(
+            f"{action} without an 'annotation' object with an id", "send Label Studio's webhook body"
         )
-        write_labels(store, videos, labels, report, project)
-        return {"action": action, **report.to_dict()}
-    if action in DELETE_ACTIONS:
-        anns = body.get("annotations") or [body.get("annotation") or {}]
-        deleted = sum(
-            store.delete_ls_annotation(int(a["id"]), a.get("updated_at")) for a in anns if "id" in a
-        )
-        return {"action": action, "deleted": deleted}
-    return {"action": action, "ignored": True}
+    if not isinstance(task, dict):
+        raise DatasetFormatError(f"{action} without a 'task' object", "send Label Studio's webhook body")
+    ann_id = _annotation_id(annotation)
+    if annotation.get("was_cancelled"):
+        return {"action": action, "annotation": ann_id, "ignored": True, "reason": "annotation was skipped"}
+    cfg = (body.get("project") or {}).get("label_config")
+    tr = LabelStudioTranslator.for_config(cfg if isinstance(cfg, str) and cfg.strip() else None, schema)
+    labels, skipped = tr.read(task, annotation)
+    target = tr.target(task)
+    if action == "ANNOTATION_UPDATED":
+        if target.frame is None:
+            # The store cannot list an annotation's labels yet, and a range label's identity includes its
+            # frames: tombstone them all just before the update's time, so the labels written next (at that
+            # time) are current and a moved range leaves no stale label. A redelivery changes nothing current.
+            when = to_utc(annotation.get("updated_at"))
+            store.delete_ls_annotation(ann_id, None if when is None else when - timedelta(microseconds=1))
+        else:
+            have = {lab.task for lab in labels}
+            for name in TASKS:
+                if name not in have:
+                    labels.append(
+                        PendingLabel(
+                            video=target.video,
+                            frame_start=target.frame,
+                            task=name,
+                            payload=None,  # type: ignore[arg-type]
+                            author=ls_author(annotation),
+                            source=SOURCE,
+                            updated_at=to_utc(annotation.get("updated_at")),
+                            ls_task_id=task.get("id"),
+                            ls_annotation_id=ann_id,
+                            deleted=True,
+                        )
+                    )
+    report = ImportReport("label-studio-webhook", str(action))
+    videos = {lab.video: VideoInfo() for lab in labels} or {target.video: VideoInfo()}
+    results = write_labels(store, videos, labels, report, project)
+    recorded: dict[str, Any] = {}
+    for lab, res in zip(labels, results, strict=True):
+        if res is not None and (not lab.deleted or res.created):
+            recorded[lab.task] = _recorded(res, lab.deleted)
+    return {"action": action, "annotation": ann_id, "labels": recorded, "skipped": skipped}
 
 
-def _regions_for(task: str, payload: dict[str, Any], schema: LabelSchema, fps: float | None) -> list[dict]:
-    if task == "segmentation":
-        mask = payload["mask"]
-        h, w = mask.shape
-        return [
-            {
-                "id": f"seg{c}",
-                "from_name": "seg",
-                "to_name": "image",
-                "type": "brushlabels",
-                "original_width": int(w),
-                "original_height": int(h),
-                "image_rotation": 0,
-                "value": {
-                    "format": "rle",
-                    "rle": mask_to_brush_rle(((mask == c) * 255).astype(np.uint8)),
-                    "brushlabels": [schema.class_names[c]],
-                },
-            }
-            for c in payload.get("classes", [])
-        ]
-    if task == "cvs":
-        chosen = [k for k, v in zip(schema.cvs_keys, payload["values"], strict=True) if v >= 0.5]
-        return (
-            [
-                {
-                    "id": "cvs",
-                    "from_name": "cvs",
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": chosen},
-                }
-            ]
-            if chosen
-            else []
-        )
-    if "segments" in payload:
-        ids = {n: i for i, n in enumerate(schema.phase_names)}
-        end = max(s[1] for s in payload["segments"]) + 1
-        labels = np.full(end, -1)
-        for s, e, name in payload["segments"]:
-            labels[s : e + 1] = ids[name]
-        return [
-            {
-                "id": f"ph{i}",
-                "from_name": "phases",
-                "to_name": "video",
-                "type": "timelinelabels",
-                "value": {"ranges": [{"start": s, "end": e}], "timelinelabels": [schema.phase_names[p]]},
-            }
-            for i, (s, e, p) in enumerate(labels_to_segments(labels))
-        ]
-    return [
-        {
-            "id": "phase",
-            "from_name": "phase",
-            "to_name": "image",
-            "type": "choices",
-            "value": {"choices": [payload["phase"]]},
-        }
-    ]
+def _annotation_id(annotation: dict[str, Any]) -> int:
+    try:
+        return int(annotation["id"])
+    except (TypeError, ValueError):
+        raise DatasetFormatError(
+            f"annotation id {annotation.get('id')!r} is not an integer", "send Label Studio's webhook body"
+        ) from None
+
+
+def _recorded(res: RecordResult, deleted: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "annotation_id": res.annotation_id,
+        "revision": res.revision,
+        "created": res.created,
+    }
+    if deleted:
+        out["deleted"] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------
+_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+Where = tuple[str, int | None]  # (store video path, frame of an image task | None for a video task)
+
+
+def _iso(ts: Any) -> str | None:
+    return None if ts is None else ts.isoformat(timespec="microseconds") + "Z"
+
+
+def _where(video_path: str, start: int, end: int, payload: dict[str, Any]) -> Where:
+    single = start == end and "segments" not in payload
+    return video_path, (start if single else None)
+
+
+def _task_data(where: Where, tr: LabelStudioTranslator) -> dict[str, Any]:
+    """Task data for a store frame or video (the inverse of :func:`task_target`, as far as it goes)."""
+    video, frame = where
+    plan = tr.plan
+    ctrls = (plan.image_controls if frame is not None else plan.video_controls) if plan else []
+    media_key = ctrls[0].value_key if ctrls else ("image" if frame is not None else "video")
+    if frame is None or (frame == 0 and Path(urlsplit(video).path).suffix.lower() in _IMAGE_EXTS):
+        return {media_key: video}
+    return {VIDEO_KEY: video, FRAME_KEY: frame}
 
 
 def export_label_studio(
     store: LabelStore,
     out: str | Path,
     *,
+    label_config: str | None = None,
+    tasks: str | Path | Sequence[dict[str, Any]] | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
     model_version: str | None = None,
+    annotations: bool = False,
+    predictions: bool = True,
 ) -> int:
-    """Write Label Studio import tasks with the newest prediction per frame/task; returns the task count."""
-    videos = {v["id"]: v for v in store.videos()}
-    tasks: dict[tuple[int, int | None], dict[str, Any]] = {}
-    for p in store.predictions_for(model_version=model_version):
-        v = videos.get(p.video_id)
-        if v is None:
-            continue
-        single = p.frame_start == p.frame_end and "segments" not in p.payload
-        key = (p.video_id, p.frame_start if single else None)
-        if key not in tasks:
-            data: dict[str, Any] = {"video_name": v["path"]}
-            if single:
-                data.update(image=f"{v['path']}#frame={p.frame_start}", frame_index=p.frame_start)
+    """Write Label Studio tasks with the store's newest predictions as ``predictions`` (one per model version
+    and task) and, with ``annotations``, its human labels as ``annotations`` (one per author and task: the
+    labels the store trains on); returns the number of tasks written.
+
+    ``label_config``: the project's labeling config, whose control names the results use; by default the
+    configs ``surgenet-assist ls config`` generates (image: ``mask``, ``cvs``, ``phase``; video: ``phases``).
+    ``tasks``: Label Studio tasks (e.g. the project's JSON export) to attach the labels to: their ``id``
+    and ``data`` are kept, so the file imports back into that project, and frames without such a task are
+    left out. Without them a frame task's data is ``source_video`` + ``frame_index`` (or the image URL, when
+    that is the store video), a video task's the video.
+
+    Human labels the config cannot express raise :class:`SchemaError`; a label kind the config has no control
+    for (say, phases for a masks-only project) is left out.
+    """
+    if label_config is not None:
+        image_tr = video_tr = LabelStudioTranslator.for_config(label_config, schema)
+    else:
+        image_tr = LabelStudioTranslator.for_config(image_config(schema), schema)
+        video_tr = LabelStudioTranslator.for_config(video_config(schema), schema)
+    templates: dict[Where, dict[str, Any]] | None = None
+    if tasks is not None:
+        plan = image_tr.plan if label_config is not None else None
+        templates = {}
+        for t in _read_json(tasks, "Label Studio tasks") if isinstance(tasks, (str, Path)) else tasks:
+            target = task_target(t, plan)
+            templates[(target.video, target.frame)] = {"id": t.get("id"), "data": dict(t.get("data") or {})}
+    videos = {v["id"]: str(v["path"]) for v in store.videos()}
+    out_tasks: dict[Where, dict[str, Any]] = {}
+
+    def task_for(where: Where) -> dict[str, Any] | None:
+        if where not in out_tasks:
+            if templates is not None:
+                if where not in templates:
+                    return None
+                base = {k: v for k, v in templates[where].items() if v is not None}
             else:
-                data.update(video=v["path"], fps=v["fps"])
-            tasks[key] = {
-                "data": data,
-                "predictions": [{"model_version": p.model_version, "score": 0.0, "result": []}],
-            }
-        pred = tasks[key]["predictions"][0]
-        pred["result"].extend(_regions_for(p.task, p.payload, schema, v["fps"]))
-        if p.score is not None:
-            pred["score"] = max(pred["score"], float(p.score))
-        if p.model_version:
-            pred["model_version"] = p.model_version
+                base = {"data": _task_data(where, image_tr if where[1] is not None else video_tr)}
+            out_tasks[where] = {**base, "annotations": [], "predictions": []}
+        return out_tasks[where]
+
+    if annotations:
+        groups: dict[Where, dict[str | None, list[Any]]] = {}
+        for task_name in TASKS:
+            for lab in store.training_labels(task_name):
+                if lab.video_id in videos:
+                    where = _where(videos[lab.video_id], lab.frame_start, lab.frame_end, lab.payload)
+                    groups.setdefault(where, {}).setdefault(lab.author, []).append(lab)
+        for where, by_author in groups.items():
+            kind = "image" if where[1] is not None else "video"
+            tr = image_tr if kind == "image" else video_tr
+            for author, labs in by_author.items():
+                result: list[dict[str, Any]] = []
+                for lab in labs:
+                    try:
+                        result += tr.label_regions(kind, lab.task, lab.payload)
+                    except SchemaError as exc:
+                        raise SchemaError(
+                            f"{lab.task} label of {where[0]!r} frame {lab.frame_start}: {exc.message}",
+                            exc.hint,
+                        ) from None
+                task = task_for(where) if result else None
+                if task is None:
+                    continue
+                ann: dict[str, Any] = {"result": result, "was_cancelled": False, "ground_truth": False}
+                if ls_user_id(author) is not None:
+                    ann["completed_by"] = ls_user_id(author)
+                ann["updated_at"] = _iso(max(lab.updated_at for lab in labs))
+                task["annotations"].append(ann)
+    if predictions:
+        preds: dict[tuple[Where, str | None], dict[str, Any]] = {}
+        for p in store.predictions_for(model_version=model_version):
+            if p.video_id not in videos:
+                continue
+            where = _where(videos[p.video_id], p.frame_start, p.frame_end, p.payload)
+            kind = "image" if where[1] is not None else "video"
+            tr = image_tr if kind == "image" else video_tr
+            regions = tr.label_regions(kind, p.task, p.payload, human=False)
+            task = task_for(where) if regions else None
+            if task is None:
+                continue
+            key = (where, p.model_version)
+            if key not in preds:
+                preds[key] = {"model_version": p.model_version, "score": 0.0, "result": []}
+                task["predictions"].append(preds[key])
+            preds[key]["result"] += regions
+            if p.score is not None:
+                preds[key]["score"] = max(preds[key]["score"], float(p.score))
+    written = [t for t in out_tasks.values() if t["annotations"] or t["predictions"]]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(list(tasks.values()), indent=1), encoding="utf-8")
-    return len(tasks)
+    out.write_text(json.dumps(written, indent=1), encoding="utf-8")
+    return len(written)

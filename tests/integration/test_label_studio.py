@@ -2,7 +2,10 @@
 
 Label Studio talks to our backend over HTTP exactly as in production: connect (``/health`` + ``/setup``),
 "Retrieve predictions" (``/predict``), annotation webhooks, "Start training" (``START_TRAINING``). We read the
-stored predictions back through Label Studio's API and the labels back from the label store.
+stored predictions back through Label Studio's API and the labels back from the label store, and check the
+round trip both ways: what the webhooks wrote exports as what Label Studio holds, and Label Studio's own
+export imports and exports back unchanged (``ls_live.py`` annotates and captures, ``ls_semantics.py``
+compares).
 
 Skips with a reason when the LS virtualenv is missing (``scripts/setup_label_studio.sh`` creates it), unless
 ``SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1``, where that is a failure.
@@ -10,117 +13,35 @@ Skips with a reason when the LS virtualenv is missing (``scripts/setup_label_stu
 
 from __future__ import annotations
 
+import json
 import os
-import socket
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import requests
 from label_studio_sdk.label_interface import LabelInterface
+from ls_live import LS_VENV, TOKEN, WebhookSink, annotate_and_capture, export, free_port, label_studio
+from ls_live import poll as _poll
+from ls_semantics import assert_same_annotations, fixture
 
 from surgenet_assist.core.encoders import brush_rle_to_mask, mask_to_brush_rle
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-LS_VENV = Path(os.environ.get("SURGENET_ASSIST_LS_VENV", ROOT / ".ls-venv"))
-TOKEN = "0123456789abcdef0123456789abcdef01234567"
 H, W = 64, 96
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-3000:] if log else ""
-            raise RuntimeError(f"Label Studio exited with {proc.returncode}:\n{tail}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout:.0f} s")
-
-
-def _poll(fn, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")
 def ls_server(tmp_path_factory):
-    exe = LS_VENV / "bin" / "label-studio"
-    if not exe.exists():
+    if not (LS_VENV / "bin" / "label-studio").exists():
         reason = f"Label Studio virtualenv not found at {LS_VENV}; run scripts/setup_label_studio.sh"
         if os.environ.get("SURGENET_ASSIST_REQUIRE_LABEL_STUDIO") == "1":
             pytest.fail(reason + " (required: SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1)")
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("ls")
-    files = base / "files"
-    files.mkdir()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO"))}
-    env.update(
-        LABEL_STUDIO_USERNAME="admin@example.com",
-        LABEL_STUDIO_PASSWORD="adminpass123",
-        LABEL_STUDIO_USER_TOKEN=TOKEN,
-        LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
-        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(files),
-        SENTRY_DSN="",
-        FRONTEND_SENTRY_DSN="",
-        LATEST_VERSION_CHECK="false",
-        COLLECT_ANALYTICS="false",
-        ML_BLOCK_LOCAL_IP="false",
-        SSRF_PROTECTION_ENABLED="false",
-        HOME=str(base),
-        PYTHONUNBUFFERED="1",
-    )
-    log = base / "ls.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "start",
-                "--no-browser",
-                "--internal-host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(base / "data"),
-                "--enable-legacy-api-token",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=base,
-        )
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", 300, proc, log)
-        yield {"url": f"http://127.0.0.1:{port}", "files": files, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with label_studio(tmp_path_factory.mktemp("ls")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -131,16 +52,16 @@ def backend(ls_server, tmp_path_factory):
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
-    from surgenet_assist.core.store import LabelStore
 
     saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
     os.environ["LABEL_STUDIO_URL"] = ls_server["url"]
     os.environ["LABEL_STUDIO_API_KEY"] = TOKEN
     model = SurgeNetAssistModel.create(random_init=True)
     predictor = Predictor(model, batch_size=4, short_side=64, model_version="it-1.0", device="cpu")
-    store = LabelStore(f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}")
-    app = create_app(BackendSettings(), predictor=predictor, store=store)
-    port = _free_port()
+    db = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+    app = create_app(BackendSettings(db_url=db), predictor=predictor)  # the service opens its store
+    store = app.extensions["surgenet"]["store"]
+    port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -300,3 +221,66 @@ def test_preannotate_posts_new_version_and_resumes(ls, ls_server, image_project,
     assert versions.count("it-2.0") == len(image_project.task_ids)
     again = preannotate(ls_server["url"], TOKEN, image_project.project_id, p2, batch=2, progress=False)
     assert again.predicted == 0 and again.skipped == len(image_project.task_ids)
+
+
+def test_round_trip_through_the_store_is_lossless(ls_server, backend, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.store_commands import register
+    from surgenet_assist.core.formats.label_studio import export_label_studio
+
+    sink = WebhookSink()
+    try:
+        cap = annotate_and_capture(ls_server, sink, backend_url=backend["url"])
+    finally:
+        sink.close()
+
+    def ours(store, kind):
+        out = tmp_path / f"{kind}-{id(store)}.json"
+        export_label_studio(
+            store, out, annotations=True, label_config=cap.configs[kind], tasks=cap.exports[kind]
+        )
+        return json.loads(out.read_text())
+
+    # 1. what the backend's webhooks wrote into the store exports as what Label Studio holds
+    for kind in ("image", "video"):  # the projects our backend is connected to
+        _poll(
+            lambda kind=kind: _same(ours(backend["store"], kind), export(ls_server["url"], cap.ids[kind])),
+            what=f"{kind} annotations in the store",
+        )
+        assert_same_annotations(ours(backend["store"], kind), cap.exports[kind])
+    # 2. Label Studio's own export, imported into an empty store, exports back the same (as a user would)
+    cli, db = typer.Typer(), f"sqlite:///{tmp_path / 'fresh.db'}"
+    register(cli)
+    for kind in ("image", "video"):
+        (tmp_path / f"{kind}.xml").write_text(cap.configs[kind])
+        (tmp_path / f"{kind}-ls.json").write_text(json.dumps(cap.exports[kind]))
+        cfg, exported, back = (
+            str(tmp_path / n) for n in (f"{kind}.xml", f"{kind}-ls.json", f"{kind}-back.json")
+        )
+        r = CliRunner().invoke(cli, ["import", "label-studio", exported, "--db", db, "--label-config", cfg])
+        assert r.exit_code == 0, r.output
+        args = ["--db", db, "--label-config", cfg, "--tasks", exported, "--annotations"]
+        r = CliRunner().invoke(cli, ["export", "label-studio", "--out", back, *args])
+        assert r.exit_code == 0, r.output
+        assert_same_annotations(json.loads(Path(back).read_text()), cap.exports[kind])
+    # 3. the payloads the fast tests read (tests/fixtures/label_studio) still have this server's shapes
+    assert [b["action"] for b in cap.webhooks] == [b["action"] for b in fixture("webhooks.json")]
+    for live, saved in zip(cap.webhooks, fixture("webhooks.json"), strict=True):
+        assert sorted(live) == sorted(saved)
+        for part in ("annotation", "task"):
+            if part in saved:
+                assert sorted(live[part]) == sorted(saved[part]), part
+    for kind, tasks in cap.exports.items():
+        saved = fixture(f"{kind}_export.json")
+        assert [sorted(t) for t in tasks] == [sorted(t) for t in saved]
+        assert [sorted(t["data"]) for t in tasks] == [sorted(t["data"]) for t in saved]  # uploads: new names
+
+
+def _same(ours, theirs) -> bool:
+    try:
+        assert_same_annotations(ours, theirs)
+    except AssertionError:
+        return False
+    return True
