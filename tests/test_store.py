@@ -319,3 +319,42 @@ def test_label_records_carry_annotation_and_revision_ids(tmp_path):
     current = [r for r in store.training_labels("phase", video_id=vid) if r.frame_start == 1]
     assert current[0].annotation_id == first.annotation_id and current[0].revision_id == second.revision_id
     store.close()
+
+
+def test_the_training_queue_is_a_store_api(store):
+    """Queue (never two queued), claim once, close what a killed cycle left running, update with checks."""
+    assert store.claim_queued_run() is None
+    rid, added = store.queue_training_run({"trigger": "test"})
+    assert added and store.queue_training_run({"trigger": "again"}) == (rid, False)
+    running = store.record_training_run(task="nightly", status="running")
+    claimed = store.claim_queued_run(task="nightly")
+    assert claimed is not None and claimed["id"] == rid and claimed["status"] == "running"
+    assert store.claim_queued_run() is None
+    assert store.close_interrupted_runs(task="nightly") == sorted([rid, running])
+    store.update_training_run(rid, status="finished", metrics={"score": np.float32(0.5)})
+    row = {r["id"]: r for r in store.training_runs(status="finished")}[rid]
+    assert row["metrics"] == {"score": 0.5}
+    with pytest.raises(StoreError, match="no column"):
+        store.update_training_run(rid, colour="red")
+    with pytest.raises(StoreError, match="no training run"):
+        store.update_training_run(10_000, status="failed")
+    with store.exclusive_lock("test") as held:
+        assert held
+
+
+def test_current_human_labels_and_the_labelling_queue(store):
+    """The reviewers' reader ignores splits; the front-ends' queue prefers the champion's default strategy."""
+    v = store.add_video("video01", 25, 100, split="test")
+    store.record_annotation(v, 5, "cvs", [1, 0, 1], source="napari")
+    assert store.training_labels("cvs", "train") == []
+    assert [r.frame_start for r in store.current_human_labels("cvs", video_id=v)] == [5]
+    assert store.current_human_labels("cvs", video_id=v) == store.training_labels("cvs", video_id=v)
+    store.save_acquisition_scores([(v, 1, 0.9), (v, 5, 1.0)], task="cvs", method="entropy", model_version="")
+    store.save_acquisition_scores([(v, 2, 0.4), (v, 3, 0.8)], task="cvs", method="hybrid", model_version="m1")
+    store.save_acquisition_scores([(v, 4, 1.0)], task="cvs", method="hybrid", model_version="m2")
+    assert [q.frame_index for q in store.labelling_queue("cvs")] == [4, 3, 2]  # no champion: any version
+    store.register_model_version("m1", task="cvs")
+    store.set_model_status("m1", "champion")
+    assert [q.frame_index for q in store.labelling_queue("cvs")] == [3, 2]  # the champion's rows
+    assert [q.frame_index for q in store.labelling_queue("cvs", "entropy")] == [1]  # frame 5 is labelled
+    assert [q.frame_index for q in store.labelling_queue("cvs", "entropy", exclude_labelled=False)] == [5, 1]

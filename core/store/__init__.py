@@ -1,21 +1,12 @@
 """Label store: human labels with provenance and revisions, predictions, model registry, AL scores.
 
 SQLite by default (a file under the data dir), PostgreSQL with the same URL scheme SQLAlchemy uses. See
-``docs/store.md`` for the entities and guarantees.
+``docs/store.md`` for the entities and guarantees. Importing it (or opening a store) does not import torch.
 """
 
+from .acquisition import DEFAULT_QUEUE_METHOD
 from .db import create_store_engine, mask_url, resolve_url
-from .label_store import (
-    AcquisitionItem,
-    AnnotationInput,
-    LabelRecord,
-    LabelStore,
-    PredictionRecord,
-    RecordResult,
-    Writer,
-    annotation_key,
-    to_utc,
-)
+from .label_store import LabelStore
 from .migrations import upgrade
 from .payloads import (
     TASKS,
@@ -28,11 +19,22 @@ from .payloads import (
     png_to_mask,
     segmentation_payload,
 )
+from .records import (
+    AcquisitionItem,
+    AnnotationInput,
+    LabelRecord,
+    PredictionRecord,
+    RecordResult,
+    annotation_key,
+    to_utc,
+)
+from .writer import Writer
 
 __all__ = [
     "TASKS",
     "AcquisitionItem",
     "AnnotationInput",
+    "DEFAULT_QUEUE_METHOD",
     "LabelRecord",
     "LabelStore",
     "Payload",

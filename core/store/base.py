@@ -1,0 +1,129 @@
+"""Opening a label store, its transactions, and the query every reader of human labels starts from.
+
+:class:`StoreBase` is what :class:`~surgenet_assist.core.store.LabelStore` and its parts (registry,
+acquisition) share: the engine, one-transaction-per-call writes through a
+:class:`~surgenet_assist.core.store.writer.Writer`, and read sessions.
+
+Opening migrates the database to the latest schema unless ``upgrade=False``, which refuses a database that
+is not at the latest revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Self, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import StoreError
+from ..schema import DEFAULT_SCHEMA, LabelSchema
+from . import migrations
+from .db import check_reachable, create_store_engine, mask_url, resolve_url, retrying, writer
+from .models import Annotation, AnnotationRevision
+from .records import DEFAULT_PROJECT
+from .writer import Writer, is_unique_race
+
+T = TypeVar("T")
+
+
+class StoreBase:
+    """The open database: engine, write transactions, read sessions (see module doc for opening)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        upgrade: bool = True,
+        project: str = DEFAULT_PROJECT,
+        schema: LabelSchema = DEFAULT_SCHEMA,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.project = project
+        self.schema = schema
+        self.engine: Engine = create_store_engine(self.url)
+        try:
+            check_reachable(self.engine)
+            current, head = migrations.current_revision(self.engine), migrations.head_revision()
+            if current != head:
+                if not upgrade:
+                    at = mask_url(self.url)
+                    raise StoreError(
+                        f"the label store at {at} is at schema revision {current}, not {head}",
+                        "run `surgenet-assist db upgrade` (it migrates without losing data)",
+                    )
+                migrations.upgrade(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._sessions = sessionmaker(bind=writer(self.engine), expire_on_commit=False)
+        self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({mask_url(self.url)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions ----------------------------------------------------------------------------------
+    def transaction(self, fn: Callable[[Writer], T]) -> T:
+        """Run ``fn(writer)`` as ONE transaction; rerun as a whole after lock/serialization conflicts.
+
+        Any exception inside ``fn`` rolls everything back. ``fn`` must not have side effects outside the
+        database, since it may run more than once.
+        """
+
+        def attempt() -> T:
+            with self._sessions.begin() as session:
+                return fn(Writer(session, self.schema, self.project))
+
+        return retrying(attempt, also=is_unique_race)
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads() as session:
+            yield session
+
+    @contextmanager
+    def exclusive_lock(self, name: str) -> Iterator[bool]:
+        """Try to hold the database-wide lock ``name`` for the block; yields whether it was taken.
+
+        On PostgreSQL a session advisory lock, so processes on several hosts sharing the database exclude
+        each other, and a killed holder's lock is released with its connection. On SQLite (one host) it
+        yields ``True``: callers serialise with a lock file there.
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        key = int(hashlib.sha256(f"surgenet-assist-{name}".encode()).hexdigest()[:15], 16)
+        with self.engine.connect() as conn:  # closing the connection releases the lock
+            yield bool(conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+
+
+def current_revisions(task: str | None) -> sa.Subquery:
+    """Newest revision per annotation (by updated_at, then id), tombstones included.
+
+    Columns: ``rid`` (revision id), ``aid`` (annotation id), ``deleted``, ``updated_at``, ``rn`` (1 = newest).
+    """
+    R, A = AnnotationRevision, Annotation
+    rn = sa.func.row_number().over(partition_by=R.annotation_id, order_by=(R.updated_at.desc(), R.id.desc()))
+    q = sa.select(R.id.label("rid"), R.annotation_id.label("aid"), R.deleted, R.updated_at, rn.label("rn"))
+    q = q.join(A, A.id == R.annotation_id)
+    if task is not None:
+        q = q.where(A.task == task)
+    return q.subquery()
+
+
+def live_annotation_ids(task: str | None) -> sa.Subquery:
+    """Ids (``aid``) of annotations whose newest revision is not a tombstone."""
+    cur = current_revisions(task)
+    return sa.select(cur.c.aid).where(cur.c.rn == 1, cur.c.deleted.is_(False)).subquery()

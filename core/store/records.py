@@ -1,0 +1,152 @@
+"""Value objects of the label store: what callers pass in and what they get back.
+
+Plain frozen dataclasses (no database session attached), the identity rule of a human label
+(:func:`annotation_key`), timestamp normalisation (:func:`to_utc`) and the status names the store's rows use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import StoreError
+from . import payloads as pl
+
+#: where a human label came from
+SOURCES = ("label-studio", "napari", "import")
+DEFAULT_PROJECT = "default"
+
+# model_versions.status
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous-champion"
+ARCHIVED = "archived"
+
+# training_runs.status; a queued run is claimed (queued -> running) by exactly one trainer
+RUN_QUEUED = "queued"
+RUN_RUNNING = "running"
+RUN_FINISHED = "finished"
+RUN_FAILED = "failed"
+RUN_INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """Outcome of recording a human label: which revision holds it and whether this call added it."""
+
+    annotation_id: int
+    revision_id: int
+    revision: int
+    created: bool
+    current: bool
+
+
+@dataclass(frozen=True)
+class AnnotationInput:
+    """One human label to record (see :meth:`LabelStore.record_annotation` for the fields)."""
+
+    video_id: int
+    frame_start: int
+    task: str
+    payload: pl.Payload | None
+    source: str
+    author: str | None = None
+    frame_end: int | None = None
+    ls_task_id: int | None = None
+    ls_annotation_id: int | None = None
+    updated_at: datetime | None = None
+    key: str | None = None
+    deleted: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.frame_start if self.frame_end is None else self.frame_end
+
+    def identity(self) -> str:
+        return self.key or annotation_key(
+            self.source,
+            self.video_id,
+            self.frame_start,
+            self.end,
+            self.task,
+            self.ls_annotation_id,
+            self.author,
+        )
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """A human label revision as read back (``payload`` has ``mask`` decoded for segmentation)."""
+
+    annotation_id: int
+    revision_id: int
+    revision: int
+    video_id: int
+    video_path: str
+    frame_start: int
+    frame_end: int
+    task: str
+    source: str
+    author: str | None
+    updated_at: datetime
+    deleted: bool
+    payload: dict[str, Any] = field(repr=False)
+    origin: str = "human"
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    id: int
+    video_id: int
+    frame_start: int
+    frame_end: int
+    task: str
+    model_version: str | None
+    probabilities: Any
+    uncertainty: float | None
+    score: float | None
+    created_at: datetime
+    payload: dict[str, Any] = field(repr=False)
+    origin: str = "model"
+
+
+@dataclass(frozen=True)
+class AcquisitionItem:
+    video_id: int
+    frame_index: int
+    task: str
+    method: str
+    score: float
+    model_version: str
+
+
+def annotation_key(
+    source: str,
+    video_id: int,
+    frame_start: int,
+    frame_end: int,
+    task: str,
+    ls_annotation_id: int | None = None,
+    author: str | None = None,
+) -> str:
+    """Identity of a label: a Label Studio annotation id, else source + author + frame(s) + task."""
+    if ls_annotation_id is not None:
+        return f"ls:{ls_annotation_id}:{video_id}:{frame_start}-{frame_end}:{task}"
+    return f"{source}:{author or ''}:{video_id}:{frame_start}-{frame_end}:{task}"
+
+
+def to_utc(ts: datetime | str | float | None) -> datetime | None:
+    """Naive UTC from a datetime (aware, or naive meaning UTC), an ISO string (``Z`` ok) or epoch seconds."""
+    if ts is None:
+        return None
+    if isinstance(ts, (int, float)):
+        return datetime.fromtimestamp(float(ts), UTC).replace(tzinfo=None)
+    if isinstance(ts, str):
+        try:
+            ts = datetime.fromisoformat(ts.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise StoreError(f"not an ISO timestamp: {ts!r}", "use e.g. 2024-05-01T12:00:00Z") from None
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts
