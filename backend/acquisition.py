@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from surgenet_assist.core.store import TASKS
+
 log = logging.getLogger("surgenet_assist.backend")
-TASKS = ("segmentation", "phase", "cvs")
 
 
 def _frame_of(
@@ -29,11 +30,9 @@ def _frame_of(
 
 def queue_priorities(store: Any, project: str | None = None) -> dict[tuple[int, int], float]:
     """(video id, frame index) -> highest queue priority over tasks (the front-ends' queue)."""
-    from surgenet_assist.training_loop.acquisition import read_queue
-
     out: dict[tuple[int, int], float] = {}
     for task in TASKS:
-        for item in read_queue(store, task, limit=100_000):
+        for item in store.labelling_queue(task, limit=100_000):
             key = (item.video_id, item.frame_index)
             out[key] = max(out.get(key, 0.0), float(item.score))
     return out

@@ -93,11 +93,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """The next frames to label (highest acquisition priority first; labelled frames skipped)."""
-        from surgenet_assist.training_loop.acquisition import read_queue
-
         store = _store(db, project)
         paths = {v["id"]: v["path"] for v in store.videos(project)}
-        items = read_queue(store, task, strategy, limit=n, exclude_labelled=not include_labelled)
+        items = store.labelling_queue(task, strategy, limit=n, exclude_labelled=not include_labelled)
         rows: list[dict[str, Any]] = [
             {
                 "rank": i + 1,

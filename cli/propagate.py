@@ -56,13 +56,13 @@ def _read_store(video: Path, db: str | None, schema: LabelSchema) -> tuple[dict,
                 f"video {video} is not in the label store", "import or annotate it first"
             )
         masks = {
-            r.frame_start: r.payload["mask"] for r in store.training_labels("segmentation", video_id=vid)
+            r.frame_start: r.payload["mask"] for r in store.current_human_labels("segmentation", video_id=vid)
         }
         per_frame = store.phase_labels(vid)
         phases = {i: int(p) for i, p in enumerate(per_frame) if p >= 0}
         cvs = {
             r.frame_start: np.asarray(r.payload["values"], dtype=float)
-            for r in store.training_labels("cvs", video_id=vid)
+            for r in store.current_human_labels("cvs", video_id=vid)
         }
     return masks, phases, cvs
 

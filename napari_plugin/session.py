@@ -219,12 +219,12 @@ class ReviewSession:
         """Current human labels of a clip: per-frame phase ids, CVS values and masks by frame."""
         phases = self.store.phase_labels(clip.video_id, length=clip.frame_count)
         cvs: dict[int, list[float]] = {}
-        for rec in self.store.training_labels("cvs", video_id=clip.video_id):
+        for rec in self.store.current_human_labels("cvs", video_id=clip.video_id):
             for f in range(rec.frame_start, rec.frame_end + 1):
                 cvs[f] = list(rec.payload["values"])
         masks = {
             rec.frame_start: rec.payload["mask"]
-            for rec in self.store.training_labels("segmentation", video_id=clip.video_id)
+            for rec in self.store.current_human_labels("segmentation", video_id=clip.video_id)
             if rec.frame_start == rec.frame_end and "mask" in rec.payload
         }
         return {"phases": phases, "cvs": cvs, "masks": masks}
@@ -391,11 +391,9 @@ class ReviewSession:
 
         Frames with a human label and frames in ``skip`` (already reviewed this session) are passed over.
         """
-        from surgenet_assist.training_loop.acquisition import read_queue
-
         queue = [
             item.frame_index
-            for item in read_queue(self.store, "segmentation", limit=500)
+            for item in self.store.labelling_queue("segmentation", limit=500)
             if item.video_id == clip.video_id and item.frame_index < clip.frame_count
         ]
         for f in queue:
@@ -403,8 +401,8 @@ class ReviewSession:
                 return int(f)
         if queue:
             return None
-        labelled = {r.frame_start for r in self.store.training_labels("segmentation", video_id=clip.video_id,
-                                                                          with_payload=False)}
+        labels = self.store.current_human_labels("segmentation", video_id=clip.video_id, with_payload=False)
+        labelled = {r.frame_start for r in labels}
         for f in list(range(current + 1, clip.frame_count)) + list(range(0, current)):
             if f not in labelled and f not in skip:
                 return f

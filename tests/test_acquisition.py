@@ -193,18 +193,18 @@ def test_queue_survives_a_restart_and_skips_labelled_frames(tmp_path):
     pool.video_ids = np.array([vids[v - 10] for v in pool.video_ids])
     counts = acq.save_queue(store, pool, "v1", queue_size=15)
     assert counts == {"segmentation": 15, "phase": 15, "cvs": 15}
-    before = [(q.video_id, q.frame_index) for q in acq.read_queue(store, "segmentation", limit=15)]
+    before = [(q.video_id, q.frame_index) for q in store.labelling_queue("segmentation", limit=15)]
     store.close()
 
     store = LabelStore(url)
-    after = acq.read_queue(store, "segmentation", limit=15)
+    after = store.labelling_queue("segmentation", limit=15)
     assert [(q.video_id, q.frame_index) for q in after] == before
     assert {q.method for q in after} == {"hybrid"}
     assert [q.score for q in after] == sorted((q.score for q in after), reverse=True)
     first = after[0]
     mask = np.zeros((8, 8), np.uint8)
     store.record_annotation(first.video_id, first.frame_index, "segmentation", mask, source="napari")
-    again = acq.read_queue(store, "segmentation", limit=15)
+    again = store.labelling_queue("segmentation", limit=15)
     assert (first.video_id, first.frame_index) not in {(q.video_id, q.frame_index) for q in again}
     # plain entropy rows stay for older readers
     assert store.acquisition_queue("segmentation", method="entropy", limit=1000, exclude_labelled=False)

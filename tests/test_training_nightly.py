@@ -16,7 +16,6 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.training_loop.nightly import CycleLocked, NightlyConfig, cycle_lock, run_cycle
-from surgenet_assist.training_loop.queue import claim_queued
 from surgenet_assist.training_loop.registry import Registry
 from surgenet_assist.training_loop.synthetic_store import populate_store
 
@@ -133,9 +132,9 @@ def test_queue_claims_a_queued_run_once(tmp_path):
         "nothing queued"
     )
     rid = store.record_training_run(status="queued", params={"trigger": "label-studio START_TRAINING"})
-    claimed = claim_queued(store)
+    claimed = store.claim_queued_run()
     assert claimed is not None and claimed["id"] == rid
-    assert claim_queued(store) is None
+    assert store.claim_queued_run() is None
     assert {r["id"]: r["status"] for r in store.training_runs()}[rid] == "running"
 
 

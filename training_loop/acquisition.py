@@ -3,7 +3,8 @@
 MONAI-Label-like split: an :class:`AcquisitionPool` holds what the model says about every candidate frame
 (per-task probabilities / uncertainties, MC-dropout passes, backbone embeddings, video ids, frame times);
 a :class:`Strategy` turns it into an ordered batch; :func:`score_frames` writes the ordering into the
-store's ``acquisition_scores`` table, which the nightly cycle refreshes and Label Studio / napari read.
+store's ``acquisition_scores`` table, which the nightly cycle refreshes and Label Studio / napari read
+through ``LabelStore.labelling_queue``.
 
 Video frames are temporally redundant: every strategy (random included) drops candidates closer than
 ``min_gap_s`` seconds, or with an embedding cosine similarity above ``max_similarity``, to a frame already
@@ -19,10 +20,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from surgenet_assist.core.store import DEFAULT_QUEUE_METHOD
+
 TASKS = ("segmentation", "phase", "cvs")
 MEASURES = ("entropy", "margin", "least-confidence", "bald")
-DEFAULT_STRATEGY = "hybrid"
-#: methods whose rows the front-ends read when no strategy is named (newest model version first)
+#: the strategy whose queue the front-ends read (``LabelStore.labelling_queue``) when none is named
+DEFAULT_STRATEGY = DEFAULT_QUEUE_METHOD
+#: plain entropy rows written beside every queue, for readers that ask for this method by name
 FALLBACK_METHOD = "entropy"
 
 
@@ -563,7 +567,7 @@ def strategy_for_task(name: str, task: str, **kwargs: Any) -> Strategy:
 def labelled_in_pool(store: Any, pool: AcquisitionPool, task: str) -> list[FrameRef]:
     """Pool frames covered by a live human label of ``task`` (range labels cover every frame inside)."""
     out: list[FrameRef] = []
-    for rec in store.training_labels(task, with_payload=False):
+    for rec in store.current_human_labels(task, with_payload=False):
         sel = (pool.video_ids == rec.video_id) & (pool.frame_indices >= rec.frame_start)
         sel &= pool.frame_indices <= rec.frame_end
         out += [pool.ref(int(i)) for i in np.flatnonzero(sel)]
@@ -627,21 +631,3 @@ def score_frames(
     pool = build_pool(model, frames, short, mc_passes if needs_mc(strategy) else 0, progress=progress)
     counts = save_queue(store, pool, version or "", strategy, queue_size)
     return {"strategy": strategy, "frames_scored": len(pool), "queue": counts}
-
-
-def read_queue(
-    store: Any, task: str, strategy: str | None = None, limit: int = 50, exclude_labelled: bool = True
-) -> list[Any]:
-    """The queue the front-ends show: ``strategy``'s rows (default strategy when it has rows, else any
-    method) for the champion's model version when that version has rows, unlabelled frames first."""
-    methods = [strategy] if strategy else [DEFAULT_STRATEGY, None]
-    champs = store.model_versions(status="champion")
-    versions = [c["version"] for c in champs[-1:]] + [None]
-    for method in methods:
-        for version in versions:
-            items = store.acquisition_queue(
-                task, method=method, model_version=version, limit=limit, exclude_labelled=exclude_labelled
-            )
-            if items:
-                return items
-    return []

@@ -280,7 +280,7 @@ class DayOneAssist:
             return None
         labels = [
             r
-            for r in self.store.training_labels("segmentation", video_id=vid, project=self.project)
+            for r in self.store.current_human_labels("segmentation", video_id=vid, project=self.project)
             if r.frame_start != frame
         ]
         if not labels:
@@ -322,7 +322,7 @@ class DayOneAssist:
         idx = np.asarray(feats.indices)
         cvs_labels = {
             feats.position(r.frame_start): np.asarray(r.payload["values"], float)
-            for r in self.store.training_labels("cvs", video_id=vid, project=self.project)
+            for r in self.store.current_human_labels("cvs", video_id=vid, project=self.project)
             if r.frame_start in set(idx.tolist())
         }
         return {

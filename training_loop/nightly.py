@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -25,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 import yaml
 
-from surgenet_assist.core.backbone import state_dict_sha256
 from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
@@ -38,8 +35,8 @@ from surgenet_assist.core.weights import data_home
 from . import distributed as ddp
 from .datasets import SplitData, assign_splits, combined_manifest_hash, load_split
 from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, overall_score
-from .finetune import FinetuneConfig, FinetuneHistory, finetune_heads
-from .queue import claim_queued, fail_interrupted, update_run
+from .finetune import FinetuneConfig, FinetuneHistory
+from .fitting import fit
 from .registry import GateDecision, Registry, gate
 
 
@@ -122,24 +119,16 @@ def cycle_lock(store: LabelStore, path: Path | None = None) -> Iterator[None]:
                 f"another training cycle is running (lock {path})",
                 "wait for it to finish; a killed cycle releases the lock automatically",
             ) from None
-        conn = None
-        if store.engine.dialect.name == "postgresql":  # several trainer hosts on one database
-            conn = store.engine.connect()
-            key = int(hashlib.sha256(b"surgenet-assist-nightly").hexdigest()[:15], 16)
-            if not conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-                conn.close()
+        with store.exclusive_lock("nightly") as held:  # several trainer hosts on one database
+            if not held:
                 raise CycleLocked(
                     "another training cycle holds the database lock", "wait for the other trainer to finish"
                 )
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()} {_now().isoformat()}\n")
-        fh.flush()
-        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()} {_now().isoformat()}\n")
+            fh.flush()
             yield
-        finally:
-            if conn is not None:
-                conn.close()  # ends the session, releasing the advisory lock
     finally:
         fh.close()
 
@@ -165,28 +154,6 @@ def load_data(store: LabelStore, cfg: NightlyConfig) -> dict[str, SplitData]:
         s: load_split(store, s, project=cfg.project, size=cfg.frame_size, progress=show)
         for s in ("train", "val", "test")
     }
-
-
-def work_dir(key: str) -> Path:
-    return data_home() / "work" / key
-
-
-def fit(
-    model: SurgeNetAssistModel,
-    splits: dict[str, SplitData],
-    cfg: NightlyConfig,
-    manifest: str,
-    deadline: float | None,
-    tag: str = "main",
-) -> tuple[FinetuneHistory, dict[str, Any]]:
-    """Fine-tune ``model`` in place on train (checkpointed), return history and val metrics."""
-    ft = dataclasses.replace(cfg.finetune, deadline=deadline)
-    start = state_dict_sha256(model.state_dict())  # the starting weights (parent backbone and heads)
-    key = hashlib.sha256((manifest + ft.key() + tag + start).encode()).hexdigest()
-    ft.checkpoint_dir = str(work_dir(key[:20]))
-    history = finetune_heads(model, splits["train"].frames, ft, progress=cfg.progress and ddp.is_main())
-    val = evaluate_model(model, splits["val"].frames, short_side=ft.short_side)
-    return history, val
 
 
 def train_candidate(
@@ -360,10 +327,10 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
     report: dict[str, Any] = {"started_at": _now().isoformat(timespec="seconds")}
     with cycle_lock(store):
         registry = Registry(store)
-        report["interrupted_runs_closed"] = fail_interrupted(store)
+        report["interrupted_runs_closed"] = store.close_interrupted_runs(task="nightly")
         report["orphans_removed"] = registry.remove_orphans()
         if from_queue:
-            row = claim_queued(store)
+            row = store.claim_queued_run(task="nightly")
             if row is None:
                 return {"outcome": "nothing queued"}
             run_id = row["id"]
@@ -377,8 +344,7 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
             status = "finished"
         except BaseException as exc:
             report["outcome"] = f"failed: {getattr(exc, 'message', exc)!s}"
-            update_run(
-                store,
+            store.update_training_run(
                 run_id,
                 status="failed",
                 finished_at=_now(),
@@ -394,8 +360,7 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
         report["report"] = str(
             write_report(out, report, report.pop("_history", None), report.pop("_test", None), store.schema)
         )
-        update_run(
-            store,
+        store.update_training_run(
             run_id,
             status=status,
             finished_at=_now(),

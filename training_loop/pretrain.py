@@ -27,9 +27,13 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from surgenet_assist.core.backbone import SurgeNetBackbone
+from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.core.video import open_video
 from surgenet_assist.core.weights import data_home
+
+from .evaluate import overall_score
+from .fitting import fit
 
 
 class DINOHead(nn.Module):
@@ -419,11 +423,6 @@ def select_backbone(
     deadline: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune heads on the current and on the adapted backbone; keep the one better on validation."""
-    from surgenet_assist.core.model import SurgeNetAssistModel
-
-    from .evaluate import overall_score
-    from .nightly import fit
-
     current = copy.deepcopy(model)
     candidate = SurgeNetAssistModel(adapted, model.schema)
     candidate.load_state_dict(model.heads_state_dict(), strict=False)
