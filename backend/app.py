@@ -191,7 +191,7 @@ def _json_error(status: int, error: str, detail: str, hint: str | None = None, *
 def _open_store(settings: BackendSettings) -> Any:
     from surgenet_assist.core.store import LabelStore
 
-    return LabelStore(settings.db_url)
+    return LabelStore(settings.db_url, migrate=True)  # a service: brings the schema up to date
 
 
 def create_app(

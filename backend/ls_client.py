@@ -157,7 +157,7 @@ def _upload(url: str, api_key: str, project_id: int, files: list[Path]) -> list[
 # bulk pre-annotation
 # ---------------------------------------------------------------------------------------------------
 def _state_file(url: str, project_id: int) -> Path:
-    from surgenet_assist.core.weights import data_home
+    from surgenet_assist.core.paths import data_home
 
     safe = "".join(ch if ch.isalnum() else "_" for ch in url)
     return data_home() / "preannotate" / f"{safe}-{project_id}.json"

@@ -104,7 +104,7 @@ def main() -> int:
     else:
         model = SurgeNetAssistModel.create(random_init=True)
         predictor = Predictor(model, batch_size=8, short_side=args.short_side, model_version="bench")
-    store = LabelStore(f"sqlite:///{tmp / 'store.db'}")
+    store = LabelStore(f"sqlite:///{tmp / 'store.db'}", migrate=True)
     app = create_app(BackendSettings(), predictor=predictor, store=store)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     port = server.server_port

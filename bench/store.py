@@ -37,7 +37,7 @@ def masks(n: int, h: int = 120, w: int = 214) -> list:
 
 
 def bench_store(url: str, n: int, batch: int) -> dict[str, float]:
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     vid = store.add_video("bench-video", 25, n)
     payloads = masks(n)
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def bench_cholec80(url: str) -> float:
         path.write_text(
             "Frame\tPhase\n" + "".join(f"{i}\t{DEFAULT_SCHEMA.phase_names[p]}\n" for i, p in enumerate(ids))
         )
-        store = LabelStore(url)
+        store = LabelStore(url, migrate=True)
         t0 = time.perf_counter()
         import_cholec80(store, path)
         elapsed = time.perf_counter() - t0

@@ -82,7 +82,7 @@ def main() -> None:
 
     n_train_videos = max(1, args.frames // args.per_video)
     url = f"sqlite:///{home}/store.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     t0 = time.perf_counter()
     populate_store(
         store,

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
         if strategy not in STRATEGIES:
             raise SurgenetAssistError(f"unknown strategy {strategy!r}", f"use one of: {_strategy_names()}")
-        store = _store(db, project)
+        store = _store(db, project, migrate=True)
         version = None
         if model is None:
             champ = Registry(store).champion()

@@ -44,10 +44,12 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _store(db: str | None, project: str = "default", upgrade: bool = True) -> Any:
+def _store(db: str | None, project: str = "default", *, migrate: bool = False) -> Any:
+    """Open the store; commands that write pass ``migrate=True`` (create or migrate the schema), commands
+    that only read refuse a store that is missing or not migrated, with the `db upgrade` hint."""
     from surgenet_assist.core.store import LabelStore
 
-    return LabelStore(db, project=project, upgrade=upgrade)
+    return LabelStore(db, project=project, migrate=migrate)
 
 
 LabelConfigOption = typer.Option(
@@ -165,7 +167,7 @@ def register(app: typer.Typer) -> None:
                 ImportFormat.endoscapes: endoscapes.import_endoscapes,
                 ImportFormat.label_studio: label_studio.import_label_studio,
             }[fmt]
-            store = _store(db, project)
+            store = _store(db, project, migrate=True)
             try:
                 report = fn(store, path, project=project, progress=not as_json, **extra)
             finally:

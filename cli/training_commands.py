@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         ddp.init()
         try:
             cfg = _config(config, db, random_init, epochs, short_side, frame_size)
-            store = LabelStore(cfg.db, upgrade=ddp.is_main())
+            store = LabelStore(cfg.db, migrate=ddp.is_main())
             result = train_candidate(store, cfg)
             out = {
                 "version": result["version"],

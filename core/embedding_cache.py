@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import SurgeNetBackbone
+from .paths import data_home
 from .predictor import target_size
 from .video import FrameRecord, open_video
-from .weights import data_home
 
 _SAMPLE = 4 << 20
 

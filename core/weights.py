@@ -1,9 +1,9 @@
 """Finding, downloading, verifying and safely reading backbone checkpoints.
 
-Downloads go to a cache (``$SURGENET_ASSIST_HOME/weights``, default the XDG data dir), are verified by
-SHA-256 and moved into place atomically, so an interrupted download never leaves a file that looks
-complete. Every checkpoint is read with ``torch.load(..., weights_only=True)``: a file that needs
-arbitrary pickled code is refused, not executed.
+Downloads go to a cache (``$SURGENET_ASSIST_HOME/weights``, default the XDG data dir; paths in the torch-free
+``core/paths.py``), are verified by SHA-256 and moved into place atomically, so an interrupted download never
+leaves a file that looks complete. Every checkpoint is read with ``torch.load(..., weights_only=True)``: a
+file that needs arbitrary pickled code is refused, not executed.
 """
 
 from __future__ import annotations
@@ -22,22 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from platformdirs import user_data_dir
 from tqdm.auto import tqdm
 
 from .errors import ChecksumMismatchError, WeightsError, WeightsNotAvailableError
+from .paths import data_home as data_home  # re-exported: its home is core.paths (torch-free)
+from .paths import weights_cache_dir
 from .zoo import PretrainedSpec
 
 _CHUNK = 1 << 20
-
-
-def data_home() -> Path:
-    """Root of everything surgenet-assist keeps on disk (weights cache, default database, registry)."""
-    return Path(os.environ.get("SURGENET_ASSIST_HOME") or user_data_dir("surgenet-assist", appauthor=False))
-
-
-def weights_cache_dir() -> Path:
-    return data_home() / "weights"
 
 
 def sha256_file(path: str | Path) -> str:

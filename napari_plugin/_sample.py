@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.synthetic import generate_clip
-from surgenet_assist.core.weights import data_home
 
 from ._reader import LayerData, video_layer_data
 

@@ -141,7 +141,8 @@ class ReviewSession:
     @property
     def store(self) -> LabelStore:
         if self._store is None:
-            self._store = LabelStore(self.url, project=self.project, schema=self.schema)
+            # the clinicians' front-end writes corrections: it creates or migrates the store it opens
+            self._store = LabelStore(self.url, project=self.project, schema=self.schema, migrate=True)
         return self._store
 
     @property

@@ -44,7 +44,7 @@ def store_url(request, tmp_path):
 def store(store_url):
     from surgenet_assist.core.store import LabelStore
 
-    st = LabelStore(store_url)
+    st = LabelStore(store_url, migrate=True)
     yield st
     st.close()
 

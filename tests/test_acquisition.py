@@ -187,7 +187,7 @@ def test_mc_dropout_passes_on_cached_features_differ_and_give_bald():
 
 def test_queue_survives_a_restart_and_skips_labelled_frames(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     vids = [store.add_video(f"/videos/v{i}.mp4", fps=1.0, frame_count=200) for i in range(3)]
     pool = _pool()
     pool.video_ids = np.array([vids[v - 10] for v in pool.video_ids])
@@ -220,7 +220,7 @@ def test_cli_al_score_then_next_reads_the_same_rows(tmp_path):
     from surgenet_assist.training_loop.synthetic_store import populate_store
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     populate_store(store, tmp_path / "clips", [41, 42], frames=10, size=(64, 112), splits=["train", "test"],
                    unlabelled_seeds=[43])
     registry = Registry(store)

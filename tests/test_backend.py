@@ -60,7 +60,7 @@ def media(tmp_path_factory):
 def store(tmp_path):
     from surgenet_assist.core.store import LabelStore
 
-    s = LabelStore(f"sqlite:///{tmp_path / 'store.db'}")
+    s = LabelStore(f"sqlite:///{tmp_path / 'store.db'}", migrate=True)
     yield s
     s.close()
 

@@ -70,7 +70,7 @@ def app(tmp_path, media, backbone, monkeypatch):
             raise MediaError(f"cannot fetch {url}", url=url)
         return files[url]
 
-    store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}", migrate=True)
     assist = DayOneAssist(
         store,
         backbone,

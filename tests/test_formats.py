@@ -29,7 +29,7 @@ PHASES = DEFAULT_SCHEMA.phase_names
 
 @pytest.fixture
 def sqlite_store(tmp_path):
-    st = LabelStore(f"sqlite:///{tmp_path / 'f.db'}")
+    st = LabelStore(f"sqlite:///{tmp_path / 'f.db'}", migrate=True)
     yield st
     st.close()
 
@@ -61,7 +61,7 @@ def test_cholecseg8k_export_roundtrip(sqlite_store, tmp_path):
     write_cholecseg8k(tmp_path / "ds", _masks(2))
     import_cholecseg8k(sqlite_store, tmp_path / "ds")
     assert export_cholecseg8k(sqlite_store, tmp_path / "out") == 2
-    other = LabelStore(f"sqlite:///{tmp_path / 'other.db'}")
+    other = LabelStore(f"sqlite:///{tmp_path / 'other.db'}", migrate=True)
     import_cholecseg8k(other, tmp_path / "out")
     a = {
         (r.video_path, r.frame_start): r.payload["mask"] for r in sqlite_store.training_labels("segmentation")

@@ -98,7 +98,7 @@ def test_single_class_and_fractional_cvs_targets():
 def test_better_champion_replaces_instant_head(clips, tmp_path):
     from surgenet_assist.core.store import LabelStore
 
-    store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}", migrate=True)
     seg, phase, cvs = _data(clips, [(0, i) for i in range(0, N, 4)])
     first = register_instant(store, fit_with_validation(seg, phase, cvs), tmp_path / "instant")
     heads = fit_with_validation(seg, phase, cvs)

@@ -35,7 +35,7 @@ def test_migration_creates_exactly_the_orm_schema(store_url):
 
 
 def test_sqlite_pragmas(tmp_path):
-    st = LabelStore(f"sqlite:///{tmp_path / 'p.db'}")
+    st = LabelStore(f"sqlite:///{tmp_path / 'p.db'}", migrate=True)
     with st.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -44,12 +44,12 @@ def test_sqlite_pragmas(tmp_path):
 
 
 def test_default_url_is_sqlite_in_data_dir_and_env_overrides(_isolated_home, tmp_path, monkeypatch):
-    st = LabelStore()
+    st = LabelStore(migrate=True)
     assert st.url == f"sqlite:///{_isolated_home / 'surgenet-assist.db'}"
     assert (_isolated_home / "surgenet-assist.db").exists()
     st.close()
     monkeypatch.setenv("SURGENET_ASSIST_DB_URL", f"sqlite:///{tmp_path / 'env.db'}")
-    st = LabelStore()
+    st = LabelStore(migrate=True)
     assert st.url.endswith("env.db")
     st.close()
 
@@ -229,7 +229,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot|unable"):
-        LabelStore(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
+        LabelStore(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}", migrate=True)
     with pytest.raises(StoreError, match="unsupported"):
         LabelStore("mysql://u@localhost/db")
 
@@ -238,7 +238,9 @@ def test_refuses_old_schema_without_upgrade(tmp_path):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     sa.create_engine(url).connect().close()
     with pytest.raises(StoreError, match="db upgrade"):
-        LabelStore(url, upgrade=False)
+        LabelStore(url)
+    assert upgrade(url) == "0001"
+    LabelStore(url).close()  # migrated: opens without migrate=True
 
 
 def test_registry_training_runs_and_acquisition_queue(store):
@@ -304,7 +306,7 @@ def test_label_records_carry_annotation_and_revision_ids(tmp_path):
     """Regression: records must not swap annotation_id and revision_id."""
     from surgenet_assist.core.store import LabelStore
 
-    store = LabelStore(f"sqlite:///{tmp_path / 'ids.db'}")
+    store = LabelStore(f"sqlite:///{tmp_path / 'ids.db'}", migrate=True)
     vid = store.add_video("v.mp4", fps=1, frame_count=10)
     # a first, unrelated annotation so that revision ids and annotation ids diverge
     store.record_annotation(vid, 0, "phase", {"phase": "Preparation"}, source="napari", author="a")

@@ -16,7 +16,7 @@ WRITES = 15
 
 def _write(url: str, worker: int, video_id: int) -> int:
     """One writer: its own labels, plus the SAME Label Studio annotation every writer delivers."""
-    store = LabelStore(url, upgrade=False)
+    store = LabelStore(url)
     created = 0
     try:
         for i in range(WRITES):
@@ -39,7 +39,7 @@ def _write(url: str, worker: int, video_id: int) -> int:
 
 
 def _read_until(url: str, stop: threading.Event, seen: list[int], errors: list[BaseException]) -> None:
-    store = LabelStore(url, upgrade=False)
+    store = LabelStore(url)
     try:
         while not stop.is_set():
             seen.append(len(store.training_labels("cvs")))
@@ -50,7 +50,7 @@ def _read_until(url: str, stop: threading.Event, seen: list[int], errors: list[B
 
 
 def _check(url: str, video_id: int, writers: int) -> None:
-    store = LabelStore(url, upgrade=False)
+    store = LabelStore(url)
     labels = store.training_labels("cvs")
     assert len(labels) == writers * WRITES
     assert {(r.frame_start, r.author) for r in labels} == {
@@ -62,7 +62,7 @@ def _check(url: str, video_id: int, writers: int) -> None:
 
 
 def test_threads_write_while_reader_reads(store_url):
-    setup = LabelStore(store_url)
+    setup = LabelStore(store_url, migrate=True)
     vid = setup.add_video("video01", 25, 10_000)
     setup.close()
     stop, seen, read_errors = threading.Event(), [], []
@@ -91,7 +91,7 @@ def test_threads_write_while_reader_reads(store_url):
 
 @pytest.mark.slow
 def test_processes_write_while_reader_reads(store_url):
-    setup = LabelStore(store_url)
+    setup = LabelStore(store_url, migrate=True)
     vid = setup.add_video("video01", 25, 10_000)
     setup.close()
     stop, seen, read_errors = threading.Event(), [], []

@@ -68,7 +68,7 @@ def test_short_finetune_beats_untrained_model_on_every_task(trained):
 
 def test_gate_rejects_worse_candidate_and_keeps_champion(trained, tmp_path):
     untrained, model, test, _ = trained
-    store = LabelStore(f"sqlite:///{tmp_path}/s.db")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
     registry = Registry(store, root=tmp_path / "registry")
     champ_metrics = evaluate_model(model, test, short_side=64)
     champ = registry.register_candidate(
@@ -103,7 +103,7 @@ def test_gate_margin_and_per_task_tolerance():
 
 def test_promote_rollback_and_pointer(trained, tmp_path):
     untrained, model, _, _ = trained
-    store = LabelStore(f"sqlite:///{tmp_path}/s.db")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
     registry = Registry(store, root=tmp_path / "registry")
     with pytest.raises(RegistryError):
         registry.rollback()
@@ -168,7 +168,7 @@ def test_resume_after_crash_continues_from_last_checkpoint(tmp_path, monkeypatch
 
 
 def test_splits_by_video_are_stable_and_manifest_tracks_revisions(tmp_path):
-    store = LabelStore(f"sqlite:///{tmp_path}/s.db")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
     ids = populate_store(store, tmp_path / "clips", [1, 2, 3, 4, 5], frames=8, size=SIZE)
     first = assign_splits(store)
     assert set(first) == set(ids) and set(first.values()) == {"train", "val", "test"}
@@ -220,7 +220,7 @@ def test_metrics_follow_benchmark_definitions():
 
 
 def test_annotation_efficiency_from_store(tmp_path):
-    store = LabelStore(f"sqlite:///{tmp_path}/s.db")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
     vid = store.add_video(str(tmp_path / "v.mp4"), fps=1.0, frame_count=10)
     mask = np.zeros((8, 8), np.uint8)
     mask[:4] = 2
@@ -245,7 +245,7 @@ def test_cli_models_and_evaluate(trained, tmp_path):
 
     untrained, model, _, _ = trained
     url = f"sqlite:///{tmp_path}/s.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     populate_store(store, tmp_path / "clips", [71, 72], frames=8, size=SIZE, splits=["val", "test"])
     registry = Registry(store)
     a = registry.register_candidate(untrained, metrics={}, manifest_hash="a", seeds={}, parent=None)

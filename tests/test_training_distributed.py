@@ -27,7 +27,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_gloo_run_registers_one_candidate(tmp_path, _isolated_home):
     url = f"sqlite:///{tmp_path}/store.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     populate_store(
         store,
         tmp_path / "clips",

@@ -43,7 +43,7 @@ def _config(url: str) -> dict:
 @pytest.fixture
 def store_with_champion(tmp_path, _isolated_home):
     url = f"sqlite:///{tmp_path}/store.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     populate_store(
         store,
         tmp_path / "clips",
@@ -118,7 +118,7 @@ def test_kill_9_mid_cycle_keeps_champion_and_next_cycle_resumes(
 
 def test_second_cycle_is_refused_while_one_holds_the_lock(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     with cycle_lock(store), pytest.raises(CycleLocked):
         run_cycle(NightlyConfig(db=url, random_init=True, progress=False))
     with cycle_lock(store):  # released after use
@@ -127,7 +127,7 @@ def test_second_cycle_is_refused_while_one_holds_the_lock(tmp_path):
 
 def test_queue_claims_a_queued_run_once(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     assert run_cycle(NightlyConfig(db=url, random_init=True, progress=False), from_queue=True)["outcome"] == (
         "nothing queued"
     )
@@ -142,7 +142,7 @@ def test_trainer_consumes_a_cycle_queued_by_label_studio(tmp_path):
     from surgenet_assist.training_loop.nightly import trainer_loop
 
     url = f"sqlite:///{tmp_path}/s.db"
-    store = LabelStore(url)
+    store = LabelStore(url, migrate=True)
     rid = store.record_training_run(status="queued", params={"trigger": "label-studio START_TRAINING"})
     trainer_loop(NightlyConfig(db=url, random_init=True, progress=False), at=None, poll_s=0, max_loops=1)
     row = {r["id"]: r for r in store.training_runs()}[rid]

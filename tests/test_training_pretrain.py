@@ -109,7 +109,7 @@ def test_replay_pool_mixes_old_frames(tmp_path, frames):
 
 
 def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
-    store = LabelStore(f"sqlite:///{tmp_path}/s.db")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
     populate_store(
         store,
         tmp_path / "clips",

@@ -10,7 +10,7 @@ from typing import Any
 
 from surgenet_assist.core.backbone import state_dict_sha256
 from surgenet_assist.core.model import SurgeNetAssistModel
-from surgenet_assist.core.weights import data_home
+from surgenet_assist.core.paths import data_home
 
 from . import distributed as ddp
 from .datasets import SplitData

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
-from surgenet_assist.core.weights import data_home
 
 from .evaluate import overall_score
 from .metrics import SegmentationAccumulator, cvs_metrics, phase_video_metrics

@@ -29,8 +29,8 @@ import yaml
 from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
+from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.store import LabelStore
-from surgenet_assist.core.weights import data_home
 
 from . import distributed as ddp
 from .datasets import SplitData, assign_splits, combined_manifest_hash, load_split
@@ -323,7 +323,7 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
     """One full cycle under the lock; returns the report dict (also written as Markdown + PNGs)."""
     started = time.time()
     deadline = started + cfg.budget_minutes * 60 if cfg.budget_minutes else None
-    store = LabelStore(cfg.db, project=cfg.project or "default")
+    store = LabelStore(cfg.db, project=cfg.project or "default", migrate=True)
     report: dict[str, Any] = {"started_at": _now().isoformat(timespec="seconds")}
     with cycle_lock(store):
         registry = Registry(store)

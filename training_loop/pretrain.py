@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from surgenet_assist.core.backbone import SurgeNetBackbone
 from surgenet_assist.core.model import SurgeNetAssistModel
+from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.core.video import open_video
-from surgenet_assist.core.weights import data_home
 
 from .evaluate import overall_score
 from .fitting import fit

@@ -25,8 +25,8 @@ from typing import Any
 from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
+from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.store import LabelStore
-from surgenet_assist.core.weights import data_home
 
 from .evaluate import overall_score
 

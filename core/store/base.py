@@ -4,8 +4,10 @@
 acquisition) share: the engine, one-transaction-per-call writes through a
 :class:`~surgenet_assist.core.store.writer.Writer`, and read sessions.
 
-Opening migrates the database to the latest schema unless ``upgrade=False``, which refuses a database that
-is not at the latest revision.
+Opening has no side effects unless asked: ``StoreBase(url)`` connects and checks that the schema is at the
+latest revision, and refuses (``StoreError`` with the ``db upgrade`` hint) when it is not, or when a SQLite
+file does not exist. ``migrate=True`` (services and writing commands pass it) creates the SQLite folder and
+runs the Alembic migrations first.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import StoreError
 from ..schema import DEFAULT_SCHEMA, LabelSchema
 from . import migrations
-from .db import check_reachable, create_store_engine, mask_url, resolve_url, retrying, writer
+from .db import UPGRADE_HINT, check_reachable, create_store_engine, mask_url, resolve_url, retrying, writer
 from .models import Annotation, AnnotationRevision
 from .records import DEFAULT_PROJECT
 from .writer import Writer, is_unique_race
@@ -37,23 +39,22 @@ class StoreBase:
         self,
         url: str | None = None,
         *,
-        upgrade: bool = True,
+        migrate: bool = False,
         project: str = DEFAULT_PROJECT,
         schema: LabelSchema = DEFAULT_SCHEMA,
     ) -> None:
         self.url = resolve_url(url)
         self.project = project
         self.schema = schema
-        self.engine: Engine = create_store_engine(self.url)
+        self.engine: Engine = create_store_engine(self.url, create=migrate)
         try:
             check_reachable(self.engine)
             current, head = migrations.current_revision(self.engine), migrations.head_revision()
             if current != head:
-                if not upgrade:
-                    at = mask_url(self.url)
+                if not migrate:
+                    at = f"schema revision {current}" if current else "no label-store schema"
                     raise StoreError(
-                        f"the label store at {at} is at schema revision {current}, not {head}",
-                        "run `surgenet-assist db upgrade` (it migrates without losing data)",
+                        f"the label store at {mask_url(self.url)} has {at}, not revision {head}", UPGRADE_HINT
                     )
                 migrations.upgrade(self.engine)
         except BaseException:

@@ -2,6 +2,9 @@
 
 * URL order: the ``url`` argument (``--db URL``), ``$SURGENET_ASSIST_DB_URL``, else a SQLite file
   ``data_home()/surgenet-assist.db``.
+* Making an engine touches nothing on disk unless ``create=True`` (what ``db upgrade`` and
+  ``LabelStore(migrate=True)`` pass): then the SQLite file's folder is created; without it a missing SQLite
+  file is a :class:`StoreError` that says how to create the store.
 * SQLite is opened in WAL mode with foreign keys on and a busy timeout, and write transactions start with
   ``BEGIN IMMEDIATE``: a writer takes the write lock up front and waits for it, instead of failing with
   "database is locked" when a read transaction tries to upgrade. Readers never block writers (WAL).
@@ -25,17 +28,16 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ..errors import StoreError
+from ..paths import default_db_path
 
 ENV_URL = "SURGENET_ASSIST_DB_URL"
-DB_FILE = "surgenet-assist.db"
 T = TypeVar("T")
+UPGRADE_HINT = "run `surgenet-assist db upgrade` (with --db URL for another database); it keeps every row"
 
 
 def default_url() -> str:
-    """SQLite file under the data dir (imported lazily: the weights module pulls torch)."""
-    from ..weights import data_home
-
-    return f"sqlite:///{data_home() / DB_FILE}"
+    """The SQLite file under the data dir."""
+    return f"sqlite:///{default_db_path()}"
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -56,8 +58,12 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def create_store_engine(url: str | None = None, *, echo: bool = False) -> Engine:
-    """Engine for ``url`` with the store's connection settings (see module doc)."""
+def create_store_engine(url: str | None = None, *, create: bool = False, echo: bool = False) -> Engine:
+    """Engine for ``url`` with the store's connection settings (see module doc).
+
+    ``create=False`` refuses a SQLite file that does not exist yet (connecting would create an empty one);
+    ``create=True`` makes its folder, and the first connection makes the file.
+    """
     url = resolve_url(url)
     try:
         parsed = make_url(url)
@@ -70,14 +76,17 @@ def create_store_engine(url: str | None = None, *, echo: bool = False) -> Engine
     if backend == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            folder = Path(database).expanduser().parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot create the folder of the SQLite database {mask_url(url)}: {exc.strerror}",
-                    "pass a writable path with --db sqlite:///path/file.db or set SURGENET_ASSIST_DB_URL",
-                ) from None
+            path = Path(database).expanduser()
+            if create:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot create the folder of the SQLite database {mask_url(url)}: {exc.strerror}",
+                        "pass a writable path with --db sqlite:///path/file.db or set SURGENET_ASSIST_DB_URL",
+                    ) from None
+            elif not path.exists():
+                raise StoreError(f"no label store at {mask_url(url)} (the file does not exist)", UPGRADE_HINT)
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": 60})
         _sqlite_events(engine)
         return engine

@@ -49,8 +49,10 @@ from .records import AnnotationInput, LabelRecord, PredictionRecord, RecordResul
 class LabelStore(AcquisitionMixin):
     """Label store on SQLite (default file under the data dir) or PostgreSQL.
 
-    ``LabelStore()`` opens ``$SURGENET_ASSIST_DB_URL`` or the default SQLite file and migrates it to the
-    latest schema (``upgrade=False`` refuses to touch a database that is not at the latest revision).
+    ``LabelStore()`` opens ``$SURGENET_ASSIST_DB_URL`` or the default SQLite file. It creates nothing and
+    migrates nothing unless ``migrate=True``: a missing SQLite file or a database whose schema is not at the
+    latest revision is a ``StoreError`` whose hint is ``surgenet-assist db upgrade``. Services and writing
+    commands pass ``migrate=True``; see :class:`~surgenet_assist.core.store.base.StoreBase`.
     """
 
     # --- projects, videos, frames ----------------------------------------------------------------------

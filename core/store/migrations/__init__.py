@@ -34,8 +34,11 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(url: str | Engine | None = None, revision: str = "head") -> str | None:
-    """Bring the database at ``url`` to ``revision`` (default: latest); returns the revision reached."""
-    engine = url if isinstance(url, Engine) else create_store_engine(url)
+    """Bring the database at ``url`` to ``revision`` (default: latest); returns the revision reached.
+
+    Creates the schema (and a SQLite file's folder) when there is none: this is what ``db upgrade`` runs.
+    """
+    engine = url if isinstance(url, Engine) else create_store_engine(url, create=True)
     try:
         check_reachable(engine)
         cfg = alembic_config()

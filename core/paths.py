@@ -1,0 +1,31 @@
+"""Where surgenet-assist keeps things on disk, without importing torch.
+
+Everything lives under :func:`data_home`: ``$SURGENET_ASSIST_HOME`` if set, else the platform's user data
+dir (XDG on Linux). These functions only compute paths; none of them creates a folder, so opening the label
+store or asking where the weights cache is has no side effect on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from platformdirs import user_data_dir
+
+HOME_ENV = "SURGENET_ASSIST_HOME"
+DB_FILE = "surgenet-assist.db"
+
+
+def data_home() -> Path:
+    """Root of everything surgenet-assist keeps on disk (weights cache, default database, registry)."""
+    return Path(os.environ.get(HOME_ENV) or user_data_dir("surgenet-assist", appauthor=False))
+
+
+def weights_cache_dir() -> Path:
+    """Downloaded backbone checkpoints (``data_home()/weights``)."""
+    return data_home() / "weights"
+
+
+def default_db_path() -> Path:
+    """The default SQLite label store (``data_home()/surgenet-assist.db``)."""
+    return data_home() / DB_FILE
