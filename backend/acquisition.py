@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from surgenet_assist.core.store import TASKS
+from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.formats.label_studio import task_target
+from surgenet_assist.core.schema import TASKS
 
 log = logging.getLogger("surgenet_assist.backend")
 
@@ -20,12 +22,15 @@ log = logging.getLogger("surgenet_assist.backend")
 def _frame_of(
     task: dict[str, Any], by_path: dict[str, int], by_stem: dict[str, int]
 ) -> tuple[int, int] | None:
-    data = task.get("data") or {}
-    name = data.get("source_video") or data.get("video_name")
-    if name is None or data.get("frame_index") is None:
+    """The store (video id, frame) a task shows, read by the one translator's rule (``task_target``)."""
+    try:
+        target = task_target(task)
+    except SurgenetAssistError:  # a task the translator cannot place has no queue position
         return None
-    vid = by_path.get(str(name)) or by_stem.get(Path(str(name)).stem)
-    return None if vid is None else (vid, int(data["frame_index"]))
+    if target.frame is None:
+        return None
+    vid = by_path.get(target.video) or by_stem.get(Path(target.video).stem)
+    return None if vid is None else (vid, target.frame)
 
 
 def queue_priorities(store: Any, project: str | None = None) -> dict[tuple[int, int], float]:

@@ -26,10 +26,11 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from surgenet_assist.core.store import CHAMPION
 
 from .acquisition import apply_queue_scores
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
-from .media import SETUP_CREDENTIALS, MediaError, fetch_media
+from .media import MediaError, MediaFetcher
 from .metrics import TASK_OF_TYPE, Metrics
 from .predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
 from .webhooks import WebhookError, WebhookHandler
@@ -51,6 +52,14 @@ class RedactTokens(logging.Filter):
         return True
 
 
+def _redact_tokens_in_logs() -> None:
+    """The root logger and its handlers scrub tokens; adds the filter once, however many apps are built."""
+    root = logging.getLogger()
+    for target in (root, *root.handlers):
+        if not any(isinstance(f, RedactTokens) for f in target.filters):
+            target.addFilter(RedactTokens())
+
+
 @dataclass
 class BackendSettings:
     """Server settings; :meth:`from_env` reads the ``SURGENET_ASSIST_*`` / LS-style variables."""
@@ -59,7 +68,7 @@ class BackendSettings:
     registry: bool = False  # serve the store's champion, picked up without restart
     db_url: str | None = None
     basic_auth_user: str | None = None
-    basic_auth_pass: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
     max_body: int = DEFAULT_MAX_BODY
     video_sample_fps: float | None = 1.0
     batch_size: int = 8
@@ -69,6 +78,8 @@ class BackendSettings:
     store_project: str | None = None  # label-store project for LS annotations (None: the store's default)
     day_one: bool = False  # label propagation + instant heads (needs the store and cached backbone weights)
     day_one_short_side: int = 256
+    label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
+    label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +98,8 @@ class BackendSettings:
             store_project=env.get("SURGENET_ASSIST_STORE_PROJECT") or None,
             day_one=env.get("SURGENET_ASSIST_DAY_ONE", "1").lower() in ("1", "true", "yes"),
             day_one_short_side=int(env.get("SURGENET_ASSIST_DAY_ONE_SHORT_SIDE", "256")),
+            label_studio_url=env.get("LABEL_STUDIO_URL") or None,
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
         )
         for key, value in overrides.items():
             if value is not None:
@@ -134,7 +147,7 @@ class ModelHolder:
     def champion(self) -> dict[str, Any] | None:
         if self.store is None:
             return None
-        rows = [r for r in self.store.model_versions(status="champion") if r.get("bundle_path")]
+        rows = [r for r in self.store.model_versions(status=CHAMPION) if r.get("bundle_path")]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     def poll(self, force: bool = False, background: bool = True) -> None:
@@ -218,15 +231,14 @@ def create_app(
             store = None
     holder = ModelHolder(settings, store=store, predictor=predictor)
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
-    fetch = fetch or fetch_media
+    media = MediaFetcher(settings.label_studio_url, settings.label_studio_api_key)
+    fetch = fetch or media
     if assist is None and assist_factory is not None and settings.day_one and store is not None:
         assist = assist_factory(settings, store, schema, fetch)
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     webhooks = WebhookHandler(store, schema, settings.store_project)
-    logging.getLogger().addFilter(RedactTokens())
-    for h in logging.getLogger().handlers:
-        h.addFilter(RedactTokens())
+    _redact_tokens_in_logs()
 
     here = str(Path(__file__).resolve().parent)
     app = Flask("surgenet_assist.backend", root_path=here, instance_path=here + "/instance")
@@ -329,7 +341,7 @@ def create_app(
     @app.post("/setup")
     def setup() -> Response:
         data = body_json()
-        SETUP_CREDENTIALS.remember(data.get("hostname"), data.get("access_token"))
+        media.remember_setup(data.get("hostname"), data.get("access_token"))
         holder.poll()
         cfg = data.get("schema") or data.get("label_config")
         body: dict[str, Any] = {"model_version": holder.version}
@@ -418,7 +430,7 @@ def create_app(
         try:
             status, body = webhooks.handle(data)
         except WebhookError as exc:
-            raise _BadRequest("bad_webhook", str(exc)) from None
+            raise _BadRequest("bad_webhook", exc.message, exc.hint) from None
         except SurgenetAssistError as exc:
             raise _BadRequest("label_rejected", exc.message, exc.hint, status=422) from None
         metrics.webhooks.labels(str(data.get("action"))).inc()

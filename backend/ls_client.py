@@ -44,6 +44,15 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # noqa: BLE001 - ApiError, httpx errors
         status = getattr(exc, "status_code", None)
         body = str(getattr(exc, "body", "") or exc)[:300]
+        if status is None:  # no answer at all: httpx connect/timeout errors carry the request they made
+            try:
+                where = f" at {exc.request.url.scheme}://{exc.request.url.netloc.decode()}"  # type: ignore[attr-defined]
+            except (AttributeError, RuntimeError):  # not an httpx error, or one without its request
+                where = ""
+            raise LabelStudioToolError(
+                f"Label Studio {what} failed: no answer from Label Studio{where} ({body})",
+                "start Label Studio, or fix --url (scheme, host and port)",
+            ) from None
         hint = "check --url and --api-key (a legacy token needs LS started with --enable-legacy-api-token)"
         if status == 403 and "reserved" in body:
             hint = "start Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false"

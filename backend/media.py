@@ -1,10 +1,11 @@
 """Fetching task media: the SDK's ``get_local_path`` plus errors that say which URL failed and what to set.
 
 Label Studio stores URLs, not pixels: ``/data/upload/...`` (uploads), ``/data/local-files/?d=...`` (local
-storage), cloud URIs or plain http(s). The SDK resolves all of them, with ``LABEL_STUDIO_URL`` and
-``LABEL_STUDIO_API_KEY`` (legacy token or personal access token; the SDK sends ``Token``/``Bearer``).
-When those are not set we fall back to the host and token Label Studio itself sent in ``/setup``. Tokens are
-never logged or echoed in errors.
+storage), cloud URIs or plain http(s). The SDK resolves all of them, given Label Studio's URL and an API key
+(legacy token or personal access token; the SDK sends ``Token``/``Bearer``). :class:`MediaFetcher` holds
+the ones the server was configured with (``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``, read once by
+``BackendSettings.from_env``) and falls back to the host and token Label Studio itself sent in ``/setup``.
+Tokens are never logged or echoed in errors.
 """
 
 from __future__ import annotations
@@ -38,45 +39,38 @@ class MediaError(SurgenetAssistError):
         self.url = url
 
 
-class _SetupCredentials:
-    """Host/token Label Studio sent in its last ``/setup`` (a fallback when the environment has none)."""
+class MediaFetcher:
+    """``fetch(url, task_id) -> Path`` with the configured Label Studio URL and key, else those Label Studio
+    sent in its last ``/setup`` (remembered per server process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hostname: str | None = None, token: str | None = None) -> None:
+        self._configured = (hostname, token)
+        self._from_setup: tuple[str | None, str | None] = (None, None)
         self._lock = threading.Lock()
-        self.hostname: str | None = None
-        self.token: str | None = None
 
-    def remember(self, hostname: Any, token: Any) -> None:
+    def remember_setup(self, hostname: Any, token: Any) -> None:
         with self._lock:
+            host, tok = self._from_setup
             if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
-                self.hostname = hostname.rstrip("/")
+                host = hostname.rstrip("/")
             if isinstance(token, str) and token:
-                self.token = token
+                tok = token
+            self._from_setup = (host, tok)
 
-
-SETUP_CREDENTIALS = _SetupCredentials()
-
-
-def _host() -> str | None:
-    env = os.environ
-    return env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or SETUP_CREDENTIALS.hostname
-
-
-def _token() -> str | None:
-    env = os.environ
-    return env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or SETUP_CREDENTIALS.token
+    def __call__(self, url: str, task_id: Any = None) -> Path:
+        (host, token), (setup_host, setup_token) = self._configured, self._from_setup
+        return fetch_media(url, task_id, hostname=host or setup_host, token=token or setup_token)
 
 
 def fetch_media(url: str, task_id: Any = None, hostname: str | None = None, token: str | None = None) -> Path:
     """Local path of a task's media file (downloaded and cached by the SDK when remote).
 
-    ``hostname``/``token`` default to the environment, then to what Label Studio sent in ``/setup``.
+    ``hostname``: Label Studio's URL, needed for its ``/data/...`` URLs; ``token``: its API key.
     """
     from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
-    hostname = hostname or _host()
-    token = token or _token()
     needs_ls = url.startswith(("/data/", "data/", "/upload", "upload", "s3://", "gs://", "azure-blob://"))
+    # the SDK serves local-files URLs from this root without Label Studio (it reads the variable itself)
     local_root = url.startswith("/data/local-files") and os.environ.get("LOCAL_FILES_DOCUMENT_ROOT")
     if needs_ls and not hostname and not local_root:
         raise MediaError(

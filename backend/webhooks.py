@@ -21,8 +21,11 @@ from surgenet_assist.core.schema import LabelSchema
 log = logging.getLogger("surgenet_assist.backend")
 
 
-class WebhookError(ValueError):
-    """A webhook body that cannot be ingested (a 4xx for the sender)."""
+class WebhookError(SurgenetAssistError, ValueError):
+    """A webhook body that cannot be ingested (a 400 for the sender)."""
+
+
+WEBHOOK_HINT = "send Label Studio's webhook body unchanged (see docs/http-api.md)"
 
 
 class WebhookHandler:
@@ -37,7 +40,7 @@ class WebhookHandler:
         """(HTTP status, JSON body) for one webhook."""
         action = body.get("action")
         if not isinstance(action, str):
-            raise WebhookError("webhook body has no 'action'")
+            raise WebhookError("webhook body has no 'action'", WEBHOOK_HINT)
         if action == "START_TRAINING":
             return self._queue_training(body)
         if action not in ANNOTATION_EVENTS + DELETE_EVENTS:
@@ -49,9 +52,9 @@ class WebhookHandler:
                 "hint": "start with --db URL",
             }
         if action != "ANNOTATIONS_DELETED" and not isinstance(body.get("annotation"), dict):
-            raise WebhookError(f"{action} without an 'annotation' object")
+            raise WebhookError(f"{action} without an 'annotation' object", WEBHOOK_HINT)
         if action in ANNOTATION_EVENTS and not isinstance(body.get("task"), dict):
-            raise WebhookError(f"{action} without a 'task' object")
+            raise WebhookError(f"{action} without a 'task' object", WEBHOOK_HINT)
         try:
             result = ingest_webhook(self.store, body, project=self.store_project, schema=self.schema)
         except SurgenetAssistError as exc:  # the app answers 422 label_rejected; say so in our log too
@@ -67,17 +70,14 @@ class WebhookHandler:
         if self.store is None:
             return 503, {"status": "error", "detail": "no label store configured, cannot queue training"}
         project = body.get("project") or {}
-        queued = [r for r in self.store.training_runs() if r.get("status") == "queued"]
-        if queued:
-            return 200, {"status": "queued", "training_run": queued[-1]["id"], "already_queued": True}
-        run_id = self.store.record_training_run(
-            status="queued",
-            params={
-                "trigger": "label-studio START_TRAINING",
-                "ls_project": project.get("id"),
-                "label_version": self.store.label_version(),
-            },
-        )
+        params = {
+            "trigger": "label-studio START_TRAINING",
+            "ls_project": project.get("id"),
+            "label_version": self.store.label_version(),
+        }
+        run_id, added = self.store.queue_training_run(params)  # one transaction: never two queued runs
+        if not added:
+            return 200, {"status": "queued", "training_run": run_id, "already_queued": True}
         log.info(
             "training cycle queued (training_runs.id=%s) for Label Studio project %s",
             run_id,

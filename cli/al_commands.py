@@ -11,17 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .store_commands import _friendly, _store
+from .store_commands import _store, require_split
 
 DbOpt = Annotated[str | None, typer.Option("--db", help="label store URL (default: $SURGENET_ASSIST_DB_URL)")]
 ProjectOpt = Annotated[str, typer.Option("--project", help="store project")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-
-
-def _strategy_names() -> str:
-    from surgenet_assist.training_loop.acquisition import STRATEGIES
-
-    return ", ".join(STRATEGIES)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +23,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(al_app, name="al")
 
     @al_app.command("score")
-    @_friendly
     def score(
         strategy: Annotated[str, typer.Option("--strategy", help="hybrid (default), entropy...")] = "hybrid",
         model: Annotated[
@@ -46,12 +39,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score sampled frames with the served model and store the queue of a strategy."""
         from surgenet_assist.core.errors import SurgenetAssistError
-        from surgenet_assist.training_loop.acquisition import STRATEGIES, score_frames
+        from surgenet_assist.training_loop.acquisition import get_strategy, score_frames
         from surgenet_assist.training_loop.registry import Registry
 
-        if strategy not in STRATEGIES:
-            raise SurgenetAssistError(f"unknown strategy {strategy!r}", f"use one of: {_strategy_names()}")
+        get_strategy(strategy)  # an unknown name fails before the model loads
         store = _store(db, project, migrate=True)
+        require_split(store, split or None, project)
         version = None
         if model is None:
             champ = Registry(store).champion()
@@ -80,7 +73,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{result['frames_scored']} frames scored with {strategy}; queued: {queued}")
 
     @al_app.command("next")
-    @_friendly
     def next_frames(
         n: Annotated[int, typer.Option("--n", help="how many frames")] = 20,
         task: Annotated[str, typer.Option("--task", help="segmentation, phase or cvs")] = "segmentation",

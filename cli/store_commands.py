@@ -1,47 +1,28 @@
 """`db`, `import` and `export` commands of the label store.
 
 ``cli/main.py`` calls :func:`register` on its Typer app. Every command takes ``--db URL`` (else
-``$SURGENET_ASSIST_DB_URL``, else the SQLite file in the data dir). User errors print the message and
-``Fix: <hint>`` and exit with code 2, without a traceback.
+``$SURGENET_ASSIST_DB_URL``, else the SQLite file in the data dir). User errors reach cli/main.py's error
+handler, which prints them on one line.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgenet_assist.core.errors import DatasetFormatError, SurgenetAssistError
+from surgenet_assist.core.errors import DatasetFormatError, UsageError
 
-F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 DbOption = typer.Option(None, "--db", help="Database URL (sqlite:///file.db or postgresql+psycopg://...).")
 ProjectOption = typer.Option("default", "--project", help="Project name in the store.")
-
-
-def _friendly(fn: F) -> F:
-    """Print SurgenetAssistError as message + fix, exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SurgenetAssistError as exc:
-            err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
-            if exc.hint:
-                err.print(f"Fix: {exc.hint}", markup=False, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _store(db: str | None, project: str = "default", *, migrate: bool = False) -> Any:
@@ -50,6 +31,32 @@ def _store(db: str | None, project: str = "default", *, migrate: bool = False) -
     from surgenet_assist.core.store import LabelStore
 
     return LabelStore(db, project=project, migrate=migrate)
+
+
+def require_split(store: Any, split: str | None, project: str | None = None) -> None:
+    """Refuse a split no frame of the project belongs to: an empty result would look like success."""
+    if split is None:
+        return
+    known = store.split_names(project)
+    if split not in known:
+        raise UsageError(
+            f"no frame of the store is in split {split!r}",
+            f"use one of: {', '.join(known)}" if known else "`train` or `nightly` assigns splits to videos",
+        )
+
+
+def require_model_version(store: Any, model_version: str | None) -> None:
+    """Refuse a model version that has no stored predictions."""
+    if model_version is None:
+        return
+    known = store.prediction_model_versions()
+    if model_version not in known:
+        raise UsageError(
+            f"no prediction of model version {model_version!r} is stored",
+            f"use one of: {', '.join(known)}"
+            if known
+            else "pre-annotate first (`ls preannotate`, `nightly`)",
+        )
 
 
 LabelConfigOption = typer.Option(
@@ -117,7 +124,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(export_app, name="export")
 
     @db_app.command("upgrade")
-    @_friendly
     def db_upgrade(db: str | None = DbOption) -> None:
         """Create the schema or migrate it to the latest revision (keeps every stored row)."""
         from surgenet_assist.core.store import mask_url, resolve_url, upgrade
@@ -126,7 +132,6 @@ def register(app: typer.Typer) -> None:
         out.print(f"{mask_url(resolve_url(db))} is at schema revision {rev}", highlight=False)
 
     @db_app.command("stats")
-    @_friendly
     def db_stats(
         db: str | None = DbOption,
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -149,7 +154,6 @@ def register(app: typer.Typer) -> None:
 
     def _make_import(fmt: ImportFormat) -> None:
         @import_app.command(fmt.value)
-        @_friendly
         def _import(
             path: Path = typer.Argument(..., help="Dataset file or folder."),
             db: str | None = DbOption,
@@ -184,7 +188,6 @@ def register(app: typer.Typer) -> None:
 
     def _make_export(fmt: ExportFormat) -> None:
         @export_app.command(fmt.value)
-        @_friendly
         def _export(
             out_path: Path = typer.Option(..., "--out", help="Output file (label-studio, coco) or folder."),
             db: str | None = DbOption,
@@ -212,6 +215,8 @@ def register(app: typer.Typer) -> None:
             )
             store = _store(db, project)
             try:
+                require_split(store, split, project)
+                require_model_version(store, model_version)
                 if fmt is ExportFormat.label_studio:
                     n = label_studio.export_label_studio(
                         store, out_path, model_version=model_version, **extra

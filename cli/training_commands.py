@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from surgenet_assist.core.errors import UsageError
+
 DbOpt = Annotated[str | None, typer.Option("--db", help="label store URL (default: $SURGENET_ASSIST_DB_URL)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML with NightlyConfig fields")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
@@ -39,7 +41,10 @@ def _config(
     if short_side is not None:
         cfg.finetune.short_side = short_side
     if frame_size:
-        h, w = (int(v) for v in frame_size.lower().split("x"))
+        try:
+            h, w = (int(v) for v in frame_size.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--frame-size {frame_size!r} is not HxW", "write it as e.g. 240x426") from None
         cfg.frame_size = (h, w)
     if budget is not None:
         cfg.budget_minutes = budget
@@ -71,7 +76,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Fine-tune on the store's train split, evaluate on test, register a candidate (torchrun-ready)."""
-        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.core.store import REJECTED, LabelStore
         from surgenet_assist.training_loop import distributed as ddp
         from surgenet_assist.training_loop.evaluate import evaluate_model
         from surgenet_assist.training_loop.nightly import train_candidate
@@ -104,7 +109,7 @@ def register(app: typer.Typer) -> None:
                 if decision.promote:
                     registry.promote(result["version"])
                 else:
-                    registry.set_status(result["version"], "rejected")
+                    registry.set_status(result["version"], REJECTED)
                 out["gate"] = decision.to_dict()
             if ddp.is_main():
                 _echo(out) if as_json else typer.echo(f"registered {out['version']}: {out['test']}")
@@ -131,8 +136,11 @@ def register(app: typer.Typer) -> None:
         from surgenet_assist.training_loop.evaluate import annotation_efficiency, evaluate_model
         from surgenet_assist.training_loop.registry import Registry
 
+        from .store_commands import require_split
+
         cfg = _config(config, db, short_side=short_side, frame_size=frame_size, progress=not as_json)
         store = LabelStore(cfg.db)
+        require_split(store, split, cfg.project)
         path = Path(model)
         if not (path / "bundle.json").exists():
             row = Registry(store).get(model)
@@ -224,7 +232,9 @@ def register(app: typer.Typer) -> None:
         budget_minutes: Annotated[float | None, typer.Option(help="time budget of each cycle")] = None,
     ) -> None:
         """Run forever: the nightly cycle at --at, plus any cycle Label Studio queued (START_TRAINING)."""
-        from surgenet_assist.training_loop.nightly import trainer_loop
+        from surgenet_assist.training_loop.nightly import parse_daily_time, trainer_loop
 
+        if at != "off":
+            parse_daily_time(at)  # refuse a bad time now, not at the first scheduled check
         cfg = _config(config, db, budget=budget_minutes, progress=False)
         trainer_loop(cfg, at=None if at == "off" else at, poll_s=poll_seconds)

@@ -1,8 +1,10 @@
-"""Where surgenet-assist keeps things on disk, without importing torch.
+"""Where surgenet-assist keeps things on disk, and whether it may download, without importing torch.
 
 Everything lives under :func:`data_home`: ``$SURGENET_ASSIST_HOME`` if set, else the platform's user data
 dir (XDG on Linux). These functions only compute paths; none of them creates a folder, so opening the label
-store or asking where the weights cache is has no side effect on disk.
+store or asking where the weights cache is has no side effect on disk. ``$SURGENET_ASSIST_OFFLINE=1``
+forbids downloads (air-gapped hospital machines). Core reads these variables here and nowhere else (the
+store's ``$SURGENET_ASSIST_DB_URL`` is read where the URL is resolved, ``core/store/db.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from platformdirs import user_data_dir
 
 HOME_ENV = "SURGENET_ASSIST_HOME"
+OFFLINE_ENV = "SURGENET_ASSIST_OFFLINE"
 DB_FILE = "surgenet-assist.db"
 
 
@@ -29,3 +32,8 @@ def weights_cache_dir() -> Path:
 def default_db_path() -> Path:
     """The default SQLite label store (``data_home()/surgenet-assist.db``)."""
     return data_home() / DB_FILE
+
+
+def downloads_allowed() -> bool:
+    """False when ``$SURGENET_ASSIST_OFFLINE=1``: missing weights are then an error, never a download."""
+    return os.environ.get(OFFLINE_ENV) != "1"

@@ -18,6 +18,8 @@ from .errors import SchemaError
 
 #: Pixel value of "not labelled / ignore" in class-id masks (CholecSeg8k's white border, unlabelled pixels).
 IGNORE_INDEX = 255
+# The three kinds of label the system predicts, stores and trains on (one name each, everywhere).
+TASKS = ("segmentation", "phase", "cvs")
 
 
 @dataclass(frozen=True)

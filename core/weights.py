@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import ChecksumMismatchError, WeightsError, WeightsNotAvailableError
 from .paths import data_home as data_home  # re-exported: its home is core.paths (torch-free)
-from .paths import weights_cache_dir
+from .paths import downloads_allowed, weights_cache_dir
 from .zoo import PretrainedSpec
 
 _CHUNK = 1 << 20
@@ -80,7 +80,7 @@ def ensure_weights(spec: PretrainedSpec, allow_download: bool = True, progress: 
     if path.exists():
         _verify_cached(spec, path)
         return path
-    if not allow_download or os.environ.get("SURGENET_ASSIST_OFFLINE") == "1":
+    if not allow_download or not downloads_allowed():
         raise WeightsNotAvailableError(
             f"weights for {spec.name!r} are not cached and downloads are disabled",
             f"download {spec.url} and save it as {path}, or pass --weights FILE",
@@ -206,6 +206,10 @@ def extract_backbone_state(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def copy_into_cache(spec: PretrainedSpec, source: str | Path) -> Path:
     """Put a file obtained elsewhere into the cache after checking its digest (for offline machines)."""
+    if not Path(source).is_file():
+        raise WeightsError(
+            f"no weights file at {source}", f"give the path of the downloaded {spec.file_name}"
+        )
     digest = sha256_file(source)
     if not digest_matches(spec, digest):
         raise ChecksumMismatchError(

@@ -40,6 +40,7 @@ from psygnal import Signal
 
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
+from surgenet_assist.core.store import CHAMPION
 
 from ._reader import SOURCE_KEY
 from ._timeline import PhaseTimeline
@@ -289,7 +290,7 @@ class SurgeNetAssistWidget(Container):
 
     def _on_model_changed(self, *_: Any) -> None:
         c = self.model_choice
-        champion = next((x for x in self._choices if x.status == "champion"), None)
+        champion = next((x for x in self._choices if x.status == CHAMPION), None)
         if not c.trained:
             self.served_label.value = (
                 "<b style='color:#ff6060'>No trained model: untrained (random-init).</b> Pre-annotations are "

@@ -34,9 +34,18 @@ def _keep_triton_out_after_gl() -> None:
 _keep_triton_out_after_gl()
 
 from surgenet_assist.core.embedding_cache import video_content_hash  # noqa: E402
+from surgenet_assist.core.errors import UsageError  # noqa: E402
 from surgenet_assist.core.predictor import FramePrediction, Predictor  # noqa: E402
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema  # noqa: E402
-from surgenet_assist.core.store import LabelRecord, LabelStore, Payload, build_payload  # noqa: E402
+from surgenet_assist.core.store import (  # noqa: E402
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    LabelRecord,
+    LabelStore,
+    Payload,
+    build_payload,
+)
 from surgenet_assist.core.store.db import mask_url, resolve_url  # noqa: E402
 from surgenet_assist.core.timeline import runs  # noqa: E402
 
@@ -70,7 +79,7 @@ class ModelChoice:
 
 @dataclass
 class Clip:
-    """A video (or frame folder) registered in the store, with the human labels it already has."""
+    """A video (or frame folder) registered in the store, with its size; its labels live in the store."""
 
     path: str
     video_id: int
@@ -158,7 +167,7 @@ class ReviewSession:
     def model_choices(self) -> list[ModelChoice]:
         """Champion first, then other registered bundles (newest first), bundles picked by hand, untrained."""
         rows = [r for r in self.store.model_versions() if r.get("bundle_path")]
-        rank = {"champion": 0, "candidate": 2, "previous-champion": 3}
+        rank = {CHAMPION: 0, CANDIDATE: 2, PREVIOUS_CHAMPION: 3}
         rows.sort(key=lambda r: (rank.get(r["status"], 4), -r["created_at"].timestamp()))
         out = [ModelChoice(r["version"], r["bundle_path"], r["status"]) for r in rows]
         out += [c for c in self._extra if c not in out]
@@ -212,8 +221,13 @@ class ReviewSession:
             content_hash=None if path.is_dir() else digest,
         )
         return Clip(
-            str(path), vid, int(source["frame_count"]), int(source["height"]), int(source["width"]),
-            float(source["fps"]), digest,
+            str(path),
+            vid,
+            int(source["frame_count"]),
+            int(source["height"]),
+            int(source["width"]),
+            float(source["fps"]),
+            digest,
         )
 
     def human_labels(self, clip: Clip) -> dict[str, Any]:
@@ -324,15 +338,29 @@ class ReviewSession:
     def _store_predictions(self, clip: Clip, preds: Sequence[FramePrediction], version: str) -> None:
         items: list[dict[str, Any]] = []
         for p in preds:
-            base = {"video_id": clip.video_id, "frame_index": p.index, "model_version": version,
-                    "score": p.score}
+            base = {
+                "video_id": clip.video_id,
+                "frame_index": p.index,
+                "model_version": version,
+                "score": p.score,
+            }
             items += [
-                base | {"task": "segmentation", "payload": p.mask,
-                        "uncertainty": p.uncertainty["segmentation"]},
-                base | {"task": "phase", "payload": int(p.phase), "probabilities": p.phase_probs.tolist(),
-                        "uncertainty": p.uncertainty["phase"]},
-                base | {"task": "cvs", "payload": np.clip(p.cvs_probs, 0, 1).tolist(),
-                        "probabilities": p.cvs_probs.tolist(), "uncertainty": p.uncertainty["cvs"]},
+                base
+                | {"task": "segmentation", "payload": p.mask, "uncertainty": p.uncertainty["segmentation"]},
+                base
+                | {
+                    "task": "phase",
+                    "payload": int(p.phase),
+                    "probabilities": p.phase_probs.tolist(),
+                    "uncertainty": p.uncertainty["phase"],
+                },
+                base
+                | {
+                    "task": "cvs",
+                    "payload": np.clip(p.cvs_probs, 0, 1).tolist(),
+                    "probabilities": p.cvs_probs.tolist(),
+                    "uncertainty": p.uncertainty["cvs"],
+                },
             ]
         self.store.ensure_frames(clip.video_id, [p.index for p in preds])
         self.store.add_predictions(items)
@@ -430,7 +458,7 @@ class ReviewSession:
             from surgenet_assist.core.formats.label_studio import export_label_studio
 
             return export_label_studio(self.store, out, schema=self.schema)
-        raise ValueError(f"unknown export format {fmt!r}; use coco, cholecseg8k, cholec80 or label-studio")
+        raise UsageError(f"unknown export format {fmt!r}", f"use one of: {', '.join(EXPORT_FORMATS)}")
 
 
 EXPORT_FORMATS = ("coco", "cholecseg8k", "cholec80", "label-studio")
@@ -438,14 +466,26 @@ EXPORT_FORMATS = ("coco", "cholecseg8k", "cholec80", "label-studio")
 
 def plugin_settings() -> dict[str, Any]:
     """The plugin's napari settings (Preferences › SurgeNet Assist), with defaults outside napari."""
-    out: dict[str, Any] = {"database_url": "", "project": "default", "author": "", "short_side": 256,
-                           "batch_size": 4, "device": ""}
+    out: dict[str, Any] = {
+        "database_url": "",
+        "project": "default",
+        "author": "",
+        "short_side": 256,
+        "batch_size": 4,
+        "device": "",
+    }
     try:
         from napari.settings import get_plugin_settings
 
         s = get_plugin_settings(PLUGIN)
-        out.update(database_url=s.store.database_url, project=s.store.project, author=s.store.author,
-                   short_side=s.model.short_side, batch_size=s.model.batch_size, device=s.model.device)
+        out.update(
+            database_url=s.store.database_url,
+            project=s.store.project,
+            author=s.store.author,
+            short_side=s.model.short_side,
+            batch_size=s.model.batch_size,
+            device=s.model.device,
+        )
     except Exception:  # noqa: BLE001 - settings unavailable (plugin not registered): defaults
         pass
     return out

@@ -180,7 +180,7 @@ def test_mc_dropout_passes_on_cached_features_differ_and_give_bald():
     assert not np.allclose(mc["mc_phase"][0], mc["mc_phase"][1])
     assert "bald" in mc["seg"] and (mc["seg"]["bald"] > 0).all()
     assert not model.training and not any(m.training for m in acq._dropout_modules(model))
-    pool = acq.pool_from_features(model, feats, [1] * 6, range(0, 60, 10), mc_passes=3)
+    pool = acq.pool_from_outputs([mc], [1] * 6, range(0, 60, 10))
     assert len(acq.get_strategy("bald").select(pool, 3)) == 3
     assert torch.is_tensor(feats[0])
 

@@ -1,4 +1,4 @@
-"""`db`, `import`, `export` commands through a Typer app built here (cli/main.py registers them too)."""
+"""`db`, `import`, `export` commands through the `surgenet-assist` app (errors printed by cli/main.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import json
 
 import numpy as np
 import pytest
-import typer
 from store_helpers import random_mask, write_cholecseg8k, write_phase_file
 from typer.testing import CliRunner
-
-from surgenet_assist.cli.store_commands import register
 
 
 @pytest.fixture
 def app():
-    app = typer.Typer()
-    register(app)
+    from surgenet_assist.cli.main import app
+
     return app
 
 

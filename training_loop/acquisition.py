@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from surgenet_assist.core.errors import UsageError
+from surgenet_assist.core.schema import TASKS
 from surgenet_assist.core.store import DEFAULT_QUEUE_METHOD
 
-TASKS = ("segmentation", "phase", "cvs")
 MEASURES = ("entropy", "margin", "least-confidence", "bald")
 #: the strategy whose queue the front-ends read (``LabelStore.labelling_queue``) when none is named
 DEFAULT_STRATEGY = DEFAULT_QUEUE_METHOD
@@ -55,7 +56,7 @@ def class_uncertainty(probs: np.ndarray, measure: str, axis: int = -1) -> np.nda
         return 1.0 - (top2.take(0, axis=axis) - top2.take(1, axis=axis))
     if measure == "least-confidence":
         return (1.0 - top2.take(0, axis=axis)) * c / (c - 1)
-    raise ValueError(f"unknown measure {measure!r}; choose from {MEASURES}")
+    raise UsageError(f"unknown uncertainty measure {measure!r}", f"use one of: {', '.join(MEASURES)}")
 
 
 def bald(mc_probs: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -157,7 +158,7 @@ class AcquisitionPool:
                 return self._need(self.mc_cvs, "CVS MC passes", lambda a: bald(_binary(a), -1).mean(-1))
             fn = lambda a: class_uncertainty(_binary(a), measure).mean(-1)  # noqa: E731
             return self._need(self.cvs_probs, "CVS probabilities", fn)
-        raise ValueError(f"unknown task {task!r}")
+        raise UsageError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
 
     @staticmethod
     def _need(arr: np.ndarray | None, what: str, fn: Any) -> np.ndarray:
@@ -391,7 +392,7 @@ STRATEGIES: dict[str, Any] = _factory()
 def get_strategy(name: str = DEFAULT_STRATEGY, **kwargs: Any) -> Strategy:
     """A strategy by registry name (see :data:`STRATEGIES`)."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown strategy {name!r}", f"use one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name](**kwargs)
 
 
@@ -471,25 +472,6 @@ def pool_from_outputs(
     )
 
 
-def pool_from_features(
-    model: Any,
-    feats: list[Any],
-    video_ids: Sequence[int],
-    frame_indices: Sequence[int],
-    timestamps: Sequence[float] | None = None,
-    mc_passes: int = 0,
-    batch_size: int = 64,
-) -> AcquisitionPool:
-    """A pool from cached backbone stage features (training loop / benchmark: no backbone pass at all)."""
-    model.eval()
-    n = len(feats[0])
-    parts = [
-        head_outputs(model, [f[s : s + batch_size] for f in feats], mc_passes, seed=s)
-        for s in range(0, n, batch_size)
-    ]
-    return pool_from_outputs(parts, video_ids, frame_indices, timestamps)
-
-
 def _sampled_frames(
     store: Any, project: str | None, fps: float, max_per_video: int, split: str | None
 ) -> Iterable[tuple[int, Any]]:
@@ -553,7 +535,10 @@ def build_pool(
             flush()
     flush()
     if not parts:
-        raise ValueError("no frames to score")
+        raise UsageError(
+            "no frames to score: the chosen videos have no decodable frames",
+            "import videos into the store, or pick another --split ('' scores every video)",
+        )
     return pool_from_outputs(parts, vids, fidx, times)
 
 

@@ -18,18 +18,13 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.schema import TASKS
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.core.video import open_video
 
 from .finetune import LabelledFrames
 
 SPLITS = ("train", "val", "test")
-TASKS = ("segmentation", "phase", "cvs")
-
-
-class DatasetError(SurgenetAssistError):
-    """The store does not hold enough labelled data for the requested split."""
 
 
 def _video_key(video: dict[str, Any]) -> str:

@@ -26,9 +26,14 @@ def init(backend: str | None = None) -> bool:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
     return True
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (torchrun's LOCAL_RANK; 0 when not launched by torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def rank() -> int:

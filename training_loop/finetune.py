@@ -35,6 +35,8 @@ from surgenet_assist.core.model import ModelOutput, SurgeNetAssistModel
 from surgenet_assist.core.predictor import target_size
 from surgenet_assist.core.schema import IGNORE_INDEX
 
+from . import distributed as ddp
+
 
 @dataclass
 class LabelledFrames:
@@ -97,12 +99,6 @@ class FinetuneHistory:
     resumed_from_step: int | None = None
     stopped_early: bool = False
     images_per_second: float | None = None
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def seed_everything(seed: int) -> None:
@@ -197,7 +193,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 def _stop_now(deadline: float | None, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if deadline is not None and time.time() > deadline else 0.0], device=device)
-    if _world()[1] > 1:
+    if ddp.world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
@@ -214,11 +210,11 @@ def finetune_heads(
     over frames); only rank 0 writes checkpoints.
     """
     cfg = config or FinetuneConfig()
-    rank, world = _world()
+    rank, world = ddp.rank(), ddp.world_size()
     seed_everything(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", ddp.local_rank())
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
     model.to(device)
     short = cfg.short_side or min(model.backbone.input_size)

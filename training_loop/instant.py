@@ -34,13 +34,14 @@ import torch.nn.functional as F
 
 from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from surgenet_assist.core.store import INSTANT
 
 from .evaluate import overall_score
 from .metrics import SegmentationAccumulator, cvs_metrics, phase_video_metrics
 
 log = logging.getLogger("surgenet_assist.instant")
 
-INSTANT_STATUS = "instant"
+INSTANT_STATUS = INSTANT  # the registry status of instant heads
 RETIRED_STATUS = "instant-retired"
 INSTANT_PREFIX = "instant-"
 

@@ -30,7 +30,8 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.store import REJECTED, RUN_RUNNING, LabelStore
+from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
 from .datasets import SplitData, assign_splits, combined_manifest_hash, load_split
@@ -38,6 +39,22 @@ from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, 
 from .finetune import FinetuneConfig, FinetuneHistory
 from .fitting import fit
 from .registry import GateDecision, Registry, gate
+
+
+class ConfigError(SurgenetAssistError):
+    """A training config file or option cannot be used."""
+
+
+def parse_daily_time(at: str) -> tuple[int, int]:
+    """'HH:MM' (24-hour, local time) as (hour, minute); anything else is a ConfigError."""
+    try:
+        hour, minute = (int(v) for v in at.split(":"))
+        dt.time(hour, minute)
+    except ValueError:
+        raise ConfigError(
+            f"--at {at!r} is not a time of day", "write it as HH:MM, e.g. 02:00, or 'off'"
+        ) from None
+    return hour, minute
 
 
 class CycleLocked(SurgenetAssistError):
@@ -68,7 +85,7 @@ class NightlyConfig:
 
     db: str | None = None
     project: str | None = None
-    backbone: str = "surgenetxl"
+    backbone: str = DEFAULT_BACKBONE
     random_init: bool = False  # tests / offline demos only
     frame_size: tuple[int, int] = (240, 426)  # frames and masks are resized to this for training/eval
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -98,7 +115,20 @@ class NightlyConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> NightlyConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        """Read a YAML file of overrides; a missing, unreadable or mistyped file is a ConfigError."""
+        hint = "give a YAML file of NightlyConfig fields (see docs/nightly.md)"
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read the training config {path}: {exc}", hint) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"the training config {path} is not a mapping of fields", hint)
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:  # an unknown field name
+            raise ConfigError(
+                f"the training config {path} has a field this version does not know: {exc}", hint
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,13 +286,8 @@ def write_report(
     test: dict[str, Any] | None,
     schema: Any,
 ) -> Path:
-    """Markdown summary + learning curves + confusion matrices (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from surgenet_assist.core.visualize import learning_curves_png
+    """Markdown summary + learning curves + confusion matrices, pictures drawn by core.visualize."""
+    from surgenet_assist.core.visualize import confusion_png, learning_curves_png
 
     out.mkdir(parents=True, exist_ok=True)
     pictures = []
@@ -276,19 +301,8 @@ def write_report(
         ("phase_confusion", schema.phase_names, "confusion_phase.png"),
     ):
         if test and key in test:
-            conf = np.asarray(test[key], float)
-            norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
-            fig, ax = plt.subplots(figsize=(7, 6))
-            im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
-            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(names)), names, fontsize=7)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("ground truth")
-            ax.set_title(key.replace("_", " ") + " (row-normalised, test split)")
-            fig.colorbar(im, ax=ax)
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=100)
-            plt.close(fig)
+            title = key.replace("_", " ") + " (row-normalised, test split)"
+            confusion_png(out / fname, np.asarray(test[key], float), names, title)
             pictures.append(fname)
     lines = [f"# Training cycle {report['started_at']}", "", f"Outcome: **{report['outcome']}**", ""]
     for key in ("candidate", "champion_before", "champion_after", "manifest_hash", "pretraining", "seconds"):
@@ -336,7 +350,7 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
             run_id = row["id"]
         else:
             run_id = store.record_training_run(
-                task="nightly", status="running", params={"trigger": "nightly"}
+                task="nightly", status=RUN_RUNNING, params={"trigger": "nightly"}
             )
         report["training_run"] = run_id
         try:
@@ -454,7 +468,7 @@ def _cycle(
         registry.promote(result["version"])
         report["outcome"] = f"promoted {result['version']}"
     else:
-        registry.set_status(result["version"], "rejected")
+        registry.set_status(result["version"], REJECTED)
         report["outcome"] = f"rejected {result['version']}; champion {report['champion_before']} kept"
     after = registry.champion()
     report["champion_after"] = after["version"] if after else None
@@ -478,7 +492,7 @@ def trainer_loop(
     import logging
 
     log = logging.getLogger("surgenet_assist.trainer")
-    hour, minute = (int(v) for v in at.split(":")) if at else (99, 0)  # None: queued cycles only
+    hour, minute = parse_daily_time(at) if at else (99, 0)  # None: queued cycles only
     last_day = None
     loops = 0
     while max_loops is None or loops < max_loops:

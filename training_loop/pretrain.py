@@ -245,13 +245,6 @@ class DINOTrainer:
             "config": dataclasses.asdict(self.cfg),
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.loss.center.copy_(state["center"])
-        self.optim.load_state_dict(state["optim"])
-        self.step, self.losses = int(state["step"]), list(state["losses"])
-
     def _save(self) -> None:
         if not self.cfg.checkpoint_path:
             return

@@ -26,7 +26,7 @@ from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.store import CHAMPION, LabelStore
 
 from .evaluate import overall_score
 
@@ -148,7 +148,7 @@ class Registry:
         return rows[0]
 
     def champion(self) -> dict[str, Any] | None:
-        rows = [r for r in self.store.model_versions(status="champion") if r.get("bundle_path")]
+        rows = [r for r in self.store.model_versions(status=CHAMPION) if r.get("bundle_path")]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     # --- writing ----------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class Registry:
                 f"version {version} has no bundle on disk ({row.get('bundle_path')})",
                 "promote a version whose bundle directory exists",
             )
-        self.store.set_model_status(version, "champion")
+        self.store.set_model_status(version, CHAMPION)
         self.write_pointer()
 
     def rollback(self) -> str:
@@ -211,7 +211,7 @@ class Registry:
             )
         target = max(prev, key=lambda r: r["updated_at"])
         current = self.champion()
-        self.store.set_model_status(target["version"], "champion")
+        self.store.set_model_status(target["version"], CHAMPION)
         if current is not None:  # the rolled-back model should not come back by the next rollback
             self.store.set_model_status(current["version"], "rolled-back")
         self.write_pointer()

@@ -27,6 +27,9 @@ def video_name(path: Path) -> str:
     return m.group(1) if m else path.stem
 
 
+ROW_HINT = "each row after the header is '<frame number><TAB><phase name>', frames increasing from 0"
+
+
 def parse_phase_file(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA) -> tuple[np.ndarray, np.ndarray]:
     """Frames and phase ids of one file; raises DatasetFormatError with ``file:line`` on bad rows."""
     path = Path(path)
@@ -50,11 +53,15 @@ def parse_phase_file(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA) -> 
             continue
         parts = line.split("\t")
         if len(parts) != 2:
-            raise DatasetFormatError(f"{path}:{lineno}: expected 'frame<TAB>phase', got {line[:60]!r}")
+            raise DatasetFormatError(
+                f"{path}:{lineno}: expected 'frame<TAB>phase', got {line[:60]!r}", ROW_HINT
+            )
         try:
             frame = int(parts[0])
         except ValueError:
-            raise DatasetFormatError(f"{path}:{lineno}: frame {parts[0]!r} is not an integer") from None
+            raise DatasetFormatError(
+                f"{path}:{lineno}: frame {parts[0]!r} is not an integer", ROW_HINT
+            ) from None
         name = parts[1].strip()
         pid = cache.get(name)
         if pid is None:
@@ -68,11 +75,11 @@ def parse_phase_file(path: str | Path, schema: LabelSchema = DEFAULT_SCHEMA) -> 
                 "sort the rows by frame and remove duplicates",
             )
         if frame < 0:
-            raise DatasetFormatError(f"{path}:{lineno}: negative frame {frame}")
+            raise DatasetFormatError(f"{path}:{lineno}: negative frame {frame}", ROW_HINT)
         frames[n], phases[n] = frame, pid
         n += 1
     if n == 0:
-        raise DatasetFormatError(f"{path}: no rows after the header")
+        raise DatasetFormatError(f"{path}: no rows after the header", ROW_HINT)
     return frames[:n], phases[:n]
 
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..encoders import brush_rle_to_mask, mask_to_brush_rle
 from ..errors import DatasetFormatError, SchemaError, SurgenetAssistError
-from ..schema import DEFAULT_SCHEMA, LabelSchema
+from ..schema import DEFAULT_SCHEMA, TASKS, LabelSchema
 from ..store import LabelStore, RecordResult, to_utc
 from ..store.payloads import cvs_payload, phase_payload, phase_segments_payload, segmentation_payload
 from . import ImportReport, PendingLabel, VideoInfo, progress_iter, write_labels
@@ -71,7 +71,6 @@ VIDEO_KEY, LEGACY_VIDEO_KEYS, FRAME_KEY = "source_video", ("video_name",), "fram
 AUTHOR_PREFIX = "ls-user:"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
-TASKS = ("segmentation", "phase", "cvs")
 IMAGE_RE = re.compile(r"^(?P<video>.+?)[_-](?:frame[_-]?)?(?P<frame>\d+)(?:_endo)?\.\w+$")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")  # Label Studio prefixes uploaded file names with a hash
 #: CVS criterion counts as met at or above this probability (predictions) or value (human labels)
@@ -233,7 +232,7 @@ class LabelStudioTranslator:
                 raise DatasetFormatError(
                     f"{where}: malformed {region.get('type') if isinstance(region, dict) else 'region'} "
                     f"region {region.get('id') if isinstance(region, dict) else region!r}: {exc!r}",
-                    "compare the result with Label Studio's format (label-studio.md section 3)",
+                    "compare the region with what Label Studio exports for this control (docs/store.md)",
                 ) from None
         labels: list[PendingLabel] = []
         try:
@@ -691,7 +690,10 @@ def _collect(
     videos: dict[str, VideoInfo] = {}
     for task in progress_iter(tasks, progress, "label-studio", len(tasks)):
         if not isinstance(task, dict):
-            raise DatasetFormatError("a Label Studio export must be a list of task objects")
+            raise DatasetFormatError(
+                "a Label Studio export must be a list of task objects",
+                "export the project from Label Studio as JSON (not JSON-MIN or CSV)",
+            )
         fps = (task.get("data") or {}).get("fps")
         for ann in task.get("annotations") or []:
             name = f"task {task.get('id')} annotation {ann.get('id')}"

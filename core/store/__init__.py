@@ -4,12 +4,12 @@ SQLite by default (a file under the data dir), PostgreSQL with the same URL sche
 ``docs/store.md`` for the entities and guarantees. Importing it (or opening a store) does not import torch.
 """
 
+from ..schema import TASKS
 from .acquisition import DEFAULT_QUEUE_METHOD
 from .db import create_store_engine, mask_url, resolve_url
 from .label_store import LabelStore
 from .migrations import upgrade
 from .payloads import (
-    TASKS,
     Payload,
     build_payload,
     cvs_payload,
@@ -20,6 +20,17 @@ from .payloads import (
     segmentation_payload,
 )
 from .records import (
+    ARCHIVED,
+    CANDIDATE,
+    CHAMPION,
+    INSTANT,
+    PREVIOUS_CHAMPION,
+    REJECTED,
+    RUN_FAILED,
+    RUN_FINISHED,
+    RUN_INTERRUPTED,
+    RUN_QUEUED,
+    RUN_RUNNING,
     AcquisitionItem,
     AnnotationInput,
     LabelRecord,
@@ -31,6 +42,17 @@ from .records import (
 from .writer import Writer
 
 __all__ = [
+    "ARCHIVED",
+    "CANDIDATE",
+    "CHAMPION",
+    "INSTANT",
+    "PREVIOUS_CHAMPION",
+    "REJECTED",
+    "RUN_FAILED",
+    "RUN_FINISHED",
+    "RUN_INTERRUPTED",
+    "RUN_QUEUED",
+    "RUN_RUNNING",
     "TASKS",
     "AcquisitionItem",
     "AnnotationInput",

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
+from ..errors import UsageError
+from ..schema import TASKS
 from . import payloads as pl
 from .base import live_annotation_ids
 from .models import AcquisitionScore, Annotation, utcnow
@@ -101,6 +103,8 @@ class AcquisitionMixin(RegistryMixin):
         for the newest champion's model version when that version has rows, else for any version; highest
         priority first, frames with a live human label left out unless ``exclude_labelled=False``.
         """
+        if task not in TASKS:
+            raise UsageError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
         methods = [strategy] if strategy else [DEFAULT_QUEUE_METHOD, None]
         champions = self.model_versions(status=CHAMPION)
         versions = [c["version"] for c in champions[-1:]] + [None]

@@ -455,6 +455,25 @@ class LabelStore(AcquisitionMixin):
         with self._read() as s:
             return [{c.name: getattr(v, c.name) for c in Video.__table__.columns} for v in s.scalars(q)]
 
+    def split_names(self, project: str | None = None) -> list[str]:
+        """The splits the project's frames belong to (a frame's own split, else its video's), sorted."""
+        q = (
+            sa.select(sa.func.coalesce(Frame.split, Video.split))
+            .select_from(Video)
+            .join(Project)
+            .outerjoin(Frame, Frame.video_id == Video.id)
+            .where(Project.name == (project or self.project))
+            .distinct()
+        )
+        with self._read() as s:
+            return sorted(str(v) for v in s.scalars(q) if v is not None)
+
+    def prediction_model_versions(self) -> list[str]:
+        """The model versions that have stored predictions, sorted."""
+        q = sa.select(Prediction.model_version).where(Prediction.model_version.is_not(None)).distinct()
+        with self._read() as s:
+            return sorted(str(v) for v in s.scalars(q))
+
     def stats(self) -> dict[str, Any]:
         """Counts for `db stats`: videos, frames, predictions per task, live human labels per task/source."""
         live = live_annotation_ids(None)

@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetFormatError, SchemaError
-from ..schema import DEFAULT_SCHEMA, LabelSchema
-
-TASKS = ("segmentation", "phase", "cvs")
+from ..schema import DEFAULT_SCHEMA, TASKS, LabelSchema
 
 
 @dataclass(frozen=True)

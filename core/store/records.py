@@ -22,6 +22,8 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
 ARCHIVED = "archived"
+REJECTED = "rejected"  # a candidate that failed the promotion gate
+INSTANT = "instant"  # a head fitted in seconds on today's labels (training_loop/instant.py)
 
 # training_runs.status; a queued run is claimed (queued -> running) by exactly one trainer
 RUN_QUEUED = "queued"
