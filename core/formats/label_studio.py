@@ -235,45 +235,24 @@ class LabelStudioTranslator:
                     "compare the region with what Label Studio exports for this control (docs/store.md)",
                 ) from None
         labels: list[PendingLabel] = []
+        frame = target.frame or 0
+
+        def add(task: str, payload: Any, start: int = frame, end: int | None = None) -> None:
+            labels.append(
+                PendingLabel(frame_start=start, frame_end=end, task=task, payload=payload, **common)
+            )
+
         try:
             if mask is not None:
-                labels.append(
-                    PendingLabel(
-                        frame_start=target.frame or 0,
-                        task="segmentation",
-                        payload=segmentation_payload(mask, self.schema),
-                        **common,
-                    )
-                )
+                add("segmentation", segmentation_payload(mask, self.schema))
             if segments:
                 segments.sort()
-                labels.append(
-                    PendingLabel(
-                        frame_start=segments[0][0],
-                        frame_end=max(s[1] for s in segments),
-                        task="phase",
-                        payload=phase_segments_payload(segments, self.schema),
-                        **common,
-                    )
-                )
+                payload = phase_segments_payload(segments, self.schema)
+                add("phase", payload, segments[0][0], max(s[1] for s in segments))
             elif phase is not None:
-                labels.append(
-                    PendingLabel(
-                        frame_start=target.frame or 0,
-                        task="phase",
-                        payload=phase_payload(phase, self.schema),
-                        **common,
-                    )
-                )
+                add("phase", phase_payload(phase, self.schema))
             if cvs is not None:
-                labels.append(
-                    PendingLabel(
-                        frame_start=target.frame or 0,
-                        task="cvs",
-                        payload=cvs_payload(cvs, None, self.schema),
-                        **common,
-                    )
-                )
+                add("cvs", cvs_payload(cvs, None, self.schema))
         except SurgenetAssistError as exc:
             raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
         return labels, skipped
