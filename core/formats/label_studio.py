@@ -140,6 +140,32 @@ def task_target(task: dict[str, Any], plan: ConfigPlan | None = None) -> TaskTar
     return TaskTarget(url, 0, key, url)
 
 
+STORE_PROJECT_PREFIX = "label-studio-"
+
+
+def ls_project_id(project: Any) -> int | None:
+    """Label Studio's project id from what its requests carry: an int, ``"<id>.<timestamp>"`` (``/setup`` and
+    ``/predict``), or a project object (webhooks); None when there is none."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, bool) or project is None:
+        return None
+    try:
+        return int(str(project).split(".", 1)[0])
+    except ValueError:
+        return None
+
+
+def store_project_name(project: Any, override: str | None = None) -> str | None:
+    """The label-store project that holds a Label Studio project's labels, predictions, queue and models:
+    ``label-studio-<id>``, so that projects never mix. ``override`` (a deployment that wants every Label
+    Studio project in one store project) wins; None when the request names no project (the store default)."""
+    if override:
+        return override
+    pid = ls_project_id(project)
+    return None if pid is None else f"{STORE_PROJECT_PREFIX}{pid}"
+
+
 def ls_author(annotation: dict[str, Any]) -> str | None:
     """``ls-user:<id>`` of who completed an annotation (``completed_by``: a user id, or a user object)."""
     who = annotation.get("completed_by")
