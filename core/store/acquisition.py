@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from ..errors import UsageError
 from ..schema import TASKS
 from . import payloads as pl
-from .base import live_annotation_ids
 from .models import AcquisitionScore, Annotation, utcnow
+from .queries import live_annotation_ids
 from .records import CHAMPION, AcquisitionItem
 from .registry import RegistryMixin
 from .writer import Writer, chunks, dialect_insert

@@ -25,7 +25,6 @@ from ..errors import StoreError
 from ..schema import DEFAULT_SCHEMA, LabelSchema
 from . import migrations
 from .db import UPGRADE_HINT, check_reachable, create_store_engine, mask_url, resolve_url, retrying, writer
-from .models import Annotation, AnnotationRevision
 from .records import DEFAULT_PROJECT
 from .writer import Writer, is_unique_race
 
@@ -108,23 +107,3 @@ class StoreBase:
         key = int(hashlib.sha256(f"surgenet-assist-{name}".encode()).hexdigest()[:15], 16)
         with self.engine.connect() as conn:  # closing the connection releases the lock
             yield bool(conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar())
-
-
-def current_revisions(task: str | None) -> sa.Subquery:
-    """Newest revision per annotation (by updated_at, then id), tombstones included.
-
-    Columns: ``rid`` (revision id), ``aid`` (annotation id), ``deleted``, ``updated_at``, ``rn`` (1 = newest).
-    """
-    R, A = AnnotationRevision, Annotation
-    rn = sa.func.row_number().over(partition_by=R.annotation_id, order_by=(R.updated_at.desc(), R.id.desc()))
-    q = sa.select(R.id.label("rid"), R.annotation_id.label("aid"), R.deleted, R.updated_at, rn.label("rn"))
-    q = q.join(A, A.id == R.annotation_id)
-    if task is not None:
-        q = q.where(A.task == task)
-    return q.subquery()
-
-
-def live_annotation_ids(task: str | None) -> sa.Subquery:
-    """Ids (``aid``) of annotations whose newest revision is not a tombstone."""
-    cur = current_revisions(task)
-    return sa.select(cur.c.aid).where(cur.c.rn == 1, cur.c.deleted.is_(False)).subquery()

@@ -30,7 +30,6 @@ from sqlalchemy.orm import aliased
 
 from . import payloads as pl
 from .acquisition import AcquisitionMixin
-from .base import current_revisions, live_annotation_ids
 from .db import mask_url
 from .models import (
     AcquisitionScore,
@@ -43,6 +42,7 @@ from .models import (
     TrainingRun,
     Video,
 )
+from .queries import current_revisions, live_annotation_ids
 from .records import AnnotationInput, LabelRecord, PredictionRecord, RecordResult, to_utc
 
 

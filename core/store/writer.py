@@ -21,6 +21,7 @@ from ..errors import StoreError
 from ..schema import LabelSchema
 from . import payloads as pl
 from .models import Annotation, AnnotationRevision, Frame, Prediction, Project, Video, utcnow
+from .queries import live_annotation_ids
 from .records import SOURCES, AnnotationInput, RecordResult
 
 T = TypeVar("T")
@@ -307,6 +308,44 @@ class Writer:
             hist.append((digest, upd, it.deleted, revno, rev.id))
             results.append(RecordResult(ann.id, rev.id, revno, True, is_current))
         return results  # type: ignore[return-value]
+
+    def ls_tombstones(
+        self,
+        project: str | None = None,
+        *,
+        ls_annotation_ids: Iterable[int] | None = None,
+        ls_task_ids: Iterable[int] | None = None,
+        updated_at: datetime | None = None,
+    ) -> list[AnnotationInput]:
+        """Tombstones, ready for :meth:`record_annotations`, of the project's live labels that came from
+        these Label Studio annotations or tasks (both None: from any). Reading and writing them in one
+        transaction is what makes "replace this annotation's labels" and a reconciliation atomic."""
+        live = live_annotation_ids(None)
+        q = (
+            sa.select(Annotation)
+            .join(live, live.c.aid == Annotation.id)
+            .where(Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio")
+        )
+        if ls_annotation_ids is not None:
+            q = q.where(Annotation.ls_annotation_id.in_(sorted({int(i) for i in ls_annotation_ids})))
+        if ls_task_ids is not None:
+            q = q.where(Annotation.ls_task_id.in_(sorted({int(i) for i in ls_task_ids})))
+        return [
+            AnnotationInput(
+                a.video_id,
+                a.frame_start,
+                a.task,
+                None,
+                a.source,
+                frame_end=a.frame_end,
+                ls_task_id=a.ls_task_id,
+                ls_annotation_id=a.ls_annotation_id,
+                key=a.key,
+                updated_at=updated_at,
+                deleted=True,
+            )
+            for a in self.session.scalars(q)
+        ]
 
     def check_videos(self, ids: set[int]) -> None:
         """Refuse ids of videos that do not exist (a clear error instead of a foreign-key failure)."""
