@@ -23,8 +23,8 @@ def test_migration_creates_exactly_the_orm_schema(store_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert upgrade(store_url) == "0001"
-    assert upgrade(store_url) == "0001"  # idempotent
+    assert upgrade(store_url) == "0002"
+    assert upgrade(store_url) == "0002"  # idempotent
     engine = sa.create_engine(store_url)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -239,7 +239,7 @@ def test_refuses_old_schema_without_upgrade(tmp_path):
     sa.create_engine(url).connect().close()
     with pytest.raises(StoreError, match="db upgrade"):
         LabelStore(url)
-    assert upgrade(url) == "0001"
+    assert upgrade(url) == "0002"
     LabelStore(url).close()  # migrated: opens without migrate=True
 
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from ..errors import UsageError
 from ..schema import TASKS
 from . import payloads as pl
-from .models import AcquisitionScore, Annotation, utcnow
+from .models import AcquisitionScore, Annotation, Video, utcnow
 from .queries import live_annotation_ids
 from .records import CHAMPION, AcquisitionItem
 from .registry import RegistryMixin
@@ -71,10 +71,13 @@ class AcquisitionMixin(RegistryMixin):
         model_version: str | None = None,
         limit: int = 50,
         exclude_labelled: bool = True,
+        project: str | None = None,
     ) -> list[AcquisitionItem]:
-        """Highest-scoring frames first, skipping frames that already have a live human label for ``task``."""
+        """Highest-scoring frames of ``project``'s videos first, skipping frames that already have a live
+        human label for ``task``."""
         S, A = AcquisitionScore, Annotation
-        q = sa.select(S).where(S.task == pl.check_task(task))
+        videos = sa.select(Video.id).where(Video.project_id == self._project_id_of(project))
+        q = sa.select(S).where(S.task == pl.check_task(task), S.video_id.in_(videos))
         if method is not None:
             q = q.where(S.method == method)
         if model_version is not None:
@@ -95,23 +98,35 @@ class AcquisitionMixin(RegistryMixin):
             ]
 
     def labelling_queue(
-        self, task: str, strategy: str | None = None, *, limit: int = 50, exclude_labelled: bool = True
+        self,
+        task: str,
+        strategy: str | None = None,
+        *,
+        limit: int = 50,
+        exclude_labelled: bool = True,
+        project: str | None = None,
     ) -> list[AcquisitionItem]:
         """The queue the front-ends show (Label Studio's order, napari's "Next to review", ``al next``).
 
-        ``strategy``'s rows (when none is named: the default strategy's when it has rows, else any method),
-        for the newest champion's model version when that version has rows, else for any version; highest
-        priority first, frames with a live human label left out unless ``exclude_labelled=False``.
+        Frames of ``project``'s videos only (default: the store's project): ``strategy``'s rows (when none is
+        named: the default strategy's when it has rows, else any method), for the newest champion of the
+        project when that version has rows, else for any version; highest priority first, frames with a live
+        human label left out unless ``exclude_labelled=False``.
         """
         if task not in TASKS:
             raise UsageError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
         methods = [strategy] if strategy else [DEFAULT_QUEUE_METHOD, None]
-        champions = self.model_versions(status=CHAMPION)
+        champions = self.model_versions(status=CHAMPION, project=project)
         versions = [c["version"] for c in champions[-1:]] + [None]
         for method in methods:
             for version in versions:
                 items = self.acquisition_queue(
-                    task, method=method, model_version=version, limit=limit, exclude_labelled=exclude_labelled
+                    task,
+                    method=method,
+                    model_version=version,
+                    limit=limit,
+                    exclude_labelled=exclude_labelled,
+                    project=project,
                 )
                 if items:
                     return items

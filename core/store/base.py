@@ -19,6 +19,7 @@ from typing import Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StoreError
@@ -78,7 +79,8 @@ class StoreBase:
     def transaction(self, fn: Callable[[Writer], T]) -> T:
         """Run ``fn(writer)`` as ONE transaction; rerun as a whole after lock/serialization conflicts.
 
-        Any exception inside ``fn`` rolls everything back. ``fn`` must not have side effects outside the
+        Any exception inside ``fn`` rolls everything back; a database error that is not retried comes out
+        as a ``StoreError`` (nothing of the call was written). ``fn`` must not have side effects outside the
         database, since it may run more than once.
         """
 
@@ -86,7 +88,15 @@ class StoreBase:
             with self._sessions.begin() as session:
                 return fn(Writer(session, self.schema, self.project))
 
-        return retrying(attempt, also=is_unique_race)
+        try:
+            return retrying(attempt, also=is_unique_race)
+        except SQLAlchemyError as exc:  # a refusal of the database itself: a StoreError like every other
+            lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise StoreError(
+                f"the label store at {mask_url(self.url)} refused the write: "
+                f"{lines[0] if lines else type(exc).__name__}",
+                "nothing of this call was written; check the database (disk, permissions, schema) and retry",
+            ) from exc
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

@@ -247,30 +247,33 @@ class LabelStore(AcquisitionMixin):
         )
         return self.transaction(lambda w: w.record_annotations([item], project))[0]
 
-    def delete_ls_annotation(self, ls_annotation_id: int, updated_at: datetime | str | None = None) -> int:
-        """Tombstone every label that came from one Label Studio annotation; returns how many."""
-        with self._read() as s:
-            anns = s.scalars(
-                sa.select(Annotation).where(Annotation.ls_annotation_id == ls_annotation_id)
-            ).all()
-        items = [
-            AnnotationInput(
-                a.video_id,
-                a.frame_start,
-                a.task,
-                None,
-                a.source,
-                frame_end=a.frame_end,
-                key=a.key,
-                updated_at=to_utc(updated_at),
-                deleted=True,
-            )
-            for a in anns
-        ]
-        if not items:
-            return 0
-        res = self.transaction(lambda w: w.record_annotations(items))
-        return sum(1 for r in res if r is not None and r.created)
+    def delete_ls_annotation(
+        self,
+        ls_annotation_id: int,
+        updated_at: datetime | str | None = None,
+        *,
+        project: str | None = None,
+    ) -> int:
+        """Tombstone every live label of ``project`` that came from one Label Studio annotation; returns how
+        many. One transaction; inside a caller's transaction use :meth:`Writer.delete_ls_annotation`, or
+        :meth:`Writer.replace_ls_annotation` to tombstone and write an annotation's new labels at once."""
+        when = to_utc(updated_at)
+        return self.transaction(lambda w: w.delete_ls_annotation(ls_annotation_id, when, project=project))
+
+    def replace_ls_annotation(
+        self,
+        ls_annotation_id: int,
+        items: Sequence[AnnotationInput],
+        *,
+        updated_at: datetime | str | None = None,
+        project: str | None = None,
+    ) -> list[RecordResult]:
+        """One transaction: ``items`` become the labels of Label Studio annotation ``ls_annotation_id``, its
+        other live labels are tombstoned (see :meth:`Writer.replace_ls_annotation`)."""
+        when = to_utc(updated_at)
+        return self.transaction(
+            lambda w: w.replace_ls_annotation(ls_annotation_id, items, updated_at=when, project=project)
+        )
 
     # --- reading human labels: two uses, one rule ----------------------------------------------------------
     def training_labels(
@@ -450,6 +453,22 @@ class LabelStore(AcquisitionMixin):
             return int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(AnnotationRevision.id), 0))))
 
     # --- overview ------------------------------------------------------------------------------------------
+    def projects(self, *, with_human_labels: bool = False) -> list[str]:
+        """Names of the store's projects, sorted; ``with_human_labels``: only those with a live human label
+        (the projects a trainer that serves every project trains)."""
+        q = sa.select(Project.name)
+        if with_human_labels:
+            live = live_annotation_ids(None)
+            q = q.where(
+                sa.exists(
+                    sa.select(Annotation.id)
+                    .join(live, live.c.aid == Annotation.id)
+                    .where(Annotation.project_id == Project.id)
+                )
+            )
+        with self._read() as s:
+            return sorted(str(n) for n in s.scalars(q))
+
     def videos(self, project: str | None = None) -> list[dict[str, Any]]:
         q = sa.select(Video).join(Project).where(Project.name == (project or self.project)).order_by(Video.id)
         with self._read() as s:

@@ -78,10 +78,13 @@ class Frame(Base):
 
 
 class ModelVersion(Base):
-    """Registry row of a trained model bundle; ``status`` e.g. candidate / champion / archived / rejected."""
+    """Registry row of a trained model bundle of one project; ``status`` e.g. candidate / champion /
+    archived / rejected."""
 
     __tablename__ = "model_versions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # the project whose registry holds it (one champion per project); ``version`` is unique across projects
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     version: Mapped[str] = mapped_column(String(200), unique=True)
     task: Mapped[str | None] = mapped_column(String(32))
     bundle_path: Mapped[str | None] = mapped_column(String(1000))
@@ -156,6 +159,8 @@ class AnnotationRevision(Base):
 class TrainingRun(Base):
     __tablename__ = "training_runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # the project trained (its queue, its labels); every run written since migration 0002 has one
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     model_version: Mapped[str | None] = mapped_column(String(200), index=True)
     task: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(32), default="finished")

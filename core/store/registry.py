@@ -1,11 +1,18 @@
-"""Model registry and training runs of the label store, including the training queue.
+"""Model registry and training runs of the label store, including the training queue; all per project.
 
-* ``model_versions``: one row per registered bundle; making one version ``champion`` turns the task's old
-  champion into ``previous-champion`` (kept for rollback) in the same transaction.
-* ``training_runs``: what was trained on which data version. The Label Studio backend queues a run on
-  ``START_TRAINING`` (:meth:`RegistryMixin.queue_training_run`, never a second one while one is queued); a
-  trainer claims the oldest queued run with one conditional UPDATE (:meth:`RegistryMixin.claim_queued_run`),
+* ``model_versions``: one row per registered bundle, in one project's registry (``version`` names are unique
+  across projects: they name bundle directories). Making one version ``champion`` turns its project's old
+  champion of the same task into ``previous-champion`` (kept for rollback) in the same transaction, so each
+  project has its own champion.
+* ``training_runs``: what was trained on which data version, in which project. The Label Studio backend
+  queues a run on ``START_TRAINING`` in the Label Studio project's store project
+  (:meth:`RegistryMixin.queue_training_run`, never a second one while that project has one queued); a trainer
+  claims a project's oldest queued run with one conditional UPDATE (:meth:`RegistryMixin.claim_queued_run`),
   so two trainers cannot both claim it, and closes it with :meth:`RegistryMixin.update_training_run`.
+  :meth:`RegistryMixin.queued_run_projects` tells a trainer which projects have something queued.
+
+Every method takes ``project=`` (a project name); without it the store's own project (``LabelStore(url,
+project=...)``, default ``"default"``) is meant.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from ..errors import StoreError
 from .base import StoreBase
-from .models import ModelVersion, TrainingRun, utcnow
+from .models import ModelVersion, Project, TrainingRun, utcnow
 from .records import (
     ARCHIVED,
     CANDIDATE,
@@ -47,12 +55,25 @@ RUN_FIELDS = frozenset(
 )
 
 
-def _run_dict(run: TrainingRun) -> dict[str, Any]:
-    return {c.name: getattr(run, c.name) for c in TrainingRun.__table__.columns}
+def _project_names(s: Session) -> dict[int, str]:
+    return {int(i): str(n) for i, n in s.execute(sa.select(Project.id, Project.name))}
+
+
+def _run_dict(run: TrainingRun, names: dict[int, str]) -> dict[str, Any]:
+    row = {c.name: getattr(run, c.name) for c in TrainingRun.__table__.columns}
+    row["project"] = names.get(run.project_id) if run.project_id is not None else None
+    return row
 
 
 class RegistryMixin(StoreBase):
     """Model versions and training runs (part of :class:`~surgenet_assist.core.store.LabelStore`)."""
+
+    def _project_name(self, project: str | None) -> str:
+        return project or self.project
+
+    def _project_id_of(self, project: str | None) -> sa.ScalarSelect[Any]:
+        """The project's id as a scalar subquery (NULL, so matching nothing, for an unknown project)."""
+        return sa.select(Project.id).where(Project.name == self._project_name(project)).scalar_subquery()
 
     # --- model versions ----------------------------------------------------------------------------------
     def register_model_version(
@@ -64,11 +85,14 @@ class RegistryMixin(StoreBase):
         bundle_hash: str | None = None,
         metrics: dict[str, Any] | None = None,
         status: str = CANDIDATE,
+        project: str | None = None,
     ) -> int:
-        """Add a registry row (idempotent for the same bundle hash; a different hash is refused)."""
+        """Add a registry row to ``project``'s registry (idempotent for the same bundle hash; a different
+        hash, or the same version in another project, is refused: version names are unique)."""
 
         def fn(w: Writer) -> int:
             s = w.session
+            pid = w.ensure_project(project)
             mv = s.scalar(sa.select(ModelVersion).where(ModelVersion.version == version))
             if mv is not None:
                 if bundle_hash and mv.bundle_hash and bundle_hash != mv.bundle_hash:
@@ -76,9 +100,16 @@ class RegistryMixin(StoreBase):
                         f"model version {version!r} is already registered with another bundle hash",
                         "give the new bundle a new version string",
                     )
+                if mv.project_id is not None and mv.project_id != pid:
+                    owner = _project_names(s).get(mv.project_id)
+                    raise StoreError(
+                        f"model version {version!r} is already registered in project {owner!r}",
+                        "version names are unique across projects: give the new bundle a new version string",
+                    )
                 return mv.id
             mv = ModelVersion(
                 version=version,
+                project_id=pid,
                 task=task,
                 bundle_path=bundle_path,
                 bundle_hash=bundle_hash,
@@ -93,27 +124,38 @@ class RegistryMixin(StoreBase):
 
         return self.transaction(fn)
 
-    def set_model_status(self, version: str, status: str) -> None:
-        """Change a version's status; making one ``champion`` turns the task's old champion into
-        ``previous-champion`` (kept for rollback) in the same transaction."""
+    def set_model_status(self, version: str, status: str, *, project: str | None = None) -> None:
+        """Change a version's status; making one ``champion`` turns the old champion of the same task in the
+        same project into ``previous-champion`` (kept for rollback) in the same transaction. Other projects'
+        champions are untouched. A version of another project than ``project`` is refused."""
 
         def fn(w: Writer) -> None:
             s = w.session
+            name = self._project_name(project)
             mv = s.scalar(sa.select(ModelVersion).where(ModelVersion.version == version))
-            if mv is None:
+            pid = s.scalar(sa.select(Project.id).where(Project.name == name))
+            if mv is None or (mv.project_id is not None and mv.project_id != pid):
+                where = "" if mv is None else f" in project {name!r}"
+                owner = "" if mv is None else f" (it is project {_project_names(s).get(mv.project_id)!r}'s)"
                 raise StoreError(
-                    f"no model version {version!r}", "register it first (register_model_version)"
+                    f"no model version {version!r}{where}{owner}",
+                    "register it first (register_model_version), or name its project (--project)",
                 )
             if status == CHAMPION:
                 same_task = ModelVersion.task.is_(None) if mv.task is None else ModelVersion.task == mv.task
+                same_project = (
+                    ModelVersion.project_id.is_(None)
+                    if mv.project_id is None
+                    else ModelVersion.project_id == mv.project_id
+                )
                 s.execute(
                     sa.update(ModelVersion)
-                    .where(same_task, ModelVersion.status == PREVIOUS_CHAMPION)
+                    .where(same_project, same_task, ModelVersion.status == PREVIOUS_CHAMPION)
                     .values(status=ARCHIVED, updated_at=utcnow())
                 )
                 s.execute(
                     sa.update(ModelVersion)
-                    .where(same_task, ModelVersion.status == CHAMPION, ModelVersion.id != mv.id)
+                    .where(same_project, same_task, ModelVersion.status == CHAMPION, ModelVersion.id != mv.id)
                     .values(status=PREVIOUS_CHAMPION, updated_at=utcnow())
                 )
             mv.status = status
@@ -121,17 +163,29 @@ class RegistryMixin(StoreBase):
 
         self.transaction(fn)
 
-    def model_versions(self, task: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """Registry rows, oldest first, optionally of one task and/or status."""
+    def model_versions(
+        self,
+        task: str | None = None,
+        status: str | None = None,
+        *,
+        project: str | None = None,
+        all_projects: bool = False,
+    ) -> list[dict[str, Any]]:
+        """``project``'s registry rows, oldest first, optionally of one task and/or status
+        (``all_projects=True``: every project's, e.g. to know which bundle directories are in use)."""
         q = sa.select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.id)
+        if not all_projects:
+            q = q.where(ModelVersion.project_id == self._project_id_of(project))
         if task is not None:
             q = q.where(ModelVersion.task == task)
         if status is not None:
             q = q.where(ModelVersion.status == status)
         with self._read() as s:
+            names = _project_names(s)
             return [
                 {
                     "version": m.version,
+                    "project": names.get(m.project_id) if m.project_id is not None else None,
                     "task": m.task,
                     "bundle_path": m.bundle_path,
                     "bundle_hash": m.bundle_hash,
@@ -156,11 +210,13 @@ class RegistryMixin(StoreBase):
         metrics: dict[str, Any] | None = None,
         num_labels: int | None = None,
         max_revision_id: int | None = None,
+        project: str | None = None,
     ) -> int:
-        """Add a training_runs row; returns its id."""
+        """Add a training_runs row of ``project``; returns its id."""
 
         def fn(w: Writer) -> int:
             run = TrainingRun(
+                project_id=w.ensure_project(project),
                 model_version=model_version,
                 task=task,
                 status=status,
@@ -177,15 +233,26 @@ class RegistryMixin(StoreBase):
 
         return self.transaction(fn)
 
-    def training_runs(self, task: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """training_runs rows (all columns), oldest first, optionally of one task and/or status."""
+    def training_runs(
+        self,
+        task: str | None = None,
+        status: str | None = None,
+        *,
+        project: str | None = None,
+        all_projects: bool = False,
+    ) -> list[dict[str, Any]]:
+        """``project``'s training_runs rows (all columns, plus ``project`` by name), oldest first, optionally
+        of one task and/or status (``all_projects=True``: every project's)."""
         q = sa.select(TrainingRun).order_by(TrainingRun.id)
+        if not all_projects:
+            q = q.where(TrainingRun.project_id == self._project_id_of(project))
         if task is not None:
             q = q.where(TrainingRun.task == task)
         if status is not None:
             q = q.where(TrainingRun.status == status)
         with self._read() as s:
-            return [_run_dict(r) for r in s.scalars(q)]
+            names = _project_names(s)
+            return [_run_dict(r, names) for r in s.scalars(q)]
 
     def update_training_run(self, run_id: int, **values: Any) -> None:
         """Set columns of one run (``status``, ``finished_at``, ``metrics``, ``model_version``, ...)."""
@@ -208,28 +275,46 @@ class RegistryMixin(StoreBase):
             raise StoreError(f"no training run with id {run_id}", "list them with LabelStore.training_runs()")
 
     # --- the training queue ------------------------------------------------------------------------------
-    def queue_training_run(self, params: dict[str, Any] | None = None) -> tuple[int, bool]:
-        """Queue a training cycle unless one is queued; returns (run id, whether this call added it)."""
+    def queue_training_run(
+        self, params: dict[str, Any] | None = None, *, project: str | None = None
+    ) -> tuple[int, bool]:
+        """Queue a training cycle of ``project`` unless that project has one queued; returns (run id,
+        whether this call added it). One transaction: two webhooks never queue two runs."""
 
         def fn(w: Writer) -> tuple[int, bool]:
+            pid = w.ensure_project(project)
             queued = w.session.scalar(
                 sa.select(TrainingRun.id)
-                .where(TrainingRun.status == RUN_QUEUED)
+                .where(TrainingRun.status == RUN_QUEUED, TrainingRun.project_id == pid)
                 .order_by(TrainingRun.id.desc())
             )
             if queued is not None:
                 return int(queued), False
-            run = TrainingRun(status=RUN_QUEUED, started_at=utcnow(), params=jsonable(params))
+            run = TrainingRun(project_id=pid, status=RUN_QUEUED, started_at=utcnow(), params=jsonable(params))
             w.session.add(run)
             w.session.flush()
             return run.id, True
 
         return self.transaction(fn)
 
-    def claim_queued_run(self, task: str = "nightly") -> dict[str, Any] | None:
-        """Claim the oldest queued run for ``task`` (queued -> running, one conditional UPDATE); returns the
-        claimed row, or ``None`` when nothing is queued (or another trainer won every race)."""
-        for row in self.training_runs(status=RUN_QUEUED):
+    def queued_run_projects(self) -> list[str]:
+        """Names of the projects that have a queued training run, oldest queued first (what a trainer that
+        serves every project claims from)."""
+        first = sa.func.min(TrainingRun.id)
+        q = (
+            sa.select(Project.name, first)
+            .join(TrainingRun, TrainingRun.project_id == Project.id)
+            .where(TrainingRun.status == RUN_QUEUED)
+            .group_by(Project.name)
+            .order_by(first)
+        )
+        with self._read() as s:
+            return [str(name) for name, _ in s.execute(q)]
+
+    def claim_queued_run(self, task: str = "nightly", *, project: str | None = None) -> dict[str, Any] | None:
+        """Claim ``project``'s oldest queued run for ``task`` (queued -> running, one conditional UPDATE);
+        returns the claimed row, or ``None`` when nothing is queued (or another trainer won every race)."""
+        for row in self.training_runs(status=RUN_QUEUED, project=project):
 
             def fn(w: Writer, rid: int = row["id"]) -> int:
                 res = w.session.execute(
@@ -241,18 +326,22 @@ class RegistryMixin(StoreBase):
 
             if self.transaction(fn) == 1:
                 with self._read() as s:
-                    return _run_dict(s.get_one(TrainingRun, row["id"]))
+                    return _run_dict(s.get_one(TrainingRun, row["id"]), _project_names(s))
         return None
 
-    def close_interrupted_runs(self, task: str = "nightly") -> list[int]:
-        """Mark ``running`` runs of ``task`` as ``interrupted``; returns their ids.
+    def close_interrupted_runs(self, task: str = "nightly", *, project: str | None = None) -> list[int]:
+        """Mark ``project``'s ``running`` runs of ``task`` as ``interrupted``; returns their ids.
 
-        What a killed cycle leaves behind: call it only while holding the cycle lock, so that no run of
-        ``task`` can really be running.
+        What a killed cycle leaves behind: call it only while holding the project's cycle lock, so that no
+        run of ``task`` of that project can really be running.
         """
 
         def fn(w: Writer) -> list[int]:
-            where = (TrainingRun.status == RUN_RUNNING, TrainingRun.task == task)
+            where = (
+                TrainingRun.status == RUN_RUNNING,
+                TrainingRun.task == task,
+                TrainingRun.project_id == w.ensure_project(project),
+            )
             ids = [
                 int(i)
                 for i in w.session.scalars(sa.select(TrainingRun.id).where(*where).order_by(TrainingRun.id))

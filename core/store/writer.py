@@ -21,7 +21,7 @@ from ..errors import StoreError
 from ..schema import LabelSchema
 from . import payloads as pl
 from .models import Annotation, AnnotationRevision, Frame, Prediction, Project, Video, utcnow
-from .queries import live_annotation_ids
+from .queries import current_revisions
 from .records import SOURCES, AnnotationInput, RecordResult
 
 T = TypeVar("T")
@@ -315,21 +315,26 @@ class Writer:
         *,
         ls_annotation_ids: Iterable[int] | None = None,
         ls_task_ids: Iterable[int] | None = None,
+        keep: Iterable[int] = (),
         updated_at: datetime | None = None,
     ) -> list[AnnotationInput]:
         """Tombstones, ready for :meth:`record_annotations`, of the project's live labels that came from
-        these Label Studio annotations or tasks (both None: from any). Reading and writing them in one
-        transaction is what makes "replace this annotation's labels" and a reconciliation atomic."""
-        live = live_annotation_ids(None)
+        these Label Studio annotations or tasks (both None: from any), except the labels (store annotation
+        ids) in ``keep``. Reading and writing them in one transaction is what makes "replace this
+        annotation's labels" and a reconciliation atomic."""
+        cur = current_revisions(None)
         q = (
             sa.select(Annotation)
-            .join(live, live.c.aid == Annotation.id)
+            .join(cur, sa.and_(cur.c.aid == Annotation.id, cur.c.rn == 1, cur.c.deleted.is_(False)))
             .where(Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio")
         )
+        if updated_at is not None:  # a tombstone older than the live revision would not be current: skip it
+            q = q.where(cur.c.updated_at <= updated_at)
         if ls_annotation_ids is not None:
             q = q.where(Annotation.ls_annotation_id.in_(sorted({int(i) for i in ls_annotation_ids})))
         if ls_task_ids is not None:
             q = q.where(Annotation.ls_task_id.in_(sorted({int(i) for i in ls_task_ids})))
+        kept = set(keep)
         return [
             AnnotationInput(
                 a.video_id,
@@ -345,7 +350,35 @@ class Writer:
                 deleted=True,
             )
             for a in self.session.scalars(q)
+            if a.id not in kept
         ]
+
+    def delete_ls_annotation(
+        self, ls_annotation_id: int, updated_at: datetime | None = None, *, project: str | None = None
+    ) -> int:
+        """Tombstone, in this transaction, every live label of ``project`` that came from one Label Studio
+        annotation; returns how many tombstones were added."""
+        stale = self.ls_tombstones(project, ls_annotation_ids=[ls_annotation_id], updated_at=updated_at)
+        return sum(1 for r in self.record_annotations(stale, project) if r is not None and r.created)
+
+    def replace_ls_annotation(
+        self,
+        ls_annotation_id: int,
+        items: Sequence[AnnotationInput],
+        *,
+        updated_at: datetime | None = None,
+        project: str | None = None,
+    ) -> list[RecordResult]:
+        """Make ``items`` the labels of one Label Studio annotation, in this transaction: its live labels that
+        ``items`` do not name again are tombstoned (at ``updated_at``), then ``items`` are recorded. Returns
+        the results of ``items`` (in order). A failure anywhere leaves none of it written."""
+        wanted = {it.identity() for it in items}
+        stale = [
+            t
+            for t in self.ls_tombstones(project, ls_annotation_ids=[ls_annotation_id], updated_at=updated_at)
+            if t.identity() not in wanted
+        ]
+        return self.record_annotations([*stale, *items], project)[len(stale) :]
 
     def check_videos(self, ids: set[int]) -> None:
         """Refuse ids of videos that do not exist (a clear error instead of a foreign-key failure)."""
