@@ -37,7 +37,7 @@ def queue_priorities(store: Any, project: str | None = None) -> dict[tuple[int, 
     """(video id, frame index) -> highest queue priority over tasks (the front-ends' queue)."""
     out: dict[tuple[int, int], float] = {}
     for task in TASKS:
-        for item in store.labelling_queue(task, limit=100_000):
+        for item in store.labelling_queue(task, limit=100_000, project=project):
             key = (item.video_id, item.frame_index)
             out[key] = max(out.get(key, 0.0), float(item.score))
     return out

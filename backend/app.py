@@ -9,6 +9,7 @@ Label Studio's 3 s / 1 s timeouts even while a long ``/predict`` runs on another
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -24,7 +25,8 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.errors import SurgenetAssistError, UsageError
+from surgenet_assist.core.formats.label_studio import store_project_name
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from surgenet_assist.core.store import CHAMPION
 
@@ -105,6 +107,28 @@ class BackendSettings:
             if value is not None:
                 setattr(s, key, value)
         return s
+
+    def check(self) -> None:
+        """Refuse a half configuration at start-up, with the variable to set."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise UsageError(
+                "Basic Auth is half configured: BASIC_AUTH_USER and BASIC_AUTH_PASS go together",
+                "set both (and the same pair in Label Studio's model settings), or neither",
+            )
+        if bool(self.label_studio_url) != bool(self.label_studio_api_key):
+            raise UsageError(
+                "the Label Studio connection is half configured: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                "go together",
+                "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
+            )
+
+    def label_studio_api(self) -> Any:
+        """The backend's own connection to Label Studio, or None when none is configured."""
+        from .ls_api import LabelStudioAPI
+
+        if not (self.label_studio_url and self.label_studio_api_key):
+            return None
+        return LabelStudioAPI(self.label_studio_url, self.label_studio_api_key)
 
 
 class ModelHolder:
@@ -221,6 +245,8 @@ def create_app(
     ``training_loop.assist.DayOneAssist``) may be injected (tests, embedding). The backend never imports
     the training loop itself: the CLI (the composition root) passes ``assist_factory``."""
     settings = settings or BackendSettings.from_env()
+    settings.check()
+    ls_api = settings.label_studio_api()
     if store is None and (
         settings.db_url is not None or settings.registry or settings.extra.get("open_store", True)
     ):
@@ -231,13 +257,34 @@ def create_app(
             store = None
     holder = ModelHolder(settings, store=store, predictor=predictor)
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
-    media = MediaFetcher(settings.label_studio_url, settings.label_studio_api_key)
+    media = MediaFetcher(ls_api)
     fetch = fetch or media
-    if assist is None and assist_factory is not None and settings.day_one and store is not None:
-        assist = assist_factory(settings, store, schema, fetch)
+    assists: dict[str | None, Any] = {}
+    assists_lock = threading.Lock()
+
+    def assist_for(ls_project: Any) -> Any:
+        """The day-one assistant of a Label Studio project (its store project's), made on first use."""
+        return assist_in(store_project_name(ls_project, settings.store_project))
+
+    def assist_in(name: str | None) -> Any:
+        """The day-one assistant of a store project (an injected ``assist`` serves every project)."""
+        if assist is not None or assist_factory is None or not settings.day_one or store is None:
+            return assist
+        with assists_lock:
+            if name not in assists:
+                assists[name] = assist_factory(
+                    dataclasses.replace(settings, store_project=name), store, schema, fetch
+                )
+            return assists[name]
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
-    webhooks = WebhookHandler(store, schema, settings.store_project)
+    webhooks = WebhookHandler(store, schema, settings.store_project, ls_api=ls_api)
+    if settings.basic_auth_user and ls_api is None:
+        log.warning(
+            "Basic Auth is on but no Label Studio connection is configured: Label Studio sends webhooks "
+            "without credentials, so annotations reach the store only through `surgenet-assist ls sync`. "
+            "Set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to verify and accept webhooks."
+        )
     _redact_tokens_in_logs()
 
     here = str(Path(__file__).resolve().parent)
@@ -250,6 +297,7 @@ def create_app(
         "metrics": metrics,
         "settings": settings,
         "assist": assist,
+        "assist_for": assist_for,
     }
 
     # --- cross-cutting: auth, metrics, errors -------------------------------------------------------------
@@ -258,6 +306,8 @@ def create_app(
         g.t0 = time.perf_counter()
         if request.path == "/health" or request.path == "/" or not settings.basic_auth_user:
             return None
+        if request.path == "/webhook" and webhooks.verifies:
+            return None  # Label Studio cannot send credentials; each event is re-read from its API instead
         header = request.headers.get("Authorization", "")
         ok = False
         if header.startswith("Basic "):
@@ -394,15 +444,17 @@ def create_app(
             )
         holder.poll()
         predictor = holder.predictor
+        project_assist = assist_for(data.get("project"))
+        store_project = store_project_name(data.get("project"), settings.store_project)
         try:
-            if predictor is not None and _model_wins(holder, assist):
+            if predictor is not None and _model_wins(holder, project_assist):
                 results = _predict_tasks(tasks, plan, predictor, settings, fetch)
-            elif assist is not None:
-                assist.poll_labels()  # napari commits / imports land in the store without a webhook
-                results = day_one_predictions(tasks, plan, assist, fetch, settings.video_sample_fps)
+            elif project_assist is not None:
+                project_assist.poll_labels()  # napari commits / imports land in the store without a webhook
+                results = day_one_predictions(tasks, plan, project_assist, fetch, settings.video_sample_fps)
             else:
                 results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
-            results = apply_queue_scores(results, tasks, store, settings.store_project)  # AL order in LS
+            results = apply_queue_scores(results, tasks, store, store_project)  # AL order in LS
         except MediaError as exc:
             raise _BadRequest("media_unavailable", exc.message, exc.hint, status=422, url=exc.url) from None
         except LabelConfigError as exc:
@@ -434,8 +486,11 @@ def create_app(
         except SurgenetAssistError as exc:
             raise _BadRequest("label_rejected", exc.message, exc.hint, status=422) from None
         metrics.webhooks.labels(str(data.get("action"))).inc()
-        if assist is not None and status == 200 and body.get("labels"):
-            assist.label_arrived()  # refit the instant heads on the worker thread; never waits here
+        if status == 200 and any(a.get("labels") for a in body.get("annotations", [])):
+            for project in {a.get("store_project") for a in body["annotations"]}:
+                project_assist = assist_in(project)
+                if project_assist is not None:
+                    project_assist.label_arrived()  # refit instant heads on the worker thread; never waits
         resp = jsonify(body)
         resp.status_code = status
         return resp

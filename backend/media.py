@@ -1,11 +1,12 @@
 """Fetching task media: the SDK's ``get_local_path`` plus errors that say which URL failed and what to set.
 
 Label Studio stores URLs, not pixels: ``/data/upload/...`` (uploads), ``/data/local-files/?d=...`` (local
-storage), cloud URIs or plain http(s). The SDK resolves all of them, given Label Studio's URL and an API key
-(legacy token or personal access token; the SDK sends ``Token``/``Bearer``). :class:`MediaFetcher` holds
-the ones the server was configured with (``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``, read once by
-``BackendSettings.from_env``) and falls back to the host and token Label Studio itself sent in ``/setup``.
-Tokens are never logged or echoed in errors.
+storage), cloud URIs or plain http(s). The SDK resolves all of them, given Label Studio's URL and a token
+(``Token`` for a legacy token, ``Bearer`` for a JWT). :class:`MediaFetcher` goes through the server's
+:class:`~surgenet_assist.backend.ls_api.LabelStudioAPI` (``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``,
+read once by ``BackendSettings.from_env``), which turns a personal access token into a fresh access token,
+and falls back to the host and token Label Studio itself sent in ``/setup``. Tokens are never logged or
+echoed in errors.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import cv2
 import numpy as np
 
 from surgenet_assist.core.errors import SurgenetAssistError
+
+from .ls_api import LabelStudioAPI
 
 log = logging.getLogger("surgenet_assist.backend")
 
@@ -40,26 +43,36 @@ class MediaError(SurgenetAssistError):
 
 
 class MediaFetcher:
-    """``fetch(url, task_id) -> Path`` with the configured Label Studio URL and key, else those Label Studio
-    sent in its last ``/setup`` (remembered per server process)."""
+    """``fetch(url, task_id) -> Path`` through the configured Label Studio connection, else through the host
+    and token Label Studio sent in its last ``/setup`` (remembered per server process)."""
 
-    def __init__(self, hostname: str | None = None, token: str | None = None) -> None:
-        self._configured = (hostname, token)
-        self._from_setup: tuple[str | None, str | None] = (None, None)
+    def __init__(self, api: Any = None) -> None:
+        self._configured = api  # a LabelStudioAPI, or None
+        self._from_setup: Any = None
+        self._setup_key: tuple[str, str] | None = None
         self._lock = threading.Lock()
 
     def remember_setup(self, hostname: Any, token: Any) -> None:
+        if not (isinstance(hostname, str) and hostname.startswith(("http://", "https://"))):
+            return
+        if not (isinstance(token, str) and token):
+            return
         with self._lock:
-            host, tok = self._from_setup
-            if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
-                host = hostname.rstrip("/")
-            if isinstance(token, str) and token:
-                tok = token
-            self._from_setup = (host, tok)
+            if self._setup_key != (hostname, token):
+                self._from_setup = LabelStudioAPI(hostname, token)
+                self._setup_key = (hostname, token)
 
     def __call__(self, url: str, task_id: Any = None) -> Path:
-        (host, token), (setup_host, setup_token) = self._configured, self._from_setup
-        return fetch_media(url, task_id, hostname=host or setup_host, token=token or setup_token)
+        api = self._configured or self._from_setup
+        if api is None:
+            return fetch_media(url, task_id)
+        try:
+            return fetch_media(url, task_id, hostname=api.url, token=api.access_token())
+        except MediaError as exc:  # an access token that expired early: refresh once and retry
+            if not (api.personal_access_token and "HTTP 401" in exc.message):
+                raise
+        api.invalidate()
+        return fetch_media(url, task_id, hostname=api.url, token=api.access_token())
 
 
 def fetch_media(url: str, task_id: Any = None, hostname: str | None = None, token: str | None = None) -> Path:

@@ -328,7 +328,7 @@ def test_fetch_media_through_sdk_names_the_variable(monkeypatch, tmp_path):
 
     monkeypatch.setattr(sdk_io, "http_get", fake_get, raising=False)
     monkeypatch.setattr(sdk_io.requests, "get", fake_get)
-    fetch = MediaFetcher(settings.label_studio_url, settings.label_studio_api_key)
+    fetch = MediaFetcher(settings.label_studio_api())
     with pytest.raises(MediaError) as err:
         fetch(f"/data/upload/1/{tmp_path.name}.png", 1)
     assert f"/data/upload/1/{tmp_path.name}.png" in err.value.message and "401" in err.value.message
@@ -354,7 +354,9 @@ def test_fetch_media_falls_back_to_what_setup_sent(monkeypatch, tmp_path):
     fetch.remember_setup("http://ls.example:8080/", "t0k")
     assert fetch("/data/upload/1/a.png", 1) == tmp_path / "a.png"
     assert asked == {"hostname": "http://ls.example:8080", "token": "t0k"}
-    configured = MediaFetcher("http://configured:8080", "k")
+    from surgenet_assist.backend.ls_api import LabelStudioAPI
+
+    configured = MediaFetcher(LabelStudioAPI("http://configured:8080", "k"))
     configured.remember_setup("http://ls.example:8080", "t0k")
     configured("/data/upload/1/a.png", 1)
     assert asked == {"hostname": "http://configured:8080", "token": "k"}
@@ -420,27 +422,32 @@ def test_metrics_count_requests_predictions_and_errors(client):
 # ------------------------------------------------------------------------------------------------------------
 def test_captured_webhooks_become_what_label_studio_holds(client, store, tmp_path):
     from surgenet_assist.core.formats.label_studio import export_label_studio
+    from surgenet_assist.core.store import LabelStore
 
     bodies = fixture("webhooks.json")
     replies = [post(client, "/webhook", b) for b in bodies]
     assert [r.status_code for r in replies] == [200] * len(bodies), [r.get_json() for r in replies]
-    created, _, updated = (r.get_json() for r in replies[:3])
+    created, _, updated = (r.get_json()["annotations"][0] for r in replies[:3])
     assert all(v["created"] for v in created["labels"].values())
     assert set(created["labels"]) == {"segmentation", "cvs", "phase"}
     # the update repainted task 2's mask and dropped its phase: a new revision and a tombstone
-    assert updated["labels"]["segmentation"]["revision"] == 2 and updated["labels"]["phase"]["deleted"]
-    assert replies[3].get_json()["status"] == "ignored"  # a skipped task
+    assert updated["labels"]["segmentation"]["revision"] == 2 and updated["tombstoned"] == 1
+    skipped = replies[3].get_json()
+    assert skipped["annotations"][0]["labels"] == {} and "skipped" in skipped["warnings"][0]
     assert replies[5].get_json()["tombstones"] == 1  # ANNOTATIONS_DELETED
-    again = post(client, "/webhook", bodies[0]).get_json()  # redelivery
-    assert not any(v["created"] for v in again["labels"].values())
+    assert {r.get_json()["store_project"] for r in replies} == {f"label-studio-{i}" for i in (1, 2, 3)}
+    again = post(client, "/webhook", bodies[0]).get_json()["annotations"][0]  # redelivery
+    assert not any(v["created"] for v in again["labels"].values()) and again["tombstoned"] == 0
 
-    seg = store.label_for(store.video_id("case07"), 1, "segmentation")
+    assert store.video_id("case07") is None  # each Label Studio project has its own store project
+    image = LabelStore(store.url, project="label-studio-1")
+    seg = image.label_for(image.video_id("case07"), 1, "segmentation")
     assert seg.author == "ls-user:1" and seg.source == "label-studio"
-    assert [h.revision for h in store.history(seg.annotation_id)] == [1, 2]
-    assert store.label_for(store.video_id("case07"), 1, "phase") is None
-    for kind in ("image", "video"):
+    assert [h.revision for h in image.history(seg.annotation_id)] == [1, 2]
+    assert image.label_for(image.video_id("case07"), 1, "phase") is None
+    for kind, project in (("image", 1), ("video", 3)):
         export_label_studio(
-            store,
+            LabelStore(store.url, project=f"label-studio-{project}"),
             tmp_path / f"{kind}.json",
             annotations=True,
             label_config=fixture(f"{kind}_config.xml"),
@@ -462,10 +469,8 @@ def test_webhook_with_a_label_the_schema_lacks_is_refused(client, store):
     )
     assert store.stats()["annotations"]["revisions"] == 0
     assert post(client, "/webhook", {"action": "ANNOTATION_CREATED", "task": {}}).status_code == 400
-    assert (
-        post(client, "/webhook", {"action": "ANNOTATION_DELETED", "annotation": {"id": 999}}).status_code
-        == 200
-    )
+    gone = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 999}], "project": {"id": 1}}
+    assert post(client, "/webhook", gone).status_code == 200
 
 
 def test_start_training_queues_one_cycle_and_other_events_are_quick(client, store):

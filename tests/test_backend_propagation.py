@@ -80,6 +80,7 @@ def app(tmp_path, media, backbone, monkeypatch):
         resolve=lambda u: fetch(u),
         instant_root=tmp_path / "instant",
         debounce_s=0.1,
+        project="label-studio-1",  # the store project of Label Studio project 1, where its webhooks write
     )
     app = create_app(BackendSettings(), store=store, fetch=fetch, assist=assist)
     yield app
@@ -153,7 +154,7 @@ def test_label_on_frame_k_propagates_to_k_plus_3_without_blocking(app, media, mo
     t0 = time.perf_counter()
     r = post(c, "/webhook", _event(1, _frame_task(k), result, image_config()))
     elapsed = time.perf_counter() - t0
-    assert r.status_code == 200 and "segmentation" in r.get_json()["labels"]
+    assert r.status_code == 200 and "segmentation" in r.get_json()["annotations"][0]["labels"]
     assert elapsed < 1.0 and assist.updater.version is None  # returned while the refit is still running
 
     pred = post(c, "/predict", {"tasks": [_frame_task(k + 3)], "label_config": image_config()}).get_json()
@@ -191,7 +192,7 @@ def test_video_task_gets_phase_timeline_from_labelled_ranges(app):
     ]
     # the file runs at the config's frameRate (25): LS frames 1-5 and 16-20 are video frames 0-4 and 15-19
     r = post(c, "/webhook", _event(2, task, result, video_config()))
-    assert r.status_code == 200 and "phase" in r.get_json()["labels"]
+    assert r.status_code == 200 and "phase" in r.get_json()["annotations"][0]["labels"]
     res = post(c, "/predict", {"tasks": [task], "label_config": video_config()}).get_json()["results"][0]
     assert res["model_version"].startswith("propagation-")
     regions = [reg for reg in res["result"] if reg["type"] == "timelinelabels"]

@@ -74,11 +74,19 @@ def write_labels(
     labels: Sequence[PendingLabel],
     report: ImportReport,
     project: str | None = None,
+    *,
+    replace_ls_annotations: Iterable[int] = (),
+    replaced_at: datetime | None = None,
 ) -> list[RecordResult | None]:
     """Write videos, frames and labels in one transaction and count what was new vs. already stored.
 
+    ``replace_ls_annotations``: Label Studio annotations whose labels ``labels`` replace as a whole; their
+    other live labels (a class no longer painted, a moved phase range) are tombstoned at ``replaced_at`` in
+    the same transaction, so a failure leaves the previous state intact.
+
     Returns the store's result per label, in order (None for a delete of a label never stored).
     """
+    replace = sorted({int(i) for i in replace_ls_annotations})
     from ..store import AnnotationInput
 
     def fn(w: Writer) -> tuple[Counter[str], list[RecordResult | None]]:
@@ -110,6 +118,11 @@ def write_labels(
             for lab in labels
         ]
         results = w.record_annotations(items, project)
+        if replace:
+            keep = {r.annotation_id for r, it in zip(results, items, strict=True) if r and not it.deleted}
+            stale = w.ls_tombstones(project, ls_annotation_ids=replace, keep=keep, updated_at=replaced_at)
+            gone = w.record_annotations(stale, project)
+            counts["tombstoned (replaced)"] += sum(1 for r in gone if r and r.created)
         for res in results:
             if res is None:
                 counts["deletes of unknown labels"] += 1

@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -69,8 +69,10 @@ SOURCE = "label-studio"
 #: task data keys: the store video of an image task (written and read), and the older spelling (read only)
 VIDEO_KEY, LEGACY_VIDEO_KEYS, FRAME_KEY = "source_video", ("video_name",), "frame_index"
 AUTHOR_PREFIX = "ls-user:"
-ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")  # the singular: Label Studio before 1.9
+TASK_DELETE_EVENTS = ("TASKS_DELETED",)
+WEBHOOK_HINT = "send Label Studio's webhook body unchanged (see docs/http-api.md)"
 IMAGE_RE = re.compile(r"^(?P<video>.+?)[_-](?:frame[_-]?)?(?P<frame>\d+)(?:_endo)?\.\w+$")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")  # Label Studio prefixes uploaded file names with a hash
 #: CVS criterion counts as met at or above this probability (predictions) or value (human labels)
@@ -215,13 +217,14 @@ class LabelStudioTranslator:
         """
         where = f"task {task.get('id')} annotation {annotation.get('id')}"
         target = self.target(task)
+        ann_id = annotation.get("id")
         common = dict(
             video=target.video,
             author=ls_author(annotation),
             source=SOURCE,
             updated_at=to_utc(annotation.get("updated_at") or annotation.get("created_at")),
             ls_task_id=task.get("id"),
-            ls_annotation_id=None if annotation.get("id") is None else _annotation_id(annotation),
+            ls_annotation_id=None if ann_id is None else _integer(ann_id, "annotation id"),
             image_path=target.media if target.kind == "image" and target.media != target.video else None,
         )
         mask: np.ndarray | None = None
@@ -751,6 +754,123 @@ def import_label_studio(
     return report
 
 
+def webhook_annotations(body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(annotation, task) pairs an annotation event carries: one for ``ANNOTATION_CREATED`` /
+    ``ANNOTATION_UPDATED``, several for ``ANNOTATIONS_CREATED`` (``annotation`` and ``task`` are lists
+    there, paired by the annotation's ``task``). Malformed bodies raise :class:`DatasetFormatError` naming
+    the field."""
+    action = body.get("action")
+    anns, tasks = body.get("annotation"), body.get("task")
+    if action == "ANNOTATIONS_CREATED":
+        if not isinstance(anns, list) or not isinstance(tasks, list):
+            raise DatasetFormatError(f"{action}: 'annotation' and 'task' must be lists", WEBHOOK_HINT)
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        pairs = []
+        for ann in anns:
+            if not isinstance(ann, dict):
+                raise DatasetFormatError(f"{action}: an annotation is not an object", WEBHOOK_HINT)
+            task = by_id.get(ann.get("task"))
+            if task is None:
+                raise DatasetFormatError(
+                    f"{action}: annotation {ann.get('id')!r} names task {ann.get('task')!r}, which is not "
+                    "in 'task'",
+                    WEBHOOK_HINT,
+                )
+            pairs.append((ann, task))
+        return pairs
+    if not isinstance(anns, dict):
+        raise DatasetFormatError(f"{action} without an 'annotation' object", WEBHOOK_HINT)
+    if not isinstance(tasks, dict):
+        raise DatasetFormatError(f"{action} without a 'task' object", WEBHOOK_HINT)
+    return [(anns, tasks)]
+
+
+def webhook_ids(body: dict[str, Any], key: str) -> list[int]:
+    """Ids of the objects listed under ``key`` (``annotations`` of ``ANNOTATIONS_DELETED``, ``tasks`` of
+    ``TASKS_DELETED``; ``annotation`` of the legacy singular delete); each must be an integer."""
+    items = body.get(key)
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        raise DatasetFormatError(f"{body.get('action')} without a '{key}' list", WEBHOOK_HINT)
+    ids = []
+    for item in items:
+        raw = item.get("id") if isinstance(item, dict) else item
+        ids.append(_integer(raw, f"{body.get('action')}: {key} id"))
+    return ids
+
+
+def apply_annotation(
+    store: LabelStore,
+    annotation: dict[str, Any],
+    task: dict[str, Any],
+    *,
+    label_config: str | None = None,
+    project: str | None = None,
+    schema: LabelSchema = DEFAULT_SCHEMA,
+) -> dict[str, Any]:
+    """Make the store hold exactly what one Label Studio annotation says now, in one transaction.
+
+    Its labels (read with ``label_config``) are written; its other live labels (a class no longer painted,
+    a phase dropped, a moved phase range) are tombstoned. A skipped (cancelled) annotation has no labels.
+    Writing the same annotation again changes nothing (the store is idempotent on content + timestamp).
+    Returns ``{"annotation", "labels": {task: {annotation_id, revision, created}}, "tombstoned",
+    "skipped": [reasons]}``; raises :class:`SchemaError` / :class:`DatasetFormatError` for an annotation it
+    refuses, writing nothing.
+    """
+    ann_id = _integer(annotation.get("id"), "annotation id")
+    tr = LabelStudioTranslator.for_config(
+        label_config if isinstance(label_config, str) and label_config.strip() else None, schema
+    )
+    if annotation.get("was_cancelled"):
+        labels: list[PendingLabel] = []
+        skipped = ["annotation was skipped (cancelled) in Label Studio: it holds no labels"]
+    else:
+        labels, skipped = tr.read(task, annotation)
+    target = tr.target(task)
+    report = ImportReport("label-studio-webhook", f"annotation {ann_id}")
+    videos = {lab.video: VideoInfo() for lab in labels} or {target.video: VideoInfo()}
+    results = write_labels(
+        store,
+        videos,
+        labels,
+        report,
+        project,
+        replace_ls_annotations=[ann_id],
+        replaced_at=to_utc(annotation.get("updated_at") or datetime.now(UTC)),
+    )
+    recorded = {lab.task: _recorded(res, False) for lab, res in zip(labels, results, strict=True) if res}
+    return {
+        "annotation": ann_id,
+        "labels": recorded,
+        "tombstoned": report.counts.get("tombstoned (replaced)", 0),
+        "skipped": skipped,
+    }
+
+
+def tombstone_ls_labels(
+    store: LabelStore,
+    *,
+    annotation_ids: Sequence[int] | None = None,
+    task_ids: Sequence[int] | None = None,
+    project: str | None = None,
+    when: datetime | str | None = None,
+) -> int:
+    """Tombstone, in one transaction, every live label of these Label Studio annotations or tasks (a task
+    deleted in Label Studio takes its annotations with it, without an annotation event); returns how many."""
+    when_utc = to_utc(when or datetime.now(UTC))
+
+    def fn(w: Any) -> int:
+        stale = w.ls_tombstones(
+            project, ls_annotation_ids=annotation_ids, ls_task_ids=task_ids, updated_at=when_utc
+        )
+        return sum(1 for r in w.record_annotations(stale, project) if r and r.created)
+
+    if not annotation_ids and not task_ids:
+        return 0
+    return store.transaction(fn)
+
+
 def ingest_webhook(
     store: LabelStore,
     body: dict[str, Any],
@@ -758,83 +878,41 @@ def ingest_webhook(
     project: str | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
 ) -> dict[str, Any]:
-    """Apply a Label Studio webhook body; other actions than the annotation events are ignored.
+    """Apply a Label Studio webhook body as it is (the caller trusts it: see ``backend/webhooks.py`` for the
+    verified path that re-reads each object from Label Studio first).
 
-    ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: the annotation's labels (read with the project's
-    labeling config from the body) are written in one transaction. An update replaces the annotation: a
-    task it no longer labels gets a tombstone, and on a video task (whose phase range may have moved) every
-    label of the annotation is tombstoned first. ``ANNOTATION_DELETED`` / ``ANNOTATIONS_DELETED``:
-    tombstones. Redelivery of the same body changes nothing current (the store is idempotent on content +
-    timestamp; a redelivered video-task update may add a non-current tombstone to history).
-
-    Returns ``{"action", "annotation", "labels": {task: {annotation_id, revision, created[, deleted]}},
-    "skipped": [reasons]}``, ``{"action", "tombstones"}`` for deletes, or ``{"action", "ignored": True}``.
-    Raises :class:`SchemaError` / :class:`DatasetFormatError` for annotations it refuses.
+    ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: :func:`apply_annotation` for
+    each annotation, with the labeling config of the body's project. ``ANNOTATIONS_DELETED``
+    (``{"annotations": [{"id"}]}``) and ``TASKS_DELETED`` (``{"tasks": [{"id"}]}``): tombstones. Other actions
+    are ignored. Returns ``{"action", "annotations": [apply_annotation results], "tombstones"}`` or
+    ``{"action", "ignored": True}``.
     """
     action = body.get("action")
     if action in DELETE_EVENTS:
-        anns = body.get("annotations") if action == "ANNOTATIONS_DELETED" else [body.get("annotation")]
-        ids = [_annotation_id(a) for a in anns or [] if isinstance(a, dict) and a.get("id") is not None]
-        when = (body.get("annotation") or {}).get("updated_at") if action == "ANNOTATION_DELETED" else None
-        return {"action": action, "tombstones": sum(store.delete_ls_annotation(i, when) for i in ids)}
+        key = "annotations" if action == "ANNOTATIONS_DELETED" else "annotation"
+        ids = webhook_ids(body, key)
+        count = tombstone_ls_labels(store, annotation_ids=ids, project=project)
+        return {"action": action, "tombstones": count}
+    if action in TASK_DELETE_EVENTS:
+        ids = webhook_ids(body, "tasks")
+        return {"action": action, "tombstones": tombstone_ls_labels(store, task_ids=ids, project=project)}
     if action not in ANNOTATION_EVENTS:
         return {"action": action, "ignored": True}
-    annotation, task = body.get("annotation"), body.get("task")
-    if not isinstance(annotation, dict) or annotation.get("id") is None:
-        raise DatasetFormatError(
-            f"{action} without an 'annotation' object with an id", "send Label Studio's webhook body"
-        )
-    if not isinstance(task, dict):
-        raise DatasetFormatError(f"{action} without a 'task' object", "send Label Studio's webhook body")
-    ann_id = _annotation_id(annotation)
-    if annotation.get("was_cancelled"):
-        return {"action": action, "annotation": ann_id, "ignored": True, "reason": "annotation was skipped"}
-    cfg = (body.get("project") or {}).get("label_config")
-    tr = LabelStudioTranslator.for_config(cfg if isinstance(cfg, str) and cfg.strip() else None, schema)
-    labels, skipped = tr.read(task, annotation)
-    target = tr.target(task)
-    if action == "ANNOTATION_UPDATED":
-        if target.frame is None:
-            # The store cannot list an annotation's labels yet, and a range label's identity includes its
-            # frames: tombstone them all just before the update's time, so the labels written next (at that
-            # time) are current and a moved range leaves no stale label. A redelivery changes nothing current.
-            when = to_utc(annotation.get("updated_at"))
-            store.delete_ls_annotation(ann_id, None if when is None else when - timedelta(microseconds=1))
-        else:
-            have = {lab.task for lab in labels}
-            for name in TASKS:
-                if name not in have:
-                    labels.append(
-                        PendingLabel(
-                            video=target.video,
-                            frame_start=target.frame,
-                            task=name,
-                            payload=None,  # type: ignore[arg-type]
-                            author=ls_author(annotation),
-                            source=SOURCE,
-                            updated_at=to_utc(annotation.get("updated_at")),
-                            ls_task_id=task.get("id"),
-                            ls_annotation_id=ann_id,
-                            deleted=True,
-                        )
-                    )
-    report = ImportReport("label-studio-webhook", str(action))
-    videos = {lab.video: VideoInfo() for lab in labels} or {target.video: VideoInfo()}
-    results = write_labels(store, videos, labels, report, project)
-    recorded: dict[str, Any] = {}
-    for lab, res in zip(labels, results, strict=True):
-        if res is not None and (not lab.deleted or res.created):
-            recorded[lab.task] = _recorded(res, lab.deleted)
-    return {"action": action, "annotation": ann_id, "labels": recorded, "skipped": skipped}
+    cfg = (body.get("project") or {}).get("label_config") if isinstance(body.get("project"), dict) else None
+    results = [
+        apply_annotation(store, ann, task, label_config=cfg, project=project, schema=schema)
+        for ann, task in webhook_annotations(body)
+    ]
+    return {"action": action, "annotations": results}
 
 
-def _annotation_id(annotation: dict[str, Any]) -> int:
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        value = None
     try:
-        return int(annotation["id"])
+        return int(value)
     except (TypeError, ValueError):
-        raise DatasetFormatError(
-            f"annotation id {annotation.get('id')!r} is not an integer", "send Label Studio's webhook body"
-        ) from None
+        raise DatasetFormatError(f"{what} {value!r} is not an integer", WEBHOOK_HINT) from None
 
 
 def _recorded(res: RecordResult, deleted: bool) -> dict[str, Any]:

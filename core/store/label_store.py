@@ -328,14 +328,13 @@ class LabelStore(AcquisitionMixin):
             partition_by=(A.video_id, A.frame_start, A.frame_end),
             order_by=(live.c.updated_at.desc(), live.c.rid.desc()),
         )
-        best = (
-            sa.select(live.c.rid, best_rn.label("brn"))
-            .join(A, A.id == live.c.aid)
-            .join(Project, Project.id == A.project_id)
-            .where(Project.name == (project or self.project))
-        )
-        if video_id is not None:
+        best = sa.select(live.c.rid, best_rn.label("brn")).join(A, A.id == live.c.aid)
+        if video_id is not None:  # a video belongs to one project: no project filter unless one is named
             best = best.where(A.video_id == video_id)
+        if video_id is None or project is not None:
+            best = best.join(Project, Project.id == A.project_id).where(
+                Project.name == (project or self.project)
+            )
         best = best.subquery()
         cols = [
             R.id,
