@@ -41,9 +41,12 @@ from surgenet_assist.core.store import (  # noqa: E402
     CANDIDATE,
     CHAMPION,
     PREVIOUS_CHAMPION,
+    AnnotationInput,
     LabelRecord,
     LabelStore,
     Payload,
+    RecordResult,
+    Writer,
     build_payload,
 )
 from surgenet_assist.core.store.db import mask_url, resolve_url  # noqa: E402
@@ -386,30 +389,37 @@ class ReviewSession:
         of which the range is committed as one range label (or a single-frame label for one frame).
         """
         start, end = int(frames[0]), int(frames[1])
-        result = CommitResult((start, end))
-        store = self.store
-        store.ensure_frames(clip.video_id, range(start, end + 1))
         common = {"source": "napari", "author": self.author}
+        # every payload is validated before anything is written (a bad one raises SchemaError here)
+        items: list[AnnotationInput] = []
         for f, mask in sorted((masks or {}).items()):
-            r = store.record_annotation(
-                clip.video_id, f, "segmentation", self._payload("segmentation", mask, shown_model), **common
-            )
-            result.revisions.setdefault("segmentation", []).append(r.revision_id)
+            payload = self._payload("segmentation", mask, shown_model)
+            items.append(AnnotationInput(clip.video_id, int(f), "segmentation", payload, **common))
         if phases is not None:
             part = np.asarray(phases[start : end + 1])
             if start == end and part[0] >= 0:
                 payload = self._payload("phase", int(part[0]), shown_model)
-                r = store.record_annotation(clip.video_id, start, "phase", payload, **common)
-                result.revisions.setdefault("phase", []).append(r.revision_id)
+                items.append(AnnotationInput(clip.video_id, start, "phase", payload, **common))
             elif start < end and (part >= 0).any():
                 segments = [(start + s, start + e - 1, int(p)) for s, e, p in runs(part) if p >= 0]
                 payload = self._payload("phase", {"segments": segments}, shown_model)
-                r = store.record_annotation(clip.video_id, start, "phase", payload, frame_end=end, **common)
-                result.revisions.setdefault("phase", []).append(r.revision_id)
+                items.append(
+                    AnnotationInput(clip.video_id, start, "phase", payload, frame_end=end, **common)
+                )
         for f, values in sorted((cvs or {}).items()):
             payload = self._payload("cvs", [float(v) for v in values], shown_model)
-            r = store.record_annotation(clip.video_id, f, "cvs", payload, **common)
-            result.revisions.setdefault("cvs", []).append(r.revision_id)
+            items.append(AnnotationInput(clip.video_id, int(f), "cvs", payload, **common))
+
+        def write(w: Writer) -> list[RecordResult]:
+            w.ensure_frames(clip.video_id, range(start, end + 1))
+            return w.record_annotations(items, self.store.project)
+
+        # ONE transaction: a failure part-way (a refused row, a lost connection) leaves none of it stored,
+        # and the error (a SurgenetAssistError) reaches the panel, which keeps the edits uncommitted
+        recorded = self.store.transaction(write)
+        result = CommitResult((start, end))
+        for item, r in zip(items, recorded, strict=True):
+            result.revisions.setdefault(item.task, []).append(r.revision_id)
         return result
 
     # --- review order ------------------------------------------------------------------------------------

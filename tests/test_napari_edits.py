@@ -227,3 +227,77 @@ def test_round_trip_through_a_real_store(tmp_path):
         assert list(again.phases) == [-1, 5, 5, -1] and again.cvs_at(1) == [1.0, 0.0, 1.0]
     finally:
         session.close()
+
+
+def _real_session(tmp_path, n: int = 4):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"frame_{i:06d}.png").write_bytes(b"")
+    session = ReviewSession(f"sqlite:///{tmp_path / 'labels.db'}", author="dr-test")
+    clip = session.open_clip({"path": str(folder), "fps": 1.0, "frame_count": n, "height": H, "width": W})
+    return session, clip
+
+
+def _revisions(session) -> int:
+    return session.store.stats()["annotations"]["revisions"]
+
+
+def test_commit_is_one_transaction_a_failure_half_way_stores_nothing(tmp_path, monkeypatch):
+    """Masks, phases and CVS of one commit are written together: when the store fails after some of them,
+    none is stored, the error is a SurgenetAssistError, and the edits stay uncommitted."""
+    from surgenet_assist.core.errors import StoreError
+    from surgenet_assist.core.store import Writer
+
+    session, clip = _real_session(tmp_path)
+    try:
+        masks = {f: np.full((H, W), 3, np.uint8) for f in range(3)}
+        phases = np.array([1, 1, 2, -1])
+        cvs = {0: [1, 0, 1], 2: [0, 0, 1]}
+        real = Writer.record_annotations
+        recorded: list[object] = []
+
+        def fail_at_the_fourth_label(self, items, project=None):
+            out = []
+            for item in items:  # one by one, whether the session sends them together or apart
+                if len(recorded) == 3:  # the store fails half-way through the commit
+                    raise StoreError("disk full", "free some space")
+                out += real(self, [item], project)
+                recorded.append(item)
+            return out
+
+        monkeypatch.setattr(Writer, "record_annotations", fail_at_the_fourth_label)
+        with pytest.raises(SurgenetAssistError, match="disk full"):
+            session.commit(clip, (0, 3), masks=masks, phases=phases, cvs=cvs, shown_model="v3")
+        assert _revisions(session) == 0
+        for task in ("segmentation", "phase", "cvs"):
+            assert session.store.current_human_labels(task, video_id=clip.video_id) == []
+
+        # through the panel: the same failure keeps every edit dirty
+        recorded[:] = ["earlier", "earlier"]  # the panel commit (mask + CVS) fails at its 2nd label
+        edits = ClipEdits(clip)
+        edits.mark_painted(1)
+        edits.set_cvs(1, [1, 1, 0])
+        with pytest.raises(SurgenetAssistError):
+            edits.commit(session, "current frame", 1, (0, 0))
+        assert edits.dirty_masks == {1} and edits.has_uncommitted() and _revisions(session) == 0
+
+        monkeypatch.setattr(Writer, "record_annotations", real)
+        result = session.commit(clip, (0, 3), masks=masks, phases=phases, cvs=cvs, shown_model="v3")
+        assert {t: len(r) for t, r in result.revisions.items()} == {"segmentation": 3, "phase": 1, "cvs": 2}
+        assert _revisions(session) == 6
+    finally:
+        session.close()
+
+
+def test_commit_with_an_invalid_label_after_valid_ones_stores_nothing(tmp_path):
+    from surgenet_assist.core.errors import SchemaError
+
+    session, clip = _real_session(tmp_path)
+    try:
+        masks = {0: np.full((H, W), 3, np.uint8), 1: np.full((H, W), 3, np.uint8)}
+        with pytest.raises(SchemaError):  # a CVS value outside [0, 1], after two valid masks
+            session.commit(clip, (0, 1), masks=masks, cvs={1: [0.5, 2.0, 0.0]})
+        assert _revisions(session) == 0
+    finally:
+        session.close()
