@@ -16,19 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgenet_assist.core.errors import SurgenetAssistError
-
 from .config import parse_label_config
 from .labeling_configs import label_config
-from .media import MediaError, fetch_media
+from .ls_api import LabelStudioAPI, LabelStudioToolError
+from .media import MediaError, MediaFetcher
 from .predictions import ImageTaskModel, VideoTaskModel
 
 log = logging.getLogger("surgenet_assist.backend")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-class LabelStudioToolError(SurgenetAssistError):
-    """A Label Studio API call failed (message names the call; never the token)."""
 
 
 def client(url: str, api_key: str) -> Any:
@@ -139,26 +134,21 @@ def setup_project(
 
 
 def _upload(url: str, api_key: str, project_id: int, files: list[Path]) -> list[int]:
-    import requests
-    from label_studio_sdk._extensions.label_studio_tools.core.utils.io import is_jwt_well_formed
-
-    headers = {"Authorization": ("Bearer " if is_jwt_well_formed(api_key) else "Token ") + api_key}
-    if is_jwt_well_formed(api_key):  # a PAT is a refresh token: trade it for an access token
-        r = requests.post(f"{url.rstrip('/')}/api/token/refresh", json={"refresh": api_key}, timeout=30)
-        if r.ok:
-            headers["Authorization"] = "Bearer " + r.json()["access"]
+    api = LabelStudioAPI(url, api_key, timeout=600)  # a personal access token is exchanged for an access one
     ids: list[int] = []
-    for f in files:
-        with open(f, "rb") as fh:
-            r = requests.post(
-                f"{url.rstrip('/')}/api/projects/{project_id}/import?return_task_ids=true",
-                headers=headers,
-                files={"file": (f.name, fh)},
-                timeout=600,
-            )
-        if not r.ok:
-            raise LabelStudioToolError(f"upload of {f} failed: HTTP {r.status_code} {r.text[:200]}")
-        ids += r.json().get("task_ids") or []
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                body = api.request(
+                    "POST",
+                    f"/api/projects/{project_id}/import",
+                    what=f"upload of {f}",
+                    params={"return_task_ids": "true"},
+                    files={"file": (f.name, fh)},
+                )
+            ids += (body or {}).get("task_ids") or []
+    finally:
+        api.close()
     return ids
 
 
@@ -243,8 +233,7 @@ def preannotate(
         version,
     )
 
-    def fetch(u: str, task_id: Any) -> Path:
-        return fetch_media(u, task_id, hostname=url.rstrip("/"), token=api_key)
+    fetch = MediaFetcher(LabelStudioAPI(url, api_key))
 
     image_model = ImageTaskModel(predictor) if plan.image_controls else None
     video_model = VideoTaskModel(predictor, video_sample_fps) if plan.video_controls else None

@@ -196,6 +196,57 @@ def ls_preannotate(
         raise typer.Exit(1)
 
 
+@ls_app.command("sync")
+def ls_sync(
+    url: Annotated[str, typer.Option(envvar="LABEL_STUDIO_URL", help="Label Studio URL")],
+    api_key: Annotated[
+        str, typer.Option(envvar="LABEL_STUDIO_API_KEY", help="personal access token or legacy token")
+    ],
+    project: Annotated[
+        list[int] | None, typer.Option("--project", help="Label Studio project id (repeatable)")
+    ] = None,
+    all_connected: Annotated[
+        bool, typer.Option("--all", help="every project the store already holds (label-studio-<id>)")
+    ] = False,
+    db: Annotated[str | None, typer.Option("--db", help="label store URL")] = None,
+    store_project: Annotated[
+        str | None, typer.Option(help="write into this store project instead of label-studio-<id>")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable summary")] = False,
+) -> None:
+    """Make the store's labels of Label Studio projects equal what Label Studio holds (lost webhooks, deleted
+    tasks, drafts): creates, updates and tombstones; safe to repeat and to interrupt."""
+    import json
+
+    from surgenet_assist.backend.ls_api import LabelStudioAPI
+    from surgenet_assist.backend.sync import connected_projects, sync_project
+    from surgenet_assist.core.store import LabelStore
+
+    if not project and not all_connected:
+        raise UsageError("no project to sync", "give --project ID (repeatable) or --all")
+    api = LabelStudioAPI(url, api_key)
+    store = LabelStore(db, migrate=True)
+    try:
+        ids = sorted(set(project or []) | (set(connected_projects(store)) if all_connected else set()))
+        summaries = [
+            sync_project(api, store, pid, store_project=store_project, progress=not as_json) for pid in ids
+        ]
+    finally:
+        store.close()
+        api.close()
+    if as_json:
+        typer.echo(json.dumps(summaries, indent=2))
+        return
+    for s in summaries:
+        c = s["counts"]
+        typer.echo(
+            f"Label Studio project {s['label_studio_project']} -> {s['store_project']}: "
+            f"{c.get('tasks', 0)} tasks, {c.get('annotations', 0)} annotations, "
+            f"{c.get('new revisions', 0)} new revisions, {c.get('unchanged (already stored)', 0)} unchanged, "
+            f"{c.get('tombstoned (gone from Label Studio)', 0)} tombstoned, {s['skipped']} skipped"
+        )
+
+
 def register(app: typer.Typer) -> None:
     """Add `serve` and the `ls` sub-app to the main CLI."""
     app.command("serve")(serve)

@@ -37,7 +37,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -904,6 +904,86 @@ def ingest_webhook(
         for ann, task in webhook_annotations(body)
     ]
     return {"action": action, "annotations": results}
+
+
+def reconcile_label_studio(
+    store: LabelStore,
+    tasks: Iterable[dict[str, Any]],
+    *,
+    label_config: str | None = None,
+    project: str | None = None,
+    schema: LabelSchema = DEFAULT_SCHEMA,
+    total: int | None = None,
+    progress: bool = False,
+    batch_tasks: int = 50,
+) -> ImportReport:
+    """Make the store project's Label Studio labels equal what ``tasks`` (all of a Label Studio project's
+    tasks, with their annotations: ``/api/tasks?fields=all`` pages or a JSON export) hold now.
+
+    Missing labels are created, newer revisions applied, and labels whose annotation or task is gone
+    (deleted, or turned into a draft) are tombstoned; an annotation that cannot be read (an unknown label)
+    keeps what the store has, and is reported. Writes go in batches of ``batch_tasks`` tasks, each batch one
+    transaction, and the tombstones in a last one: an interrupted run leaves no partial annotation and a
+    second run finishes the job. Running it twice changes nothing the second time.
+    """
+    tr = LabelStudioTranslator.for_config(
+        label_config if isinstance(label_config, str) and label_config.strip() else None, schema
+    )
+    report = ImportReport("label-studio-sync", project or store.project)
+    keep: set[int] = set()
+    unreadable: set[int] = set()
+    pending: list[PendingLabel] = []
+    videos: dict[str, VideoInfo] = {}
+    in_batch = 0
+
+    def flush() -> None:
+        nonlocal pending, videos, in_batch
+        if pending:
+            results = write_labels(store, videos, pending, report, project)
+            stale = [lab for lab, r in zip(pending, results, strict=True) if r is not None and not r.current]
+            keep.update(r.annotation_id for r in results if r is not None)
+            if stale:  # the store holds something newer (say, a tombstone): Label Studio's state wins
+                now = to_utc(datetime.now(UTC))
+                again = [replace(lab, updated_at=now) for lab in stale]
+                write_labels(store, {lab.video: VideoInfo() for lab in again}, again, report, project)
+        pending, videos, in_batch = [], {}, 0
+
+    for task in progress_iter(tasks, progress, "label-studio sync", total):
+        report.counts["tasks"] += 1
+        for ann in task.get("annotations") or []:
+            ann_id = _integer(ann.get("id"), "annotation id")
+            report.counts["annotations"] += 1
+            where = f"task {task.get('id')} annotation {ann_id}"
+            if ann.get("was_cancelled"):
+                report.skip(where, "skipped (cancelled) in Label Studio")
+                continue
+            try:
+                labels, skipped = tr.read(task, ann)
+            except SurgenetAssistError as exc:
+                unreadable.add(ann_id)
+                report.skip(where, f"kept as stored: {exc.message}")
+                continue
+            for reason in skipped:
+                report.skip(where, reason)
+            for lab in labels:
+                videos.setdefault(lab.video, VideoInfo())
+            pending += labels
+        in_batch += 1
+        if in_batch >= batch_tasks:
+            flush()
+    flush()
+    now = to_utc(datetime.now(UTC))
+
+    def tombstone(w: Any) -> int:
+        stale = [
+            t
+            for t in w.ls_tombstones(project, keep=keep, updated_at=now)
+            if t.ls_annotation_id not in unreadable
+        ]
+        return sum(1 for r in w.record_annotations(stale, project) if r and r.created)
+
+    report.counts["tombstoned (gone from Label Studio)"] = store.transaction(tombstone)
+    return report
 
 
 def _integer(value: Any, what: str) -> int:
