@@ -131,6 +131,17 @@ class BackendSettings:
         return LabelStudioAPI(self.label_studio_url, self.label_studio_api_key)
 
 
+@dataclass(frozen=True)
+class Serving:
+    """See :meth:`ModelHolder.serving`. ``kind``: ``model`` (a bundle or the champion), ``day-one``
+    (propagation + instant heads) or ``none`` (empty predictions)."""
+
+    kind: str
+    version: str
+    predictor: Any = None
+    assist: Any = None
+
+
 class ModelHolder:
     """The served predictor (or none: day 0), swapped atomically when the registry's champion changes."""
 
@@ -153,6 +164,21 @@ class ModelHolder:
     @property
     def version(self) -> str:
         return self.predictor.model_version if self.predictor is not None else NO_MODEL_VERSION
+
+    def serving(self, assist: Any = None) -> Serving:
+        """What answers a Label Studio project's ``/predict`` now and the ``model_version`` it stamps on every
+        result: the one answer ``/setup`` and ``/predict`` share. Label Studio skips a task that already has
+        a prediction of the version ``/setup`` reported, so the two must agree; when what is served changes
+        (a new champion, new labels or instant heads in day-one mode) the version changes and Label Studio
+        asks again, once. ``assist``: the project's day-one assistant, or None."""
+        self.poll()
+        predictor = self.predictor
+        if predictor is not None and _model_wins(self, assist):
+            return Serving("model", predictor.model_version, predictor=predictor)
+        if assist is not None:
+            assist.poll_labels()  # napari commits / imports land in the store without a webhook
+            return Serving("day-one", assist.served_version(), assist=assist)
+        return Serving("none", NO_MODEL_VERSION)
 
     def _load(self, path: str) -> Any:
         from surgenet_assist.core.predictor import Predictor
@@ -240,13 +266,15 @@ def create_app(
     fetch: Callable[[str, Any], Path] | None = None,
     assist: Any = None,
     assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable], Any] | None = None,
+    ls_api: Any = None,
 ) -> Flask:
     """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a day-one assistant such as
-    ``training_loop.assist.DayOneAssist``) may be injected (tests, embedding). The backend never imports
-    the training loop itself: the CLI (the composition root) passes ``assist_factory``."""
+    ``training_loop.assist.DayOneAssist``)/``ls_api`` (the connection to Label Studio that verifies webhooks)
+    may be injected (tests, embedding). The backend never imports the training loop itself: the CLI (the
+    composition root) passes ``assist_factory``."""
     settings = settings or BackendSettings.from_env()
     settings.check()
-    ls_api = settings.label_studio_api()
+    ls_api = ls_api or settings.label_studio_api()
     if store is None and (
         settings.db_url is not None or settings.registry or settings.extra.get("open_store", True)
     ):
@@ -392,9 +420,9 @@ def create_app(
     def setup() -> Response:
         data = body_json()
         media.remember_setup(data.get("hostname"), data.get("access_token"))
-        holder.poll()
+        served = holder.serving(assist_for(data.get("project")))
         cfg = data.get("schema") or data.get("label_config")
-        body: dict[str, Any] = {"model_version": holder.version}
+        body: dict[str, Any] = {"model_version": served.version}
         if cfg:
             try:
                 plan = parse_label_config(cfg, schema)
@@ -409,8 +437,13 @@ def create_app(
                 )
             if plan.skipped_controls:
                 log.info("project %s: controls not filled: %s", data.get("project"), plan.skipped_controls)
-        if holder.predictor is None:
+        if served.kind == "none":
             body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
+        elif served.kind == "day-one":
+            body["warning"] = (
+                "no trained model yet: predictions come from label propagation and instant heads "
+                "fitted on the labels stored so far"
+            )
         return jsonify(body)
 
     @app.post("/predict")
@@ -442,23 +475,36 @@ def create_app(
                 status=422,
                 skipped_controls=plan.skipped_controls,
             )
-        holder.poll()
-        predictor = holder.predictor
-        project_assist = assist_for(data.get("project"))
-        store_project = store_project_name(data.get("project"), settings.store_project)
+        served = holder.serving(assist_for(data.get("project")))  # before predicting: a change meanwhile
+        store_project = store_project_name(data.get("project"), settings.store_project)  # -> asked again
+        failed: dict[int, dict[str, Any]] = {}  # position in the batch -> why its prediction is empty
+        positions = {id(t): i for i, t in enumerate(tasks)}
+
+        def on_failure(task: dict[str, Any], exc: MediaError) -> None:
+            url = _redact_url(exc.url)
+            log.warning(
+                "task %s: media %s unavailable, empty prediction: %s",
+                task.get("id"),
+                url,
+                _redact_url(exc.message),
+            )
+            metrics.prediction_failures.labels("media").inc()
+            failed[positions[id(task)]] = {"task": task.get("id"), "reason": "media", "url": url}
+
         try:
-            if predictor is not None and _model_wins(holder, project_assist):
-                results = _predict_tasks(tasks, plan, predictor, settings, fetch)
-            elif project_assist is not None:
-                project_assist.poll_labels()  # napari commits / imports land in the store without a webhook
-                results = day_one_predictions(tasks, plan, project_assist, fetch, settings.video_sample_fps)
+            if served.kind == "model":
+                results = _predict_tasks(tasks, plan, served.predictor, settings, fetch, on_failure)
+            elif served.kind == "day-one":
+                results = day_one_predictions(
+                    tasks, plan, served.assist, fetch, settings.video_sample_fps, served.version, on_failure
+                )
             else:
-                results = [empty_prediction(NO_MODEL_VERSION) for _ in tasks]
-            results = apply_queue_scores(results, tasks, store, store_project)  # AL order in LS
-        except MediaError as exc:
-            raise _BadRequest("media_unavailable", exc.message, exc.hint, status=422, url=exc.url) from None
+                results = [empty_prediction(served.version) for _ in tasks]
         except LabelConfigError as exc:
             raise _BadRequest("bad_label_config", exc.message, exc.hint, status=422) from None
+        for i in failed:  # a task that failed in one part of a mixed config says nothing at all
+            results[i] = empty_prediction(served.version)
+        results = apply_queue_scores(results, tasks, store, store_project)  # AL order in LS
         metrics.tasks.inc(len(tasks))
         kinds = {c.name: c.kind for c in plan.controls}
         for res in results:
@@ -474,7 +520,10 @@ def create_app(
                         else "other"
                     )
                 metrics.predictions.labels(task_name).inc()
-        return jsonify({"results": results, "model_version": holder.version})
+        body = {"results": results, "model_version": served.version}
+        if failed:
+            body["failed"] = [failed[i] for i in sorted(failed)]  # Label Studio reads only "results"
+        return jsonify(body)
 
     @app.post("/webhook")
     def webhook() -> Response:
@@ -539,20 +588,38 @@ def _model_wins(holder: ModelHolder, assist: Any) -> bool:
 
 
 def _predict_tasks(
-    tasks: list[dict[str, Any]], plan: Any, predictor: Any, settings: BackendSettings, fetch: Callable
+    tasks: list[dict[str, Any]],
+    plan: Any,
+    predictor: Any,
+    settings: BackendSettings,
+    fetch: Callable,
+    on_failure: Callable[[dict[str, Any], MediaError], None],
 ) -> list[dict[str, Any]]:
     """One prediction per task, merging image and video controls of a mixed config."""
     merged = [{"model_version": predictor.model_version, "score": 1.0, "result": []} for _ in tasks]
     parts = []
     if plan.image_controls:
-        parts.append(ImageTaskModel(predictor).predict(tasks, plan, fetch))
+        parts.append(ImageTaskModel(predictor).predict(tasks, plan, fetch, on_failure))
     if plan.video_controls:
-        parts.append(VideoTaskModel(predictor, settings.video_sample_fps).predict(tasks, plan, fetch))
+        video = VideoTaskModel(predictor, settings.video_sample_fps)
+        parts.append(video.predict(tasks, plan, fetch, on_failure))
     for part in parts:
         for m, p in zip(merged, part, strict=True):
             m["result"] += p["result"]
             m["score"] = min(m["score"], p["score"])
     return merged
+
+
+_URL_SECRET = re.compile(
+    r"([?&](?:token|access_token|api_key|key|sig|signature|x-amz-signature|x-amz-credential|"
+    r"x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s]+",
+    re.I,
+)
+
+
+def _redact_url(text: str | None) -> str | None:
+    """A URL (or a message naming one) without query-string secrets (presigned cloud URLs, tokens)."""
+    return _URL_SECRET.sub(r"\1***", text) if text else text
 
 
 class _BadRequest(Exception):
