@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         project: ProjectOpt = "default",
         as_json: JsonOpt = False,
     ) -> None:
-        """Score sampled frames with the served model and store the queue of a strategy."""
+        """Score sampled frames of the project with its champion (or --model) and store the queue."""
         from surgenet_assist.core.errors import SurgenetAssistError
         from surgenet_assist.training_loop.acquisition import get_strategy, score_frames
         from surgenet_assist.training_loop.registry import Registry
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         require_split(store, split or None, project)
         version = None
         if model is None:
-            champ = Registry(store).champion()
+            champ = Registry(store, project=project).champion()  # the project's champion
             if champ is None:
                 raise SurgenetAssistError(
                     "no champion model to score with", "train one (`surgenet-assist train`) or pass --model"
@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
         """The next frames to label (highest acquisition priority first; labelled frames skipped)."""
         store = _store(db, project)
         paths = {v["id"]: v["path"] for v in store.videos(project)}
-        items = store.labelling_queue(task, strategy, limit=n, exclude_labelled=not include_labelled)
+        items = store.labelling_queue(
+            task, strategy, limit=n, exclude_labelled=not include_labelled, project=project
+        )
         rows: list[dict[str, Any]] = [
             {
                 "rank": i + 1,

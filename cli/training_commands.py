@@ -1,4 +1,8 @@
-"""Training-loop commands: train, evaluate, models list/promote/rollback, nightly.
+"""Training-loop commands: train, evaluate, models list/promote/rollback, nightly, trainer.
+
+Each works on one store project (``--project``, default ``default``: one store project per Label Studio
+project, with its own registry, champion, training queue and splits); ``nightly --all-projects`` and the
+``trainer`` without ``--project`` serve every project.
 
 `train` runs unchanged under torchrun (`torchrun --nproc_per_node N -m surgenet_assist.cli.main train ...`).
 """
@@ -16,6 +20,10 @@ from surgenet_assist.core.errors import UsageError
 DbOpt = Annotated[str | None, typer.Option("--db", help="label store URL (default: $SURGENET_ASSIST_DB_URL)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML with NightlyConfig fields")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ProjectOpt = Annotated[
+    str | None,
+    typer.Option("--project", help="store project (LS project N: label-studio-N) [default: default]"),
+]
 
 
 def _config(
@@ -28,12 +36,19 @@ def _config(
     budget: float | None = None,
     force: bool | None = None,
     progress: bool = True,
+    project: str | None = None,
+    default_project: bool = True,
 ) -> Any:
+    from surgenet_assist.core.store import DEFAULT_PROJECT
     from surgenet_assist.training_loop.nightly import NightlyConfig
 
     cfg = NightlyConfig.from_file(config) if config else NightlyConfig()
     if db:
         cfg.db = db
+    if project:
+        cfg.project = project
+    elif default_project and not cfg.project:
+        cfg.project = DEFAULT_PROJECT
     if random_init:
         cfg.random_init = True
     if epochs is not None:
@@ -58,6 +73,15 @@ def _echo(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def _registry(db: str | None, project: str | None) -> Any:
+    """The registry of one project of the store at ``db`` (a read-only open: no migration)."""
+    from surgenet_assist.core.store import DEFAULT_PROJECT, LabelStore
+    from surgenet_assist.training_loop.registry import Registry
+
+    name = project or DEFAULT_PROJECT
+    return Registry(LabelStore(db, project=name), project=name)
+
+
 def register(app: typer.Typer) -> None:
     models_app = typer.Typer(help="Model registry: list, promote, rollback.", no_args_is_help=True)
     app.add_typer(models_app, name="models")
@@ -73,6 +97,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="HxW frames are resized to, e.g. 240x426")
         ] = None,
         promote: Annotated[bool, typer.Option(help="run the promotion gate after registering")] = False,
+        project: ProjectOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Fine-tune on the store's train split, evaluate on test, register a candidate (torchrun-ready)."""
@@ -84,8 +109,8 @@ def register(app: typer.Typer) -> None:
 
         ddp.init()
         try:
-            cfg = _config(config, db, random_init, epochs, short_side, frame_size)
-            store = LabelStore(cfg.db, migrate=ddp.is_main())
+            cfg = _config(config, db, random_init, epochs, short_side, frame_size, project=project)
+            store = LabelStore(cfg.db, project=cfg.project, migrate=ddp.is_main())
             result = train_candidate(store, cfg)
             out = {
                 "version": result["version"],
@@ -97,7 +122,7 @@ def register(app: typer.Typer) -> None:
             if promote and ddp.is_main():
                 from surgenet_assist.core.bundle import load_bundle
 
-                registry = Registry(store)
+                registry = Registry(store, project=cfg.project)
                 champ = registry.champion()
                 champ_primary = None
                 if champ is not None:
@@ -127,6 +152,7 @@ def register(app: typer.Typer) -> None:
         relaxed_fps: Annotated[
             float, typer.Option(help="frame rate of the labelled frames (relaxed phase)")
         ] = 1.0,
+        project: ProjectOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Metrics of a model on a split of the store, plus annotation-efficiency figures."""
@@ -138,12 +164,14 @@ def register(app: typer.Typer) -> None:
 
         from .store_commands import require_split
 
-        cfg = _config(config, db, short_side=short_side, frame_size=frame_size, progress=not as_json)
-        store = LabelStore(cfg.db)
+        cfg = _config(
+            config, db, short_side=short_side, frame_size=frame_size, progress=not as_json, project=project
+        )
+        store = LabelStore(cfg.db, project=cfg.project)
         require_split(store, split, cfg.project)
         path = Path(model)
         if not (path / "bundle.json").exists():
-            row = Registry(store).get(model)
+            row = Registry(store, project=cfg.project).get(model)
             path = Path(row["bundle_path"])
             thresholds = ((row.get("metrics") or {}).get("params") or {}).get("cvs_thresholds")
         else:
@@ -167,12 +195,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{info.version} on {split} ({data.counts()['frames']} frames): {metrics['primary']}")
 
     @models_app.command("list")
-    def models_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
-        """Every registered version with status, headline metrics and lineage."""
-        from surgenet_assist.core.store import LabelStore
-        from surgenet_assist.training_loop.registry import Registry
-
-        rows = Registry(LabelStore(db)).versions()
+    def models_list(db: DbOpt = None, project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+        """Every version registered in the project, with status, headline metrics and lineage."""
+        rows = _registry(db, project).versions()
         if as_json:
             _echo(rows)
             return
@@ -182,22 +207,20 @@ def register(app: typer.Typer) -> None:
 
     @models_app.command("promote")
     def models_promote(
-        version: Annotated[str, typer.Argument(help="version to serve")], db: DbOpt = None
+        version: Annotated[str, typer.Argument(help="version to serve")],
+        db: DbOpt = None,
+        project: ProjectOpt = None,
     ) -> None:
-        """Make VERSION the champion (skips the gate: an operator decision)."""
-        from surgenet_assist.core.store import LabelStore
-        from surgenet_assist.training_loop.registry import Registry
-
-        Registry(LabelStore(db)).promote(version)
-        typer.echo(f"champion: {version}")
+        """Make VERSION the project's champion (skips the gate: an operator decision)."""
+        registry = _registry(db, project)
+        registry.promote(version)
+        typer.echo(f"champion of {registry.project}: {version}")
 
     @models_app.command("rollback")
-    def models_rollback(db: DbOpt = None) -> None:
-        """Reinstate the previous champion."""
-        from surgenet_assist.core.store import LabelStore
-        from surgenet_assist.training_loop.registry import Registry
-
-        typer.echo(f"champion: {Registry(LabelStore(db)).rollback()}")
+    def models_rollback(db: DbOpt = None, project: ProjectOpt = None) -> None:
+        """Reinstate the project's previous champion."""
+        registry = _registry(db, project)
+        typer.echo(f"champion of {registry.project}: {registry.rollback()}")
 
     @app.command("nightly")
     def nightly(
@@ -211,17 +234,56 @@ def register(app: typer.Typer) -> None:
         ] = False,
         force: Annotated[bool, typer.Option("--force", help="train even if labels are unchanged")] = False,
         random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (tests)")] = False,
+        project: ProjectOpt = None,
+        all_projects: Annotated[
+            bool,
+            typer.Option(
+                "--all-projects",
+                help="a cycle per project with human labels (--from-queue: per project with a queued run)",
+            ),
+        ] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """One cycle: ingest, pretrain when due, fine-tune, evaluate, promote or reject, re-score, report."""
-        from surgenet_assist.training_loop.nightly import run_cycle
+        from surgenet_assist.core.errors import SurgenetAssistError
+        from surgenet_assist.training_loop.nightly import run_all_projects, run_cycle
 
-        cfg = _config(config, db, random_init, budget=budget_minutes, force=force, progress=not as_json)
-        report = run_cycle(cfg, from_queue=from_queue)
+        if all_projects and project:
+            raise UsageError(
+                "--all-projects and --project name different projects", "give one of them, not both"
+            )
+        cfg = _config(
+            config,
+            db,
+            random_init,
+            budget=budget_minutes,
+            force=force,
+            progress=not as_json,
+            project=project,
+            default_project=not all_projects,
+        )
+        if not all_projects:
+            report = run_cycle(cfg, from_queue=from_queue)
+            if as_json:
+                _echo(report)
+            else:
+                typer.echo(f"{report['outcome']} (report: {report.get('report')})")
+            return
+        reports = run_all_projects(cfg, from_queue=from_queue)
         if as_json:
-            _echo(report)
+            _echo(reports)
         else:
-            typer.echo(f"{report['outcome']} (report: {report.get('report')})")
+            if not reports:
+                why = "nothing queued" if from_queue else "no human labels"
+                typer.echo(f"no project to train ({why})")
+            for name, report in reports.items():
+                typer.echo(f"{name}: {report['outcome']} (report: {report.get('report')})")
+        failed = sorted(n for n, r in reports.items() if str(r.get("outcome")).startswith("failed"))
+        if failed:
+            raise SurgenetAssistError(
+                f"the cycle of project(s) {', '.join(failed)} failed (the other projects' cycles ran)",
+                "read each failed project's outcome above; rerun one with `nightly --project NAME`",
+            )
 
     @app.command("trainer")
     def trainer(
@@ -230,11 +292,19 @@ def register(app: typer.Typer) -> None:
         at: Annotated[str, typer.Option("--at", help="daily cycle time, local HH:MM, or off")] = "02:00",
         poll_seconds: Annotated[float, typer.Option(help="how often to look for queued cycles")] = 60.0,
         budget_minutes: Annotated[float | None, typer.Option(help="time budget of each cycle")] = None,
+        project: Annotated[
+            str | None,
+            typer.Option("--project", help="serve only this store project [default: every project]"),
+        ] = None,
     ) -> None:
-        """Run forever: the nightly cycle at --at, plus any cycle Label Studio queued (START_TRAINING)."""
+        """Run forever: the nightly cycle at --at, plus any cycle Label Studio queued (START_TRAINING); for
+        every project with human labels (each under its own lock) unless --project names one."""
         from surgenet_assist.training_loop.nightly import parse_daily_time, trainer_loop
 
         if at != "off":
             parse_daily_time(at)  # refuse a bad time now, not at the first scheduled check
-        cfg = _config(config, db, budget=budget_minutes, progress=False)
-        trainer_loop(cfg, at=None if at == "off" else at, poll_s=poll_seconds)
+        cfg = _config(
+            config, db, budget=budget_minutes, progress=False, project=project, default_project=False
+        )
+        every = cfg.project is None  # no --project (nor one in --config): every project
+        trainer_loop(cfg, at=None if at == "off" else at, poll_s=poll_seconds, all_projects=every)

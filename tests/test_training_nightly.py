@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from surgenet_assist.core.bundle import load_bundle
+from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.training_loop.nightly import CycleLocked, NightlyConfig, cycle_lock, run_cycle
@@ -148,3 +149,93 @@ def test_trainer_consumes_a_cycle_queued_by_label_studio(tmp_path):
     row = {r["id"]: r for r in store.training_runs()}[rid]
     assert row["status"] == "finished" and row["task"] == "nightly"
     assert row["metrics"]["outcome"].startswith("skipped: no human labels")
+
+
+def test_trainer_claims_queued_runs_of_every_project(tmp_path, _isolated_home):
+    """The webhook queues a run in the Label Studio project's store project; a trainer started without
+    --project claims each project's run, in that project."""
+    from surgenet_assist.training_loop.nightly import trainer_loop
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    a = LabelStore(url, project="label-studio-1", migrate=True)
+    b = LabelStore(url, project="label-studio-2")
+    ra, _ = a.queue_training_run({"trigger": "label-studio START_TRAINING"})
+    rb, _ = b.queue_training_run({"trigger": "label-studio START_TRAINING"})
+    trainer_loop(NightlyConfig(db=url, random_init=True, progress=False), at=None, poll_s=0, max_loops=1)
+    for store, rid in ((a, ra), (b, rb)):
+        (row,) = store.training_runs()
+        assert row["id"] == rid and row["status"] == "finished" and row["project"] == store.project
+        assert row["metrics"]["outcome"].startswith("skipped: no human labels")
+    assert a.queued_run_projects() == []
+    # a trainer of one project leaves the other's queue alone
+    a.queue_training_run()
+    rb2, _ = b.queue_training_run()
+    cfg = NightlyConfig(db=url, project="label-studio-1", random_init=True, progress=False)
+    trainer_loop(cfg, at=None, poll_s=0, max_loops=1)
+    assert a.queued_run_projects() == ["label-studio-2"]
+    assert {r["id"]: r["status"] for r in b.training_runs()}[rb2] == "queued"
+
+
+def test_cycle_locks_are_per_project(tmp_path, _isolated_home):
+    url = f"sqlite:///{tmp_path}/s.db"
+    a = LabelStore(url, project="label-studio-1", migrate=True)
+    b = LabelStore(url, project="label-studio-2")
+    b.queue_training_run()
+    with cycle_lock(a):
+        with pytest.raises(CycleLocked):
+            run_cycle(NightlyConfig(db=url, project="label-studio-1", random_init=True, progress=False))
+        # another project's cycle is not blocked
+        cfg = NightlyConfig(db=url, project="label-studio-2", random_init=True, progress=False)
+        report = run_cycle(cfg, from_queue=True)
+    assert report["project"] == "label-studio-2" and report["outcome"].startswith("skipped")
+    assert [r["status"] for r in b.training_runs()] == ["finished"] and a.training_runs() == []
+
+
+def test_run_all_projects_runs_each_project_with_labels(tmp_path, _isolated_home, monkeypatch):
+    from surgenet_assist.training_loop import nightly
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    for name in ("label-studio-1", "label-studio-2", "label-studio-3"):
+        st = LabelStore(url, project=name, migrate=True)
+        v = st.add_video("case.mp4", 25, 10)
+        if name != "label-studio-2":  # project 2 has videos but no human label
+            st.record_annotation(v, 1, "cvs", [1, 0, 1], source="napari")
+        st.close()
+    seen = []
+
+    def fake_cycle(cfg, from_queue=False):
+        seen.append(cfg.project)
+        if cfg.project == "label-studio-1":
+            raise RuntimeError("out of memory")
+        return {"outcome": "promoted v1", "project": cfg.project}
+
+    monkeypatch.setattr(nightly, "run_cycle", fake_cycle)
+    reports = nightly.run_all_projects(NightlyConfig(db=url, progress=False))
+    assert seen == ["label-studio-1", "label-studio-3"]  # a failed project does not stop the others
+    assert reports["label-studio-1"]["outcome"] == "failed: out of memory"
+    assert reports["label-studio-3"]["outcome"] == "promoted v1"
+
+
+def test_registry_is_per_project(tmp_path, _isolated_home):
+    url = f"sqlite:///{tmp_path}/s.db"
+    a = LabelStore(url, project="label-studio-1", migrate=True)
+    b = LabelStore(url, project="label-studio-2")
+    root = tmp_path / "registry"
+    ra, rb = Registry(a, root=root), Registry(b, root=root)
+    model = SurgeNetAssistModel.create(random_init=True)
+    kw = dict(metrics={}, manifest_hash="m", seeds={}, parent=None)
+    a1, a2 = ra.register_candidate(model, **kw), ra.register_candidate(model, **kw)
+    b1 = rb.register_candidate(model, **kw)
+    ra.promote(a1)
+    rb.promote(b1)
+    ra.promote(a2)
+    assert ra.champion()["version"] == a2 and rb.champion()["version"] == b1
+    assert [r["version"] for r in ra.versions()] == [a1, a2] and [r["version"] for r in rb.versions()] == [b1]
+    assert ra.rollback() == a1 and rb.champion()["version"] == b1
+    with pytest.raises(SurgenetAssistError, match="no model version"):
+        rb.promote(a2)  # another project's version
+    import json
+
+    assert json.loads((root / "CHAMPION-label-studio-1").read_text())["version"] == a1
+    assert json.loads((root / "CHAMPION-label-studio-2").read_text())["version"] == b1
+    assert ra.remove_orphans(min_age_s=0) == []  # B's bundles are not A's orphans

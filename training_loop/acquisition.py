@@ -549,10 +549,13 @@ def strategy_for_task(name: str, task: str, **kwargs: Any) -> Strategy:
     return get_strategy(name, task=task, **kwargs)
 
 
-def labelled_in_pool(store: Any, pool: AcquisitionPool, task: str) -> list[FrameRef]:
-    """Pool frames covered by a live human label of ``task`` (range labels cover every frame inside)."""
+def labelled_in_pool(
+    store: Any, pool: AcquisitionPool, task: str, project: str | None = None
+) -> list[FrameRef]:
+    """Pool frames covered by a live human label of ``task`` in ``project`` (default: the store's); range
+    labels cover every frame inside."""
     out: list[FrameRef] = []
-    for rec in store.current_human_labels(task, with_payload=False):
+    for rec in store.current_human_labels(task, project=project, with_payload=False):
         sel = (pool.video_ids == rec.video_id) & (pool.frame_indices >= rec.frame_start)
         sel &= pool.frame_indices <= rec.frame_end
         out += [pool.ref(int(i)) for i in np.flatnonzero(sel)]
@@ -572,6 +575,7 @@ def save_queue(
     strategy: str = DEFAULT_STRATEGY,
     queue_size: int = 200,
     save_entropy: bool = True,
+    project: str | None = None,
 ) -> dict[str, int]:
     """Write per-task queue rows (method = strategy name) and, for older readers, plain entropy rows."""
     counts: dict[str, int] = {}
@@ -579,7 +583,7 @@ def save_queue(
         if save_entropy:
             rows = [(*pool.ref(i), float(u)) for i, u in enumerate(pool.uncertainty("entropy", task))]
             store.save_acquisition_scores(rows, task=task, method=FALLBACK_METHOD, model_version=version)
-        labelled = labelled_in_pool(store, pool, task)
+        labelled = labelled_in_pool(store, pool, task, project)
         order = strategy_for_task(strategy, task).select(pool, queue_size, labelled)
         counts[task] = store.save_acquisition_scores(
             queue_scores(order), task=task, method=strategy, model_version=version
@@ -614,5 +618,5 @@ def score_frames(
     short = short_side or min(model.backbone.input_size)
     frames = _sampled_frames(store, project, fps, max_frames_per_video, split)
     pool = build_pool(model, frames, short, mc_passes if needs_mc(strategy) else 0, progress=progress)
-    counts = save_queue(store, pool, version or "", strategy, queue_size)
+    counts = save_queue(store, pool, version or "", strategy, queue_size, project=project)
     return {"strategy": strategy, "frames_scored": len(pool), "queue": counts}

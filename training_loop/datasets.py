@@ -147,7 +147,7 @@ def load_split(
     phase_arrays: dict[int, np.ndarray] = {}
     for vid in videos:
         if phase_ranges.get(vid) or any(k[0] == vid and "phase" in t for k, t in per_frame.items()):
-            phase_arrays[vid] = store.phase_labels(vid)
+            phase_arrays[vid] = store.phase_labels(vid, project=project)
     for vid, arr in phase_arrays.items():
         if not phase_ranges.get(vid):
             continue

@@ -7,6 +7,13 @@ exists; the champion changes only in the single ``set_model_status`` transaction
 A ``kill -9`` at any point therefore leaves the old champion serving; the next cycle marks the dead run
 ``interrupted``, removes orphaned bundle dirs and resumes fine-tuning from the last checkpoint when the
 training data are unchanged.
+
+Everything is per store project (one store project per Label Studio project): a cycle trains the labels of
+``NightlyConfig.project`` (default ``default``), on that project's splits, against that project's champion,
+claims that project's queued runs and writes that project's acquisition queue, under that project's lock, so
+the cycles of two projects never block or mix with each other. :func:`run_all_projects` runs one cycle per
+project that has human labels; :func:`trainer_loop` (the ``trainer`` service) serves every project unless
+one is named.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import REJECTED, RUN_RUNNING, LabelStore
+from surgenet_assist.core.store import DEFAULT_PROJECT, REJECTED, RUN_RUNNING, LabelStore
 from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
@@ -135,10 +142,20 @@ class NightlyConfig:
 
 
 # --- lock --------------------------------------------------------------------------------------------------
+def _lock_name(project: str) -> str:
+    """``nightly`` for the default project (the name before projects had their own cycles), else
+    ``nightly-<project>`` with characters unsafe in a file name replaced."""
+    if project == DEFAULT_PROJECT:
+        return "nightly"
+    return "nightly-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in project)
+
+
 @contextlib.contextmanager
-def cycle_lock(store: LabelStore, path: Path | None = None) -> Iterator[None]:
-    """Exclusive, non-blocking: a second cycle fails at once. Released by the OS if the process dies."""
-    path = path or data_home() / "nightly.lock"
+def cycle_lock(store: LabelStore, path: Path | None = None, project: str | None = None) -> Iterator[None]:
+    """Exclusive, non-blocking, per project (default: the store's): a second cycle of the same project fails
+    at once; another project's cycle is not blocked. Released by the OS if the process dies."""
+    name = _lock_name(project or store.project)
+    path = path or data_home() / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - held for the whole cycle
     try:
@@ -149,7 +166,7 @@ def cycle_lock(store: LabelStore, path: Path | None = None) -> Iterator[None]:
                 f"another training cycle is running (lock {path})",
                 "wait for it to finish; a killed cycle releases the lock automatically",
             ) from None
-        with store.exclusive_lock("nightly") as held:  # several trainer hosts on one database
+        with store.exclusive_lock(name) as held:  # several trainer hosts on one database
             if not held:
                 raise CycleLocked(
                     "another training cycle holds the database lock", "wait for the other trainer to finish"
@@ -196,7 +213,7 @@ def train_candidate(
     parent: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate on test, register a candidate (rank 0). Returns what the cycle reports."""
-    registry = Registry(store)
+    registry = Registry(store, project=cfg.project)
     splits = splits or load_data(store, cfg)
     if len(splits["train"].frames) == 0:
         raise SurgenetAssistError(
@@ -252,7 +269,8 @@ def _total_frames(store: LabelStore, project: str | None) -> int:
 
 def pretrain_due(store: LabelStore, cfg: NightlyConfig) -> tuple[bool, int]:
     """Due when the store holds ``threshold_frames`` more frames than at the last continued pretraining."""
-    done = [r for r in store.training_runs(task="pretrain") if r.get("status") == "finished"]
+    runs = store.training_runs(task="pretrain", project=cfg.project)
+    done = [r for r in runs if r.get("status") == "finished"]
     last = int((done[-1].get("params") or {}).get("total_frames", 0)) if done else 0
     new = _total_frames(store, cfg.project) - last
     return cfg.pretrain.enabled and new >= cfg.pretrain.threshold_frames, new
@@ -334,23 +352,34 @@ def write_report(
 
 # --- the cycle ---------------------------------------------------------------------------------------------
 def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
-    """One full cycle under the lock; returns the report dict (also written as Markdown + PNGs)."""
+    """One full cycle of ``cfg.project`` (default: ``default``) under that project's lock; returns the report
+    dict (also written as Markdown + PNGs). ``from_queue``: only if the project has a queued run (claimed)."""
+    project = cfg.project or DEFAULT_PROJECT
+    cfg = dataclasses.replace(cfg, project=project)
+    store = LabelStore(cfg.db, project=project, migrate=True)
+    try:
+        return _run_cycle(store, cfg, from_queue)
+    finally:
+        store.close()
+
+
+def _run_cycle(store: LabelStore, cfg: NightlyConfig, from_queue: bool) -> dict[str, Any]:
     started = time.time()
     deadline = started + cfg.budget_minutes * 60 if cfg.budget_minutes else None
-    store = LabelStore(cfg.db, project=cfg.project or "default", migrate=True)
-    report: dict[str, Any] = {"started_at": _now().isoformat(timespec="seconds")}
+    project = store.project
+    report: dict[str, Any] = {"started_at": _now().isoformat(timespec="seconds"), "project": project}
     with cycle_lock(store):
-        registry = Registry(store)
-        report["interrupted_runs_closed"] = store.close_interrupted_runs(task="nightly")
+        registry = Registry(store, project=project)
+        report["interrupted_runs_closed"] = store.close_interrupted_runs(task="nightly", project=project)
         report["orphans_removed"] = registry.remove_orphans()
         if from_queue:
-            row = store.claim_queued_run(task="nightly")
+            row = store.claim_queued_run(task="nightly", project=project)
             if row is None:
-                return {"outcome": "nothing queued"}
+                return {"outcome": "nothing queued", "project": project}
             run_id = row["id"]
         else:
             run_id = store.record_training_run(
-                task="nightly", status=RUN_RUNNING, params={"trigger": "nightly"}
+                task="nightly", status=RUN_RUNNING, params={"trigger": "nightly"}, project=project
             )
         report["training_run"] = run_id
         try:
@@ -366,10 +395,11 @@ def run_cycle(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, Any]:
             )
             raise
         report["seconds"] = round(time.time() - started, 1)
+        stamp = report["started_at"].replace(":", "")
         out = (
             Path(cfg.report_dir)
             if cfg.report_dir
-            else data_home() / "reports" / report["started_at"].replace(":", "")
+            else data_home() / "reports" / (stamp if project == DEFAULT_PROJECT else f"{stamp}-{project}")
         )
         report["report"] = str(
             write_report(out, report, report.pop("_history", None), report.pop("_test", None), store.schema)
@@ -434,6 +464,7 @@ def _cycle(
             status="finished",
             params={"total_frames": _total_frames(store, cfg.project), **info},
             metrics={"kept": choice["kept"], "val_scores": choice["val_scores"]},
+            project=cfg.project,
         )
         model = choice["model"]
         report["timings_s"]["pretraining_and_backbone_gate"] = round(time.perf_counter() - t_pre, 2)
@@ -484,14 +515,41 @@ def _cycle(
     }
 
 
+def run_all_projects(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, dict[str, Any]]:
+    """One cycle per project (``from_queue``: per project with a queued run; else: per project with live
+    human labels), one after the other, each under its own lock; returns project -> report. A project whose
+    cycle fails (or is locked) gets ``{"outcome": "failed: ..."}`` (``"locked: ..."``) and the others still
+    run."""
+    with LabelStore(cfg.db, migrate=True) as store:
+        projects = store.queued_run_projects() if from_queue else store.projects(with_human_labels=True)
+    reports: dict[str, dict[str, Any]] = {}
+    for project in projects:
+        try:
+            reports[project] = run_cycle(dataclasses.replace(cfg, project=project), from_queue=from_queue)
+        except CycleLocked as exc:
+            reports[project] = {"outcome": f"locked: {exc.message}", "project": project}
+        except Exception as exc:  # noqa: BLE001 - one project's failure must not stop the others
+            reports[project] = {"outcome": f"failed: {getattr(exc, 'message', exc)!s}", "project": project}
+    return reports
+
+
 def trainer_loop(
-    cfg: NightlyConfig, at: str | None = "02:00", poll_s: float = 60.0, max_loops: int | None = None
+    cfg: NightlyConfig,
+    at: str | None = "02:00",
+    poll_s: float = 60.0,
+    max_loops: int | None = None,
+    all_projects: bool | None = None,
 ) -> None:
     """The ``trainer`` service: a full cycle once a day at ``at`` (local HH:MM) and a cycle whenever Label
-    Studio queued one (START_TRAINING). A failed cycle is logged and retried at the next occasion."""
+    Studio queued one (START_TRAINING). A failed cycle is logged and retried at the next occasion.
+
+    ``all_projects`` (default: when ``cfg.project`` is None) serves every project: the daily cycle of each
+    project that has human labels, and the queued runs of any project (the webhook queues a run in the
+    Label Studio project's store project), each project under its own lock."""
     import logging
 
     log = logging.getLogger("surgenet_assist.trainer")
+    every = cfg.project is None if all_projects is None else all_projects
     hour, minute = parse_daily_time(at) if at else (99, 0)  # None: queued cycles only
     last_day = None
     loops = 0
@@ -499,14 +557,22 @@ def trainer_loop(
         loops += 1
         now = dt.datetime.now()
         due = (now.hour, now.minute) >= (hour, minute) and last_day != now.date()
+        if due:
+            last_day = now.date()
+        kind = "scheduled" if due else "queued"
         try:
-            if due:
-                last_day = now.date()
-                log.warning("scheduled cycle: %s", run_cycle(cfg).get("outcome"))
+            if every:
+                reports = run_all_projects(cfg, from_queue=not due)
             else:
-                outcome = run_cycle(cfg, from_queue=True).get("outcome")
-                if outcome != "nothing queued":
-                    log.warning("queued cycle: %s", outcome)
+                reports = {cfg.project or DEFAULT_PROJECT: run_cycle(cfg, from_queue=not due)}
+            for project, report in reports.items():
+                outcome = report.get("outcome")
+                if outcome == "nothing queued" or str(outcome).startswith("locked:"):
+                    continue
+                if str(outcome).startswith("failed:"):
+                    log.error("%s cycle of project %s: %s", kind, project, outcome)
+                else:
+                    log.warning("%s cycle of project %s: %s", kind, project, outcome)
         except CycleLocked:
             pass
         except Exception:  # noqa: BLE001 - the service keeps running; the run row says what failed

@@ -1,11 +1,16 @@
 """Model registry: immutable bundles under ``data_home()/registry/<version>/`` plus rows in the label store.
 
+One registry per store project (one store project per Label Studio project): a :class:`Registry` reads and
+promotes the versions of its project only, so each project has its own champion; version names stay unique
+across projects (they name the bundle directories, which all projects share).
+
 A version is written once (``save_bundle`` writes a temp dir and renames it) and then registered as a
 ``candidate`` row with its metrics and lineage (training-manifest hash, code version, seeds, parent). Only
 the promotion gate (or an explicit ``promote``) makes it ``champion``; the store demotes the old champion
 to ``previous-champion`` in the same transaction, which is what ``rollback`` moves back. The backend
 reads the row with status ``champion`` and its ``bundle_path``, so serving follows the registry without a
-restart. A ``CHAMPION`` pointer file (written atomically) mirrors the current champion for file readers.
+restart. A ``CHAMPION`` pointer file (written atomically; ``CHAMPION-<project>`` for a project other than
+``default``) mirrors the project's current champion for file readers.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import CHAMPION, LabelStore
+from surgenet_assist.core.store import CHAMPION, DEFAULT_PROJECT, PREVIOUS_CHAMPION, LabelStore
 
 from .evaluate import overall_score
 
@@ -129,26 +134,40 @@ def gate(
     return GateDecision(len(reasons) == 1 and reasons[0].startswith("beats"), reasons, cand, champ, deltas)
 
 
-class Registry:
-    """Model versions of one label store; bundles under ``root`` (default ``data_home()/registry``)."""
+def pointer_name(project: str) -> str:
+    """File name of a project's champion pointer under the registry root."""
+    if project == DEFAULT_PROJECT:
+        return "CHAMPION"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in project)
+    return f"CHAMPION-{safe}"
 
-    def __init__(self, store: LabelStore, root: str | Path | None = None) -> None:
+
+class Registry:
+    """Model versions of one project of a label store (``project``, default: the store's project); bundles
+    under ``root`` (default ``data_home()/registry``)."""
+
+    def __init__(self, store: LabelStore, root: str | Path | None = None, project: str | None = None) -> None:
         self.store = store
         self.root = Path(root) if root else registry_root()
+        self.project = project or store.project
 
     # --- reading ----------------------------------------------------------------------------------------
     def versions(self) -> list[dict[str, Any]]:
-        return self.store.model_versions()
+        return self.store.model_versions(project=self.project)
 
     def get(self, version: str) -> dict[str, Any]:
         rows = [r for r in self.versions() if r["version"] == version]
         if not rows:
             known = [r["version"] for r in self.versions()][-5:]
-            raise RegistryError(f"no model version {version!r}", f"use `models list`; latest: {known}")
+            raise RegistryError(
+                f"no model version {version!r} in project {self.project!r}",
+                f"use `models list --project {self.project}`; latest: {known}",
+            )
         return rows[0]
 
     def champion(self) -> dict[str, Any] | None:
-        rows = [r for r in self.store.model_versions(status=CHAMPION) if r.get("bundle_path")]
+        champions = self.store.model_versions(status=CHAMPION, project=self.project)
+        rows = [r for r in champions if r.get("bundle_path")]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     # --- writing ----------------------------------------------------------------------------------------
@@ -182,12 +201,13 @@ class Registry:
             bundle_hash=bundle_hash(path),
             metrics={"test": metrics, **lineage},
             status="candidate",
+            project=self.project,
         )
         return version
 
     def set_status(self, version: str, status: str) -> None:
         self.get(version)
-        self.store.set_model_status(version, status)
+        self.store.set_model_status(version, status, project=self.project)
         self.write_pointer()
 
     def promote(self, version: str) -> None:
@@ -198,12 +218,16 @@ class Registry:
                 f"version {version} has no bundle on disk ({row.get('bundle_path')})",
                 "promote a version whose bundle directory exists",
             )
-        self.store.set_model_status(version, CHAMPION)
+        self.store.set_model_status(version, CHAMPION, project=self.project)
         self.write_pointer()
 
     def rollback(self) -> str:
         """Reinstate the previous champion; returns its version."""
-        prev = [r for r in self.store.model_versions(status="previous-champion") if r.get("bundle_path")]
+        prev = [
+            r
+            for r in self.store.model_versions(status=PREVIOUS_CHAMPION, project=self.project)
+            if r.get("bundle_path")
+        ]
         if not prev:
             raise RegistryError(
                 "there is no previous champion to roll back to",
@@ -211,28 +235,31 @@ class Registry:
             )
         target = max(prev, key=lambda r: r["updated_at"])
         current = self.champion()
-        self.store.set_model_status(target["version"], CHAMPION)
+        self.store.set_model_status(target["version"], CHAMPION, project=self.project)
         if current is not None:  # the rolled-back model should not come back by the next rollback
-            self.store.set_model_status(current["version"], "rolled-back")
+            self.store.set_model_status(current["version"], "rolled-back", project=self.project)
         self.write_pointer()
         return target["version"]
 
     def write_pointer(self) -> None:
-        """``registry/CHAMPION`` = JSON of the champion row, replaced atomically."""
+        """``registry/CHAMPION`` (``CHAMPION-<project>`` outside the default project) = JSON of the project's
+        champion row, replaced atomically."""
         champ = self.champion()
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".CHAMPION.{os.getpid()}.tmp"
+        name = pointer_name(self.project)
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(champ, default=str, indent=2))
-        os.replace(tmp, self.root / "CHAMPION")
+        os.replace(tmp, self.root / name)
 
     def remove_orphans(self, min_age_s: float = 3600.0) -> list[str]:
         """Delete bundle dirs (and temp dirs) that no registry row points to: left by a killed run.
 
         Only those older than ``min_age_s``, so a ``train`` running outside the nightly lock keeps the bundle
-        it is writing right now."""
+        it is writing right now. Every project's rows count: the bundle directories are shared."""
         if not self.root.exists():
             return []
-        known = {Path(r["bundle_path"]).name for r in self.versions() if r.get("bundle_path")}
+        rows = self.store.model_versions(all_projects=True)
+        known = {Path(r["bundle_path"]).name for r in rows if r.get("bundle_path")}
         removed = []
         for child in self.root.iterdir():
             if child.is_dir() and child.name not in known and time.time() - child.stat().st_mtime > min_age_s:

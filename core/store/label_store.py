@@ -400,9 +400,12 @@ class LabelStore(AcquisitionMixin):
         preds = self.predictions_for(video_id, task=task, frame_index=frame_index)
         return max(preds, key=lambda p: (p.created_at, p.id)) if preds else None
 
-    def phase_labels(self, video_id: int, length: int | None = None) -> np.ndarray:
-        """Per-frame phase ids (-1 = unlabelled) from human labels; single-frame labels override ranges."""
-        labels = self.current_human_labels("phase", video_id=video_id)
+    def phase_labels(
+        self, video_id: int, length: int | None = None, *, project: str | None = None
+    ) -> np.ndarray:
+        """Per-frame phase ids (-1 = unlabelled) from human labels of ``project`` (default: the store's);
+        single-frame labels override ranges."""
+        labels = self.current_human_labels("phase", video_id=video_id, project=project)
         with self._read() as s:
             count = s.scalar(sa.select(Video.frame_count).where(Video.id == video_id))
         ends = [r.frame_end + 1 for r in labels]
