@@ -485,7 +485,7 @@ def create_app(
             log.warning(
                 "task %s: media %s unavailable, empty prediction: %s",
                 task.get("id"),
-                url,
+                url or "(no URL in the task)",
                 _redact_url(exc.message),
             )
             metrics.prediction_failures.labels("media").inc()

@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class Metrics:
-    """Counters and histograms for requests, latency, predictions by task and errors."""
+    """Counters and histograms for requests, latency, predictions by task, per-task failures and errors."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -41,6 +41,12 @@ class Metrics:
             registry=r,
         )
         self.tasks = Counter("surgenet_backend_tasks_predicted", "Label Studio tasks predicted", registry=r)
+        self.prediction_failures = Counter(
+            "surgenet_backend_prediction_failures",
+            "Tasks given an empty prediction in a served batch, by reason (media: not fetchable/decodable)",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter(
             "surgenet_backend_errors", "Errors by route and kind", ["route", "kind"], registry=r
         )

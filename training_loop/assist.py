@@ -271,6 +271,22 @@ class DayOneAssist:
         got = self.instant_heads()
         return InstantPredictor(self, got[1], got[0]) if got else None
 
+    def served_version(self) -> str:
+        """The one ``model_version`` of everything this assistant answers now (``/setup`` reports it and
+        every ``/predict`` result carries it, whichever source answered a task): the instant heads' version
+        when they were fitted on the store's current labels; ``<heads>+propagation-<label version>`` while a
+        refit on newer labels is pending; ``propagation-<label version>`` before any heads; ``no-model``
+        with no labels at all. It changes exactly when the answers can change (a new label, new heads), so
+        Label Studio asks again once, and never otherwise."""
+        label_version = self.store.label_version()
+        got = self.instant_heads()
+        if got is None:
+            return f"propagation-{label_version}" if label_version > 0 else self.no_model_version
+        version, heads = got
+        if heads.meta.get("label_version") == label_version:
+            return version
+        return f"{version}+propagation-{label_version}"
+
     # --- propagation ------------------------------------------------------------------------------------
     def propagated(self, video: str, frame: int, image: np.ndarray | None = None) -> dict[str, Any] | None:
         """Propagated mask for ``frame`` of a store video from its human segmentation labels on *other*
