@@ -383,7 +383,8 @@ class ReviewSession:
         cvs: dict[int, Sequence[float]] | None = None,
         shown_model: str | None = None,
     ) -> CommitResult:
-        """Record the clinician's labels for ``frames`` (inclusive) with provenance.
+        """Record the clinician's labels for ``frames`` (inclusive) with provenance, all in ONE store
+        transaction: every label of the commit is stored, or (on any error) none.
 
         ``masks`` and ``cvs`` are per frame; ``phases`` is the clip's per-frame phase-id array (-1 = unset),
         of which the range is committed as one range label (or a single-frame label for one frame).

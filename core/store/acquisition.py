@@ -3,6 +3,7 @@
 The training loop writes one score per (frame, task, method, model version) — for a strategy's queue the
 score is the queue position (1.0 first, decreasing); Label Studio and napari read
 :meth:`AcquisitionMixin.labelling_queue`: the default method's rows for the champion, unlabelled frames first.
+Both queues are per project: frames of the project's videos, for the project's champion.
 """
 
 from __future__ import annotations
