@@ -71,11 +71,13 @@ def setup_project(
     backend_url: str | None = None,
     title: str | None = None,
     document_root: str | Path | None = None,
+    backend_auth: tuple[str, str] | None = None,
 ) -> ProjectSetup:
     """Create a project with our config, local-files storage (or uploads), tasks, and the backend connected.
 
     Files under ``document_root`` (Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``) are served through a Local
-    Storage; anything else is uploaded.
+    Storage; anything else is uploaded. ``backend_auth``: the backend's Basic Auth (user, password), which
+    Label Studio then sends on its calls to the backend (its webhooks carry none: see backend/webhooks.py).
     """
     if (frames is None) == (video is None):
         raise LabelStudioToolError("give exactly one of --frames DIR or --video FILE")
@@ -126,7 +128,16 @@ def setup_project(
         ml = _call(
             "connect ML backend",
             lambda: ls.ml.create(
-                project=project.id, url=backend_url, title="surgenet-assist", is_interactive=False
+                project=project.id,
+                url=backend_url,
+                title="surgenet-assist",
+                is_interactive=False,
+                **(
+                    {"auth_method": "BASIC_AUTH", "basic_auth_user": backend_auth[0],
+                     "basic_auth_pass": backend_auth[1]}
+                    if backend_auth
+                    else {}
+                ),
             ),
         )
         ml_id = ml.id

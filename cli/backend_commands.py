@@ -137,6 +137,12 @@ def ls_setup_project(
         ),
     ] = None,
     title: Annotated[str | None, typer.Option(help="project title")] = None,
+    backend_user: Annotated[
+        str | None, typer.Option(envvar="BASIC_AUTH_USER", help="the backend's Basic Auth user, if any")
+    ] = None,
+    backend_password: Annotated[
+        str | None, typer.Option(envvar="BASIC_AUTH_PASS", help="the backend's Basic Auth password")
+    ] = None,
 ) -> None:
     """Create a project with our config, local-files storage, the tasks, and this backend connected."""
     from surgenet_assist.backend.ls_client import setup_project
@@ -149,6 +155,7 @@ def ls_setup_project(
         backend_url=backend_url or None,
         title=title,
         document_root=document_root,
+        backend_auth=(backend_user, backend_password) if backend_user and backend_password else None,
     )
     typer.echo(
         f"project {res.project_id}: {len(res.task_ids)} tasks, ML backend {res.ml_backend_id}, "

@@ -143,23 +143,28 @@ def test_real_deletes_of_annotations_and_tasks_become_tombstones(store, ls):
     assert _labels(store)["total"] == 0
 
 
-def test_bulk_annotations_created_from_predictions(store, ls):
-    """``ANNOTATIONS_CREATED`` ("create annotations from predictions") carries lists of annotations and
-    tasks (Label Studio's webhooks/serializers_for_hooks.py); trusting and verified paths read it."""
-    bodies = [b for b in fixture("webhooks.json") if b["action"] == "ANNOTATION_CREATED"][:2]
-    bulk = {
-        "action": "ANNOTATIONS_CREATED",
-        "annotation": [b["annotation"] for b in bodies],
-        "task": [b["task"] for b in bodies],
-        "project": bodies[0]["project"],
-    }
-    for b in bodies:
-        ls.learn(b)
-    r = _post(_client(store, ls), bulk)
-    assert r.status_code == 200 and len(r.get_json()["annotations"]) == 2
-    trusted = _post(_client(store), bulk, AUTH)  # the same body trusted: same labels, nothing new
-    assert trusted.status_code == 200
-    assert not any(v["created"] for a in trusted.get_json()["annotations"] for v in a["labels"].values())
+def test_bulk_created_annotations_and_deleted_tasks_as_label_studio_sends_them(store, ls):
+    """``ANNOTATIONS_CREATED`` ("create annotations from predictions": ``annotation`` and ``task`` are lists)
+    and ``TASKS_DELETED`` (``{"tasks": [{"id"}]}``), captured from Label Studio 1.23.2."""
+    created, *deleted = fixture("webhooks_bulk.json")
+    assert created["action"] == "ANNOTATIONS_CREATED"
+    assert [d["action"] for d in deleted] == ["TASKS_DELETED"] * 2
+    for ann, task in zip(created["annotation"], created["task"], strict=True):
+        ls.learn({"annotation": ann, "task": task, "project": created["project"]})
+    client = _client(store, ls)
+    r = _post(client, created)
+    assert r.status_code == 200 and len(r.get_json()["annotations"]) == 3
+    project = f"label-studio-{created['project']['id']}"
+    assert _labels(store, project)["total"] == 3
+    trusted = _client(store)  # the same body trusted (behind Basic Auth): the same labels, nothing new
+    again = _post(trusted, created, AUTH).get_json()["annotations"]
+    assert not any(v["created"] for a in again for v in a["labels"].values())
+
+    assert _post(client, deleted[0]).get_json()["tombstones"] == 0  # Label Studio still has the task
+    for body in deleted:
+        del ls.tasks[body["tasks"][0]["id"]]
+    assert sum(_post(client, body).get_json()["tombstones"] for body in deleted) == 2
+    assert _labels(store, project)["total"] == 1
 
 
 @pytest.mark.parametrize(

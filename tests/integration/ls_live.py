@@ -366,6 +366,60 @@ def annotate_and_capture(
     return cap
 
 
+def personal_access_token(url: str) -> str:
+    """Create a personal access token for the admin, then switch legacy tokens off for the organisation, as
+    Label Studio does for new organisations (the legacy token only bootstraps this)."""
+    legacy = {"Authorization": f"Token {TOKEN}"}
+    r = requests.post(f"{url}/api/token/", headers=legacy, timeout=30)
+    r.raise_for_status()
+    pat = r.json()["token"]
+    settings = {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
+    requests.post(f"{url}/api/jwt/settings", headers=legacy, json=settings, timeout=30).raise_for_status()
+    assert requests.get(f"{url}/api/projects/", headers=legacy, timeout=30).status_code == 401
+    return pat
+
+
+def capture_bulk_events(server: dict[str, Any], sink: WebhookSink, api_key: str) -> list[dict[str, Any]]:
+    """The events the per-annotation capture lacks: ``ANNOTATIONS_CREATED`` ("create annotations from
+    predictions" on three uploaded frames) and ``TASKS_DELETED`` (the data manager's delete and the API's)."""
+    from label_studio_sdk import LabelStudio
+
+    from surgenet_assist.backend.ls_api import LabelStudioAPI
+    from surgenet_assist.core.formats.ls_config import image_config
+    from surgenet_assist.core.synthetic import generate_clip
+
+    url = server["url"]
+    ls = LabelStudio(base_url=url, api_key=api_key)
+    api = LabelStudioAPI(url, api_key)
+    p = ls.projects.create(title="capture bulk", label_config=image_config())
+    ls.webhooks.create(project=p.id, url=sink.url, send_payload=True, send_for_all_actions=True)
+    import cv2
+
+    ids: list[int] = []
+    for i, frame in enumerate(generate_clip(4, 3, H, W).frames):
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        assert ok
+        body = api.request(
+            "POST",
+            f"/api/projects/{p.id}/import",
+            what="upload",
+            params={"return_task_ids": "true"},
+            files={"file": (f"video21_{i:06d}.png", buf.tobytes(), "image/png")},
+        )
+        ids += body["task_ids"]
+    for t in ids:
+        region = brush("p1", "Liver", rect_mask(2, 20, 3, 30))
+        ls.predictions.create(task=t, result=[region], model_version="m1")
+    everything = {"all": True, "excluded": []}
+    ls.actions.create(id="predictions_to_annotations", project=p.id, selected_items=everything)
+    ls.actions.create(id="delete_tasks", project=p.id, selected_items={"all": False, "included": [ids[1]]})
+    ls.tasks.delete(id=str(ids[2]))
+    wanted = ["ANNOTATIONS_CREATED", "TASKS_DELETED"]
+    poll(lambda: sink.actions().count("TASKS_DELETED") == 2 and all(a in sink.actions() for a in wanted))
+    api.close()
+    return [_scrub(b) for b in sink.bodies if b.get("action") in wanted]
+
+
 def _scrub(body: dict[str, Any]) -> dict[str, Any]:
     """A webhook body without the project's invite token (kept out of fixtures)."""
     project = body.get("project")
@@ -380,17 +434,20 @@ def main(out: str) -> None:
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, label_studio(Path(tmp)) as server:
-        sink = WebhookSink()
+        sink, bulk_sink = WebhookSink(), WebhookSink()
         try:
             cap = annotate_and_capture(server, sink)
+            bulk = capture_bulk_events(server, bulk_sink, personal_access_token(server["url"]))
         finally:
             sink.close()
-        version = requests.get(f"{server['url']}/api/version", timeout=10).json()
+            bulk_sink.close()
+        version = requests.get(f"{server['url']}/api/version", timeout=10).json()  # needs no token
     for name, cfg in cap.configs.items():
         (dest / f"{name}_config.xml").write_text(cfg, encoding="utf-8")
     for name, tasks in cap.exports.items():
         (dest / f"{name}_export.json").write_text(json.dumps(tasks, indent=1), encoding="utf-8")
     (dest / "webhooks.json").write_text(json.dumps(cap.webhooks, indent=1), encoding="utf-8")
+    (dest / "webhooks_bulk.json").write_text(json.dumps(bulk, indent=1), encoding="utf-8")
     ls_version = version.get("label-studio-os-package", {}).get("version") or version.get("release")
     (dest / "captured_with.json").write_text(json.dumps({"label_studio": ls_version}, indent=1) + "\n")
     print(f"captured {len(cap.webhooks)} webhooks and {len(cap.exports)} exports into {dest}")
