@@ -37,12 +37,15 @@ def empty_prediction(model_version: str) -> dict[str, Any]:
     return {"model_version": model_version, "score": 0.0, "result": []}
 
 
-#: ``on_failure(task, error)``: told about each task that got an empty prediction because of its media
+#: ``on_failure(task, error)``: told about each task that gets an empty prediction because of its media.
+#: Without one the MediaError is raised (``ls preannotate`` isolates and reports such tasks itself).
 OnFailure = Callable[[dict[str, Any], MediaError], None]
 
 
-def _log_failure(task: dict[str, Any], exc: MediaError) -> None:
-    log.warning("task %s: empty prediction, media unavailable: %s", task.get("id"), exc.message)
+def _failed(on_failure: OnFailure | None, task: dict[str, Any], exc: MediaError) -> None:
+    if on_failure is None:
+        raise exc
+    on_failure(task, exc)
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -80,9 +83,10 @@ class ImageTaskModel:
         tasks: list[dict[str, Any]],
         plan: ConfigPlan,
         fetch: Fetch,
-        on_failure: OnFailure = _log_failure,
+        on_failure: OnFailure | None = None,
     ) -> list[dict[str, Any]]:
-        """One prediction per task; a task whose image cannot be fetched or decoded gets an empty one."""
+        """One prediction per task; with ``on_failure``, a task whose image cannot be fetched or decoded gets
+        an empty one (without, its MediaError is raised)."""
         controls = plan.image_controls
         keys = sorted({c.value_key for c in controls})
         if len(keys) != 1:
@@ -98,7 +102,7 @@ class ImageTaskModel:
                 frames.append(load_image(fetch(url, task.get("id")), url))
                 where.append(i)
             except MediaError as exc:
-                on_failure(task, exc)
+                _failed(on_failure, task, exc)
         if not frames:
             return out
         need_masks = any(c.kind in (BRUSH, POLYGON) for c in controls)
@@ -121,9 +125,10 @@ class VideoTaskModel:
         tasks: list[dict[str, Any]],
         plan: ConfigPlan,
         fetch: Fetch,
-        on_failure: OnFailure = _log_failure,
+        on_failure: OnFailure | None = None,
     ) -> list[dict[str, Any]]:
-        """One prediction per task; a task whose video cannot be fetched or decoded gets an empty one."""
+        """One prediction per task; with ``on_failure``, a task whose video cannot be fetched or decoded gets
+        an empty one (without, its MediaError is raised)."""
         controls = plan.video_controls
         out = []
         for task in tasks:
@@ -134,7 +139,7 @@ class VideoTaskModel:
                 run = partial(self.predictor.predict_video, path, sample_fps=self.sample_fps)
                 fps, count, vp = _decode_video(url, path, run)
             except MediaError as exc:
-                on_failure(task, exc)
+                _failed(on_failure, task, exc)
                 out.append(empty_prediction(self.predictor.model_version))
                 continue
             result = video_regions(
@@ -154,7 +159,7 @@ def day_one_predictions(
     fetch: Fetch,
     sample_fps: float | None,
     version: str | None = None,
-    on_failure: OnFailure = _log_failure,
+    on_failure: OnFailure | None = None,
 ) -> list[dict[str, Any]]:
     """Before a champion wins: propagated masks for frames of videos with human masks on other frames,
     propagated phase timelines for videos with phase labels, the instant heads for everything else.
@@ -170,7 +175,7 @@ def day_one_predictions(
         try:
             out.append(_day_one_task(task, plan, assist, instant, fetch, sample_fps, version))
         except MediaError as exc:
-            on_failure(task, exc)
+            _failed(on_failure, task, exc)
             out.append(empty_prediction(version))
     return out
 
