@@ -217,16 +217,17 @@ class Capture:
     webhooks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def export(url: str, project_id: int) -> list[dict[str, Any]]:
+def export(url: str, project_id: int, api_key: str = TOKEN) -> list[dict[str, Any]]:
     """Label Studio's JSON export of every task (the "Export" button, JSON format)."""
-    r = requests.get(
-        f"{url}/api/projects/{project_id}/export",
-        params={"exportType": "JSON", "download_all_tasks": "true"},
-        headers={"Authorization": f"Token {TOKEN}"},
-        timeout=60,
-    )
-    r.raise_for_status()
-    return r.json()
+    from surgenet_assist.backend.ls_api import LabelStudioAPI
+
+    api = LabelStudioAPI(url, api_key)  # a personal access token is exchanged for an access token
+    try:
+        return api.get(
+            f"/api/projects/{project_id}/export", what="export", exportType="JSON", download_all_tasks="true"
+        )
+    finally:
+        api.close()
 
 
 def _local_tasks(ls: Any, project_id: int, root: Path, folder: Path, frames: list[np.ndarray]) -> list[int]:
