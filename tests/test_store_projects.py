@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 from store_helpers import random_mask, store_url  # noqa: F401 - fixtures
 
 from surgenet_assist.core.errors import StoreError
-from surgenet_assist.core.store import CHAMPION, AnnotationInput, LabelStore, build_payload, upgrade
+from surgenet_assist.core.store import CHAMPION, LabelStore, upgrade
 from surgenet_assist.core.store.migrations import head_revision
 
 
@@ -148,40 +147,3 @@ def test_upgrade_of_an_empty_0001_database_adds_no_project(store_url):
     assert upgrade(store_url) == "0002"
     with LabelStore(store_url) as st:
         assert st.projects() == [] and st.stats()["projects"] == 0
-
-
-def test_replace_and_delete_ls_annotation_in_one_transaction(store_url):
-    """The webhook path: an annotation's new labels and the tombstones of the labels it no longer has,
-    written together (``Writer.replace_ls_annotation``), and nothing of it when one row fails."""
-    st = LabelStore(store_url, project="label-studio-5", migrate=True)
-    v = st.add_video("case.mp4", 25, 10)
-    seg = random_mask(np.random.default_rng(0))
-
-    def item(frame: int, task: str, value, hour: int = 10):
-        payload = build_payload(task, value, st.schema)
-        when = dt.datetime(2026, 1, 1, hour)
-        return AnnotationInput(v, frame, task, payload, "label-studio", ls_annotation_id=42, updated_at=when)
-
-    first = [item(1, "segmentation", seg), item(2, "cvs", [1, 0, 1]), item(3, "phase", "Preparation")]
-    st.replace_ls_annotation(42, first, updated_at="2026-01-01T10:00:00Z")
-    assert len(st.current_human_labels("cvs")) == 1 and len(st.current_human_labels("phase")) == 1
-    second = [item(2, "cvs", [0, 0, 1], hour=11)]  # the annotation lost its mask and its phase
-    res = st.replace_ls_annotation(42, second, updated_at="2026-01-01T11:00:00Z")
-    assert len(res) == 1 and res[0].created
-    assert st.current_human_labels("segmentation") == [] and st.current_human_labels("phase") == []
-    assert st.current_human_labels("cvs")[0].payload["values"] == [0.0, 0.0, 1.0]
-
-    revisions = st.stats()["annotations"]["revisions"]
-    no_payload = AnnotationInput(v, 5, "cvs", None, "label-studio", ls_annotation_id=42)
-    bad = [item(2, "cvs", [1, 1, 1], hour=12), no_payload]
-    with pytest.raises(StoreError):
-        st.replace_ls_annotation(42, bad)  # the second item has no payload: nothing of the call is written
-    assert st.stats()["annotations"]["revisions"] == revisions
-
-    def both(w):  # a caller composing the two in its own transaction
-        return w.delete_ls_annotation(42, project="label-studio-5")
-
-    assert st.transaction(both) == 1
-    assert st.current_human_labels("cvs") == []
-    assert st.delete_ls_annotation(42) == 0
-    st.close()

@@ -247,34 +247,6 @@ class LabelStore(AcquisitionMixin):
         )
         return self.transaction(lambda w: w.record_annotations([item], project))[0]
 
-    def delete_ls_annotation(
-        self,
-        ls_annotation_id: int,
-        updated_at: datetime | str | None = None,
-        *,
-        project: str | None = None,
-    ) -> int:
-        """Tombstone every live label of ``project`` that came from one Label Studio annotation; returns how
-        many. One transaction; inside a caller's transaction use :meth:`Writer.delete_ls_annotation`, or
-        :meth:`Writer.replace_ls_annotation` to tombstone and write an annotation's new labels at once."""
-        when = to_utc(updated_at)
-        return self.transaction(lambda w: w.delete_ls_annotation(ls_annotation_id, when, project=project))
-
-    def replace_ls_annotation(
-        self,
-        ls_annotation_id: int,
-        items: Sequence[AnnotationInput],
-        *,
-        updated_at: datetime | str | None = None,
-        project: str | None = None,
-    ) -> list[RecordResult]:
-        """One transaction: ``items`` become the labels of Label Studio annotation ``ls_annotation_id``, its
-        other live labels are tombstoned (see :meth:`Writer.replace_ls_annotation`)."""
-        when = to_utc(updated_at)
-        return self.transaction(
-            lambda w: w.replace_ls_annotation(ls_annotation_id, items, updated_at=when, project=project)
-        )
-
     # --- reading human labels: two uses, one rule ----------------------------------------------------------
     def training_labels(
         self,

@@ -353,33 +353,6 @@ class Writer:
             if a.id not in kept
         ]
 
-    def delete_ls_annotation(
-        self, ls_annotation_id: int, updated_at: datetime | None = None, *, project: str | None = None
-    ) -> int:
-        """Tombstone, in this transaction, every live label of ``project`` that came from one Label Studio
-        annotation; returns how many tombstones were added."""
-        stale = self.ls_tombstones(project, ls_annotation_ids=[ls_annotation_id], updated_at=updated_at)
-        return sum(1 for r in self.record_annotations(stale, project) if r is not None and r.created)
-
-    def replace_ls_annotation(
-        self,
-        ls_annotation_id: int,
-        items: Sequence[AnnotationInput],
-        *,
-        updated_at: datetime | None = None,
-        project: str | None = None,
-    ) -> list[RecordResult]:
-        """Make ``items`` the labels of one Label Studio annotation, in this transaction: its live labels that
-        ``items`` do not name again are tombstoned (at ``updated_at``), then ``items`` are recorded. Returns
-        the results of ``items`` (in order). A failure anywhere leaves none of it written."""
-        wanted = {it.identity() for it in items}
-        stale = [
-            t
-            for t in self.ls_tombstones(project, ls_annotation_ids=[ls_annotation_id], updated_at=updated_at)
-            if t.identity() not in wanted
-        ]
-        return self.record_annotations([*stale, *items], project)[len(stale) :]
-
     def check_videos(self, ids: set[int]) -> None:
         """Refuse ids of videos that do not exist (a clear error instead of a foreign-key failure)."""
         known: set[int] = set()
