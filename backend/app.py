@@ -481,6 +481,8 @@ def create_app(
         positions = {id(t): i for i, t in enumerate(tasks)}
 
         def on_failure(task: dict[str, Any], exc: MediaError) -> None:
+            if positions[id(task)] in failed:
+                return  # the same task in the other part of a mixed (image + video) config
             url = _redact_url(exc.url)
             log.warning(
                 "task %s: media %s unavailable, empty prediction: %s",

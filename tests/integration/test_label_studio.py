@@ -14,15 +14,12 @@ Skips with a reason when the LS virtualenv is missing (``scripts/setup_label_stu
 from __future__ import annotations
 
 import json
-import os
-import threading
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
-from ls_live import LS_VENV, TOKEN, WebhookSink, annotate_and_capture, export, free_port, label_studio
+from ls_live import TOKEN, WebhookSink, annotate_and_capture, export
 from ls_live import poll as _poll
 from ls_semantics import assert_same_annotations, fixture
 
@@ -31,72 +28,6 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 pytestmark = pytest.mark.slow
 H, W = 64, 96
-
-
-@pytest.fixture(scope="session")
-def ls_server(tmp_path_factory):
-    if not (LS_VENV / "bin" / "label-studio").exists():
-        reason = f"Label Studio virtualenv not found at {LS_VENV}; run scripts/setup_label_studio.sh"
-        if os.environ.get("SURGENET_ASSIST_REQUIRE_LABEL_STUDIO") == "1":
-            pytest.fail(reason + " (required: SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1)")
-        pytest.skip(reason)
-    with label_studio(tmp_path_factory.mktemp("ls")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def backend(ls_server, tmp_path_factory):
-    """Our backend in-process (werkzeug threaded server) with the random-init model and a SQLite store."""
-    from werkzeug.serving import make_server
-
-    from surgenet_assist.backend.app import BackendSettings, create_app
-    from surgenet_assist.core.model import SurgeNetAssistModel
-    from surgenet_assist.core.predictor import Predictor
-
-    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
-    os.environ["LABEL_STUDIO_URL"] = ls_server["url"]
-    os.environ["LABEL_STUDIO_API_KEY"] = TOKEN
-    model = SurgeNetAssistModel.create(random_init=True)
-    predictor = Predictor(model, batch_size=4, short_side=64, model_version="it-1.0", device="cpu")
-    db = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
-    app = create_app(BackendSettings(db_url=db), predictor=predictor)  # the service opens its store
-    store = app.extensions["surgenet"]["store"]
-    port = free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield {"url": f"http://127.0.0.1:{port}", "store": store, "predictor": predictor, "model": model}
-    finally:
-        server.shutdown()
-        store.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
-def ls(ls_server):
-    from label_studio_sdk import LabelStudio
-
-    return LabelStudio(base_url=ls_server["url"], api_key=TOKEN)
-
-
-@pytest.fixture(scope="session")
-def image_project(ls_server, backend):
-    from surgenet_assist.backend.ls_client import setup_project
-    from surgenet_assist.core.synthetic import generate_clip
-
-    folder = ls_server["files"] / "case01"
-    folder.mkdir()
-    clip = generate_clip(11, 3, H, W)
-    for i, frame in enumerate(clip.frames):
-        cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    return setup_project(
-        ls_server["url"], TOKEN, frames=folder, backend_url=backend["url"], document_root=ls_server["files"]
-    )
 
 
 def _retrieve(ls, project_id: int) -> list:
