@@ -82,6 +82,7 @@ class BackendSettings:
     day_one_short_side: int = 256
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
+    sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -102,6 +103,7 @@ class BackendSettings:
             day_one_short_side=int(env.get("SURGENET_ASSIST_DAY_ONE_SHORT_SIDE", "256")),
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+            sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -143,11 +145,22 @@ class Serving:
 
 
 class ModelHolder:
-    """The served predictor (or none: day 0), swapped atomically when the registry's champion changes."""
+    """The served predictor (or none: day 0), swapped atomically when the registry's champion changes.
 
-    def __init__(self, settings: BackendSettings, store: Any = None, predictor: Any = None) -> None:
+    ``project``: the store project whose champion is served (registry mode; default: the store's)."""
+
+    def __init__(
+        self,
+        settings: BackendSettings,
+        store: Any = None,
+        predictor: Any = None,
+        *,
+        project: str | None = None,
+        load_now: bool = True,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.project = project
         self.predictor = predictor
         self.source = "given" if predictor is not None else None
         self.problem: str | None = None
@@ -159,7 +172,7 @@ class ModelHolder:
             self.predictor = self._load(settings.model_path)
             self.source = settings.model_path
         elif predictor is None and settings.registry:
-            self.poll(force=True, background=False)
+            self.poll(force=True, background=not load_now)
 
     @property
     def version(self) -> str:
@@ -197,7 +210,8 @@ class ModelHolder:
     def champion(self) -> dict[str, Any] | None:
         if self.store is None:
             return None
-        rows = [r for r in self.store.model_versions(status=CHAMPION) if r.get("bundle_path")]
+        champions = self.store.model_versions(status=CHAMPION, project=self.project)
+        rows = [r for r in champions if r.get("bundle_path")]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     def poll(self, force: bool = False, background: bool = True) -> None:
@@ -284,6 +298,23 @@ def create_app(
             log.error("label store unavailable: %s", exc.message)
             store = None
     holder = ModelHolder(settings, store=store, predictor=predictor)
+    holders: dict[str, ModelHolder] = {}
+    holders_lock = threading.Lock()
+
+    def holder_for(ls_project: Any) -> ModelHolder:
+        """What serves a Label Studio project: in registry mode its store project's own champion once it has
+        one (loaded in the background on first use); otherwise, and until then, ``holder`` (the --model
+        bundle, an injected predictor, or the store's default project's champion)."""
+        name = store_project_name(ls_project, settings.store_project)
+        if not settings.registry or store is None or name is None or name == store.project:
+            return holder
+        with holders_lock:
+            own = holders.get(name)
+            if own is None:
+                own = holders[name] = ModelHolder(settings, store=store, project=name, load_now=False)
+        own.poll()
+        return own if own.predictor is not None else holder
+
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
     media = MediaFetcher(ls_api)
     fetch = fetch or media
@@ -307,6 +338,17 @@ def create_app(
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     webhooks = WebhookHandler(store, schema, settings.store_project, ls_api=ls_api)
+    if ls_api is not None and store is not None and settings.sync_every_s > 0:
+        from .sync import PeriodicSync
+
+        PeriodicSync(ls_api, store, settings.sync_every_s, schema)  # lost webhooks repaired in the background
+    webhook_mode = (
+        "verified with Label Studio"
+        if ls_api is not None
+        else "need Basic Auth, which Label Studio does not send: run `ls sync`"
+        if settings.basic_auth_user
+        else "trusted as sent"
+    )
     if settings.basic_auth_user and ls_api is None:
         log.warning(
             "Basic Auth is on but no Label Studio connection is configured: Label Studio sends webhooks "
@@ -409,6 +451,7 @@ def create_app(
             "model_version": holder.version,
             "model_loaded": holder.predictor is not None,
             "store": store is not None,
+            "webhooks": webhook_mode,
         }
         if holder.predictor is None:
             body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
@@ -420,7 +463,7 @@ def create_app(
     def setup() -> Response:
         data = body_json()
         media.remember_setup(data.get("hostname"), data.get("access_token"))
-        served = holder.serving(assist_for(data.get("project")))
+        served = holder_for(data.get("project")).serving(assist_for(data.get("project")))
         cfg = data.get("schema") or data.get("label_config")
         body: dict[str, Any] = {"model_version": served.version}
         if cfg:
@@ -475,8 +518,9 @@ def create_app(
                 status=422,
                 skipped_controls=plan.skipped_controls,
             )
-        served = holder.serving(assist_for(data.get("project")))  # before predicting: a change meanwhile
-        store_project = store_project_name(data.get("project"), settings.store_project)  # -> asked again
+        # decided before predicting: a change meanwhile makes Label Studio ask again
+        served = holder_for(data.get("project")).serving(assist_for(data.get("project")))
+        store_project = store_project_name(data.get("project"), settings.store_project)
         failed: dict[int, dict[str, Any]] = {}  # position in the batch -> why its prediction is empty
         positions = {id(t): i for i, t in enumerate(tasks)}
 

@@ -172,7 +172,8 @@ class WebhookHandler:
             "store_project": project,
             "label_version": self.store.label_version(),
         }
-        run_id, added = self.store.queue_training_run(params)  # one transaction: never two queued runs
+        # one transaction: never two queued runs of one project; the trainer claims it for that project
+        run_id, added = self.store.queue_training_run(params, project=project)
         if not added:
             return 200, {"status": "queued", "training_run": run_id, "already_queued": True}
         log.info("training cycle queued (training_runs.id=%s) for Label Studio project %s", run_id, pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -77,14 +78,21 @@ def serve(
     )
 
 
+@functools.cache
+def _shared_backbone():  # noqa: ANN202 - a torch module
+    """The SurgeNetXL backbone, loaded once per process: every project's day-one assistant shares it."""
+    from surgenet_assist.core.backbone import load_backbone
+
+    return load_backbone(allow_download=False, progress=False)
+
+
 def day_one_assist(settings, store, schema, fetch):  # noqa: ANN001, ANN201 - see create_app
     """Propagation + instant heads on the SurgeNetXL backbone, if its weights are cached (never downloads
     during start-up); without them the backend behaves as before."""
     try:
-        from surgenet_assist.core.backbone import load_backbone
         from surgenet_assist.training_loop.assist import DayOneAssist
 
-        backbone = load_backbone(allow_download=False, progress=False)
+        backbone = _shared_backbone()
     except Exception as exc:  # noqa: BLE001 - day-one assistance is optional
         logging.getLogger("surgenet_assist.backend").warning(
             "day-one assistance off (no backbone): %s", getattr(exc, "message", exc)
@@ -201,6 +209,34 @@ def ls_preannotate(
         typer.echo(f"  task {task_id}: {why}", err=True)
     if rep.failed:
         raise typer.Exit(1)
+
+
+def sync_connected_projects(db: str | None, *, quiet: bool = False) -> list[dict[str, Any]] | None:
+    """Reconcile every Label Studio project the store holds, when this process has a Label Studio connection
+    (``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``); None without one. The nightly cycle and the trainer
+    run it before training."""
+    from surgenet_assist.backend.app import BackendSettings
+    from surgenet_assist.backend.sync import sync_all
+    from surgenet_assist.core.store import LabelStore
+
+    settings = BackendSettings.from_env()
+    settings.check()
+    api = settings.label_studio_api()
+    if api is None:
+        return None
+    with LabelStore(db, migrate=True) as store:
+        summaries = sync_all(api, store)
+    api.close()
+    if not quiet:
+        for s in summaries:
+            counts = s.get("counts", {})
+            typer.echo(
+                f"synced Label Studio project {s['label_studio_project']}: "
+                + (s["error"] if "error" in s else f"{counts.get('new revisions', 0)} new revisions, "
+                   f"{counts.get('tombstoned (gone from Label Studio)', 0)} tombstoned"),
+                err=True,
+            )
+    return summaries
 
 
 @ls_app.command("sync")

@@ -252,6 +252,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(
                 "--all-projects and --project name different projects", "give one of them, not both"
             )
+        from .backend_commands import sync_connected_projects
+
+        sync_connected_projects(db, quiet=as_json)  # labels whose webhooks were lost train tonight too
         cfg = _config(
             config,
             db,
@@ -307,4 +310,12 @@ def register(app: typer.Typer) -> None:
             config, db, budget=budget_minutes, progress=False, project=project, default_project=False
         )
         every = cfg.project is None  # no --project (nor one in --config): every project
-        trainer_loop(cfg, at=None if at == "off" else at, poll_s=poll_seconds, all_projects=every)
+        from .backend_commands import sync_connected_projects
+
+        trainer_loop(
+            cfg,
+            at=None if at == "off" else at,
+            poll_s=poll_seconds,
+            all_projects=every,
+            before_cycle=lambda: sync_connected_projects(cfg.db, quiet=True),
+        )

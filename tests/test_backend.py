@@ -293,12 +293,10 @@ def test_bad_requests_get_clear_json_errors(client, body, status, error):
 def test_missing_or_corrupt_image_names_the_url(client, url):
     tasks = image_tasks(1) + [{"id": 7, "data": {"image": url}}]
     r = post(client, "/predict", {"tasks": tasks, "label_config": image_config()})
-    assert r.status_code == 422
+    assert r.status_code == 200  # the bad task gets an empty prediction; the batch is still served
     body = r.get_json()
-    assert body["error"] == "media_unavailable" and body["url"] == url and url in body["detail"]
-    assert (
-        post(client, "/predict", {"tasks": image_tasks(1), "label_config": image_config()}).status_code == 200
-    )
+    assert body["results"][1] == {"model_version": "test-1.0", "score": 0.0, "result": []}
+    assert body["results"][0]["result"] and body["failed"][0]["url"] == url
 
 
 def test_fetch_media_through_sdk_names_the_variable(monkeypatch, tmp_path):
@@ -478,11 +476,39 @@ def test_start_training_queues_one_cycle_and_other_events_are_quick(client, stor
     assert r.status_code == 201 and r.get_json()["status"] == "queued"
     again = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 5}}).get_json()
     assert again["already_queued"] and again["training_run"] == r.get_json()["training_run"]
-    runs = store.training_runs()
-    assert [x["status"] for x in runs] == ["queued"]
+    runs = store.training_runs(project="label-studio-5")  # queued for Label Studio project 5's store project
+    assert [x["status"] for x in runs] == ["queued"] and store.training_runs() == []
     other = post(client, "/webhook", {"action": "TASKS_CREATED", "tasks": [], "project": {"id": 5}})
     assert other.status_code == 200 and other.get_json()["status"] == "ignored"
     assert post(client, "/webhook", {"no": "action"}).status_code == 400
+
+
+def test_each_label_studio_project_is_served_its_own_champion(tmp_path, store, media):
+    """Registry mode: a project whose store project (label-studio-<id>) has a champion is served that one;
+    a project without one is served the default project's champion."""
+    import time
+
+    from surgenet_assist.core.bundle import save_bundle
+    from surgenet_assist.core.model import SurgeNetAssistModel
+
+    model = SurgeNetAssistModel.create(random_init=True)
+    for version, project in (("site-1.0", None), ("p7-1.0", "label-studio-7")):
+        bundle = save_bundle(model, tmp_path / version, version=version)
+        store.register_model_version(version, bundle_path=str(bundle), project=project)
+        store.set_model_status(version, "champion", project=project)
+    settings = BackendSettings(registry=True, registry_poll_s=0.0, short_side=64, device="cpu", day_one=False)
+    c = create_app(settings, store=store, fetch=make_fetch(media)).test_client()
+
+    def version(project):
+        return post(c, "/setup", {"schema": image_config(), "project": project}).get_json()["model_version"]
+
+    assert version("8.1700000000") == "site-1.0"
+    deadline = time.time() + 30  # project 7's champion loads in the background on first use
+    while version("7.1700000000") != "p7-1.0" and time.time() < deadline:
+        time.sleep(0.2)
+    assert version("7.1700000000") == "p7-1.0" and version("8.1700000000") == "site-1.0"
+    body = {"tasks": image_tasks(1), "label_config": image_config(), "project": "7.1700000000"}
+    assert post(c, "/predict", body).get_json()["results"][0]["model_version"] == "p7-1.0"
 
 
 def test_versions_and_registry_champion_is_picked_up(tmp_path, store, media):

@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,19 +533,27 @@ def run_all_projects(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, 
     return reports
 
 
+def _has_queued_runs(cfg: NightlyConfig) -> bool:
+    with LabelStore(cfg.db, migrate=True) as store:
+        return bool(store.queued_run_projects())
+
+
 def trainer_loop(
     cfg: NightlyConfig,
     at: str | None = "02:00",
     poll_s: float = 60.0,
     max_loops: int | None = None,
     all_projects: bool | None = None,
+    before_cycle: Callable[[], object] | None = None,
 ) -> None:
     """The ``trainer`` service: a full cycle once a day at ``at`` (local HH:MM) and a cycle whenever Label
     Studio queued one (START_TRAINING). A failed cycle is logged and retried at the next occasion.
 
     ``all_projects`` (default: when ``cfg.project`` is None) serves every project: the daily cycle of each
     project that has human labels, and the queued runs of any project (the webhook queues a run in the
-    Label Studio project's store project), each project under its own lock."""
+    Label Studio project's store project), each project under its own lock. ``before_cycle`` runs first
+    whenever a cycle is about to run (the CLI passes the Label Studio reconciliation, so training sees every
+    label even when webhooks were lost); its failure is logged and the cycle still runs."""
     import logging
 
     log = logging.getLogger("surgenet_assist.trainer")
@@ -560,6 +568,11 @@ def trainer_loop(
         if due:
             last_day = now.date()
         kind = "scheduled" if due else "queued"
+        if before_cycle is not None and (due or _has_queued_runs(cfg)):
+            try:
+                before_cycle()
+            except Exception:  # noqa: BLE001 - a failed reconciliation must not stop training
+                log.exception("before the %s cycle", kind)
         try:
             if every:
                 reports = run_all_projects(cfg, from_queue=not due)

@@ -87,8 +87,15 @@ def test_video_project_timeline(ls, ls_server, backend):
     assert ranges[0][0] == 1 and ranges[-1][1] == 20
 
 
+def _project_store(backend, ls_project_id):
+    """The store project a Label Studio project's labels go to (label-studio-<id>)."""
+    from surgenet_assist.core.store import LabelStore
+
+    return LabelStore(backend["store"].url, project=f"label-studio-{ls_project_id}")
+
+
 def test_annotations_become_store_revisions(ls, image_project, backend):
-    store = backend["store"]
+    store = _project_store(backend, image_project.project_id)
     task_id = image_project.task_ids[0]
     m = np.zeros((H, W), np.uint8)
     m[5:25, 10:60] = 255
@@ -135,7 +142,11 @@ def test_annotations_become_store_revisions(ls, image_project, backend):
 def test_start_training_queues_a_cycle(ls, image_project, backend):
     ls.ml.train(id=image_project.ml_backend_id)
     queued = _poll(
-        lambda: [r for r in backend["store"].training_runs() if r["status"] == "queued"],
+        lambda: [
+            r
+            for r in _project_store(backend, image_project.project_id).training_runs()
+            if r["status"] == "queued"
+        ],
         what="START_TRAINING -> queued run",
     )
     assert len(queued) == 1 and queued[0]["params"]["ls_project"] == image_project.project_id
@@ -177,10 +188,12 @@ def test_round_trip_through_the_store_is_lossless(ls_server, backend, tmp_path):
     # 1. what the backend's webhooks wrote into the store exports as what Label Studio holds
     for kind in ("image", "video"):  # the projects our backend is connected to
         _poll(
-            lambda kind=kind: _same(ours(backend["store"], kind), export(ls_server["url"], cap.ids[kind])),
+            lambda kind=kind: _same(
+                ours(_project_store(backend, cap.ids[kind]), kind), export(ls_server["url"], cap.ids[kind])
+            ),
             what=f"{kind} annotations in the store",
         )
-        assert_same_annotations(ours(backend["store"], kind), cap.exports[kind])
+        assert_same_annotations(ours(_project_store(backend, cap.ids[kind]), kind), cap.exports[kind])
     # 2. Label Studio's own export, imported into an empty store, exports back the same (as a user would)
     cli, db = typer.Typer(), f"sqlite:///{tmp_path / 'fresh.db'}"
     register(cli)
