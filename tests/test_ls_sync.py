@@ -86,6 +86,7 @@ def test_sync_keeps_unreadable_annotations_and_other_tools_labels(store):
     ann = next(a for t in bad for a in t["annotations"] if a["result"] and not a.get("was_cancelled"))
     region = next(r for r in ann["result"] if r["type"] == "brushlabels")
     region["value"]["brushlabels"] = ["Suturing needle"]  # a label the schema does not know
+    ann["updated_at"] = "2031-01-01T00:00:00Z"  # edited in Label Studio since the last sync
     before = store.stats()["annotations"]["total"]
     rep = reconcile_label_studio(store, bad, label_config=fixture("image_config.xml"), project=P)
     assert any("Suturing needle" in reason for _, reason in rep.skipped)

@@ -906,6 +906,9 @@ def ingest_webhook(
     return {"action": action, "annotations": results}
 
 
+ANALYZE_AFTER = 500  # labels written by one sync after which the database's planner statistics are refreshed
+
+
 def reconcile_label_studio(
     store: LabelStore,
     tasks: Iterable[dict[str, Any]],
@@ -930,6 +933,7 @@ def reconcile_label_studio(
         label_config if isinstance(label_config, str) and label_config.strip() else None, schema
     )
     report = ImportReport("label-studio-sync", project or store.project)
+    stored = store.ls_label_versions(project)  # annotations already held at Label Studio's version: skipped
     keep: set[int] = set()
     unreadable: set[int] = set()
     pending: list[PendingLabel] = []
@@ -957,6 +961,11 @@ def reconcile_label_studio(
             if ann.get("was_cancelled"):
                 report.skip(where, "skipped (cancelled) in Label Studio")
                 continue
+            held = stored.get(ann_id)
+            if held is not None and to_utc(held[0]) == to_utc(ann.get("updated_at") or ann.get("created_at")):
+                keep.update(held[1])
+                report.counts["unchanged (already stored)"] += 1
+                continue
             try:
                 labels, skipped = tr.read(task, ann)
             except SurgenetAssistError as exc:
@@ -972,6 +981,8 @@ def reconcile_label_studio(
         if in_batch >= batch_tasks:
             flush()
     flush()
+    if report.counts["new revisions"] >= ANALYZE_AFTER:
+        store.refresh_statistics()  # the tombstone query below and the next sync plan on fresh statistics
     now = to_utc(datetime.now(UTC))
 
     def tombstone(w: Any) -> int:

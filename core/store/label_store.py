@@ -426,6 +426,28 @@ class LabelStore(AcquisitionMixin):
         with self._read() as s:
             return int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(AnnotationRevision.id), 0))))
 
+    def ls_label_versions(self, project: str | None = None) -> dict[int, tuple[datetime, list[int]]]:
+        """Label Studio annotation id -> (newest ``updated_at`` of its live labels, their store annotation
+        ids), for the project's live Label Studio labels: lets a reconciliation skip, without decoding, an
+        annotation the store already holds at the version Label Studio has."""
+        cur = current_revisions(None)
+        q = (
+            sa.select(Annotation.ls_annotation_id, Annotation.id, cur.c.updated_at)
+            .join(cur, sa.and_(cur.c.aid == Annotation.id, cur.c.rn == 1, cur.c.deleted.is_(False)))
+            .join(Project, Project.id == Annotation.project_id)
+            .where(
+                Project.name == (project or self.project),
+                Annotation.source == "label-studio",
+                Annotation.ls_annotation_id.is_not(None),
+            )
+        )
+        out: dict[int, tuple[datetime, list[int]]] = {}
+        with self._read() as s:
+            for ls_id, aid, updated in s.execute(q):
+                newest, ids = out.get(int(ls_id), (updated, []))
+                out[int(ls_id)] = (max(newest, updated), [*ids, int(aid)])
+        return out
+
     # --- overview ------------------------------------------------------------------------------------------
     def projects(self, *, with_human_labels: bool = False) -> list[str]:
         """Names of the store's projects, sorted; ``with_human_labels``: only those with a live human label
