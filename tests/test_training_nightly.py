@@ -239,3 +239,24 @@ def test_registry_is_per_project(tmp_path, _isolated_home):
     assert json.loads((root / "CHAMPION-label-studio-1").read_text())["version"] == a1
     assert json.loads((root / "CHAMPION-label-studio-2").read_text())["version"] == b1
     assert ra.remove_orphans(min_age_s=0) == []  # B's bundles are not A's orphans
+
+
+def test_trainer_reconciles_before_a_cycle_runs_and_only_then(tmp_path):
+    """The CLI passes `ls sync` of every connected project as ``before_cycle``: it runs before the daily
+    cycle and before a queued one, and not on the polls in between (nothing to train)."""
+    from surgenet_assist.training_loop.nightly import trainer_loop
+
+    url = f"sqlite:///{tmp_path / 'hook.db'}"
+    calls = []
+    cfg = NightlyConfig(db=url, random_init=True, progress=False)
+    trainer_loop(cfg, at=None, poll_s=0, max_loops=2, before_cycle=lambda: calls.append("sync"))
+    assert calls == []  # nothing queued, no daily cycle due
+    trainer_loop(cfg, at="00:00", poll_s=0, max_loops=1, before_cycle=lambda: calls.append("sync"))
+    assert calls == ["sync"]  # the daily cycle (no project has labels yet: it trains nothing)
+
+    def failing():
+        calls.append("failed sync")
+        raise RuntimeError("Label Studio is down")
+
+    trainer_loop(cfg, at="00:00", poll_s=0, max_loops=1, before_cycle=failing)  # logged; the loop goes on
+    assert calls[-1] == "failed sync"
