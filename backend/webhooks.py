@@ -114,19 +114,17 @@ class WebhookHandler:
                 out["annotations"].append(self._reread_annotation(ann_id, out))
             return out
         if action in DELETE_EVENTS:
-            ids = webhook_ids(body, "annotations" if action == "ANNOTATIONS_DELETED" else "annotation")
-            gone = [i for i in ids if self.api.annotation(i) is None]
-            for i in sorted(set(ids) - set(gone)):
-                out["warnings"].append(f"annotation {i} still exists in Label Studio: delete not applied")
-            project = store_project_name(body.get("project"), self.store_project)
-            out["tombstones"] = tombstone_ls_labels(self.store, annotation_ids=gone, project=project)
-            return out
-        ids = webhook_ids(body, "tasks")  # TASKS_DELETED
-        gone = [i for i in ids if self.api.task(i) is None]
+            key = "annotations" if action == "ANNOTATIONS_DELETED" else "annotation"
+            kind, exists = "annotation", self.api.annotation
+        else:  # TASKS_DELETED
+            key, kind, exists = "tasks", "task", self.api.task
+        ids = webhook_ids(body, key)
+        gone = [i for i in ids if exists(i) is None]  # a delete counts only when Label Studio agrees
         for i in sorted(set(ids) - set(gone)):
-            out["warnings"].append(f"task {i} still exists in Label Studio: delete not applied")
+            out["warnings"].append(f"{kind} {i} still exists in Label Studio: delete not applied")
         project = store_project_name(body.get("project"), self.store_project)
-        out["tombstones"] = tombstone_ls_labels(self.store, task_ids=gone, project=project)
+        ids_of = {"annotation_ids": gone} if kind == "annotation" else {"task_ids": gone}
+        out["tombstones"] = tombstone_ls_labels(self.store, project=project, **ids_of)
         return out
 
     def _reread_annotation(self, ann_id: int, out: dict[str, Any]) -> dict[str, Any]:

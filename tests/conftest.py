@@ -29,10 +29,21 @@ def _reads_stay_in_repository():
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own data dir, so no test reads a real cache or database; downloads are off."""
+    """Every test gets its own data dir and none of the deployment's variables, so no test reads a real cache,
+    database or Label Studio; downloads are off."""
     home = tmp_path_factory.mktemp("surgenet-home")
     monkeypatch.setenv("SURGENET_ASSIST_HOME", str(home))
-    monkeypatch.delenv("SURGENET_ASSIST_DB_URL", raising=False)
+    # a developer's deployment settings never reach a test (a Label Studio URL would make `nightly` sync it)
+    for name in (
+        "SURGENET_ASSIST_DB_URL",
+        "SURGENET_ASSIST_STORE_PROJECT",
+        "SURGENET_ASSIST_SYNC_EVERY_S",
+        "LABEL_STUDIO_URL",
+        "LABEL_STUDIO_API_KEY",
+        "BASIC_AUTH_USER",
+        "BASIC_AUTH_PASS",
+    ):
+        monkeypatch.delenv(name, raising=False)
     yield home
 
 

@@ -34,13 +34,12 @@ def backend(ls_server, tmp_path_factory):
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
 
-    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
-    os.environ["LABEL_STUDIO_URL"] = ls_server["url"]
-    os.environ["LABEL_STUDIO_API_KEY"] = TOKEN
     model = SurgeNetAssistModel.create(random_init=True)
     predictor = Predictor(model, batch_size=4, short_side=64, model_version="it-1.0", device="cpu")
     db = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
-    app = create_app(BackendSettings(db_url=db), predictor=predictor)  # the service opens its store
+    # the service opens its store; with its own Label Studio connection it verifies every webhook
+    settings = BackendSettings(db_url=db, label_studio_url=ls_server["url"], label_studio_api_key=TOKEN)
+    app = create_app(settings, predictor=predictor)
     store = app.extensions["surgenet"]["store"]
     port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
@@ -51,11 +50,6 @@ def backend(ls_server, tmp_path_factory):
     finally:
         server.shutdown()
         store.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
