@@ -148,3 +148,17 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     assert keep["kept"] and keep["val_scores"]["adapted"] > keep["val_scores"]["current"]
     reject = select_backbone(model, broken, splits, cfg, "m")
     assert not reject["kept"] and reject["model"].backbone is not broken
+
+
+def test_continued_pretraining_never_sees_validation_or_test_frames(tmp_path):
+    """The validation split decides whether the adapted backbone is kept and the test split decides
+    promotion: only training-split videos feed the DINO pools (an unassigned video may become either)."""
+    from surgenet_assist.training_loop.pretrain import frame_pools
+
+    store = LabelStore(f"sqlite:///{tmp_path / 's.db'}", migrate=True)
+    for name, split in (("a", "train"), ("b", "val"), ("c", "test"), ("d", None), ("e", "train")):
+        store.add_video(f"/v/{name}.mp4", fps=1.0, frame_count=10, split=split)
+    new, old = frame_pools(store, None, max_frames=1000, seen_videos={"/v/e.mp4"}, size=None)
+    assert {p for p, _, _ in new.items} == {"/v/a.mp4"} and {p for p, _, _ in old.items} == {"/v/e.mp4"}
+    assert len(new) == 10 and len(old) == 10
+    store.close()

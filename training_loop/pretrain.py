@@ -353,11 +353,13 @@ def frame_pools(
 ) -> tuple[FramePool, FramePool]:
     """New frames (videos not in ``seen_videos``) and replay frames (earlier videos), sampled at ``fps``.
 
-    Test-split videos are left out, so continued pretraining never sees the frames the gate is judged on.
+    Only training-split videos: validation frames decide whether the adapted backbone is kept and test
+    frames decide promotion, so neither may shape the backbone (a video without a split yet is left out
+    too: it may become a validation or test video).
     """
     new, old = [], []
     for v in store.videos(project):
-        if v["split"] == "test" or not v.get("frame_count"):
+        if v["split"] != "train" or not v.get("frame_count"):
             continue
         step = max(1, int(round((v.get("fps") or fps) / fps)))
         items = [(v["path"], v.get("fps"), i) for i in range(0, v["frame_count"], step)]
