@@ -483,7 +483,7 @@ def _cycle(
     report["_history"], report["_test"] = result["history"], result["test"]
 
     # 5. the champion on the same frozen test data, then the gate
-    champ_primary = None
+    champ_primary, per_video = None, None
     t_champ = time.perf_counter()
     if champ is not None:
         champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
@@ -491,9 +491,20 @@ def _cycle(
         champ_primary = evaluate_model(
             champ_model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
         )["primary"]
+        # each test video's numbers for both models: the gate's paired bootstrap resamples videos
+        test_frames, short = splits["test"].frames, cfg.finetune.short_side
+        per_video = list(
+            zip(
+                per_video_primary(result["model"], test_frames, short, result["cvs_thresholds"]),
+                per_video_primary(champ_model, test_frames, short, thresholds),
+                strict=True,
+            )
+        )
     report["champion_primary"] = champ_primary
     report["timings_s"]["champion_evaluation"] = round(time.perf_counter() - t_champ, 2)
-    decision: GateDecision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance)
+    decision: GateDecision = gate(
+        result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance, per_video=per_video
+    )
     report["gate"] = decision.to_dict()
     if decision.promote:
         registry.promote(result["version"])
@@ -513,6 +524,27 @@ def _cycle(
         "candidate": overall_score(result["test"]["primary"]),
         "champion": None if champ_primary is None else overall_score(champ_primary),
     }
+
+
+def per_video_primary(
+    model: SurgeNetAssistModel, frames: Any, short_side: int | None, cvs_thresholds: list[float] | None = None
+) -> list[dict[str, float]]:
+    """Headline metrics of ``model`` on each video of ``frames`` separately (in video-id order), for the
+    gate's paired bootstrap: the same frames and the same evaluation as the whole-split numbers."""
+    vids = frames.video_ids if frames.video_ids is not None else np.zeros(len(frames), np.int64)
+    out = []
+    for v in np.unique(vids):
+        keep = vids == v
+        subset = dataclasses.replace(
+            frames,
+            **{
+                name: None if getattr(frames, name) is None else getattr(frames, name)[keep]
+                for name in ("images", "masks", "phases", "cvs", "video_ids")
+            },
+        )
+        scores = evaluate_model(model, subset, short_side=short_side, cvs_thresholds=cvs_thresholds)
+        out.append(scores["primary"])
+    return out
 
 
 def run_all_projects(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, dict[str, Any]]:

@@ -23,9 +23,12 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
@@ -92,6 +95,8 @@ class GateDecision:
     candidate_score: float = 0.0
     champion_score: float | None = None
     deltas: dict[str, float] = field(default_factory=dict)
+    improvement_ci: tuple[float, float] | None = None  # 95% paired bootstrap interval over test videos
+    videos: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,7 +105,35 @@ class GateDecision:
             "candidate_score": self.candidate_score,
             "champion_score": self.champion_score,
             "deltas": self.deltas,
+            "improvement_ci": list(self.improvement_ci) if self.improvement_ci else None,
+            "videos": self.videos,
         }
+
+
+def paired_bootstrap(
+    per_video: Sequence[tuple[dict[str, float], dict[str, float]]],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, tuple[float, float], int]:
+    """Mean improvement of candidate over champion across videos and its percentile interval, resampling
+    whole videos (frames of one video are not independent). Each video's improvement is the difference of
+    the two models' mean headline metric over the tasks that video measured for both. Returns (mean,
+    (low, high), videos used)."""
+    deltas = []
+    for cand, champ in per_video:
+        tasks = sorted(set(cand) & set(champ))
+        if tasks:
+            ours, theirs = ({t: m[t] for t in tasks} for m in (cand, champ))
+            deltas.append(overall_score(ours) - overall_score(theirs))
+    if not deltas:
+        return 0.0, (0.0, 0.0), 0
+    d = np.asarray(deltas, np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), (float(low), float(high)), len(d)
 
 
 def gate(
@@ -108,9 +141,18 @@ def gate(
     champion: dict[str, float] | None,
     margin: float = 0.005,
     tolerance: float = 0.02,
+    *,
+    per_video: Sequence[tuple[dict[str, float], dict[str, float]]] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> GateDecision:
-    """Promote only if the mean headline metric beats the champion's by ``margin`` and no task drops by more
-    than ``tolerance``. Both dicts map task -> headline metric on the same test data; no champion: promote.
+    """Promote only if the candidate is better by ``margin`` with confidence and no task regresses.
+
+    ``candidate`` / ``champion`` map task -> headline metric on the same test split (no champion: promote).
+    With ``per_video`` (each test video's headline metrics of both models) the improvement must clear the
+    margin with the **lower bound** of its 95% paired bootstrap interval over videos, so a tie or a lucky
+    split does not promote; without it (or with a single video) the point estimate must. Either way no task
+    may drop by more than ``tolerance`` on the whole split.
     """
     cand = overall_score(candidate)
     if champion is None:
@@ -121,17 +163,32 @@ def gate(
     cand = overall_score({t: candidate[t] for t in tasks})
     champ = overall_score({t: champion[t] for t in tasks})
     deltas = {t: candidate[t] - champion[t] for t in tasks}
-    reasons = []
-    if cand < champ + margin:
+    reasons: list[str] = []
+    ci, videos = None, 0
+    if per_video is not None:
+        mean, ci, videos = paired_bootstrap(per_video, n_boot=n_boot, seed=seed)
+    if ci is not None and videos >= 2:
+        if ci[0] < margin:
+            reasons.append(
+                f"improvement {mean:+.4f} (95% CI {ci[0]:+.4f}..{ci[1]:+.4f} over {videos} test videos): "
+                f"its lower bound does not clear the margin {margin}"
+            )
+    elif cand < champ + margin:
         reasons.append(
             f"mean headline metric {cand:.4f} does not beat the champion's {champ:.4f} by {margin}"
+            + (" (one test video: no interval)" if videos == 1 else "")
         )
     for t, d in deltas.items():
         if d < -tolerance:
             reasons.append(f"{t} regresses by {-d:.4f} (> tolerance {tolerance})")
-    if not reasons:
-        reasons.append(f"beats the champion by {cand - champ:.4f} with no task regression > {tolerance}")
-    return GateDecision(len(reasons) == 1 and reasons[0].startswith("beats"), reasons, cand, champ, deltas)
+    if reasons:
+        return GateDecision(False, reasons, cand, champ, deltas, ci, videos)
+    how = (
+        f"improvement {cand - champ:+.4f}, 95% CI {ci[0]:+.4f}..{ci[1]:+.4f} over {videos} test videos"
+        if ci is not None and videos >= 2
+        else f"beats the champion by {cand - champ:.4f}"
+    )
+    return GateDecision(True, [f"{how}, no task regression > {tolerance}"], cand, champ, deltas, ci, videos)
 
 
 def pointer_name(project: str) -> str:
