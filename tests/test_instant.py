@@ -1,5 +1,5 @@
-"""Instant heads: better with more labels on every task, weights_only artefact, champion takes over only when
-it beats the instant head on validation, debounced background refits."""
+"""Instant heads: better with more labels on every task, weights_only artefact, validation on held-out videos,
+the champion takes over unless the instant head beats it on the same validation frames, debounced refits."""
 
 from __future__ import annotations
 
@@ -68,10 +68,16 @@ def test_instant_heads_improve_with_more_labels(clips):
         assert scores[20][task] > scores[1][task] + 0.05, (task, scores)
 
 
+def _videos(picks):
+    names = [f"clip{c}" for c, _ in picks]
+    return {"segmentation": names, "phase": names, "cvs": names}
+
+
 def test_artefact_round_trip_loads_weights_only(clips, tmp_path):
-    seg, phase, cvs = _data(clips, [(0, i) for i in range(0, N, 4)])
-    heads = fit_with_validation(seg, phase, cvs, meta={"label_version": 7})
-    assert heads.meta["val"]["held_out"]["segmentation"] == 2 and heads.meta["val"]["primary"]
+    picks = [(c, i) for c in (0, 1) for i in range(0, N, 4)]
+    seg, phase, cvs = _data(clips, picks)
+    heads = fit_with_validation(seg, phase, cvs, videos=_videos(picks), meta={"label_version": 7})
+    assert heads.meta["val"]["held_out"]["segmentation"] == 10 and heads.meta["val"]["primary"]
     folder = heads.save(tmp_path / "instant-x")
     raw = torch.load(folder / "heads.pt", weights_only=True)  # plain tensors only, no pickled objects
     assert all(isinstance(v, torch.Tensor) for v in raw.values()) and "seg_weight" in raw
@@ -95,13 +101,30 @@ def test_single_class_and_fractional_cvs_targets():
     assert p.shape == (6, 3) and (p[:, 0] < 0.5).all() and (p[:, 2] > 0.5).all()
 
 
+def test_validation_holds_out_whole_videos_never_neighbouring_frames(clips):
+    """Frames of one video are near-copies of each other: validating on every 5th frame of the videos the
+    heads were fitted on flatters them. The held-out set is whole videos (the store's validation split when
+    it has labels there)."""
+    picks = [(c, i) for c in (0, 1) for i in range(0, N, 2)]
+    seg, phase, cvs = _data(clips, picks)
+    heads = fit_with_validation(seg, phase, cvs, videos=_videos(picks), val_videos={"clip1"})
+    assert heads.meta["val"]["videos"] == ["clip1"] and heads.meta["val"]["held_out"]["phase"] == N // 2
+    probe = fit_instant(*_data(clips, [(0, i) for i in range(0, N, 2)]))
+    assert heads.meta["val"]["primary"] == score_heads(probe, *_data(clips, [(1, i) for i in range(0, N, 2)]))
+    single = fit_with_validation(*_data(clips, picks[: N // 2]), videos=_videos(picks[: N // 2]))
+    assert single.meta["val"]["primary"] == {}  # one video: nothing honest to validate on
+
+
 def test_better_champion_replaces_instant_head(clips, tmp_path):
     from surgenet_assist.core.store import LabelStore
 
     store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}", migrate=True)
-    seg, phase, cvs = _data(clips, [(0, i) for i in range(0, N, 4)])
-    first = register_instant(store, fit_with_validation(seg, phase, cvs), tmp_path / "instant")
-    heads = fit_with_validation(seg, phase, cvs)
+    picks = [(c, i) for c in (0, 1) for i in range(0, N, 4)]
+    seg, phase, cvs = _data(clips, picks)
+    first = register_instant(
+        store, fit_with_validation(seg, phase, cvs, videos=_videos(picks)), tmp_path / "instant"
+    )
+    heads = fit_with_validation(seg, phase, cvs, videos=_videos(picks))
     heads.meta["val"]["primary"] = {"segmentation": 0.40, "phase": 0.50}
     second = register_instant(store, heads, tmp_path / "instant")
     assert latest_instant(store)["version"] == second and second.startswith("instant-")
@@ -120,10 +143,21 @@ def test_better_champion_replaces_instant_head(clips, tmp_path):
         store.set_model_status(version, "champion")
         return [r for r in store.model_versions(status="champion")][0]
 
-    worse = champion("v-worse", {"segmentation": 0.30, "phase": 0.45, "cvs": 0.9})
-    assert choose_serving(worse, latest_instant(store)).kind == "instant"
-    better = champion("v-better", {"segmentation": 0.55, "phase": 0.60})
-    choice = choose_serving(better, latest_instant(store))
+    worse = champion("v-worse", {"segmentation": 0.99, "phase": 0.99, "cvs": 0.99})
+    # its own (video-held-out) validation numbers are not compared: only numbers on the same frames
+    choice = choose_serving(worse, latest_instant(store))
+    assert choice.kind == "champion" and "same frames" in choice.reason
+
+    def compared(champion_version, champion_primary):
+        row = dict(latest_instant(store))
+        val = dict(row["metrics"]["val"], champion=champion_version, champion_primary=champion_primary)
+        return dict(row, metrics=dict(row["metrics"], val=val))
+
+    assert choose_serving(worse, compared("v-worse", {"segmentation": 0.30, "phase": 0.45})).kind == "instant"
+    better = champion("v-better", {"segmentation": 0.01, "phase": 0.01})
+    stale = compared("v-worse", {"segmentation": 0.30, "phase": 0.45})  # compared with another champion
+    assert choose_serving(better, stale).kind == "champion"
+    choice = choose_serving(better, compared("v-better", {"segmentation": 0.55, "phase": 0.60}))
     assert choice.kind == "champion" and choice.row["version"] == "v-better", choice.reason
     # the champion contract is untouched: one champion, the old one kept for rollback
     assert {r["version"]: r["status"] for r in store.model_versions() if r["version"].startswith("v-")} == {

@@ -24,6 +24,7 @@ from surgenet_assist.core.embedding_cache import EmbeddingCache, VideoFeatures
 from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy, target_size
 from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from surgenet_assist.core.store import CHAMPION
 from surgenet_assist.core.timeline import runs, smooth_phase_labels
 from surgenet_assist.core.video import open_video
 
@@ -39,6 +40,7 @@ from .instant import (
 )
 
 log = logging.getLogger("surgenet_assist.assist")
+VAL_FRAMES = 200  # validation frames the champion is scored on at each refit (decoded and predicted)
 
 Stages = tuple[np.ndarray, np.ndarray, np.ndarray]  # stride-8 (C, h, w), stride-16, embedding (D,)
 
@@ -151,6 +153,7 @@ class DayOneAssist:
         self._fitted_label_version: int | None = None
         self._seen_label_version: int | None = None
         self.updater = InstantUpdater(self.update_instant, debounce_s) if worker else None
+        self._champion_model: tuple[str, Any] | None = None
 
     # --- features ---------------------------------------------------------------------------------------
     def video_features(self, video: str | Path) -> VideoFeatures:
@@ -181,50 +184,101 @@ class DayOneAssist:
             return self._frames[key]
 
     # --- instant heads --------------------------------------------------------------------------------
-    def training_data(self) -> tuple[list[SegSample], list[tuple[np.ndarray, int]], list[tuple]]:
-        """Every current human label as features + target (phase ranges: their sampled frames)."""
+    def training_data(
+        self,
+    ) -> tuple[list[SegSample], list[tuple[np.ndarray, int]], list[tuple], dict[str, list[str]]]:
+        """Every current human label outside the test split as features + target (phase ranges: their
+        sampled frames), and the video of each sample per task (for validation by held-out videos). Test
+        videos never shape what is served: they decide promotions."""
+        test = {v["path"] for v in self.store.videos(self.project) if v["split"] == "test"}
         seg, phase, cvs = [], [], []
-        for r in self.store.training_labels("segmentation", project=self.project):
+        videos: dict[str, list[str]] = {"segmentation": [], "phase": [], "cvs": []}
+
+        def labels(task: str) -> list[Any]:
+            rows = self.store.training_labels(task, project=self.project)
+            return [r for r in rows if r.video_path not in test]
+
+        for r in labels("segmentation"):
             s8, s16, _ = self.frame_stages(r.video_path, r.frame_start)
             seg.append(SegSample(np.asarray(s8), np.asarray(s16), r.payload["mask"]))
-        for r in self.store.training_labels("cvs", project=self.project):
+            videos["segmentation"].append(r.video_path)
+        for r in labels("cvs"):
             cvs.append(
                 (
                     np.asarray(self.frame_stages(r.video_path, r.frame_start)[2], np.float32),
                     np.asarray(r.payload["values"], float),
                 )
             )
-        for r in self.store.training_labels("phase", project=self.project):
+            videos["cvs"].append(r.video_path)
+        for r in labels("phase"):
             if "segments" in r.payload:
                 feats = self.video_features(r.video_path)
                 for start, end, name in r.payload["segments"]:
                     pid = self.schema.phase_id(name)
                     for p in np.flatnonzero((feats.indices >= start) & (feats.indices <= end)):
                         phase.append((np.asarray(feats.embeddings[p], np.float32), pid))
+                        videos["phase"].append(r.video_path)
             else:
                 emb = self.frame_stages(r.video_path, r.frame_start)[2]
                 phase.append((np.asarray(emb, np.float32), self.schema.phase_id(r.payload["phase"])))
-        return seg, phase, cvs
+                videos["phase"].append(r.video_path)
+        return seg, phase, cvs, videos
+
+    def _champion(self) -> dict[str, Any] | None:
+        rows = self.store.model_versions(status=CHAMPION, project=self.project)
+        rows = [r for r in rows if r.get("bundle_path")]
+        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+
+    def champion_on_validation(self, champion: dict[str, Any] | None) -> dict[str, float]:
+        """The champion's headline metrics on the validation split's labelled frames: the frames the instant
+        heads are validated on when the store has that split, so the two are compared on the same frames."""
+        if champion is None or not champion.get("bundle_path"):
+            return {}
+        from surgenet_assist.core.bundle import load_bundle
+
+        from .datasets import load_split
+        from .evaluate import evaluate_model
+
+        data = load_split(self.store, "val", project=self.project, max_frames=VAL_FRAMES)
+        if len(data.frames) == 0:
+            return {}
+        with self._lock:
+            if self._champion_model is None or self._champion_model[0] != champion["version"]:
+                model, _ = load_bundle(champion["bundle_path"], allow_download=False)
+                self._champion_model = (champion["version"], model)
+            model = self._champion_model[1]
+        return evaluate_model(model, data.frames)["primary"]
 
     def update_instant(self, force: bool = False) -> str | None:
         """Refit on all current labels and register the result; None when the labels did not change."""
         label_version = self.store.label_version()
         if not force and label_version == self._fitted_label_version:
             return None
-        seg, phase, cvs = self.training_data()
+        seg, phase, cvs, videos = self.training_data()
         if not (seg or phase or cvs):
             return None
+        val_videos = {v["path"] for v in self.store.videos(self.project) if v["split"] == "val"}
         heads = fit_with_validation(
             seg,
             phase,
             cvs,
             self.schema,
+            videos=videos,
+            val_videos=val_videos,
             meta={
                 "label_version": label_version,
                 "backbone_sha256": self.backbone.weights_sha256,
                 "short_side": self.short_side,
             },
         )
+        champion = self._champion()
+        held = set(heads.meta["val"]["videos"])
+        if champion is not None and held and held <= val_videos:  # same frames: score the champion there
+            try:
+                heads.meta["val"]["champion_primary"] = self.champion_on_validation(champion)
+                heads.meta["val"]["champion"] = champion["version"]
+            except Exception as exc:  # noqa: BLE001 - without the comparison the champion keeps serving
+                log.warning("champion %s not scored on validation: %s", champion["version"], exc)
         version = register_instant(self.store, heads, self.instant_root)
         with self._lock:
             self._heads = (version, heads)

@@ -14,6 +14,7 @@ champion only when its validation score beats the instant head's (:func:`choose_
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,12 +357,16 @@ def score_heads(
     return out
 
 
-def _holdout(n: int, every: int = 5) -> tuple[list[int], list[int]]:
-    """Every ``every``-th item held out for validation (deterministic; none when fewer than 5 items)."""
-    if n < 5:
-        return list(range(n)), []
-    val = list(range(every // 2, n, every))
-    return [i for i in range(n) if i not in set(val)], val
+def held_out_videos(videos: Collection[str], val_videos: Collection[str] | None = None) -> set[str]:
+    """Which videos validate the instant heads: the store's validation-split videos when any of them has
+    labels (the frames the champion was validated on), else a deterministic fifth of the videos (by a hash
+    of the name, at least one) when there are two or more; none for a single video."""
+    names = sorted(set(videos))
+    chosen = set(names) & set(val_videos or ())
+    if chosen or len(names) < 2:
+        return chosen
+    ranked = sorted(names, key=lambda v: hashlib.sha256(v.encode()).hexdigest())
+    return set(ranked[: max(1, len(names) // 5)])
 
 
 def fit_with_validation(
@@ -369,14 +374,29 @@ def fit_with_validation(
     phase: Sequence[tuple[np.ndarray, int]],
     cvs: Sequence[tuple[np.ndarray, np.ndarray]],
     schema: LabelSchema = DEFAULT_SCHEMA,
+    *,
+    videos: dict[str, Sequence[str]] | None = None,
+    val_videos: Collection[str] | None = None,
     **kwargs: Any,
 ) -> InstantHeads:
-    """Validation scores from a fit without every 5th label, then the served fit on all labels."""
-    ts, vs = _holdout(len(seg))
-    tp, vp = _holdout(len(phase))
-    tc, vc = _holdout(len(cvs))
+    """Validation scores from a fit without the held-out *videos* (:func:`held_out_videos`; neighbouring
+    frames of one video are not independent, so holding out frames would flatter the heads), then the
+    served fit on all labels. ``videos[task][i]`` names the video of the i-th sample of that task; without
+    it there is no validation (and a trained champion keeps serving)."""
+    tasks = {"segmentation": seg, "phase": phase, "cvs": cvs}
+    held: set[str] = set()
+    if videos is not None:
+        held = held_out_videos([v for task in tasks for v in videos.get(task, ())], val_videos)
+    split: dict[str, tuple[list[int], list[int]]] = {}
+    for task, items in tasks.items():
+        names = list((videos or {}).get(task, ())) or [""] * len(items)
+        split[task] = (
+            [i for i in range(len(items)) if names[i] not in held],
+            [i for i in range(len(items)) if names[i] in held],
+        )
     val: dict[str, float] = {}
-    if vs or vp or vc:
+    if any(split[t][1] for t in tasks):
+        (ts, vs), (tp, vp), (tc, vc) = split["segmentation"], split["phase"], split["cvs"]
         probe = fit_instant(
             [seg[i] for i in ts], [phase[i] for i in tp], [cvs[i] for i in tc], schema, **kwargs
         )
@@ -384,7 +404,8 @@ def fit_with_validation(
     heads = fit_instant(seg, phase, cvs, schema, **kwargs)
     heads.meta["val"] = {
         "primary": val,
-        "held_out": {"segmentation": len(vs), "phase": len(vp), "cvs": len(vc)},
+        "held_out": {t: len(split[t][1]) for t in tasks},
+        "videos": sorted(held),
     }
     return heads
 
@@ -444,14 +465,21 @@ class ServingChoice:
 
 
 def choose_serving(champion: dict[str, Any] | None, instant: dict[str, Any] | None) -> ServingChoice:
-    """The champion when it exists and scores at least as well on validation as the instant head (on the
-    tasks both measured; an instant head without validation scores never beats a trained champion),
-    otherwise the newest instant head, otherwise nothing."""
+    """The champion when it exists and scores at least as well as the instant head **on the same
+    validation frames** (the instant head's held-out videos, where the assistant also scored that champion:
+    ``val.champion`` / ``val.champion_primary``); an instant head without such a comparison never beats a
+    trained champion. Otherwise the newest instant head, otherwise nothing."""
     if instant is None:
         return ServingChoice("champion" if champion else "none", champion, "no instant head")
     if champion is None:
         return ServingChoice("instant", instant, "no champion yet")
-    champ, inst = _val_primary(champion), _val_primary(instant)
+    val = (instant.get("metrics") or {}).get("val") or {}
+    if val.get("champion") != champion.get("version") or not val.get("champion_primary"):
+        return ServingChoice(
+            "champion", champion, "instant head not compared with this champion on the same frames"
+        )
+    champ = {k: float(v) for k, v in val["champion_primary"].items()}
+    inst = _val_primary(instant)
     tasks = sorted(set(champ) & set(inst))
     if not inst:
         return ServingChoice("champion", champion, "instant head has no validation scores")
@@ -462,8 +490,8 @@ def choose_serving(champion: dict[str, Any] | None, instant: dict[str, Any] | No
     c = overall_score({t: champ[t] for t in tasks})
     i = overall_score({t: inst[t] for t in tasks})
     if c >= i:
-        return ServingChoice("champion", champion, f"champion {c:.4f} >= instant {i:.4f} on validation")
-    return ServingChoice("instant", instant, f"instant {i:.4f} > champion {c:.4f} on validation")
+        return ServingChoice("champion", champion, f"champion {c:.4f} >= instant {i:.4f} on the same frames")
+    return ServingChoice("instant", instant, f"instant {i:.4f} > champion {c:.4f} on the same frames")
 
 
 # --- background updates ------------------------------------------------------------------------------
