@@ -20,6 +20,8 @@ from .errors import SchemaError
 IGNORE_INDEX = 255
 # The three kinds of label the system predicts, stores and trains on (one name each, everywhere).
 TASKS = ("segmentation", "phase", "cvs")
+#: ``LabelSchema.phase_protocol`` values: a dataset with its own phase-evaluation rules, or None.
+PHASE_PROTOCOLS = (None, "cholec80")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,9 @@ class LabelSchema:
     phases: tuple[Phase, ...] = CHOLEC80_PHASES
     cvs: tuple[CVSCriterion, ...] = CVS_CRITERIA
     ignore_index: int = IGNORE_INDEX
+    #: Which dataset's phase-evaluation rules apply: "cholec80" (its relaxed-boundary phase-specific rules)
+    #: or None (the general rule). Chosen per dataset, never inferred from the number of phases.
+    phase_protocol: str | None = "cholec80"
     _lookup: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +128,11 @@ class LabelSchema:
                     f"{kind} ids must be 0..{len(ids) - 1} in order, got {ids}",
                     "number the entries consecutively from 0 in the schema file",
                 )
+        if self.phase_protocol not in PHASE_PROTOCOLS:
+            raise SchemaError(
+                f"unknown phase_protocol {self.phase_protocol!r}",
+                f"use one of {list(PHASE_PROTOCOLS)} (null: the general relaxed-boundary rule)",
+            )
         if len(self.classes) >= self.ignore_index:
             raise SchemaError(f"{len(self.classes)} classes collide with ignore index {self.ignore_index}")
         lookup = {
@@ -207,11 +217,16 @@ class LabelSchema:
             "classes": [asdict(c) | {"color": list(c.color)} for c in self.classes],
             "phases": [asdict(p) | {"color": list(p.color), "aliases": list(p.aliases)} for p in self.phases],
             "cvs": [asdict(c) for c in self.cvs],
+            "phase_protocol": self.phase_protocol,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabelSchema:
-        """Build from a dict; entries may omit ``id`` (then their position is used) and colours."""
+        """Build from a dict; entries may omit ``id`` (then their position is used) and colours.
+
+        Without ``phase_protocol`` (files and bundles written before it existed) the protocol is "cholec80"
+        when the phases are Cholec80's seven, in order, and None otherwise.
+        """
         if not isinstance(data, dict):
             raise SchemaError("a label schema must be a mapping", "see docs/architecture.md for the format")
         try:
@@ -244,12 +259,18 @@ class LabelSchema:
                 f"malformed label schema: {exc!r}",
                 "every class needs 'name' (and optional 'id', 'color' [r,g,b]); phases need 'name'",
             ) from None
+        if "phase_protocol" in data:
+            protocol = data["phase_protocol"]
+        else:
+            same = [_norm(p.name) for p in phases] == [_norm(p.name) for p in CHOLEC80_PHASES]
+            protocol = "cholec80" if same else None
         return cls(
             name=str(data.get("name", "custom")),
             classes=classes,
             phases=phases,
             cvs=cvs,
             ignore_index=int(data.get("ignore_index", IGNORE_INDEX)),
+            phase_protocol=protocol,
         )
 
     @classmethod
@@ -279,6 +300,7 @@ DEFAULT_SCHEMA = LabelSchema()
 
 AUTOLAPARO_SCHEMA = LabelSchema(
     name="hysterectomy-autolaparo",
+    phase_protocol=None,  # 7 phases too, but not Cholec80's: general relaxed-boundary rule
     phases=tuple(
         Phase(i, n, _PHASE_PALETTE[i])
         for i, n in enumerate(

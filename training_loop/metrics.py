@@ -1,9 +1,17 @@
 """Evaluation metrics, defined as the surgical benchmarks define them.
 
-Segmentation: intersections and unions summed over the whole dataset, then per class (classes absent
-from both prediction and ground truth are skipped), mIoU and mean Dice. Phase: accuracy and macro-F1.
-CVS: average precision per criterion (ground truth thresholded at 0.5, as Endoscapes does), mAP and
-balanced accuracy.
+Segmentation (mmsegmentation convention): intersections and unions summed over the whole dataset, then IoU
+and Dice per class (classes absent from both prediction and ground truth are skipped), mIoU and mDice over
+the classes present; optionally ASSD per class (average symmetric surface distance in pixels, per image then
+averaged over the images where the class is in both prediction and ground truth).
+
+Phase (Cholec80 ``Evaluate.m`` / ``Main.m``): accuracy per video; Jaccard, precision, recall and F1 per video
+and phase, nan-meaned per phase over the videos whose ground truth has the phase, then averaged over
+phases. The relaxed variant scores every one of these with the 10-second relaxed-boundary correctness; the
+Cholec80 phase-specific rules are selected by the dataset's ``phase_protocol``, never by the phase count.
+
+CVS (Endoscapes): ground truth binarised by ONE rule everywhere (:func:`cvs_positive`: rater mean >= 0.5);
+average precision per criterion, mAP and balanced accuracy.
 """
 
 from __future__ import annotations
@@ -12,21 +20,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
 
-from surgenet_assist.core.schema import IGNORE_INDEX
+from surgenet_assist.core.schema import IGNORE_INDEX, PHASE_PROTOCOLS
 
 
 @dataclass
 class SegmentationAccumulator:
-    """Accumulates a confusion matrix frame by frame (bounded memory for any dataset size)."""
+    """Accumulates a confusion matrix frame by frame (bounded memory for any dataset size).
+
+    With ``surface_distance=True`` it also accumulates ASSD per class (see :func:`assd`): per image, for each
+    class present in both prediction and ground truth; images where a class is in exactly one of them have no
+    finite surface distance and are counted in ``assd_undefined_per_class`` instead of being averaged in.
+    """
 
     num_classes: int
     ignore_index: int = IGNORE_INDEX
+    surface_distance: bool = False
     confusion: np.ndarray = field(init=False)
+    assd_sum: np.ndarray = field(init=False)
+    assd_images: np.ndarray = field(init=False)
+    assd_undefined: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.assd_sum = np.zeros(self.num_classes, dtype=np.float64)
+        self.assd_images = np.zeros(self.num_classes, dtype=np.int64)
+        self.assd_undefined = np.zeros(self.num_classes, dtype=np.int64)
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
         valid = target != self.ignore_index
@@ -35,8 +56,22 @@ class SegmentationAccumulator:
         self.confusion += np.bincount(t * self.num_classes + p, minlength=self.num_classes**2).reshape(
             self.num_classes, self.num_classes
         )
+        if self.surface_distance:
+            self._update_surface(np.asarray(pred), np.asarray(target), valid)
 
-    def result(self) -> dict[str, float | list[float | None]]:
+    def _update_surface(self, pred: np.ndarray, target: np.ndarray, valid: np.ndarray) -> None:
+        in_gt = set(np.unique(target[valid]).tolist())
+        in_pred = set(np.unique(pred[valid]).tolist())
+        for c in sorted(in_gt | in_pred):
+            if not 0 <= c < self.num_classes:
+                continue
+            if c not in in_gt or c not in in_pred:
+                self.assd_undefined[c] += 1
+                continue
+            self.assd_sum[c] += assd((pred == c) & valid, (target == c) & valid)
+            self.assd_images[c] += 1
+
+    def result(self) -> dict[str, Any]:
         inter = np.diag(self.confusion).astype(float)
         gt = self.confusion.sum(1).astype(float)
         pr = self.confusion.sum(0).astype(float)
@@ -44,16 +79,56 @@ class SegmentationAccumulator:
         present = union > 0
         iou = np.where(present, inter / np.maximum(union, 1), np.nan)
         dice = np.where(present, 2 * inter / np.maximum(gt + pr, 1), np.nan)
-        return {
+        out: dict[str, Any] = {
             "mIoU": float(np.nanmean(iou)) if present.any() else 0.0,
             "mDice": float(np.nanmean(dice)) if present.any() else 0.0,
             "pixel_accuracy": float(inter.sum() / max(1.0, gt.sum())),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in iou],
             "dice_per_class": [None if np.isnan(v) else float(v) for v in dice],
         }
+        if self.surface_distance:
+            per_class = [
+                float(s / n) if n else None for s, n in zip(self.assd_sum, self.assd_images, strict=True)
+            ]
+            known = [v for v in per_class if v is not None]
+            out["mASSD"] = float(np.mean(known)) if known else None
+            out["assd_per_class"] = per_class
+            out["assd_undefined_per_class"] = [int(v) for v in self.assd_undefined]
+        return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (pixels on the image border count as surface)."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def assd(a: np.ndarray, b: np.ndarray) -> float:
+    """Average symmetric surface distance between two binary masks, in pixels (Euclidean).
+
+    ASSD = (sum over surface pixels of ``a`` of the distance to the nearest surface pixel of ``b`` + the same
+    from ``b`` to ``a``) / (number of surface pixels of ``a`` + of ``b``) (Heimann et al. 2009; MONAI's
+    symmetric ``compute_average_surface_distance``). Surface = pixels with a 4-neighbour outside the mask.
+    Both masks empty: 0.0; exactly one empty: ``inf`` (undefined; :class:`SegmentationAccumulator` counts such
+    images apart instead of averaging them in). Computed on the bounding box of both masks plus a one-pixel
+    margin, which gives the same distances as the full image.
+    """
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return float("inf")
+    rows, cols = np.nonzero(a | b)
+    r0, r1 = max(0, rows.min() - 1), min(a.shape[0], rows.max() + 2)
+    c0, c1 = max(0, cols.min() - 1), min(a.shape[1], cols.max() + 2)
+    # the margin holds no mask pixel, so erosion and distances inside the crop equal the full image's
+    sa, sb = _surface(a[r0:r1, c0:c1]), _surface(b[r0:r1, c0:c1])
+    to_b = ndimage.distance_transform_edt(~sb)
+    to_a = ndimage.distance_transform_edt(~sa)
+    return float((to_b[sa].sum() + to_a[sb].sum()) / (sa.sum() + sb.sum()))
 
 
 def phase_metrics(pred: np.ndarray, target: np.ndarray, num_phases: int) -> dict[str, float]:
+    """Frame-level accuracy and macro-F1 over all frames pooled (not the Cholec80 protocol)."""
     pred, target = np.asarray(pred), np.asarray(target)
     keep = target >= 0
     pred, target = pred[keep], target[keep]
@@ -66,33 +141,90 @@ def phase_metrics(pred: np.ndarray, target: np.ndarray, num_phases: int) -> dict
     }
 
 
+# --- CVS ----------------------------------------------------------------------------------------------------
+def cvs_positive(target: np.ndarray) -> np.ndarray:
+    """THE binarisation of CVS ground truth, used everywhere: rater mean >= 0.5 is positive (NaN -> False).
+
+    With three raters (means 0, 1/3, 2/3, 1) this equals the Endoscapes evaluator's rounding; at exactly 0.5
+    (two raters, soft labels) it counts the criterion as achieved, where ``np.round`` (half to even) does not.
+    """
+    return np.asarray(target, dtype=float) >= 0.5
+
+
 def cvs_metrics(probs: np.ndarray, target: np.ndarray, keys: list[str]) -> dict[str, float | dict]:
-    """AP per criterion (targets >= 0.5 are positive; NaN targets skipped), mAP and balanced accuracy."""
+    """AP per criterion (ground truth by :func:`cvs_positive`, NaN skipped), mAP, balanced accuracy at 0.5."""
+    out = cvs_metrics_thresholded(probs, target, keys)
+    return {k: out[k] for k in ("mAP", "balanced_accuracy", "ap_per_criterion")}
+
+
+def calibrate_cvs_thresholds(probs: np.ndarray, target: np.ndarray) -> list[float]:
+    """Per criterion, the threshold from linspace(0, 1, 10) with the best balanced accuracy (on validation).
+
+    As the Endoscapes evaluator does (ties: the threshold closest to 0.5); the thresholds are then applied to
+    the test predictions. Ground truth binarised by :func:`cvs_positive`.
+    """
     probs, target = np.asarray(probs, float), np.asarray(target, float)
+    out = []
+    for j in range(target.shape[1]):
+        known = ~np.isnan(target[:, j])
+        y = cvs_positive(target[known, j])
+        if known.sum() == 0 or y.all() or (~y).all():
+            out.append(0.5)
+            continue
+        scores = [
+            (balanced_accuracy_score(y, probs[known, j] >= t), -abs(t - 0.5), t)
+            for t in np.linspace(0, 1, 10)
+        ]
+        out.append(float(max(scores)[2]))
+    return out
+
+
+def cvs_metrics_thresholded(
+    probs: np.ndarray, target: np.ndarray, keys: list[str], thresholds: list[float] | None = None
+) -> dict[str, Any]:
+    """Endoscapes CVS metrics: AP per criterion, mAP, balanced accuracy (per criterion and mean).
+
+    Ground truth = :func:`cvs_positive` of the rater mean; NaN targets skipped; a criterion whose known
+    ground truth has a single class has no AP and is left out. AP is the step-wise (non-interpolated) area
+    ``sum_n (R_n - R_{n-1}) P_n``. ``thresholds`` (e.g. from :func:`calibrate_cvs_thresholds` on validation)
+    default to 0.5; a prediction ``>=`` its threshold is positive.
+    """
+    probs, target = np.asarray(probs, float), np.asarray(target, float)
+    thresholds = thresholds or [0.5] * len(keys)
     ap, bacc = {}, {}
     for j, key in enumerate(keys):
         known = ~np.isnan(target[:, j])
-        y = target[known, j] >= 0.5
+        y = cvs_positive(target[known, j])
         if known.sum() == 0 or y.all() or (~y).all():
-            continue  # AP undefined without both classes
+            continue
         ap[key] = float(average_precision_score(y, probs[known, j]))
-        bacc[key] = float(balanced_accuracy_score(y, probs[known, j] >= 0.5))
+        bacc[key] = float(balanced_accuracy_score(y, probs[known, j] >= thresholds[j]))
     return {
         "mAP": float(np.mean(list(ap.values()))) if ap else 0.0,
         "balanced_accuracy": float(np.mean(list(bacc.values()))) if bacc else 0.0,
         "ap_per_criterion": ap,
+        "balanced_accuracy_per_criterion": bacc,
+        "thresholds": dict(zip(keys, map(float, thresholds), strict=True)),
     }
 
 
 # --- phase recognition, per video (Cholec80 evaluation) --------------------------------------------------
 def relaxed_diff(
-    pred: np.ndarray, gt: np.ndarray, fps: float, cholec80_rules: bool = True, window_s: float = 10.0
+    pred: np.ndarray,
+    gt: np.ndarray,
+    fps: float,
+    cholec80_rules: bool = True,
+    window_s: float = 10.0,
 ) -> np.ndarray:
-    """``pred - gt`` with boundary errors forgiven as the Cholec80 MATLAB ``Evaluate.m`` does.
+    """``pred - gt`` with boundary errors forgiven as the Cholec80 MATLAB ``Evaluate.m`` intends.
 
-    Within the first ``window_s`` seconds of each ground-truth segment a prediction still in the previous
-    phase (diff -1; -1/-2 for phases 6-7) counts as correct; within the last ``window_s`` seconds an early
-    switch to the next phase (+1; +1/+2 for phases 4-7) does. Phase numbers are 1-based in that rule table.
+    Per ground-truth segment (run of one phase): within its first ``t = window_s * fps`` frames (``t`` cut to
+    the segment length) a prediction still in the previous phase (diff -1) counts as correct; within its last
+    ``t`` frames an early switch to the next phase (+1) does. ``cholec80_rules`` adds Cholec80's
+    phase-specific rules (1-based phases 4-5: +2 also forgiven at the end; 6-7: -2 at the start and +2 at the
+    end). Note: ``Evaluate.m`` writes the end rule as ``curDiff(curDiff(end-t+1:end)==1) = 0``, whose logical
+    index (length t) addresses the segment's FIRST t frames; we implement the documented intent (its last t
+    frames), as the rule's comment and every description of the protocol state it.
     """
     diff = pred.astype(np.int64) - gt.astype(np.int64)
     out = diff.copy()
@@ -109,12 +241,60 @@ def relaxed_diff(
         head, tail = cur[:t], cur[len(cur) - t :]
         early = (-1, -2) if cholec80_rules and phase1 in (6, 7) else (-1,)
         late = (1, 2) if cholec80_rules and phase1 in (4, 5, 6, 7) else (1,)
-        head[np.isin(head, early)] = 0
-        tail[np.isin(tail, late)] = 0
-        cur[:t], cur[len(cur) - t :] = head, tail
+        head_ok, tail_ok = np.isin(head, early), np.isin(tail, late)
+        cur[:t][head_ok] = 0
+        cur[len(cur) - t :][tail_ok] = 0
         out[start : end + 1] = cur
         start = end + 1
     return out
+
+
+def _phase_protocol_rules(protocol: str | None) -> bool:
+    if protocol not in PHASE_PROTOCOLS:
+        raise ValueError(f"unknown phase protocol {protocol!r}; known: {PHASE_PROTOCOLS}")
+    return protocol == "cholec80"
+
+
+def phase_video_scores(
+    pred: np.ndarray, gt: np.ndarray, num_phases: int, correct: np.ndarray
+) -> dict[str, np.ndarray | float]:
+    """One video's scores as ``Evaluate.m`` computes them, from a per-frame ``correct`` mask.
+
+    Per phase k whose ground truth occurs in the video (NaN otherwise): U = frames predicted k or labelled k,
+    TP = frames of U that are ``correct``; Jaccard = TP/|U|, precision = TP/#predicted k, recall =
+    TP/#labelled k, each clipped to 1 (relaxed TP can exceed the denominators, ``Main.m`` clips at 100 %);
+    F1 = 2PR/(P+R). A phase that is labelled but never predicted gets precision 0 and F1 0 (``Evaluate.m``
+    would divide by zero). Accuracy = mean of ``correct``. With ``correct = pred == gt`` these are the strict
+    per-class scores (precision/recall/F1 as scikit-learn's, ``zero_division=0``).
+    """
+    shape = (num_phases,)
+    jac, prec, rec, f1 = (np.full(shape, np.nan) for _ in range(4))
+    for k in range(num_phases):
+        is_gt, is_pred = gt == k, pred == k
+        n_gt, n_pred = int(is_gt.sum()), int(is_pred.sum())
+        if n_gt == 0:
+            continue
+        union = is_gt | is_pred
+        tp = float(correct[union].sum())
+        jac[k] = min(1.0, tp / union.sum())
+        prec[k] = min(1.0, tp / n_pred) if n_pred else 0.0
+        rec[k] = min(1.0, tp / n_gt)
+        f1[k] = 2 * prec[k] * rec[k] / (prec[k] + rec[k]) if prec[k] + rec[k] > 0 else 0.0
+    return {
+        "accuracy": float(correct.mean()),
+        "jaccard": jac,
+        "precision": prec,
+        "recall": rec,
+        "f1": f1,
+    }
+
+
+def _per_phase_then_mean(rows: list[np.ndarray], num_phases: int) -> tuple[list[float | None], float, float]:
+    """``Main.m``: nan-mean each phase over videos, then mean (and std) over the phases with a value."""
+    table = np.vstack(rows) if rows else np.full((0, num_phases), np.nan)
+    per_phase = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in table.T]
+    known = [p for p in per_phase if p is not None]
+    return per_phase, (float(np.mean(known)) if known else 0.0), (float(np.std(known)) if known else 0.0)
 
 
 def phase_video_metrics(
@@ -122,89 +302,53 @@ def phase_video_metrics(
     num_phases: int,
     relaxed: bool = False,
     fps: float = 1.0,
+    *,
+    protocol: str | None = None,
+    window_s: float = 10.0,
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1 and Jaccard computed per video, then averaged (Cholec80 ``Main.m`` convention).
+    """Phase metrics per video, then averaged as the Cholec80 ``Main.m`` does.
 
-    ``videos`` is a list of (pred, gt) arrays in frame order; gt -1 = unlabelled (dropped). Jaccard per phase
-    is nan-meaned over the videos where the phase occurs, then averaged over phases; accuracy and macro-F1
-    are means over videos. ``relaxed`` applies the 10-second boundary relaxation of :func:`relaxed_diff`
-    (Cholec80 phase-specific rules when there are 7 phases).
+    ``videos`` is a list of (pred, gt) arrays in frame order; gt -1 = unlabelled (dropped). Per video see
+    :func:`phase_video_scores`. Aggregation: accuracy = mean (and std) over videos; Jaccard, precision,
+    recall and F1 = per phase nan-mean over the videos where the phase occurs, then mean over phases (the
+    ``_std_phases`` values are the std across phases, as ``Main.m`` reports "±"). ``macro_f1`` is the other
+    common aggregation: per video the mean F1 over the phases it contains, then the mean over videos.
+
+    ``relaxed`` scores every metric (accuracy, Jaccard, precision, recall, F1) with the relaxed-boundary
+    correctness of :func:`relaxed_diff` (``window_s`` seconds at ``fps``); ``protocol`` selects the
+    dataset's rules: ``"cholec80"`` adds Cholec80's phase-specific rules, None (any other dataset, e.g.
+    AutoLaparo, also 7 phases) uses the general rule only. Pass ``LabelSchema.phase_protocol``.
     """
-    accs, f1s = [], []
-    jacc = np.full((len(videos), num_phases), np.nan)
-    for v, (pred, gt) in enumerate(videos):
+    cholec80_rules = _phase_protocol_rules(protocol)
+    accs, video_f1 = [], []
+    rows: dict[str, list[np.ndarray]] = {"jaccard": [], "precision": [], "recall": [], "f1": []}
+    for pred, gt in videos:
         pred, gt = np.asarray(pred), np.asarray(gt)
         keep = gt >= 0
         pred, gt = pred[keep], gt[keep]
         if len(gt) == 0:
             continue
-        diff = relaxed_diff(pred, gt, fps, cholec80_rules=num_phases == 7) if relaxed else pred - gt
-        correct = diff == 0
-        accs.append(float(correct.mean()))
-        f1s.append(float(f1_score(gt, pred, labels=np.unique(gt), average="macro", zero_division=0)))
-        for k in np.unique(gt):
-            union = (gt == k) | (pred == k)
-            jacc[v, k] = float(correct[union].sum() / union.sum())
-    per_phase = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in jacc.T]
-    known = [p for p in per_phase if p is not None]
-    return {
+        if relaxed:
+            correct = relaxed_diff(pred, gt, fps, cholec80_rules=cholec80_rules, window_s=window_s) == 0
+        else:
+            correct = pred == gt
+        scores = phase_video_scores(pred, gt, num_phases, correct)
+        accs.append(scores["accuracy"])
+        video_f1.append(float(np.nanmean(scores["f1"])))
+        for key in rows:
+            rows[key].append(scores[key])
+    out: dict[str, Any] = {
         "accuracy": float(np.mean(accs)) if accs else 0.0,
         "accuracy_std_videos": float(np.std(accs)) if accs else 0.0,
-        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
-        "jaccard": float(np.mean(known)) if known else 0.0,
-        "jaccard_std_phases": float(np.std(known)) if known else 0.0,
-        "jaccard_per_phase": per_phase,
-        "videos": len(accs),
-        "relaxed": relaxed,
+        "macro_f1": float(np.mean(video_f1)) if video_f1 else 0.0,
     }
-
-
-# --- CVS ----------------------------------------------------------------------------------------------------
-def calibrate_cvs_thresholds(probs: np.ndarray, target: np.ndarray) -> list[float]:
-    """Per criterion, the threshold from linspace(0, 1, 10) with the best balanced accuracy (on validation).
-
-    As the Endoscapes evaluator does; the thresholds are then applied to the test predictions.
-    """
-    probs, target = np.asarray(probs, float), np.asarray(target, float)
-    out = []
-    for j in range(target.shape[1]):
-        known = ~np.isnan(target[:, j])
-        y = np.round(target[known, j]) >= 1
-        if known.sum() == 0 or y.all() or (~y).all():
-            out.append(0.5)
-            continue
-        scores = [
-            (balanced_accuracy_score(y, probs[known, j] >= t), -abs(t - 0.5), t)
-            for t in np.linspace(0, 1, 10)
-        ]
-        out.append(float(max(scores)[2]))
+    for key, table in rows.items():
+        per_phase, mean, std = _per_phase_then_mean(table, num_phases)
+        out[key] = mean
+        out[f"{key}_std_phases"] = std
+        out[f"{key}_per_phase"] = per_phase
+    out.update(videos=len(accs), relaxed=relaxed, protocol=protocol if relaxed else None)
     return out
-
-
-def cvs_metrics_thresholded(
-    probs: np.ndarray, target: np.ndarray, keys: list[str], thresholds: list[float] | None = None
-) -> dict[str, Any]:
-    """Endoscapes CVS metrics: ground truth = rounded rater mean; AP per criterion, mAP, balanced accuracy.
-
-    ``thresholds`` (e.g. from :func:`calibrate_cvs_thresholds` on validation) default to 0.5.
-    """
-    probs, target = np.asarray(probs, float), np.asarray(target, float)
-    thresholds = thresholds or [0.5] * len(keys)
-    ap, bacc = {}, {}
-    for j, key in enumerate(keys):
-        known = ~np.isnan(target[:, j])
-        y = np.round(target[known, j]) >= 1
-        if known.sum() == 0 or y.all() or (~y).all():
-            continue
-        ap[key] = float(average_precision_score(y, probs[known, j]))
-        bacc[key] = float(balanced_accuracy_score(y, probs[known, j] >= thresholds[j]))
-    return {
-        "mAP": float(np.mean(list(ap.values()))) if ap else 0.0,
-        "balanced_accuracy": float(np.mean(list(bacc.values()))) if bacc else 0.0,
-        "ap_per_criterion": ap,
-        "balanced_accuracy_per_criterion": bacc,
-        "thresholds": dict(zip(keys, map(float, thresholds), strict=True)),
-    }
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> float:
