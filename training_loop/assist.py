@@ -247,7 +247,7 @@ class DayOneAssist:
                 model, _ = load_bundle(champion["bundle_path"], allow_download=False)
                 self._champion_model = (champion["version"], model)
             model = self._champion_model[1]
-        return evaluate_model(model, data.frames)["primary"]
+        return evaluate_model(model, data.frames, surface_distance=False)["primary"]
 
     def update_instant(self, force: bool = False) -> str | None:
         """Refit on all current labels and register the result; None when the labels did not change."""

@@ -542,7 +542,9 @@ def per_video_primary(
                 for name in ("images", "masks", "phases", "cvs", "video_ids")
             },
         )
-        scores = evaluate_model(model, subset, short_side=short_side, cvs_thresholds=cvs_thresholds)
+        scores = evaluate_model(
+            model, subset, short_side=short_side, cvs_thresholds=cvs_thresholds, surface_distance=False
+        )
         out.append(scores["primary"])
     return out
 
