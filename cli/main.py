@@ -147,7 +147,10 @@ def predict(
     weights: Annotated[Path | None, typer.Option(help="backbone checkpoint (without --model)")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
     backbone: Annotated[str, typer.Option(help="backbone name from `weights list`")] = DEFAULT_BACKBONE,
-    fps: Annotated[float, typer.Option(help="frames per second to sample from a video")] = 1.0,
+    fps: Annotated[
+        float | None,
+        typer.Option(help="frames per second to sample from a video (default: the model's temporal fps)"),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
     short_side: Annotated[
@@ -170,7 +173,8 @@ def predict(
         writer(pred, image)
         result = predictor.summarise([pred], fps=1.0)
     else:
-        result = predictor.predict_video(input, sample_fps=fps, on_frame=writer, progress=True)
+        sample = fps if fps is not None else predictor.temporal_fps
+        result = predictor.predict_video(input, sample_fps=sample, on_frame=writer, progress=True)
     summary = writer.finish(result, extra={"model_version": predictor.model_version, "input": str(input)})
     console.print(f"[green]{summary['frames']} frames pre-annotated[/] -> {out}")
 

@@ -147,15 +147,23 @@ def register(app: typer.Typer) -> None:
         db: DbOpt = None,
         config: ConfigOpt = None,
         split: Annotated[str, typer.Option(help="train, val or test")] = "test",
-        short_side: Annotated[int | None, typer.Option(help="model input short side")] = None,
-        frame_size: Annotated[str | None, typer.Option(help="HxW frames are resized to")] = None,
+        short_side: Annotated[
+            int | None, typer.Option(help="model input short side (default: the bundle's preprocessing)")
+        ] = None,
+        frame_size: Annotated[
+            str | None, typer.Option(help="HxW frames are resized to (default: the bundle's preprocessing)")
+        ] = None,
         relaxed_fps: Annotated[
             float, typer.Option(help="frame rate of the labelled frames (relaxed phase)")
         ] = 1.0,
         project: ProjectOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Metrics of a model on a split of the store, plus annotation-efficiency figures."""
+        """Metrics of a model on a split of the store, plus annotation-efficiency figures.
+
+        Frames are prepared as the bundle records (its ``preprocessing``: frame size, short side); an explicit
+        --short-side / --frame-size overrides that and says so. A bundle without the section is evaluated as
+        before: the config's frame size and short side."""
         from surgenet_assist.core.bundle import load_bundle
         from surgenet_assist.core.store import LabelStore
         from surgenet_assist.training_loop.datasets import load_split
@@ -177,9 +185,21 @@ def register(app: typer.Typer) -> None:
         else:
             thresholds = None
         net, info = load_bundle(path, allow_download=not cfg.random_init)
-        data = load_split(store, split, project=cfg.project, size=cfg.frame_size)
+        contract = info.preprocessing
+        size, short, temporal_fps = cfg.frame_size, cfg.finetune.short_side, 1.0
+        if contract is not None and contract.source != "legacy":
+            temporal_fps = contract.temporal_fps
+            size = cfg.frame_size if frame_size else (contract.frame_size or cfg.frame_size)
+            short = short_side or contract.short_side
+            if frame_size or short_side:
+                typer.echo(
+                    f"explicit override: evaluating at frame size {size} and short side {short}; "
+                    f"{info.version} was trained at {contract.frame_size} and {contract.short_side}",
+                    err=True,
+                )
+        data = load_split(store, split, project=cfg.project, size=size, temporal_fps=temporal_fps)
         metrics = evaluate_model(
-            net, data.frames, short_side=cfg.finetune.short_side, fps=relaxed_fps, cvs_thresholds=thresholds
+            net, data.frames, short_side=short, fps=relaxed_fps, cvs_thresholds=thresholds
         )
         metrics = {k: v for k, v in metrics.items() if not k.endswith("_confusion")}
         out = {

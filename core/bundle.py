@@ -3,12 +3,20 @@
 Layout::
 
     <bundle>/bundle.json   metadata: version, schema, backbone identity + hash, normalisation,
-                           input size, training metadata, file hashes
+                           input size, preprocessing, training metadata, file hashes
     <bundle>/heads.pt      head weights (plain state dict)
     <bundle>/backbone.pt   backbone weights, unless the backbone is the unmodified zoo file
                            (then it is loaded from the weights cache and checked against its hash)
 
 All tensors are read with ``torch.load(..., weights_only=True)``.
+
+The ``preprocessing`` section is the contract between training and serving (:class:`Preprocessing`):
+``short_side``, ``frame_size`` (the (H, W) training resized every frame to, or null), ``mean``/``std``,
+``multiple``, ``interpolation`` and ``temporal_fps`` (the rate of the temporal phase model's sequences), plus
+``source``. ``Predictor.from_bundle`` (backend, napari, ``predict``) and ``evaluate`` read it. A bundle
+without the section (written before it existed) loads with ``source: "legacy"``: short side = the short side
+of ``input_size``, frames kept at their size, INTER_AREA when shrinking and INTER_LINEAR when enlarging, a
+1 fps temporal model: exactly what serving did before.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 
 from .backbone import SurgeNetBackbone, load_backbone, state_dict_sha256
 from .errors import BundleError, WeightsError
-from .model import SurgeNetAssistModel
+from .model import Preprocessing, SurgeNetAssistModel
 from .schema import LabelSchema
 from .weights import read_checkpoint, sha256_file
 
@@ -47,6 +55,7 @@ class BundleInfo:
     training: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    preprocessing: Preprocessing | None = None  # None only while parsing; read_bundle_info always sets it
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -96,6 +105,7 @@ def save_bundle(
             "schema": model.schema.to_dict(),
             "backbone": identity,
             "input_size": list(backbone.input_size),
+            "preprocessing": model.preprocessing_contract().to_dict(),
             "backbone_included": include_backbone,
             "training": training or {},
             "files": files,
@@ -129,7 +139,7 @@ def read_bundle_info(path: str | Path) -> BundleInfo:
                 f"bundle {path} has format {data.get('format')}, expected {BUNDLE_FORMAT}",
                 "re-export it with this version of surgenet-assist",
             )
-        return BundleInfo(
+        info = BundleInfo(
             version=str(data["version"]),
             schema=LabelSchema.from_dict(data["schema"]),
             backbone=dict(data["backbone"]),
@@ -140,10 +150,28 @@ def read_bundle_info(path: str | Path) -> BundleInfo:
             files=data.get("files", {}),
             path=path,
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        if data.get("preprocessing"):
+            info.preprocessing = Preprocessing.from_dict(data["preprocessing"])
+        else:
+            info.preprocessing = legacy_preprocessing(info)
+        return info
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(
             f"bundle manifest {manifest_path} is malformed: {exc!r}", "re-create the bundle"
         ) from None
+
+
+def legacy_preprocessing(info: BundleInfo) -> Preprocessing:
+    """The contract of a bundle written before bundles recorded one: what serving did then."""
+    return Preprocessing(
+        short_side=int(min(info.input_size)),
+        mean=info.mean,
+        std=info.std,
+        frame_size=None,
+        temporal_fps=1.0,
+        interpolation="auto",
+        source="legacy",
+    )
 
 
 def load_bundle(
@@ -173,6 +201,7 @@ def load_bundle(
     backbone.mean, backbone.std = info.mean, info.std
     backbone.input_size = info.input_size
     model = SurgeNetAssistModel(backbone, info.schema)
+    model.preprocessing = info.preprocessing
     heads = read_checkpoint(path / "heads.pt")
     result = model.load_state_dict(heads, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]

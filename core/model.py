@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,66 @@ from .backbone import SurgeNetBackbone, load_backbone
 from .heads import CVSHead, FPNSegHead, PhaseHead
 from .schema import DEFAULT_SCHEMA, LabelSchema
 from .zoo import DEFAULT_BACKBONE
+
+
+def target_size(height: int, width: int, short_side: int, multiple: int = 32) -> tuple[int, int]:
+    """(H, W) with the short side scaled to ``short_side`` and both sides rounded to ``multiple``."""
+    scale = short_side / min(height, width)
+    return (
+        max(multiple, int(round(height * scale / multiple)) * multiple),
+        max(multiple, int(round(width * scale / multiple)) * multiple),
+    )
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a frame becomes model input: the contract a model is trained under and every consumer serves with.
+
+    A frame is first resized to ``frame_size`` (H, W; None: kept as it is), then to :func:`target_size` with
+    ``short_side`` (both sides a multiple of ``multiple``), with ``interpolation`` (``"area"``: OpenCV
+    INTER_AREA always, as training does; ``"auto"``: INTER_AREA when shrinking, INTER_LINEAR when enlarging,
+    the behaviour before bundles recorded their preprocessing), then normalised with ``mean``/``std`` (0-1
+    scale). The temporal phase model runs on sequences sampled at ``temporal_fps`` frames per second.
+    ``source``: ``"training"`` (recorded by fine-tuning), ``"default"`` (an untrained model: the backbone's
+    defaults) or ``"legacy"`` (a bundle written before the contract existed; today's serving defaults).
+    """
+
+    short_side: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    frame_size: tuple[int, int] | None = None
+    temporal_fps: float = 1.0
+    multiple: int = 32
+    interpolation: str = "area"
+    source: str = "training"
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Model input (H, W) for a frame of ``height`` x ``width``."""
+        h, w = self.frame_size or (height, width)
+        return target_size(h, w, self.short_side, self.multiple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        out["frame_size"] = list(self.frame_size) if self.frame_size else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        frame = data.get("frame_size")
+        return cls(
+            short_side=int(data["short_side"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            frame_size=(int(frame[0]), int(frame[1])) if frame else None,
+            temporal_fps=float(data.get("temporal_fps", 1.0)),
+            multiple=int(data.get("multiple", 32)),
+            interpolation=str(data.get("interpolation", "area")),
+            source=str(data.get("source", "training")),
+        )
+
+    def with_changes(self, **changes: Any) -> Preprocessing:
+        return replace(self, **changes)
 
 
 @dataclass
@@ -33,6 +94,21 @@ class SurgeNetAssistModel(nn.Module):
         self.seg_head = FPNSegHead(backbone.channels, schema.num_classes)
         self.phase_head = PhaseHead(backbone.embed_dim, schema.num_phases)
         self.cvs_head = CVSHead(backbone.embed_dim, schema.num_cvs)
+        # set by fine-tuning (how it trained) or by load_bundle (what the bundle recorded)
+        self.preprocessing: Preprocessing | None = None
+
+    def preprocessing_contract(self) -> Preprocessing:
+        """The recorded preprocessing, else the backbone's defaults (short side of its input size, frames
+        kept, 1 fps temporal model, INTER_AREA when shrinking and INTER_LINEAR when enlarging)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return Preprocessing(
+            short_side=min(self.backbone.input_size),
+            mean=tuple(self.backbone.mean),
+            std=tuple(self.backbone.std),
+            interpolation="auto",
+            source="default",
+        )
 
     @classmethod
     def create(

@@ -1,14 +1,18 @@
 """Batched, streaming inference: frames in, masks / phases / CVS / uncertainty / embeddings out.
 
-Frames of any size are resized (aspect kept, sides rounded to a multiple of 32, e.g. 854x480 -> 448x256),
-normalised and batched; outputs are mapped back to the original size. A background thread decodes and
-resizes the next batch while the model runs on the current one, so IO overlaps compute. On CUDA the
-model runs in bf16 autocast with ``channels_last``; on CPU in fp32. Memory stays bounded for any video
-length: nothing is kept per frame but small vectors, unless the caller keeps the masks.
+Frames are preprocessed exactly as the model was trained (its :class:`~.model.Preprocessing`, read from the
+bundle): resized to the training frame size when one is recorded, then to the recorded short side (sides
+rounded to a multiple of 32, e.g. 854x480 at short side 256 -> 448x256), normalised and batched; outputs
+are mapped back to the original size. An explicit ``short_side`` overrides the contract and is logged as
+such. A background thread decodes and resizes the next batch while the model runs on the current one, so
+IO overlaps compute. On CUDA the model runs in bf16 autocast with ``channels_last``; on CPU in fp32.
+Memory stays bounded for any video length: nothing is kept per frame but small vectors, unless the caller
+keeps the masks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -23,18 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FrameError
-from .model import SurgeNetAssistModel
+from .model import Preprocessing, SurgeNetAssistModel, target_size
 from .timeline import runs, smooth_phase_labels
 from .video import FrameRecord, check_frame, open_video
 
+log = logging.getLogger(__name__)
 
-def target_size(height: int, width: int, short_side: int, multiple: int = 32) -> tuple[int, int]:
-    """(H, W) with the short side scaled to ``short_side`` and both sides rounded to ``multiple``."""
-    scale = short_side / min(height, width)
-    return (
-        max(multiple, int(round(height * scale / multiple)) * multiple),
-        max(multiple, int(round(width * scale / multiple)) * multiple),
-    )
+MODEL_FPS = "model"  # predict_video's default: the temporal model's recorded rate
 
 
 def normalised_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -116,7 +115,21 @@ class Predictor:
         self.model = model.eval().to(self.device)
         self.schema = model.schema
         self.batch_size = max(1, int(batch_size))
-        self.short_side = int(short_side or min(model.backbone.input_size))
+        contract = model.preprocessing_contract()
+        if short_side and int(short_side) != contract.short_side:
+            log.warning(
+                "explicit override: serving %s at short side %d, not the short side %d it was %s with",
+                model_version,
+                int(short_side),
+                contract.short_side,
+                "trained" if contract.source == "training" else "configured",
+            )
+            contract = contract.with_changes(short_side=int(short_side))
+        self.preprocessing: Preprocessing = contract
+        self.short_side = contract.short_side
+        self.frame_size = contract.frame_size
+        self.temporal_fps = contract.temporal_fps
+        self._interp = contract.interpolation
         is_cuda = self.device.type == "cuda"
         self.amp = is_cuda if amp is None else amp
         self.channels_last = True if channels_last is None else channels_last  # faster on CPU (oneDNN) too
@@ -124,8 +137,8 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.prefetch = max(1, prefetch)
         self.model_version = model_version
-        self._mean = torch.tensor(model.backbone.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(model.backbone.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean = torch.tensor(contract.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(contract.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward: Callable = self.model
         if compile:
             if self.device.type == "cpu":
@@ -137,21 +150,38 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, path: str | Path, **kwargs: Any) -> Predictor:
+        """Load a bundle; serve it with the preprocessing it records (``short_side=`` overrides, logged)."""
         from .bundle import load_bundle
 
         allow_download = kwargs.pop("allow_download", True)
         model, info = load_bundle(path, allow_download=allow_download)
         kwargs.setdefault("model_version", info.version)
+        if info.preprocessing is not None and info.preprocessing.source == "legacy":
+            log.info(
+                "bundle %s records no preprocessing: serving at short side %d with frames kept at their size",
+                info.version,
+                info.preprocessing.short_side,
+            )
         return cls(model, **kwargs)
 
     # --- preprocessing ----------------------------------------------------------------------------
-    def _resize(self, image: np.ndarray) -> np.ndarray:
+    def _resize_to(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         h, w = image.shape[:2]
-        th, tw = target_size(h, w, self.short_side)
+        th, tw = size
         if (th, tw) == (h, w):
             return image
-        interp = cv2.INTER_AREA if th < h else cv2.INTER_LINEAR
+        if self._interp == "auto":
+            interp = cv2.INTER_AREA if th < h else cv2.INTER_LINEAR
+        else:  # "area": as training resized (load_split and finetune use INTER_AREA both ways)
+            interp = cv2.INTER_AREA
         return cv2.resize(image, (tw, th), interpolation=interp)
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        """Frame -> model input size: to the training frame size (if recorded), then to the short side."""
+        if self.frame_size is not None:
+            image = self._resize_to(image, self.frame_size)
+        h, w = image.shape[:2]
+        return self._resize_to(image, target_size(h, w, self.short_side, self.preprocessing.multiple))
 
     def _batches(self, records: Iterable[FrameRecord]) -> Iterator[tuple[list[FrameRecord], np.ndarray]]:
         """Group consecutive frames of the same resized shape into batches (resized on this thread)."""
@@ -255,11 +285,14 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class mask and max-probability map at the frame's size.
 
-        On CPU, OpenCV upsamples the stride-4 probabilities class by class, keeping a running max (no
-        (H, W, C) array at full size; ~3x faster than torch here); on GPU, torch upsamples the logits."""
+        The mask is the argmax of the bilinearly upsampled logits on every device, as evaluation computes it
+        (``evaluate.predict_frames``), so served masks are the masks the gate measured. On CPU, OpenCV
+        upsamples the stride-4 logits class by class, keeping a running max (no (H, W, C) array at full size;
+        ~3x faster than torch here), and the confidence is the upsampled stride-4 max probability; on GPU,
+        torch upsamples the logits and takes their softmax maximum."""
         h, w = size
         if self.device.type == "cpu":
-            planes = probs.numpy()
+            planes = logits.float().numpy()
             best = cv2.resize(planes[0], (w, h), interpolation=cv2.INTER_LINEAR)
             mask = np.zeros((h, w), dtype=np.uint8)
             for k in range(1, len(planes)):
@@ -267,7 +300,8 @@ class Predictor:
                 better = up > best
                 mask[better] = k
                 np.maximum(best, up, out=best)
-            return mask, best.astype(np.float16)
+            conf = cv2.resize(probs.max(dim=0).values.numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+            return mask, conf.astype(np.float16)
         full = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         top, mask_t = full.max(dim=0)
         conf_t = 1.0 / torch.exp(full - top).sum(dim=0)
@@ -330,13 +364,18 @@ class Predictor:
     def predict_video(
         self,
         source: str | Path,
-        sample_fps: float | None = 1.0,
+        sample_fps: float | str | None = MODEL_FPS,
         on_frame: Callable[[FramePrediction, np.ndarray], None] | None = None,
         progress: bool = False,
     ) -> VideoPrediction:
         """Stream a video (or frame folder) through the model; ``on_frame(prediction, frame)`` receives each
-        prediction with its mask (e.g. to write it to disk), and only small per-frame vectors are kept."""
+        prediction with its mask (e.g. to write it to disk), and only small per-frame vectors are kept.
+        ``sample_fps``: frames per second to sample (default: the temporal model's recorded rate, so its
+        timeline sees sequences like those it was trained on; None: every frame)."""
         from tqdm.auto import tqdm
+
+        if sample_fps == MODEL_FPS:
+            sample_fps = self.temporal_fps
 
         with open_video(source) as video:
             total = len(video.sample_indices(sample_fps))

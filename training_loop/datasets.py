@@ -22,7 +22,7 @@ from surgenet_assist.core.schema import TASKS
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.core.video import open_video
 
-from .finetune import LabelledFrames
+from .finetune import LabelledFrames, temporal_grid
 
 SPLITS = ("train", "val", "test")
 
@@ -110,14 +110,18 @@ def load_split(
     project: str | None = None,
     size: tuple[int, int] | None = None,
     phase_stride: int | None = None,
+    temporal_fps: float = 1.0,
     max_frames: int | None = None,
     progress: bool = False,
 ) -> SplitData:
     """Decode the labelled frames of one split (by video split) with all their labels.
 
     A frame is included when it has a single-frame label for any task; frames covered only by a phase range
-    are included every ``phase_stride`` frames (default: one per second of video). ``size`` (h, w) resizes
-    frames and masks (masks by nearest neighbour); default: keep the video's size.
+    are included on the temporal model's grid (the frames nearest each time k / ``temporal_fps``, default one
+    per second of video; ``phase_stride``: every that many frames instead), so the temporal model's uniform
+    sequences (``finetune.temporal_sequences``) find every grid frame. ``size`` (h, w) resizes frames and
+    masks (masks by nearest neighbour); default: keep the video's size. Each row records its frame index and
+    its video's fps (``frame_indices``, ``fps``).
     """
     schema = store.schema
     videos = {v["id"]: v for v in store.videos(project) if v["split"] == split}
@@ -152,8 +156,11 @@ def load_split(
         if not phase_ranges.get(vid):
             continue
         fps = videos[vid].get("fps") or 1.0
-        stride = phase_stride or max(1, int(round(fps)))
-        for i in np.flatnonzero(arr >= 0)[::stride]:
+        if phase_stride:
+            grid = np.arange(0, len(arr), phase_stride)
+        else:
+            grid = temporal_grid(len(arr), fps, temporal_fps)
+        for i in grid[arr[grid] >= 0]:
             per_frame.setdefault((vid, int(i)), {})
     keys = sorted(per_frame)
     if max_frames is not None and len(keys) > max_frames:
@@ -198,6 +205,8 @@ def load_split(
         phases=np.asarray(phases, np.int64),
         cvs=np.asarray(cvs, np.float32),
         video_ids=np.asarray([v for v, _ in ordered], np.int64),
+        frame_indices=np.asarray([i for _, i in ordered], np.int64),
+        fps=np.asarray([float(videos[v].get("fps") or 1.0) for v, _ in ordered], np.float64),
     )
     return SplitData(split, frames, ordered, manifest, {v: videos[v]["path"] for v in videos})
 

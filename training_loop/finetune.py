@@ -6,6 +6,12 @@ stages are trained too and every step runs the backbone. Segmentation uses cross
 ignore label, phase uses cross-entropy (frame classifier, then the causal temporal model on per-video
 sequences of embeddings), CVS uses BCE on fractional rater means.
 
+The temporal model trains on uniform sequences at ``FinetuneConfig.temporal_fps``
+(:func:`temporal_sequences`): keyframes labelled at other rates (e.g. 25 fps segmentation bursts) train the
+frame heads but are left out of its sequences. The fitted model records how it was trained
+(``model.preprocessing``: short side, frame size, mean/std, temporal fps); its bundle carries that to every
+consumer.
+
 Robustness: seeds, bf16 autocast on GPU, an atomic checkpoint every N steps and resume from it after a
 crash (same data and config only), a wall-clock deadline, and DistributedDataParallel with a
 DistributedSampler when ``torch.distributed`` is initialised (see ``distributed.py``).
@@ -19,7 +25,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -31,8 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from surgenet_assist.core.model import ModelOutput, SurgeNetAssistModel
-from surgenet_assist.core.predictor import target_size
+from surgenet_assist.core.model import ModelOutput, Preprocessing, SurgeNetAssistModel, target_size
 from surgenet_assist.core.schema import IGNORE_INDEX
 
 from . import distributed as ddp
@@ -47,14 +52,23 @@ class LabelledFrames:
     phases: np.ndarray | None = None  # (N,) int64
     cvs: np.ndarray | None = None  # (N, 3) float32
     video_ids: np.ndarray | None = None  # (N,) sequence membership for the temporal model (frames in order)
+    frame_indices: np.ndarray | None = None  # (N,) frame index in its video (for temporal sampling)
+    fps: np.ndarray | None = None  # (N,) frame rate of each row's video
+
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def subset(self, keep: np.ndarray) -> LabelledFrames:
+        """The rows selected by ``keep`` (boolean mask or indices), every per-row array alike."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LabelledFrames(**{k: None if v is None else v[keep] for k, v in arrays.items()})
+
     def fingerprint(self) -> str:
         """Cheap content hash (shapes + sampled bytes of every array) to tie a checkpoint to its data."""
         h = hashlib.sha256()
-        for arr in (self.images, self.masks, self.phases, self.cvs, self.video_ids):
+        for arr in (self.images, self.masks, self.phases, self.cvs, self.video_ids, self.frame_indices,
+                    self.fps):
             if arr is None:
                 h.update(b"none")
                 continue
@@ -74,6 +88,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     batch_size: int = 16
     short_side: int | None = None
+    temporal_fps: float = 1.0  # frames per second of the temporal phase model's sequences
     seed: int = 0
     dice_weight: float = 0.5
     train_backbone_stages: int = 0  # 0: heads only (cached features); k: also the last k backbone stages
@@ -217,11 +232,22 @@ def finetune_heads(
         device = torch.device("cuda", ddp.local_rank())
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
     model.to(device)
-    short = cfg.short_side or min(model.backbone.input_size)
+    short = cfg.short_side or model.preprocessing_contract().short_side
     n = len(data)
     show = progress and rank == 0
     on_features = cfg.train_backbone_stages <= 0
     size = target_size(data.images.shape[1], data.images.shape[2], short)
+    # the contract this model is trained under; its bundle records it and every consumer serves with it
+    model.preprocessing = Preprocessing(
+        short_side=int(short),
+        mean=tuple(model.backbone.mean),
+        std=tuple(model.backbone.std),
+        frame_size=(int(data.images.shape[1]), int(data.images.shape[2])),
+        temporal_fps=float(cfg.temporal_fps),
+        interpolation="area",
+        source="training",
+    )
+    model.backbone.input_size = size
     if on_features:
         feats, _ = extract_features(model, data.images, short, progress=show)
         inputs: list[torch.Tensor] | np.ndarray = feats
@@ -378,7 +404,8 @@ def finetune_heads(
     ):
         emb = embeddings_for(model, inputs, on_features, device, amp)
         if rank == 0:
-            history.temporal_losses = train_temporal(model, emb, phases, data.video_ids, cfg, show)
+            sequences = temporal_sequences(data, cfg.temporal_fps)
+            history.temporal_losses = train_temporal(model, emb, phases, sequences, cfg, show)
         if world > 1:
             for t in list(model.phase_head.temporal.parameters()) + [model.phase_head.temporal_trained]:
                 dist.broadcast(t.data, src=0)
@@ -407,15 +434,59 @@ def embeddings_for(
     return torch.cat(out)
 
 
+def _grid_step(fps: float, temporal_fps: float) -> float:
+    """Frames between two samples of the temporal model: video fps / temporal fps (at least 1)."""
+    return max(1.0, float(fps) / float(temporal_fps)) if temporal_fps > 0 else 1.0
+
+
+def temporal_grid(frame_count: int, fps: float, temporal_fps: float = 1.0) -> np.ndarray:
+    """Frame indices of a video at ``temporal_fps``: the frame nearest each time k / temporal_fps (as
+    ``Video.sample_indices``); e.g. 1 fps of a 25 fps video gives 0, 25, 50, ..."""
+    step = _grid_step(fps, temporal_fps)
+    idx = np.round(np.arange(0, max(0, frame_count), step)).astype(np.int64)
+    return idx[idx < frame_count]
+
+
+def temporal_sequences(data: LabelledFrames, temporal_fps: float = 1.0) -> list[np.ndarray]:
+    """Row indices of the uniform sequences the temporal model trains on, in temporal order.
+
+    Per video, only rows whose frame lies on the ``temporal_fps`` grid of the video (:func:`temporal_grid`)
+    are kept, and a sequence is cut wherever a grid position is missing, so every sequence is uniformly
+    spaced at video fps / temporal fps: keyframes labelled at other rates (a 25 fps segmentation burst)
+    stay out of it (the frame heads still train on every row). Sequences without any phase label are dropped.
+    Without ``frame_indices``/``fps`` (frames not from the store) every video's rows form one sequence.
+    """
+    if data.video_ids is None:
+        return []
+    phases = data.phases if data.phases is not None else np.full(len(data), -1)
+    out: list[np.ndarray] = []
+    for v in np.unique(data.video_ids):
+        rows = np.flatnonzero(data.video_ids == v)
+        if data.frame_indices is None or data.fps is None:
+            runs = [rows]
+        else:
+            idx = data.frame_indices[rows]
+            rows, idx = rows[np.argsort(idx, kind="stable")], np.sort(idx, kind="stable")
+            step = _grid_step(float(data.fps[rows[0]]), temporal_fps)
+            k = np.round(idx / step).astype(np.int64)
+            on_grid = np.round(k * step).astype(np.int64) == idx
+            rows, k = rows[on_grid], k[on_grid]
+            cuts = np.flatnonzero(np.diff(k) != 1) + 1
+            runs = np.split(rows, cuts)
+        out += [r for r in runs if len(r) and (phases[r] >= 0).any()]
+    return out
+
+
 def train_temporal(
     model: SurgeNetAssistModel,
     embeddings: torch.Tensor,
     phases: torch.Tensor,
-    video_ids: np.ndarray,
+    sequences: list[np.ndarray],
     cfg: FinetuneConfig,
     progress: bool = True,
 ) -> list[float]:
-    """Fit the causal TCN on per-video embedding sequences (frames must be in temporal order)."""
+    """Fit the causal TCN on uniform embedding sequences (row indices in temporal order, see
+    :func:`temporal_sequences`)."""
     tcn = model.phase_head.temporal
     device = next(tcn.parameters()).device
     for p in tcn.parameters():
@@ -423,19 +494,16 @@ def train_temporal(
     tcn.train()
     gen = torch.Generator().manual_seed(cfg.seed)
     optim = torch.optim.AdamW(tcn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sequences = [
-        (
-            embeddings[torch.from_numpy(video_ids == v)].to(device),
-            phases[torch.from_numpy(video_ids == v)].to(device),
-        )
-        for v in np.unique(video_ids)
+    pairs = [
+        (embeddings[torch.from_numpy(rows)].to(device), phases[torch.from_numpy(rows)].to(device))
+        for rows in sequences
     ]
-    sequences = [(e, t) for e, t in sequences if (t >= 0).any()]
+    pairs = [(e, t) for e, t in pairs if (t >= 0).any()]
     losses = []
     with torch.enable_grad():
         for _ in tqdm(range(cfg.temporal_epochs), desc="temporal model", disable=not progress):
             total = 0.0
-            for emb, target in sequences:
+            for emb, target in pairs:
                 # feature noise keeps the TCN from trusting training-set embeddings too much
                 noise = torch.randn(emb.shape, generator=gen).to(device)
                 outs = tcn((emb + 0.1 * emb.std() * noise)[None])
@@ -444,7 +512,7 @@ def train_temporal(
                 loss.backward()
                 optim.step()
                 total += float(loss.detach())
-            losses.append(total / max(1, len(sequences)))
+            losses.append(total / max(1, len(pairs)))
     tcn.eval()
     for p in tcn.parameters():
         p.requires_grad_(False)
