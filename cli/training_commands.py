@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option("--model", help="registry version or bundle directory")],
         db: DbOpt = None,
         config: ConfigOpt = None,
-        split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+        split: Annotated[str, typer.Option(help="train, val, test or final")] = "test",
         short_side: Annotated[
             int | None, typer.Option(help="model input short side (default: the bundle's preprocessing)")
         ] = None,

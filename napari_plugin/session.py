@@ -132,7 +132,7 @@ class ReviewSession:
         *,
         project: str = "default",
         author: str | None = None,
-        short_side: int = 256,
+        short_side: int | None = None,
         batch_size: int = 4,
         device: str | None = None,
         schema: LabelSchema = DEFAULT_SCHEMA,
@@ -140,7 +140,8 @@ class ReviewSession:
         self.url = resolve_url(url or None)
         self.project = project or "default"
         self.author = author or getpass.getuser()
-        self.short_side = int(short_side)
+        # None (or 0 in the settings): each model's own recorded preprocessing, what it was trained at
+        self.short_side = int(short_side) if short_side else None
         self.batch_size = int(batch_size)
         self.device = device or None
         self.schema = schema
@@ -204,7 +205,7 @@ class ReviewSession:
         else:
             pred = Predictor(
                 _random_init_model(),
-                short_side=self.short_side,
+                short_side=self.short_side or 256,
                 batch_size=self.batch_size,
                 device=self.device,
                 model_version=UNTRAINED,
@@ -305,7 +306,7 @@ class ReviewSession:
 
         frames = sorted({int(keyframe), *(int(t) for t in targets)})
         feats = compute_features(
-            clip.path, predictor.model.backbone, None, self.short_side, self.batch_size, frames=frames
+            clip.path, predictor.model.backbone, None, predictor.short_side, self.batch_size, frames=frames
         )
         prop = MaskPropagator(feats, self.schema.num_classes)
         result = prop.propagate({int(keyframe): np.asarray(mask, dtype=np.uint8)})
@@ -481,7 +482,7 @@ def plugin_settings() -> dict[str, Any]:
         "database_url": "",
         "project": "default",
         "author": "",
-        "short_side": 256,
+        "short_side": 0,
         "batch_size": 4,
         "device": "",
     }

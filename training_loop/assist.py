@@ -187,10 +187,10 @@ class DayOneAssist:
     def training_data(
         self,
     ) -> tuple[list[SegSample], list[tuple[np.ndarray, int]], list[tuple], dict[str, list[str]]]:
-        """Every current human label outside the test split as features + target (phase ranges: their
-        sampled frames), and the video of each sample per task (for validation by held-out videos). Test
-        videos never shape what is served: they decide promotions."""
-        test = {v["path"] for v in self.store.videos(self.project) if v["split"] == "test"}
+        """Every current human label outside the test and final splits as features + target (phase ranges:
+        their sampled frames), and the video of each sample per task (for validation by held-out videos).
+        Test and final videos never shape what is served: they decide and report promotions."""
+        test = {v["path"] for v in self.store.videos(self.project) if v["split"] in ("test", "final")}
         seg, phase, cvs = [], [], []
         videos: dict[str, list[str]] = {"segmentation": [], "phase": [], "cvs": []}
 

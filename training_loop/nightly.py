@@ -41,7 +41,7 @@ from surgenet_assist.core.store import DEFAULT_PROJECT, REJECTED, RUN_RUNNING, L
 from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
-from .datasets import SplitData, assign_splits, combined_manifest_hash, load_split
+from .datasets import SPLITS, SplitData, assign_splits, combined_manifest_hash, load_split
 from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, overall_score
 from .finetune import FinetuneConfig, FinetuneHistory
 from .fitting import fit
@@ -95,7 +95,7 @@ class NightlyConfig:
     backbone: str = DEFAULT_BACKBONE
     random_init: bool = False  # tests / offline demos only
     frame_size: tuple[int, int] = (240, 426)  # frames and masks are resized to this for training/eval
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_fractions: tuple[float, ...] = (0.6, 0.15, 0.15, 0.1)  # train, val, test (the gate's), final
     finetune: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(short_side=224, checkpoint_every=25)
     )
@@ -198,8 +198,11 @@ def load_data(store: LabelStore, cfg: NightlyConfig) -> dict[str, SplitData]:
     ddp.barrier()
     show = cfg.progress and ddp.is_main()
     return {
-        s: load_split(store, s, project=cfg.project, size=cfg.frame_size, progress=show)
-        for s in ("train", "val", "test")
+        s: load_split(
+            store, s, project=cfg.project, size=cfg.frame_size, temporal_fps=cfg.finetune.temporal_fps,
+            progress=show,
+        )
+        for s in SPLITS
     }
 
 
@@ -323,7 +326,8 @@ def write_report(
             confusion_png(out / fname, np.asarray(test[key], float), names, title)
             pictures.append(fname)
     lines = [f"# Training cycle {report['started_at']}", "", f"Outcome: **{report['outcome']}**", ""]
-    for key in ("candidate", "champion_before", "champion_after", "manifest_hash", "pretraining", "seconds"):
+    keys = ("candidate", "champion_before", "champion_after", "manifest_hash", "pretraining", "seconds")
+    for key in (*keys, "final_split"):
         if key in report:
             lines.append(f"- {key.replace('_', ' ')}: `{json.dumps(report[key], default=str)}`")
     if "gate" in report:
@@ -489,14 +493,14 @@ def _cycle(
         champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
         thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
         champ_primary = evaluate_model(
-            champ_model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
+            champ_model, splits["test"].frames, cvs_thresholds=thresholds  # at its own recorded contract
         )["primary"]
         # each test video's numbers for both models: the gate's paired bootstrap resamples videos
         test_frames, short = splits["test"].frames, cfg.finetune.short_side
         per_video = list(
             zip(
                 per_video_primary(result["model"], test_frames, short, result["cvs_thresholds"]),
-                per_video_primary(champ_model, test_frames, short, thresholds),
+                per_video_primary(champ_model, test_frames, None, thresholds),
                 strict=True,
             )
         )
@@ -514,6 +518,8 @@ def _cycle(
         report["outcome"] = f"rejected {result['version']}; champion {report['champion_before']} kept"
     after = registry.champion()
     report["champion_after"] = after["version"] if after else None
+    with _timed(report, "final_split"):
+        report["final_split"] = final_split_report(result, champ, after, splits, cfg)
 
     # 6. active learning: re-score unlabeled frames with the serving model
     if after is not None:
@@ -526,6 +532,32 @@ def _cycle(
     }
 
 
+def final_split_report(
+    result: dict[str, Any],
+    champ_before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    splits: dict[str, SplitData],
+    cfg: NightlyConfig,
+) -> dict[str, Any]:
+    """The candidate and the serving champion on the ``final`` split, which no decision reads: an estimate
+    that promotions on the ``test`` split cannot have tuned. Reported, never used to decide."""
+    final = splits.get("final")
+    if final is None or len(final.frames) == 0:
+        return {"frames": 0, "note": "no final-split video yet (it gets one as the store grows)"}
+    out: dict[str, Any] = {"frames": len(final.frames), "videos": len(final.video_paths)}
+    out["candidate"] = evaluate_model(
+        result["model"], final.frames, short_side=cfg.finetune.short_side,
+        cvs_thresholds=result["cvs_thresholds"], surface_distance=False,
+    )["primary"]
+    if after is not None and after["version"] != result["version"] and champ_before is not None:
+        model, _ = load_bundle(after["bundle_path"], allow_download=not cfg.random_init)
+        thresholds = (after.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
+        out["champion"] = evaluate_model(
+            model, final.frames, cvs_thresholds=thresholds, surface_distance=False
+        )["primary"]
+    return out
+
+
 def per_video_primary(
     model: SurgeNetAssistModel, frames: Any, short_side: int | None, cvs_thresholds: list[float] | None = None
 ) -> list[dict[str, float]]:
@@ -534,14 +566,7 @@ def per_video_primary(
     vids = frames.video_ids if frames.video_ids is not None else np.zeros(len(frames), np.int64)
     out = []
     for v in np.unique(vids):
-        keep = vids == v
-        subset = dataclasses.replace(
-            frames,
-            **{
-                name: None if getattr(frames, name) is None else getattr(frames, name)[keep]
-                for name in ("images", "masks", "phases", "cvs", "video_ids")
-            },
-        )
+        subset = frames.subset(vids == v)
         scores = evaluate_model(
             model, subset, short_side=short_side, cvs_thresholds=cvs_thresholds, surface_distance=False
         )
