@@ -55,6 +55,7 @@ def cycle(tmp_path_factory):
         }
     )
     report = run_cycle(cfg)
+    assert "final_split" in report  # reported, never decided on (frames 0 until the store has a final video)
     row = Registry(store).get(report["candidate"])
     yield {"url": url, "store": store, "report": report, "row": row}
     store.close()

@@ -175,10 +175,15 @@ def test_splits_by_video_are_stable_and_manifest_tracks_revisions(tmp_path):
     populate_store(store, tmp_path / "clips", [6, 7], frames=8, size=SIZE)
     second = assign_splits(store)
     assert all(second[v] == s for v, s in first.items())
+    # a final split that no decision reads appears as the store grows (10% of the videos)
+    populate_store(store, tmp_path / "clips", [8, 9, 10], frames=8, size=SIZE)
+    third = assign_splits(store)
+    assert list(third.values()).count("final") == 1 and all(third[v] == s for v, s in second.items())
+    assert set(assign_splits(store, (0.7, 0.15, 0.15)).values()) <= {"train", "val", "test", "final"}
     splits = load_splits(store, size=SIZE)
     videos = [set(v for v, _ in d.frame_keys) for d in splits.values()]
     assert all(not (a & b) for i, a in enumerate(videos) for b in videos[i + 1 :])
-    assert sum(len(d.frames) for d in splits.values()) == 7 * 8
+    assert sum(len(d.frames) for d in splits.values()) == 10 * 8
     train = splits["train"]
     before = train.manifest_hash
     vid, idx = train.frame_keys[0]
