@@ -54,7 +54,8 @@ def assign_splits(
         if counts["train"] == 0:
             split = "train"
         else:
-            split = max(SPLITS, key=lambda s: (target[s] * total - counts[s], -SPLITS.index(s)))
+            # rounded: 0.1 * 6 must tie with 0.6 * 6 - 3 (then the earlier split wins), not beat it by 1e-16
+            split = max(SPLITS, key=lambda s: (round(target[s] * total - counts[s], 9), -SPLITS.index(s)))
             if counts["val"] == 0 and target["val"] > 0:
                 split = "val"
             elif counts["test"] == 0 and target["test"] > 0 and counts["val"] > 0:
