@@ -89,3 +89,30 @@ def test_finetune_trains_the_temporal_model_on_the_sampled_sequences(tmp_path, m
     assert seen == [[0, 25, 50, 75, 100]]
     assert bool(model.phase_head.temporal_trained)
     assert model.preprocessing.temporal_fps == 1.0 and model.preprocessing.short_side == 32
+
+
+def test_evaluation_runs_the_temporal_model_on_the_same_uniform_sequences(tmp_path):
+    """At evaluation the timeline comes from the temporal model on the 1 fps grid frames only; burst frames
+    keep their frame-level phase probabilities (the temporal model never saw 25 fps steps)."""
+    import torch
+
+    from surgenet_assist.training_loop.evaluate import predict_frames
+
+    store = _store_with_burst(tmp_path)
+    data = load_split(store, "train").frames
+    store.close()
+    model = SurgeNetAssistModel.create(random_init=True)
+    model.phase_head.temporal_trained.fill_(True)
+    torch.manual_seed(0)
+    for p in model.phase_head.temporal.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    out = predict_frames(model, data, short_side=48)
+    grid = np.isin(data.frame_indices, [0, 25, 50, 75, 100])
+    burst = np.isin(data.frame_indices, list(BURST))
+    np.testing.assert_allclose(out["phase_timeline"][burst], out["phase_probs"][burst])
+    assert not np.allclose(out["phase_timeline"][grid], out["phase_probs"][grid])
+    order = np.argsort(data.frame_indices[grid])
+    emb = torch.from_numpy(out["embeddings"][grid][order])[None]
+    with torch.inference_mode():
+        expected = torch.softmax(model.phase_head.temporal(emb)[-1][0].float(), -1).numpy()
+    np.testing.assert_allclose(out["phase_timeline"][grid][order], expected, atol=1e-5)

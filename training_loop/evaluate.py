@@ -21,7 +21,7 @@ from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.predictor import target_size
 from surgenet_assist.core.store import LabelStore
 
-from .finetune import LabelledFrames, normalise
+from .finetune import LabelledFrames, normalise, temporal_sequences
 from .metrics import (
     SegmentationAccumulator,
     calibrate_cvs_thresholds,
@@ -73,10 +73,12 @@ def predict_frames(
     timeline = phase_probs.copy()
     head = model.phase_head
     if bool(head.temporal_trained) and data.video_ids is not None and len(embeddings):
-        for v in np.unique(data.video_ids):
-            sel = data.video_ids == v
-            seq = embeddings[torch.from_numpy(sel)][None].to(dev)
-            timeline[sel] = torch.softmax(head.temporal(seq)[-1][0].float(), -1).cpu().numpy()
+        # the temporal model runs on what it was trained on: uniform sequences at the model's temporal fps;
+        # frames off that grid (a burst of segmentation keyframes) keep their frame-level probabilities
+        fps = model.preprocessing_contract().temporal_fps
+        for rows in temporal_sequences(data, fps, keep_unlabelled=True):
+            seq = embeddings[torch.from_numpy(rows)][None].to(dev)
+            timeline[rows] = torch.softmax(head.temporal(seq)[-1][0].float(), -1).cpu().numpy()
     return {
         "phase_probs": phase_probs,
         "phase_timeline": timeline,

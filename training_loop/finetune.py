@@ -447,7 +447,9 @@ def temporal_grid(frame_count: int, fps: float, temporal_fps: float = 1.0) -> np
     return idx[idx < frame_count]
 
 
-def temporal_sequences(data: LabelledFrames, temporal_fps: float = 1.0) -> list[np.ndarray]:
+def temporal_sequences(
+    data: LabelledFrames, temporal_fps: float = 1.0, *, keep_unlabelled: bool = False
+) -> list[np.ndarray]:
     """Row indices of the uniform sequences the temporal model trains on, in temporal order.
 
     Per video, only rows whose frame lies on the ``temporal_fps`` grid of the video (:func:`temporal_grid`)
@@ -455,6 +457,7 @@ def temporal_sequences(data: LabelledFrames, temporal_fps: float = 1.0) -> list[
     spaced at video fps / temporal fps: keyframes labelled at other rates (a 25 fps segmentation burst)
     stay out of it (the frame heads still train on every row). Sequences without any phase label are dropped.
     Without ``frame_indices``/``fps`` (frames not from the store) every video's rows form one sequence.
+    ``keep_unlabelled``: keep sequences without a phase label too (evaluation predicts every sequence).
     """
     if data.video_ids is None:
         return []
@@ -473,7 +476,7 @@ def temporal_sequences(data: LabelledFrames, temporal_fps: float = 1.0) -> list[
             rows, k = rows[on_grid], k[on_grid]
             cuts = np.flatnonzero(np.diff(k) != 1) + 1
             runs = np.split(rows, cuts)
-        out += [r for r in runs if len(r) and (phases[r] >= 0).any()]
+        out += [r for r in runs if len(r) and (keep_unlabelled or (phases[r] >= 0).any())]
     return out
 
 
