@@ -103,9 +103,8 @@ def register(app: typer.Typer) -> None:
         """Fine-tune on the store's train split, evaluate on test, register a candidate (torchrun-ready)."""
         from surgenet_assist.core.store import REJECTED, LabelStore
         from surgenet_assist.training_loop import distributed as ddp
-        from surgenet_assist.training_loop.evaluate import evaluate_model
-        from surgenet_assist.training_loop.nightly import train_candidate
-        from surgenet_assist.training_loop.registry import Registry, gate
+        from surgenet_assist.training_loop.nightly import judge_candidate, train_candidate
+        from surgenet_assist.training_loop.registry import Registry
 
         ddp.init()
         try:
@@ -119,18 +118,9 @@ def register(app: typer.Typer) -> None:
                 "world_size": ddp.world_size(),
                 "images_per_second": result["history"].images_per_second,
             }
-            if promote and ddp.is_main():
-                from surgenet_assist.core.bundle import load_bundle
-
+            if promote and ddp.is_main():  # the nightly cycle's gate, exactly (bootstrap over test videos)
                 registry = Registry(store, project=cfg.project)
-                champ = registry.champion()
-                champ_primary = None
-                if champ is not None:
-                    model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
-                    champ_primary = evaluate_model(
-                        model, result["splits"]["test"].frames, short_side=cfg.finetune.short_side
-                    )["primary"]
-                decision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance)
+                decision, _ = judge_candidate(result, registry.champion(), result["splits"], cfg)
                 if decision.promote:
                     registry.promote(result["version"])
                 else:

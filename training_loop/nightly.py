@@ -487,28 +487,10 @@ def _cycle(
     report["_history"], report["_test"] = result["history"], result["test"]
 
     # 5. the champion on the same frozen test data, then the gate
-    champ_primary, per_video = None, None
     t_champ = time.perf_counter()
-    if champ is not None:
-        champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
-        thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
-        champ_primary = evaluate_model(
-            champ_model, splits["test"].frames, cvs_thresholds=thresholds  # at its own recorded contract
-        )["primary"]
-        # each test video's numbers for both models: the gate's paired bootstrap resamples videos
-        test_frames, short = splits["test"].frames, cfg.finetune.short_side
-        per_video = list(
-            zip(
-                per_video_primary(result["model"], test_frames, short, result["cvs_thresholds"]),
-                per_video_primary(champ_model, test_frames, None, thresholds),
-                strict=True,
-            )
-        )
+    decision, champ_primary = judge_candidate(result, champ, splits, cfg)
     report["champion_primary"] = champ_primary
     report["timings_s"]["champion_evaluation"] = round(time.perf_counter() - t_champ, 2)
-    decision: GateDecision = gate(
-        result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance, per_video=per_video
-    )
     report["gate"] = decision.to_dict()
     if decision.promote:
         registry.promote(result["version"])
@@ -530,6 +512,29 @@ def _cycle(
         "candidate": overall_score(result["test"]["primary"]),
         "champion": None if champ_primary is None else overall_score(champ_primary),
     }
+
+
+def judge_candidate(
+    result: dict[str, Any], champ: dict[str, Any] | None, splits: dict[str, SplitData], cfg: NightlyConfig
+) -> tuple[GateDecision, dict[str, float] | None]:
+    """The promotion gate for a trained candidate (``train_candidate``'s result): the champion re-evaluated
+    on the same frozen test frames at its own recorded preprocessing, both scored per test video for the
+    paired bootstrap. Returns the decision and the champion's whole-split headline metrics."""
+    champ_primary, per_video = None, None
+    if champ is not None:
+        champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
+        thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
+        test_frames, short = splits["test"].frames, cfg.finetune.short_side
+        champ_primary = evaluate_model(champ_model, test_frames, cvs_thresholds=thresholds)["primary"]
+        per_video = list(
+            zip(
+                per_video_primary(result["model"], test_frames, short, result["cvs_thresholds"]),
+                per_video_primary(champ_model, test_frames, None, thresholds),
+                strict=True,
+            )
+        )
+    decision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance, per_video=per_video)
+    return decision, champ_primary
 
 
 def final_split_report(
