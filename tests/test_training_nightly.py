@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -260,3 +261,26 @@ def test_trainer_reconciles_before_a_cycle_runs_and_only_then(tmp_path):
 
     trainer_loop(cfg, at="00:00", poll_s=0, max_loops=1, before_cycle=failing)  # logged; the loop goes on
     assert calls[-1] == "failed sync"
+
+
+def test_train_promote_uses_the_cycles_gate(tmp_path, _isolated_home):
+    """`train --promote` decides through the same gate as the nightly cycle: the champion re-evaluated on the
+    test videos and the improvement's bootstrap interval reported."""
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = LabelStore(url, migrate=True)
+    splits = ["train", "val", "test", "test"]
+    populate_store(store, tmp_path / "clips", [41, 42, 43, 44], frames=8, size=SIZE, splits=splits)
+    registry = Registry(store)
+    first = registry.register_candidate(
+        SurgeNetAssistModel.create(random_init=True), metrics={}, manifest_hash="x", seeds={}, parent=None
+    )
+    registry.promote(first)
+    args = ["train", "--db", url, "--random-init", "--epochs", "1", "--short-side", "48", "--promote"]
+    res = CliRunner().invoke(app, [*args, "--json", "--frame-size", f"{SIZE[0]}x{SIZE[1]}"])
+    assert res.exit_code == 0, res.output
+    gate = json.loads(res.output[res.output.index("{") :])["gate"]
+    assert gate["videos"] == 2 and gate["improvement_ci"] is not None and gate["reasons"]
