@@ -7,9 +7,17 @@
 3. Seconds from a new label to updated predictions for a 5-minute video at 1 fps (300 frames) with a warm
    embedding cache: instant refit + predictions for every frame, and propagation over the whole video.
 
+4. Regime checks (PASS/FAIL with numbers, 95 % t-intervals over clips): is the copy baseline above chance
+   (chance = the mask of the same frame index copied from ANOTHER clip), is the upper bound real (the frame's
+   own ground truth pushed through the feature grid and back with the same ``to_mask``: what a perfect
+   propagation could score at this grid; it must lie above the copy baseline and propagation must not beat
+   it), and do the instant heads rise above chance (chance = held-out labels shuffled across frames) on
+   held-out CLIPS, not only on the odd frames of the clips they were fitted on (neighbours of the labelled
+   frames).
+
 Random-init backbone unless the SurgeNetXL weights are cached (the output says which).
-Usage: .venv/bin/python bench/propagation.py [--threads 2] [--clips 3] [--short-side 256]
-       [--height 240 --width 426]
+Usage: .venv/bin/python bench/propagation.py [--threads 2] [--clips 5] [--short-side 256]
+       [--height 240 --width 426] [--json bench/results/propagation.json]
 """
 
 from __future__ import annotations
@@ -25,13 +33,24 @@ import torch
 
 from surgenet_assist.core.backbone import load_backbone
 from surgenet_assist.core.embedding_cache import EmbeddingCache
-from surgenet_assist.core.propagation import MaskPropagator
+from surgenet_assist.core.propagation import MaskPropagator, PropagatedFrame
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 from surgenet_assist.core.synthetic import generate_clip
 from surgenet_assist.training_loop.instant import SegSample, fit_instant, fit_with_validation, score_heads
 from surgenet_assist.training_loop.metrics import SegmentationAccumulator
 
 DISTANCES = (1, 2, 3, 5, 10, 20, 30, 40, 50)
+MARGIN = 0.05  # "clearly above chance": absolute metric units
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and 95 % Student-t half-width over clips/draws (inf for fewer than 2)."""
+    from scipy import stats
+
+    x = np.asarray(values, float)
+    if len(x) < 2:
+        return float(x.mean()), float("inf")
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 
 def _backbone() -> tuple[torch.nn.Module, str]:
@@ -49,10 +68,11 @@ def miou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def propagation_vs_distance(clips: list, feats: list, folder: Path) -> dict:
-    prop_scores = {d: [] for d in DISTANCES}
-    copy_scores = {d: [] for d in DISTANCES}
+    keys = ("propagation", "copy", "chance", "oracle")
+    per_clip = {k: {d: [] for d in DISTANCES} for k in keys}
     unreliable = 0
-    for clip, f in zip(clips, feats, strict=True):
+    for c, (clip, f) in enumerate(zip(clips, feats, strict=True)):
+        other = clips[(c + 1) % len(clips)]  # an unrelated clip: its mask at the same index is chance
         prop = MaskPropagator(f, DEFAULT_SCHEMA.num_classes)
         result = prop.propagate({0: clip.masks[0]})
         for d in DISTANCES:
@@ -62,14 +82,48 @@ def propagation_vs_distance(clips: list, feats: list, folder: Path) -> dict:
                 mask, _ = prop.to_mask(frame, clip.frames[d])
             else:
                 mask, unreliable = copy, unreliable + 1
-            prop_scores[d].append(miou(mask, clip.masks[d]))
-            copy_scores[d].append(miou(copy, clip.masks[d]))
-    return {
-        "distance": list(DISTANCES),
-        "propagation_mIoU": [round(float(np.mean(prop_scores[d])), 4) for d in DISTANCES],
-        "copy_mIoU": [round(float(np.mean(copy_scores[d])), 4) for d in DISTANCES],
-        "fell_back_to_copy": unreliable,
-    }
+            # ceiling: the frame's own ground truth at the feature grid, back through the same to_mask
+            truth = PropagatedFrame(d, d, 0, prop.label_probs(clip.masks[d]), 1.0, True)
+            oracle, _ = prop.to_mask(truth, clip.frames[d])
+            per_clip["propagation"][d].append(miou(mask, clip.masks[d]))
+            per_clip["copy"][d].append(miou(copy, clip.masks[d]))
+            per_clip["chance"][d].append(miou(other.masks[d], clip.masks[d]))
+            per_clip["oracle"][d].append(miou(oracle, clip.masks[d]))
+    out = {"distance": list(DISTANCES), "fell_back_to_copy": unreliable}
+    for k in keys:
+        out[f"{k}_mIoU"] = [round(float(np.mean(per_clip[k][d])), 4) for d in DISTANCES]
+        out[f"{k}_ci_half"] = [round(t_interval(per_clip[k][d])[1], 4) for d in DISTANCES]
+    out["per_clip"] = {k: {str(d): v for d, v in per_clip[k].items()} for k in keys}
+    return out
+
+
+def propagation_regime(p: dict) -> list[dict]:
+    """Regime checks of the propagation curve (per distance, CI over clips)."""
+    checks = []
+    for i, d in enumerate(DISTANCES):
+        pc = {k: p["per_clip"][k][str(d)] for k in ("propagation", "copy", "chance", "oracle")}
+        cm, ch = t_interval(pc["copy"])
+        chance = float(np.mean(pc["chance"]))
+        room_m, room_h = t_interval(np.subtract(pc["oracle"], pc["copy"]))
+        over_m, over_h = t_interval(np.subtract(pc["propagation"], pc["oracle"]))
+        checks += [
+            {
+                "check": "copy baseline above chance",
+                "distance": d,
+                "pass": bool(cm - ch > chance + MARGIN),
+                "detail": f"copy {cm:.3f} ± {ch:.3f} vs chance {chance:.3f} + {MARGIN}",
+            },
+            {
+                "check": "upper bound real (oracle > copy, propagation <= oracle)",
+                "distance": d,
+                "pass": bool(room_m - room_h > 0 and over_m - over_h <= 0),
+                "detail": (
+                    f"oracle {p['oracle_mIoU'][i]:.3f}; oracle − copy {room_m:+.3f} ± {room_h:.3f}; "
+                    f"propagation − oracle {over_m:+.3f} ± {over_h:.3f}"
+                ),
+            },
+        ]
+    return checks
 
 
 def _samples(clip, f, idx):
@@ -82,29 +136,84 @@ def _samples(clip, f, idx):
     )
 
 
-def instant_vs_labels(clips: list, feats: list) -> dict:
-    held = [[], [], []]
-    pool = []
-    for c, (clip, f) in enumerate(zip(clips, feats, strict=True)):
-        n = len(clip)
-        for part, items in zip(held, _samples(clip, f, list(range(1, n, 2))), strict=True):
-            part += items
-        pool += [(c, i) for i in range(0, n, 2)]
-    rng = np.random.default_rng(0)
-    out = {}
-    for n in (1, 5, 20, 50):
-        picks = [pool[j] for j in rng.choice(len(pool), min(n, len(pool)), replace=False)]
-        seg, phase, cvs = [], [], []
-        for c, i in picks:
-            s, p, v = _samples(clips[c], feats[c], [i])
-            seg += s
-            phase += p
-            cvs += v
-        t0 = time.perf_counter()
-        heads = fit_instant(seg, phase, cvs)
-        fit_s = time.perf_counter() - t0
-        out[n] = {k: round(v, 4) for k, v in score_heads(heads, *held).items()} | {"fit_s": round(fit_s, 2)}
+def _shuffled(items: list, rng: np.random.Generator) -> list:
+    """Held-out samples with their labels shuffled across frames (chance: same label marginals)."""
+    if not items:
+        return items
+    order = rng.permutation(len(items))
+    if isinstance(items[0], SegSample):
+        return [SegSample(s.stride8, s.stride16, items[j].mask) for s, j in zip(items, order, strict=True)]
+    return [(e, items[j][1]) for (e, _), j in zip(items, order, strict=True)]
+
+
+def instant_vs_labels(clips: list, feats: list, draws: int = 3) -> dict:
+    """Two protocols: 'same clips' (labels on even frames, held-out odd frames of the SAME clips, as before)
+    and 'held-out clips' (labels from every clip but one, scored on the left-out clip, rotated). Each budget
+    is drawn ``draws`` times; 'all' = every pool frame (the upper bound); chance = the all-frames heads scored
+    on held-out labels shuffled across frames."""
+    out: dict = {}
+    for protocol in ("same_clips", "held_out_clips"):
+        folds = [None] if protocol == "same_clips" else list(range(len(clips)))
+        rows: dict = {}
+        for fold in folds:
+            held = [[], [], []]
+            pool = []
+            for c, (clip, f) in enumerate(zip(clips, feats, strict=True)):
+                n = len(clip)
+                if fold is None:
+                    test_idx, pool_idx = list(range(1, n, 2)), list(range(0, n, 2))
+                else:
+                    test_idx, pool_idx = (list(range(n)), []) if c == fold else ([], list(range(0, n, 2)))
+                for part, items in zip(held, _samples(clip, f, test_idx), strict=True):
+                    part += items
+                pool += [(c, i) for i in pool_idx]
+            for n_labels in (1, 5, 20, 50, "all"):
+                for draw in range(draws if n_labels != "all" else 1):
+                    rng = np.random.default_rng(1000 * draw + (fold or 0))
+                    k = len(pool) if n_labels == "all" else min(n_labels, len(pool))
+                    picks = [pool[j] for j in rng.choice(len(pool), k, replace=False)]
+                    seg, phase, cvs = [], [], []
+                    for c, i in picks:
+                        s_, p_, v_ = _samples(clips[c], feats[c], [i])
+                        seg += s_
+                        phase += p_
+                        cvs += v_
+                    heads = fit_instant(seg, phase, cvs)
+                    rows.setdefault(str(n_labels), []).append(score_heads(heads, *held))
+                    if n_labels == "all":
+                        shuffled = [_shuffled(h, np.random.default_rng(7)) for h in held]
+                        rows.setdefault("chance", []).append(score_heads(heads, *shuffled))
+        out[protocol] = {
+            n: {t: [round(v, 4) for v in t_interval([r[t] for r in rs if t in r])] for t in rs[0]}
+            for n, rs in rows.items()
+        }
+        out[protocol + "_raw"] = rows
     return out
+
+
+def instant_regime(inst: dict) -> list[dict]:
+    checks = []
+    for protocol in ("same_clips", "held_out_clips"):
+        rows = inst[protocol]
+        for t in rows["all"]:
+            m50, h50 = rows["50"][t]
+            chance = rows["chance"][t][0]
+            full = rows["all"][t][0]
+            checks += [
+                {
+                    "check": f"instant heads at 50 labels above chance ({protocol})",
+                    "task": t,
+                    "pass": bool(m50 - h50 > chance + MARGIN),
+                    "detail": f"50 labels {m50:.3f} ± {h50:.3f} vs chance {chance:.3f} + {MARGIN}",
+                },
+                {
+                    "check": f"all pool frames is an upper bound ({protocol})",
+                    "task": t,
+                    "pass": bool(full >= m50 - h50),
+                    "detail": f"all {full:.3f} vs 50 labels {m50:.3f} ± {h50:.3f}",
+                },
+            ]
+    return checks
 
 
 def latency(backbone, cache: EmbeddingCache, folder: Path, short_side: int, labels: int) -> dict:
@@ -151,13 +260,14 @@ def latency(backbone, cache: EmbeddingCache, folder: Path, short_side: int, labe
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clips", type=int, default=3)
+    ap.add_argument("--clips", type=int, default=5)
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--short-side", type=int, default=256)
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--width", type=int, default=426)
     ap.add_argument("--labels", type=int, default=10, help="labelled frames in the latency test")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-latency", action="store_true", help="only the quality curves and regime checks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backbone, which = _backbone()
@@ -183,11 +293,18 @@ def main() -> None:
             "frame_size": [args.height, args.width],
         }
         report["propagation"] = propagation_vs_distance(clips, feats, folder)
-        print(json.dumps(report["propagation"]))
+        print(json.dumps({k: v for k, v in report["propagation"].items() if k != "per_clip"}))
         report["instant"] = instant_vs_labels(clips, feats)
-        print(json.dumps(report["instant"]))
-        report["latency"] = latency(backbone, cache, folder, args.short_side, args.labels)
-        print(json.dumps(report["latency"]))
+        print(json.dumps({k: v for k, v in report["instant"].items() if not k.endswith("_raw")}))
+        report["regime"] = propagation_regime(report["propagation"]) + instant_regime(report["instant"])
+        for c in report["regime"]:
+            where = f"distance {c['distance']}" if "distance" in c else c["task"]
+            print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']} [{where}]: {c['detail']}")
+        report["regime_pass"] = all(c["pass"] for c in report["regime"])
+        print(f"regime: {'PASS' if report['regime_pass'] else 'FAIL'}")
+        if not args.skip_latency:
+            report["latency"] = latency(backbone, cache, folder, args.short_side, args.labels)
+            print(json.dumps(report["latency"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
