@@ -162,3 +162,15 @@ def test_continued_pretraining_never_sees_validation_or_test_frames(tmp_path):
     assert {p for p, _, _ in new.items} == {"/v/a.mp4"} and {p for p, _, _ in old.items} == {"/v/e.mp4"}
     assert len(new) == 10 and len(old) == 10
     store.close()
+
+
+def test_a_collapsed_dino_run_is_recognised():
+    """Uniform outputs over 1024 prototypes give a loss of ln(1024) = 6.93 at every step: nothing was learnt
+    (what a few hundred CPU steps produced in bench/active_learning.py). A learning run is not flagged."""
+    import math
+
+    from surgenet_assist.training_loop.pretrain import dino_collapsed
+
+    assert dino_collapsed([9.0, 8.0] + [math.log(1024)] * 10, 1024)
+    assert not dino_collapsed([9.0, 8.0, 7.5, 6.0, 5.2, 4.8, 4.5, 4.4, 4.2, 4.1, 4.0, 3.9], 1024)
+    assert not dino_collapsed([math.log(1024)] * 5, 1024)  # too few steps to tell

@@ -461,7 +461,10 @@ def _cycle(
         budget = None if deadline is None else time.time() + 0.4 * (deadline - time.time())
         t_pre = time.perf_counter()
         adapted, info = continue_pretraining(store, model.backbone, cfg, deadline=budget)
-        choice = select_backbone(model, adapted, splits, cfg, manifest, deadline)
+        if info["collapsed"]:  # uniform outputs: nothing learnt, not worth a validation fit
+            choice = {"kept": False, "val_scores": {"collapsed": True}, "model": model}
+        else:
+            choice = select_backbone(model, adapted, splits, cfg, manifest, deadline)
         report["pretraining"] |= info | {"kept": choice["kept"], "val_scores": choice["val_scores"]}
         store.record_training_run(
             task="pretrain",

@@ -403,10 +403,20 @@ def continue_pretraining(
         "replay_pool": len(replay),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "collapsed": dino_collapsed(losses, p.out_dim),
         "seconds": round(time.time() - started, 1),
         "videos": sorted({path for path, _, _ in new.items + replay.items}),
     }
     return trainer.adapted(), info
+
+
+def dino_collapsed(losses: list[float], out_dim: int, window: int = 10) -> bool:
+    """True when the last losses sit at ln(out_dim): teacher and student outputs are uniform over the
+    prototypes, the DINO collapse that teaches the backbone nothing (seen on CPU-budget runs of a few
+    hundred steps, bench/results). Such a backbone is never kept, whatever validation says."""
+    if len(losses) < window:
+        return False
+    return float(np.mean(losses[-window:])) >= 0.99 * math.log(out_dim)
 
 
 def select_backbone(
