@@ -133,7 +133,8 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     torch.manual_seed(0)
     model = SurgeNetAssistModel.create(random_init=True)
     adapted, info = continue_pretraining(store, model.backbone, cfg)
-    assert info["steps"] == 2 and info["new_frames_pool"] == 36  # test video's frames never used
+    # the training-split video only: validation, test and the not-yet-assigned video are never used
+    assert info["steps"] == 2 and info["new_frames_pool"] == 12
     store.record_training_run(task="pretrain", status="finished", params={"total_frames": 48})
     assert pretrain_due(store, cfg) == (False, 0)
 
