@@ -15,12 +15,17 @@ H, W = 64, 96
 
 
 @pytest.fixture(scope="session")
-def ls_server(tmp_path_factory):
+def label_studio_installed() -> None:
+    """Skip (or, with SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1 as in CI, fail) without the Label Studio venv."""
     if not (LS_VENV / "bin" / "label-studio").exists():
         reason = f"Label Studio virtualenv not found at {LS_VENV}; run scripts/setup_label_studio.sh"
         if os.environ.get("SURGENET_ASSIST_REQUIRE_LABEL_STUDIO") == "1":
             pytest.fail(reason + " (required: SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1)")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ls_server(tmp_path_factory, label_studio_installed):
     with label_studio(tmp_path_factory.mktemp("ls")) as server:
         yield server
 

@@ -9,14 +9,12 @@ forged webhooks change nothing; two Label Studio projects stay apart in the stor
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import cv2
 import pytest
 import requests
 from ls_live import (
-    LS_VENV,
     H,
     W,
     brush,
@@ -36,12 +34,7 @@ BASIC = ("ml-backend", "s3cret-pass")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not (LS_VENV / "bin" / "label-studio").exists():
-        reason = f"Label Studio virtualenv not found at {LS_VENV}; run scripts/setup_label_studio.sh"
-        if os.environ.get("SURGENET_ASSIST_REQUIRE_LABEL_STUDIO") == "1":
-            pytest.fail(reason + " (required: SURGENET_ASSIST_REQUIRE_LABEL_STUDIO=1)")
-        pytest.skip(reason)
+def server(tmp_path_factory, label_studio_installed):
     with label_studio(tmp_path_factory.mktemp("ls-deploy")) as srv:
         yield srv | {"pat": personal_access_token(srv["url"])}
 
