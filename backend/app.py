@@ -28,7 +28,6 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from surgenet_assist.core.errors import SurgenetAssistError, UsageError
 from surgenet_assist.core.formats.label_studio import store_project_name
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
-from surgenet_assist.core.store import CHAMPION
 
 from .acquisition import apply_queue_scores
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
@@ -210,9 +209,7 @@ class ModelHolder:
     def champion(self) -> dict[str, Any] | None:
         if self.store is None:
             return None
-        champions = self.store.model_versions(status=CHAMPION, project=self.project)
-        rows = [r for r in champions if r.get("bundle_path")]
-        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+        return self.store.serving_champion(self.project)
 
     def poll(self, force: bool = False, background: bool = True) -> None:
         """Cheap check (every ``registry_poll_s`` at most) for a new champion, loaded off the request path."""

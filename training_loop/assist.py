@@ -24,7 +24,6 @@ from surgenet_assist.core.embedding_cache import EmbeddingCache, VideoFeatures
 from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy, target_size
 from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
-from surgenet_assist.core.store import CHAMPION
 from surgenet_assist.core.timeline import runs, smooth_phase_labels
 from surgenet_assist.core.video import open_video
 
@@ -224,11 +223,6 @@ class DayOneAssist:
                 videos["phase"].append(r.video_path)
         return seg, phase, cvs, videos
 
-    def _champion(self) -> dict[str, Any] | None:
-        rows = self.store.model_versions(status=CHAMPION, project=self.project)
-        rows = [r for r in rows if r.get("bundle_path")]
-        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
-
     def champion_on_validation(self, champion: dict[str, Any] | None) -> dict[str, float]:
         """The champion's headline metrics on the validation split's labelled frames: the frames the instant
         heads are validated on when the store has that split, so the two are compared on the same frames."""
@@ -271,7 +265,7 @@ class DayOneAssist:
                 "short_side": self.short_side,
             },
         )
-        champion = self._champion()
+        champion = self.store.serving_champion(self.project)
         held = set(heads.meta["val"]["videos"])
         if champion is not None and held and held <= val_videos:  # same frames: score the champion there
             try:

@@ -223,9 +223,7 @@ class Registry:
         return rows[0]
 
     def champion(self) -> dict[str, Any] | None:
-        champions = self.store.model_versions(status=CHAMPION, project=self.project)
-        rows = [r for r in champions if r.get("bundle_path")]
-        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+        return self.store.serving_champion(self.project)
 
     # --- writing ----------------------------------------------------------------------------------------
     def register_candidate(

@@ -197,6 +197,12 @@ class RegistryMixin(StoreBase):
                 for m in s.scalars(q)
             ]
 
+    def serving_champion(self, project: str | None = None) -> dict[str, Any] | None:
+        """The champion that serves ``project``: the newest champion row that has a bundle (the registry,
+        the backend and the day-one assistant all ask this)."""
+        rows = [r for r in self.model_versions(status=CHAMPION, project=project) if r.get("bundle_path")]
+        return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
+
     # --- training runs -----------------------------------------------------------------------------------
     def record_training_run(
         self,
