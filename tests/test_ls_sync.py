@@ -109,17 +109,17 @@ def test_apply_annotation_is_one_transaction(store, monkeypatch):
 
     from surgenet_assist.core.store.writer import Writer
 
-    real = Writer.ls_tombstones
+    real = Writer.tombstone_ls_labels
 
     def failing(self, *a, **kw):
         real(self, *a, **kw)
         raise RuntimeError("database went away half-way")
 
-    monkeypatch.setattr(Writer, "ls_tombstones", failing)
+    monkeypatch.setattr(Writer, "tombstone_ls_labels", failing)
     with pytest.raises(Exception, match="half-way"):
         apply_annotation(store, newer, task, label_config=cfg, project=P)
     assert store.stats()["annotations"] == before
-    monkeypatch.setattr(Writer, "ls_tombstones", real)
+    monkeypatch.setattr(Writer, "tombstone_ls_labels", real)
     out = apply_annotation(store, newer, task, label_config=cfg, project=P)
     assert out["tombstoned"] >= 1 and store.stats()["annotations"]["revisions"] > before["revisions"]
 

@@ -120,9 +120,9 @@ def write_labels(
         results = w.record_annotations(items, project)
         if replace:
             keep = {r.annotation_id for r, it in zip(results, items, strict=True) if r and not it.deleted}
-            stale = w.ls_tombstones(project, ls_annotation_ids=replace, keep=keep, updated_at=replaced_at)
-            gone = w.record_annotations(stale, project)
-            counts["tombstoned (replaced)"] += sum(1 for r in gone if r and r.created)
+            counts["tombstoned (replaced)"] += w.tombstone_ls_labels(
+                project, ls_annotation_ids=replace, keep=keep, updated_at=replaced_at
+            )
         for res in results:
             if res is None:
                 counts["deletes of unknown labels"] += 1

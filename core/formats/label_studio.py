@@ -860,15 +860,13 @@ def tombstone_ls_labels(
     deleted in Label Studio takes its annotations with it, without an annotation event); returns how many."""
     when_utc = to_utc(when or datetime.now(UTC))
 
-    def fn(w: Any) -> int:
-        stale = w.ls_tombstones(
-            project, ls_annotation_ids=annotation_ids, ls_task_ids=task_ids, updated_at=when_utc
-        )
-        return sum(1 for r in w.record_annotations(stale, project) if r and r.created)
-
     if not annotation_ids and not task_ids:
         return 0
-    return store.transaction(fn)
+    return store.transaction(
+        lambda w: w.tombstone_ls_labels(
+            project, ls_annotation_ids=annotation_ids, ls_task_ids=task_ids, updated_at=when_utc
+        )
+    )
 
 
 def ingest_webhook(
@@ -985,15 +983,9 @@ def reconcile_label_studio(
         store.refresh_statistics()  # the tombstone query below and the next sync plan on fresh statistics
     now = to_utc(datetime.now(UTC))
 
-    def tombstone(w: Any) -> int:
-        stale = [
-            t
-            for t in w.ls_tombstones(project, keep=keep, updated_at=now)
-            if t.ls_annotation_id not in unreadable
-        ]
-        return sum(1 for r in w.record_annotations(stale, project) if r and r.created)
-
-    report.counts["tombstoned (gone from Label Studio)"] = store.transaction(tombstone)
+    report.counts["tombstoned (gone from Label Studio)"] = store.transaction(
+        lambda w: w.tombstone_ls_labels(project, keep=keep, spare_ls_annotations=unreadable, updated_at=now)
+    )
     return report
 
 

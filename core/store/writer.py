@@ -309,19 +309,21 @@ class Writer:
             results.append(RecordResult(ann.id, rev.id, revno, True, is_current))
         return results  # type: ignore[return-value]
 
-    def ls_tombstones(
+    def tombstone_ls_labels(
         self,
         project: str | None = None,
         *,
         ls_annotation_ids: Iterable[int] | None = None,
         ls_task_ids: Iterable[int] | None = None,
         keep: Iterable[int] = (),
+        spare_ls_annotations: Iterable[int] = (),
         updated_at: datetime | None = None,
-    ) -> list[AnnotationInput]:
-        """Tombstones, ready for :meth:`record_annotations`, of the project's live labels that came from
-        these Label Studio annotations or tasks (both None: from any), except the labels (store annotation
-        ids) in ``keep``. Reading and writing them in one transaction is what makes "replace this
-        annotation's labels" and a reconciliation atomic."""
+    ) -> int:
+        """Tombstone, in this transaction, the project's live labels that came from these Label Studio
+        annotations or tasks (both None: from any), except the labels (store annotation ids) in ``keep`` and
+        those of the Label Studio annotations in ``spare_ls_annotations``; returns how many tombstones were
+        added. Reading and writing them in one transaction is what makes "replace this annotation's labels"
+        and a reconciliation atomic."""
         cur = current_revisions(None)
         q = (
             sa.select(Annotation)
@@ -334,8 +336,8 @@ class Writer:
             q = q.where(Annotation.ls_annotation_id.in_(sorted({int(i) for i in ls_annotation_ids})))
         if ls_task_ids is not None:
             q = q.where(Annotation.ls_task_id.in_(sorted({int(i) for i in ls_task_ids})))
-        kept = set(keep)
-        return [
+        kept, spared = set(keep), set(spare_ls_annotations)
+        stale = [
             AnnotationInput(
                 a.video_id,
                 a.frame_start,
@@ -350,8 +352,9 @@ class Writer:
                 deleted=True,
             )
             for a in self.session.scalars(q)
-            if a.id not in kept
+            if a.id not in kept and a.ls_annotation_id not in spared
         ]
+        return sum(1 for r in self.record_annotations(stale, project) if r is not None and r.created)
 
     def check_videos(self, ids: set[int]) -> None:
         """Refuse ids of videos that do not exist (a clear error instead of a foreign-key failure)."""
