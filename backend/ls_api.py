@@ -37,6 +37,15 @@ class LabelStudioToolError(SurgenetAssistError):
     """A Label Studio API call failed (the message names the call and the status; never the token)."""
 
 
+def no_answer(what: str, url: str | None, exc: Exception) -> LabelStudioToolError:
+    """The error for a call Label Studio never answered (connection refused, timeout), naming where."""
+    where = f" at {url}" if url else ""
+    return LabelStudioToolError(
+        f"Label Studio {what} failed: no answer from Label Studio{where} ({type(exc).__name__}: {exc})"[:400],
+        "start Label Studio, or fix the URL (scheme, host and port)",
+    )
+
+
 def jwt_claims(token: str) -> dict[str, Any] | None:
     """The claims of a JWT, unverified (Label Studio verifies them); None for a legacy token."""
     import jwt
@@ -134,10 +143,7 @@ class LabelStudioAPI:
         return self.request("GET", path, what=what, missing_ok=missing_ok, params=params or None)
 
     def _unreachable(self, what: str, exc: Exception) -> LabelStudioToolError:
-        return LabelStudioToolError(
-            f"Label Studio {what} failed: no answer from Label Studio at {self.url} ({type(exc).__name__})",
-            "start Label Studio, or fix the URL (scheme, host and port)",
-        )
+        return no_answer(what, self.url, exc)
 
     # --- what the backend reads --------------------------------------------------------------------------
     def annotation(self, annotation_id: int) -> dict[str, Any] | None:

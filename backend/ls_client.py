@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import parse_label_config
 from .labeling_configs import label_config
-from .ls_api import LabelStudioAPI, LabelStudioToolError
+from .ls_api import LabelStudioAPI, LabelStudioToolError, no_answer
 from .media import MediaError, MediaFetcher
 from .predictions import ImageTaskModel, VideoTaskModel
 
@@ -41,13 +41,10 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
         body = str(getattr(exc, "body", "") or exc)[:300]
         if status is None:  # no answer at all: httpx connect/timeout errors carry the request they made
             try:
-                where = f" at {exc.request.url.scheme}://{exc.request.url.netloc.decode()}"  # type: ignore[attr-defined]
+                url = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"  # type: ignore[attr-defined]
             except (AttributeError, RuntimeError):  # not an httpx error, or one without its request
-                where = ""
-            raise LabelStudioToolError(
-                f"Label Studio {what} failed: no answer from Label Studio{where} ({body})",
-                "start Label Studio, or fix --url (scheme, host and port)",
-            ) from None
+                url = None
+            raise no_answer(what, url, exc) from None
         hint = "check --url and --api-key (a legacy token needs LS started with --enable-legacy-api-token)"
         if status == 403 and "reserved" in body:
             hint = "start Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false"
