@@ -273,3 +273,21 @@ def test_cli_models_and_evaluate(trained, tmp_path):
     assert set(out["metrics"]["primary"]) == {"segmentation", "phase", "cvs"}
     res = runner.invoke(app, ["evaluate", "--model", "nope", "--db", url, "--json"])
     assert res.exit_code == 2 and "no model version" in res.output
+
+
+def test_per_video_numbers_come_from_one_pass_and_equal_evaluating_each_video(tmp_path):
+    """The gate's per-video headline metrics are computed from the whole-split predictions; they must be
+    exactly what evaluating each video on its own gives."""
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
+    populate_store(store, tmp_path / "clips", [61, 62], frames=6, size=SIZE, splits=["test", "test"])
+    data = load_split(store, "test", size=SIZE).frames
+    torch.manual_seed(0)
+    model = SurgeNetAssistModel.create(random_init=True)
+    whole = evaluate_model(model, data, short_side=48, per_video=True, surface_distance=False)
+    subsets = [data.subset(data.video_ids == v) for v in np.unique(data.video_ids)]
+    alone = [evaluate_model(model, d, short_side=48, surface_distance=False)["primary"] for d in subsets]
+    assert len(whole["per_video_primary"]) == 2
+    for got, want in zip(whole["per_video_primary"], alone, strict=True):
+        assert got.keys() == want.keys()
+        for task in want:
+            assert got[task] == pytest.approx(want[task], abs=1e-9)

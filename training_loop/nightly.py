@@ -229,7 +229,8 @@ def train_candidate(
     history, val = fit(model, splits, cfg, manifest, deadline)
     thresholds = cvs_thresholds_on(model, splits["val"].frames, short_side=cfg.finetune.short_side)
     test = evaluate_model(
-        model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds
+        model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds,
+        per_video=True,  # the gate's paired bootstrap, from the same predictions
     )
     version = None
     if ddp.is_main():
@@ -262,7 +263,7 @@ def train_candidate(
 
 
 def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if not k.endswith("_confusion")}
+    return {k: v for k, v in metrics.items() if not k.endswith("_confusion") and k != "per_video_primary"}
 
 
 # --- continued pretraining decision ------------------------------------------------------------------------
@@ -527,14 +528,12 @@ def judge_candidate(
     if champ is not None:
         champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
         thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
-        test_frames, short = splits["test"].frames, cfg.finetune.short_side
-        champ_primary = evaluate_model(champ_model, test_frames, cvs_thresholds=thresholds)["primary"]
+        champ_test = evaluate_model(
+            champ_model, splits["test"].frames, cvs_thresholds=thresholds, per_video=True
+        )
+        champ_primary = champ_test["primary"]
         per_video = list(
-            zip(
-                per_video_primary(result["model"], test_frames, short, result["cvs_thresholds"]),
-                per_video_primary(champ_model, test_frames, None, thresholds),
-                strict=True,
-            )
+            zip(result["test"]["per_video_primary"], champ_test["per_video_primary"], strict=True)
         )
     decision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance, per_video=per_video)
     return decision, champ_primary
@@ -563,22 +562,6 @@ def final_split_report(
         out["champion"] = evaluate_model(
             model, final.frames, cvs_thresholds=thresholds, surface_distance=False
         )["primary"]
-    return out
-
-
-def per_video_primary(
-    model: SurgeNetAssistModel, frames: Any, short_side: int | None, cvs_thresholds: list[float] | None = None
-) -> list[dict[str, float]]:
-    """Headline metrics of ``model`` on each video of ``frames`` separately (in video-id order), for the
-    gate's paired bootstrap: the same frames and the same evaluation as the whole-split numbers."""
-    vids = frames.video_ids if frames.video_ids is not None else np.zeros(len(frames), np.int64)
-    out = []
-    for v in np.unique(vids):
-        subset = frames.subset(vids == v)
-        scores = evaluate_model(
-            model, subset, short_side=short_side, cvs_thresholds=cvs_thresholds, surface_distance=False
-        )
-        out.append(scores["primary"])
     return out
 
 
