@@ -95,8 +95,11 @@ class PeriodicSync:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            sync_all(self.api, self.store, schema=self.schema)
-            self.runs += 1
+            # several gunicorn workers (or backends) share one database: one of them syncs per round
+            with self.store.exclusive_lock("ls-sync") as mine:
+                if mine:
+                    sync_all(self.api, self.store, schema=self.schema)
+                    self.runs += 1
 
     def close(self) -> None:
         self._stop.set()
