@@ -31,6 +31,13 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 
 from .acquisition import apply_queue_scores
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
+from .interactive import (
+    ClickSegmenters,
+    InteractiveError,
+    InteractiveUnavailable,
+    context_regions,
+    interactive_predictions,
+)
 from .media import MediaError, MediaFetcher
 from .metrics import TASK_OF_TYPE, Metrics
 from .predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
@@ -278,11 +285,18 @@ def create_app(
     assist: Any = None,
     assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable], Any] | None = None,
     ls_api: Any = None,
+    click_segmenter: Any = None,
+    click_segmenter_factory: Callable[[BackendSettings], Any] | None = None,
 ) -> Flask:
     """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a day-one assistant such as
     ``training_loop.assist.DayOneAssist``)/``ls_api`` (the connection to Label Studio that verifies webhooks)
     may be injected (tests, embedding). The backend never imports the training loop itself: the CLI (the
-    composition root) passes ``assist_factory``."""
+    composition root) passes ``assist_factory``.
+
+    Interactive mode (a ``/predict`` whose ``params.context`` holds clicks or boxes) is answered by
+    ``click_segmenter`` (a ``core.interactive.ClickSegmenter``), or by the one ``click_segmenter_factory``
+    builds on the first click (the CLI's shares the day-one backbone); without either such a request gets a
+    503 saying interactive mode is off."""
     settings = settings or BackendSettings.from_env()
     settings.check()
     ls_api = ls_api or settings.label_studio_api()
@@ -332,6 +346,12 @@ def create_app(
                     dataclasses.replace(settings, store_project=name), store, schema, fetch
                 )
             return assists[name]
+    clicks = ClickSegmenters(
+        click_segmenter,
+        factory=(lambda: click_segmenter_factory(settings)) if click_segmenter_factory is not None else None,
+        store=store,
+        poll_s=settings.registry_poll_s,
+    )
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     webhooks = WebhookHandler(store, schema, settings.store_project, ls_api=ls_api)
@@ -365,6 +385,7 @@ def create_app(
         "settings": settings,
         "assist": assist,
         "assist_for": assist_for,
+        "clicks": clicks,
     }
 
     # --- cross-cutting: auth, metrics, errors -------------------------------------------------------------
@@ -505,6 +526,12 @@ def create_app(
             plan = parse_label_config(cfg, schema)
         except LabelConfigError as exc:
             raise _BadRequest("bad_label_config", exc.message, exc.hint) from None
+        try:
+            regions = context_regions(data.get("params"))
+        except InteractiveError as exc:
+            raise _BadRequest("bad_interactive_context", exc.message, exc.hint) from None
+        if regions is not None:
+            return interactive(tasks, plan, regions, data.get("project"))
         if not plan.controls:
             raise _BadRequest(
                 "no_fillable_control",
@@ -567,6 +594,33 @@ def create_app(
         if failed:
             body["failed"] = [failed[i] for i in sorted(failed)]  # Label Studio reads only "results"
         return jsonify(body)
+
+    def interactive(
+        tasks: list[dict[str, Any]], plan: Any, regions: list[dict[str, Any]], ls_project: Any
+    ) -> Response:
+        """Label Studio's interactive mode: the clicked object's brush region, one prediction per task,
+        stamped with the click engine's version (not the served model's: a different model answers)."""
+        store_project = store_project_name(ls_project, settings.store_project)
+        try:
+            segmenter = clicks.for_project(store_project)
+            results, version = interactive_predictions(
+                tasks, plan, regions, segmenter, fetch, store_project
+            )
+        except InteractiveUnavailable as exc:
+            raise _BadRequest("interactive_unavailable", exc.message, exc.hint, status=503) from None
+        except InteractiveError as exc:
+            raise _BadRequest("bad_interactive_context", exc.message, exc.hint) from None
+        except MediaError as exc:
+            raise _BadRequest(
+                "media_unavailable", _redact_url(exc.message) or exc.message, exc.hint, status=422
+            ) from None
+        except SurgenetAssistError as exc:  # PromptError: a click or box the engine cannot use
+            raise _BadRequest("bad_interactive_context", exc.message, exc.hint) from None
+        metrics.tasks.inc(len(tasks))
+        for res in results:
+            for _region in res["result"]:
+                metrics.predictions.labels("interactive").inc()
+        return jsonify({"results": results, "model_version": version})
 
     @app.post("/webhook")
     def webhook() -> Response:

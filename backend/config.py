@@ -11,7 +11,9 @@ from surgenet_assist.core.formats.ls_config import (
     TIMELINE,
     ConfigPlan,
     ControlPlan,
+    InteractivePlan,
     LabelConfigError,
+    RegionControl,
     parse_label_config,
 )
 
@@ -25,6 +27,8 @@ __all__ = [
     "TIMELINE",
     "ConfigPlan",
     "ControlPlan",
+    "InteractivePlan",
     "LabelConfigError",
+    "RegionControl",
     "parse_label_config",
 ]

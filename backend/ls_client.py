@@ -69,22 +69,29 @@ def setup_project(
     title: str | None = None,
     document_root: str | Path | None = None,
     backend_auth: tuple[str, str] | None = None,
+    interactive: bool = False,
 ) -> ProjectSetup:
     """Create a project with our config, local-files storage (or uploads), tasks, and the backend connected.
 
     Files under ``document_root`` (Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``) are served through a Local
     Storage; anything else is uploaded. ``backend_auth``: the backend's Basic Auth (user, password), which
     Label Studio then sends on its calls to the backend (its webhooks carry none: see backend/webhooks.py).
+    ``interactive``: the image config with smart click/box tools, and the backend connected "for interactive
+    preannotations" (Label Studio sends clicks only to such a backend, and only with Auto-Annotation on).
     """
     if (frames is None) == (video is None):
         raise LabelStudioToolError("give exactly one of --frames DIR or --video FILE")
+    if interactive and frames is None:
+        raise LabelStudioToolError(
+            "interactive mode works on frame projects", "give --frames DIR with --interactive"
+        )
     ls = client(url, api_key)
     if frames is not None:
         files = sorted(p for p in Path(frames).iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise LabelStudioToolError(f"no images in {frames}", f"put frames ({sorted(IMAGE_EXTS)}) there")
         kind, key, folder = "image", "image", Path(frames).resolve()
-        cfg = label_config("image")
+        cfg = label_config("image", interactive=interactive)
     else:
         from surgenet_assist.core.video import open_video
 
@@ -128,7 +135,7 @@ def setup_project(
                 project=project.id,
                 url=backend_url,
                 title="surgenet-assist",
-                is_interactive=False,
+                is_interactive=interactive,
                 **(
                     {"auth_method": "BASIC_AUTH", "basic_auth_user": backend_auth[0],
                      "basic_auth_pass": backend_auth[1]}

@@ -74,7 +74,14 @@ def serve(
         video_sample_fps=video_fps,
     )
     _gunicorn(
-        lambda: create_app(settings, assist_factory=day_one_assist), host, port, workers, threads, timeout
+        lambda: create_app(
+            settings, assist_factory=day_one_assist, click_segmenter_factory=interactive_click_segmenter
+        ),
+        host,
+        port,
+        workers,
+        threads,
+        timeout,
     )
 
 
@@ -113,19 +120,38 @@ def day_one_assist(settings, store, schema, fetch):  # noqa: ANN001, ANN201 - se
     )
 
 
+def interactive_click_segmenter(settings):  # noqa: ANN001, ANN201 - see create_app
+    """The click-to-mask engine of Label Studio's interactive mode, on the same backbone object the day-one
+    assistants use (loaded once per process, on the first click; never downloads during serving)."""
+    from surgenet_assist.core.interactive import ClickSegmenter
+
+    return ClickSegmenter(_shared_backbone(), short_side=settings.day_one_short_side)
+
+
 @ls_app.command("config")
 def ls_config(
     kind: Annotated[
         str, typer.Option(help="image (masks + CVS + phase) or video (phase timeline + CVS)")
     ] = "image",
     frame_rate: Annotated[float, typer.Option(help="video FPS for <Video frameRate>")] = 25.0,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive", help="add smart click (KeyPointLabels) and box (RectangleLabels) tools (image)"
+        ),
+    ] = False,
 ) -> None:
     """Print a labeling config for Label Studio (paste it in Settings -> Labeling Interface -> Code)."""
     from surgenet_assist.backend.labeling_configs import KINDS, label_config
 
     if kind not in KINDS:
         raise UsageError(f"unknown labeling config kind {kind!r}", f"use --kind {' or --kind '.join(KINDS)}")
-    typer.echo(label_config(kind, frame_rate=frame_rate), nl=False)
+    if interactive and kind != "image":
+        raise UsageError(
+            f"--interactive needs --kind image, not {kind!r}",
+            "use --kind image --interactive (clicks and boxes are drawn on frames)",
+        )
+    typer.echo(label_config(kind, frame_rate=frame_rate, interactive=interactive), nl=False)
 
 
 @ls_app.command("setup-project")
@@ -151,10 +177,23 @@ def ls_setup_project(
     backend_password: Annotated[
         str | None, typer.Option(envvar="BASIC_AUTH_PASS", help="the backend's Basic Auth password")
     ] = None,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            help="click/box-to-mask: the interactive image config, backend connected for interactive "
+            "pre-annotations (needs --frames)",
+        ),
+    ] = False,
 ) -> None:
     """Create a project with our config, local-files storage, the tasks, and this backend connected."""
     from surgenet_assist.backend.ls_client import setup_project
 
+    if interactive and video is not None:
+        raise UsageError(
+            "--interactive works on frame projects, not on a video",
+            "give --frames DIR with --interactive (clicks and boxes are drawn on frames)",
+        )
     res = setup_project(
         url,
         api_key,
@@ -164,6 +203,7 @@ def ls_setup_project(
         title=title,
         document_root=document_root,
         backend_auth=(backend_user, backend_password) if backend_user and backend_password else None,
+        interactive=interactive,
     )
     typer.echo(
         f"project {res.project_id}: {len(res.task_ids)} tasks, ML backend {res.ml_backend_id}, "

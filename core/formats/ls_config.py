@@ -17,8 +17,15 @@ Supported controls:
 * single ``Choices`` whose choices are phases: the phase of an image task;
 * ``TimelineLabels`` on a ``Video``: contiguous phase segments (uses the video's ``frameRate``).
 
+Interactive mode (:class:`InteractivePlan`, ``ConfigPlan.interactive``): ``KeyPointLabels`` /
+``RectangleLabels`` on an ``Image`` are the annotator's prompts (clicks, boxes; ``smart="true"`` makes Label
+Studio send them to the backend), answered with a ``brushlabels`` region of the ``BrushLabels`` on the same
+image that offers the prompt's label. They are never predicted themselves, so they stay in
+``skipped_controls`` (the translator skips their regions when an annotation keeps them).
+
 The configs we generate (:func:`image_config`, :func:`video_config`; ``surgenet-assist ls config``) name the
-controls ``mask``, ``cvs``, ``phase`` (image) and ``phases``, ``cvs`` (video).
+controls ``mask``, ``cvs``, ``phase`` (image) and ``phases``, ``cvs`` (video); the interactive image config
+adds the prompt tools ``click`` (KeyPointLabels) and ``box`` (RectangleLabels).
 """
 
 from __future__ import annotations
@@ -85,6 +92,55 @@ class ControlPlan:
         return next((i for i, v in self.labels.items() if v == value), None)
 
 
+@dataclass(frozen=True)
+class RegionControl:
+    """A labels control on an ``Image`` with *all* its label values (schema or not): the interactive pairing
+    needs them, since click-to-mask segments any object the annotator names, not only the schema's classes."""
+
+    tag: str  # "BrushLabels" | "KeyPointLabels" | "RectangleLabels"
+    name: str
+    to_name: str
+    value_key: str
+    labels: tuple[str, ...]
+    smart: bool = False  # smart="true" / smartOnly="true": Label Studio sends its regions as prompts
+
+
+@dataclass(frozen=True)
+class InteractivePlan:
+    """The prompt tools of a config (``KeyPointLabels`` / ``RectangleLabels`` on an ``Image``) and the
+    ``BrushLabels`` that answer them. Present whenever a config has a smart prompt tool, paired or not, so
+    that the backend can say what is missing instead of answering nothing."""
+
+    prompts: tuple[RegionControl, ...]
+    brushes: tuple[RegionControl, ...]  # every BrushLabels on an Image
+
+    def prompt(self, name: str) -> RegionControl | None:
+        return next((p for p in self.prompts if p.name == name), None)
+
+    def brush_for(self, to_name: str, label: str) -> RegionControl | None:
+        """The BrushLabels on image ``to_name`` that offers ``label`` (the first, when several do)."""
+        return next((b for b in self.brushes if b.to_name == to_name and label in b.labels), None)
+
+    @property
+    def problem(self) -> str | None:
+        """Why no click can be answered (no BrushLabels on the prompts' image, no shared label), or None."""
+        smart = [p for p in self.prompts if p.smart]
+        for p in smart:
+            brushes = [b for b in self.brushes if b.to_name == p.to_name]
+            if not brushes:
+                return f"{p.tag} {p.name!r} has no BrushLabels on image {p.to_name!r} to answer with"
+            if not set(p.labels) & {label for b in brushes for label in b.labels}:
+                return f"{p.tag} {p.name!r} shares no label with the BrushLabels on image {p.to_name!r}"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prompts": [{"name": p.name, "tag": p.tag, "smart": p.smart} for p in self.prompts],
+            "brush": [b.name for b in self.brushes],
+            "problem": self.problem,
+        }
+
+
 @dataclass
 class ConfigPlan:
     """Everything the backend learned from one labeling config."""
@@ -92,6 +148,7 @@ class ConfigPlan:
     controls: list[ControlPlan]
     unknown_labels: list[dict[str, str]]  # {"control", "label"} the model cannot predict
     skipped_controls: list[dict[str, str]]  # {"control", "tag", "reason"}
+    interactive: InteractivePlan | None = None  # None: no smart KeyPointLabels / RectangleLabels
 
     @property
     def image_controls(self) -> list[ControlPlan]:
@@ -116,6 +173,7 @@ class ConfigPlan:
             ],
             "unknown_labels": self.unknown_labels,
             "skipped_controls": self.skipped_controls,
+            **({"interactive": self.interactive.summary()} if self.interactive is not None else {}),
         }
 
 
@@ -173,6 +231,7 @@ def parse_label_config(xml: str, schema: LabelSchema) -> ConfigPlan:
     controls: list[ControlPlan] = []
     unknown: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
+    regions: list[RegionControl] = []  # labels controls on images, for the interactive pairing
     for el in root.iter():
         tag = el.tag
         low = tag.lower()
@@ -198,7 +257,13 @@ def parse_label_config(xml: str, schema: LabelSchema) -> ConfigPlan:
             "object_tag": otag,
             "value_key": _object_key(obj),
         }
-        if low in {"brushlabels", "polygonlabels"} and otag == "image":
+        region = _region_control(el, base) if low in _REGION_TAGS and otag == "image" else None
+        if region is not None:
+            regions.append(region)
+        if region is not None and region.smart and low in _PROMPT_TAGS:
+            reason = "interactive prompt: answered with a BrushLabels region"
+            skipped.append({"control": name, "tag": tag, "reason": reason})
+        elif low in {"brushlabels", "polygonlabels"} and otag == "image":
             labels, missing = _map_labels(el, "Label", schema.has_class, schema.class_id)
             unknown += [{"control": name, "label": m} for m in missing]
             if labels:
@@ -230,7 +295,32 @@ def parse_label_config(xml: str, schema: LabelSchema) -> ConfigPlan:
                 skipped.append({"control": name, "tag": tag, "reason": reason})
         else:
             skipped.append({"control": name, "tag": tag, "reason": f"{tag} on {obj.tag} is not predicted"})
-    return ConfigPlan(controls=controls, unknown_labels=unknown, skipped_controls=skipped)
+    prompts = tuple(r for r in regions if r.tag.lower() in _PROMPT_TAGS)
+    interactive = None
+    if any(p.smart for p in prompts):
+        brushes = tuple(r for r in regions if r.tag.lower() == "brushlabels")
+        interactive = InteractivePlan(prompts=prompts, brushes=brushes)
+    return ConfigPlan(
+        controls=controls, unknown_labels=unknown, skipped_controls=skipped, interactive=interactive
+    )
+
+
+_PROMPT_TAGS = {"keypointlabels", "rectanglelabels"}
+_REGION_TAGS = _PROMPT_TAGS | {"brushlabels"}
+_TRUE = {"true", "1", "yes"}
+
+
+def _region_control(el: Element, base: dict[str, str]) -> RegionControl:
+    labels = tuple(v for v in (item.get("value") for item in el.iter("Label")) if v is not None)
+    smart = any((el.get(a) or "").strip().lower() in _TRUE for a in ("smart", "smartOnly"))
+    return RegionControl(
+        tag=base["tag"],
+        name=base["name"],
+        to_name=base["to_name"],
+        value_key=base["value_key"],
+        labels=labels,
+        smart=smart,
+    )
 
 
 def _map_labels(el: Element, child: str, has: Any, find: Any) -> tuple[dict[int, str], list[str]]:
@@ -293,12 +383,30 @@ def _hex(color: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*color)
 
 
-def image_config(schema: LabelSchema = DEFAULT_SCHEMA) -> str:
-    """Brush masks per class, CVS criteria (multiple choice), frame phase (single choice)."""
+#: control names of the interactive prompt tools in the image config we generate
+CLICK_CONTROL, BOX_CONTROL = "click", "box"
+
+
+def image_config(schema: LabelSchema = DEFAULT_SCHEMA, interactive: bool = False) -> str:
+    """Brush masks per class, CVS criteria (multiple choice), frame phase (single choice).
+
+    ``interactive``: add smart ``KeyPointLabels`` (clicks; Alt+click for a negative one) and
+    ``RectangleLabels`` (boxes) with the brush's labels, so that with an interactive ML backend and
+    Auto-Annotation on a click or a box comes back as the object's mask under the same label."""
     labels = "\n".join(
         f"    <Label value={quoteattr(c.name)} background={quoteattr(_hex(c.color))}/>"
         for c in schema.classes
     )
+    prompts = ""
+    if interactive:
+        prompts = f"""
+  <Header value="Click or box an object (Auto-Annotation on; Alt+click: negative)"/>
+  <KeyPointLabels name="{CLICK_CONTROL}" toName="image" smart="true" strokeWidth="3">
+{labels}
+  </KeyPointLabels>
+  <RectangleLabels name="{BOX_CONTROL}" toName="image" smart="true" strokeWidth="2">
+{labels}
+  </RectangleLabels>"""
     cvs = "\n".join(f"    <Choice value={quoteattr(c.key)} hint={quoteattr(c.name)}/>" for c in schema.cvs)
     phases = "\n".join(f"    <Choice value={quoteattr(p.name)}/>" for p in schema.phases)
     return f"""<View>
@@ -306,7 +414,7 @@ def image_config(schema: LabelSchema = DEFAULT_SCHEMA) -> str:
   <Image name="image" value="$image" zoom="true" zoomControl="true"/>
   <BrushLabels name="mask" toName="image">
 {labels}
-  </BrushLabels>
+  </BrushLabels>{prompts}
   <Header value="Critical view of safety"/>
   <Choices name="cvs" toName="image" choice="multiple" showInline="true">
 {cvs}
@@ -339,10 +447,18 @@ def video_config(schema: LabelSchema = DEFAULT_SCHEMA, frame_rate: float = 25.0)
 """
 
 
-def label_config(kind: str, schema: LabelSchema = DEFAULT_SCHEMA, frame_rate: float = 25.0) -> str:
-    """The config for ``kind`` ("image" or "video")."""
+def label_config(
+    kind: str, schema: LabelSchema = DEFAULT_SCHEMA, frame_rate: float = 25.0, interactive: bool = False
+) -> str:
+    """The config for ``kind`` ("image" or "video"); ``interactive`` adds click/box prompt tools (images
+    only: Label Studio's interactive mode works on an ``<Image>``)."""
+    if kind not in KINDS:
+        raise LabelConfigError(f"unknown config kind {kind!r}", f"use one of {KINDS}")
+    if interactive and kind != "image":
+        raise LabelConfigError(
+            f"interactive mode needs an image config, not {kind!r}",
+            "use --kind image --interactive (clicks and boxes are drawn on frames, not on a video)",
+        )
     if kind == "image":
-        return image_config(schema)
-    if kind == "video":
-        return video_config(schema, frame_rate)
-    raise LabelConfigError(f"unknown config kind {kind!r}", f"use one of {KINDS}")
+        return image_config(schema, interactive=interactive)
+    return video_config(schema, frame_rate)

@@ -1,0 +1,399 @@
+"""Label Studio's interactive mode in the backend: ``params.context`` (keypoints with ``is_positive``,
+rectangles, as LS 1.23.2 sends them: label-studio.md §4.4) -> a core Prompt -> the clicked object's
+``brushlabels`` region under the label the annotator chose.
+
+The parsing tests need no model; the ``/predict`` tests run the real :class:`ClickSegmenter` on a random-init
+backbone and a synthetic frame through Flask's test client. The same route against a real Label Studio is
+``tests/integration/test_label_studio_interactive.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
+from surgenet_assist.backend.config import parse_label_config
+from surgenet_assist.backend.interactive import (
+    ClickSegmenters,
+    InteractiveError,
+    InteractiveUnavailable,
+    context_regions,
+    read_context,
+)
+from surgenet_assist.backend.labeling_configs import image_config, label_config
+from surgenet_assist.backend.media import MediaError
+from surgenet_assist.core.encoders import brush_rle_to_mask
+from surgenet_assist.core.formats.ls_config import LabelConfigError
+from surgenet_assist.core.schema import DEFAULT_SCHEMA
+
+H, W = 120, 160
+CONFIG = image_config(interactive=True)
+URL = "/data/upload/1/frame.png"
+
+
+def keypoint(x: float, y: float, label: str = "Liver", positive: bool = True, **extra) -> dict:
+    """A keypoint region exactly as Label Studio 1.23.2 puts it in ``params.context.result``."""
+    region = {
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
+        "is_positive": positive,
+        "id": f"kp{x}-{y}",
+        "from_name": "click",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
+    region.update(extra)
+    return region
+
+
+def rectangle(x: float, y: float, w: float, h: float, label: str = "Liver", **value) -> dict:
+    return {
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]} | value,
+        "id": f"box{x:g}",
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+    }
+
+
+def plan(cfg: str = CONFIG):
+    return parse_label_config(cfg, DEFAULT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the config
+# ---------------------------------------------------------------------------------------------------------
+def test_interactive_config_pairs_brush_with_smart_prompts_of_the_same_labels():
+    p = plan()
+    assert p.interactive is not None and p.interactive.problem is None
+    brush = {c.name: c for c in p.interactive.brushes}["mask"]
+    prompts = {c.name: c for c in p.interactive.prompts}
+    assert set(prompts) == {"click", "box"} and all(c.smart for c in prompts.values())
+    assert prompts["click"].tag == "KeyPointLabels" and prompts["box"].tag == "RectangleLabels"
+    assert prompts["click"].labels == prompts["box"].labels == brush.labels
+    assert set(brush.labels) == {c.name for c in DEFAULT_SCHEMA.classes}
+    # the prompts are never predicted (the translator skips their regions in annotations) ...
+    assert {s["control"] for s in p.skipped_controls} == {"click", "box"}
+    # ... and the ordinary pre-annotation is unchanged
+    assert [c.name for c in p.controls] == [c.name for c in plan(image_config()).controls]
+    assert p.summary()["interactive"]["brush"] == ["mask"]
+    assert plan(image_config()).interactive is None
+
+
+def test_interactive_config_problem_without_brush():
+    cfg = """<View><Image name="img" value="$image"/>
+      <KeyPointLabels name="kp" toName="img" smart="true"><Label value="Liver"/></KeyPointLabels></View>"""
+    p = plan(cfg)
+    assert "no BrushLabels" in p.interactive.problem
+    with pytest.raises(InteractiveError, match="no BrushLabels on image 'img'") as err:
+        read_context([keypoint(10, 10, from_name="kp", to_name="img")], p)
+    assert "--interactive" in err.value.hint
+
+
+def test_interactive_video_config_is_refused():
+    with pytest.raises(LabelConfigError, match="image"):
+        label_config("video", interactive=True)
+
+
+def test_cli_prints_the_interactive_config_and_refuses_video():
+    from surgenet_assist.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["ls", "config", "--kind", "image", "--interactive"])
+    assert res.exit_code == 0, res.output
+    assert res.output == CONFIG
+    assert 'smart="true"' in res.output
+    assert "<KeyPointLabels" in res.output and "<RectangleLabels" in res.output
+    res = runner.invoke(app, ["ls", "config", "--kind", "video", "--interactive"])
+    assert res.exit_code == 2 and "--interactive needs --kind image" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# params.context -> prompt
+# ---------------------------------------------------------------------------------------------------------
+def test_no_context_means_the_ordinary_predict():
+    for params in (None, {}, {"context": None}, {"context": {}}, {"context": {"result": []}}):
+        assert context_regions(params) is None
+    assert context_regions({"context": {"result": [keypoint(1, 2)]}}) == [keypoint(1, 2)]
+    for bad in ({"context": "x"}, {"context": {"result": "x"}}, {"context": {"result": [1]}}):
+        with pytest.raises(InteractiveError):
+            context_regions(bad)
+
+
+def test_keypoints_positive_and_negative_in_pixels():
+    parsed = read_context([keypoint(25.0, 50.0), keypoint(75.0, 10.0, positive=False)], plan())
+    assert parsed.label == "Liver" and parsed.brush.name == "mask" and parsed.to_name == "image"
+    prompt = parsed.prompt(H, W)
+    assert [(c.row, c.col, c.positive) for c in prompt.clicks] == [(60.0, 40.0, True), (12.0, 120.0, False)]
+    assert prompt.box is None
+    prompt.validate(H, W)
+    # a keypoint without is_positive is an ordinary click; one on the far border stays inside the image
+    far = keypoint(100.0, 100.0)
+    del far["is_positive"]
+    click = read_context([far], plan()).prompt(H, W).clicks[0]
+    assert click.positive and click.row < H and click.col < W
+
+
+def test_rectangle_is_the_box_and_the_newest_wins():
+    regions = [rectangle(0, 0, 50, 50), keypoint(30, 30), rectangle(10.0, 25.0, 50.0, 50.0)]
+    prompt = read_context(regions, plan()).prompt(H, W)
+    b = prompt.box
+    assert (b.top, b.left, b.bottom, b.right) == (30.0, 16.0, 90.0, 96.0)
+    assert len(prompt.clicks) == 1
+    only_box = read_context([rectangle(10.0, 25.0, 50.0, 50.0)], plan()).prompt(H, W)
+    assert only_box.clicks == () and only_box.box == b
+
+
+def test_the_newest_label_is_the_object_and_other_labels_are_ignored():
+    regions = [keypoint(10, 10, "Liver"), keypoint(20, 20, "Gallbladder")]
+    regions.append(keypoint(30, 30, "Gallbladder", positive=False))
+    parsed = read_context(regions, plan())
+    assert parsed.label == "Gallbladder"
+    assert [(x, y, pos) for x, y, pos in parsed.clicks] == [(20.0, 20.0, True), (30.0, 30.0, False)]
+    # other region types (e.g. an accepted brush) are not prompts
+    brush = {"type": "brushlabels", "from_name": "mask", "to_name": "image", "value": {"rle": [1]}}
+    assert read_context([brush, keypoint(10, 10)], plan()).label == "Liver"
+
+
+@pytest.mark.parametrize(
+    ("regions", "match"),
+    [
+        ([keypoint(10, 10, "Kidney")], "label 'Kidney' is not offered by the BrushLabels"),
+        ([{"type": "brushlabels", "from_name": "mask", "value": {}}], "no keypoint and no rectangle"),
+        ([keypoint(120.0, 10)], r"value.x = 120.0 is not a percentage"),
+        ([keypoint(10, -3)], r"value.y = -3 is not a percentage"),
+        ([keypoint(10, None)], r"value.y = None"),
+        ([keypoint(10, 10, image_rotation=90)], "rotated by 90 degrees"),
+        ([rectangle(10, 10, 20, 20, rotation=30)], "box is rotated by 30"),
+        ([rectangle(60, 10, 50, 20)], "reaches past the image"),
+        ([rectangle(10, 10, 0, 20)], "box is empty"),
+        ([keypoint(10, 10, from_name="other")], "'other' is not a KeyPointLabels or RectangleLabels"),
+        ([keypoint(10, 10, is_positive="yes")], "is_positive = 'yes'"),
+        ([{**keypoint(10, 10), "value": {"x": 10, "y": 10, "keypointlabels": []}}], "has no label"),
+    ],
+)
+def test_bad_context_is_a_clear_error(regions, match):
+    with pytest.raises(InteractiveError, match=match) as err:
+        read_context(regions, plan())
+    assert err.value.hint
+
+
+def test_config_without_smart_tools_refuses_clicks():
+    with pytest.raises(InteractiveError, match="no smart KeyPointLabels") as err:
+        read_context([keypoint(10, 10)], plan(image_config()))
+    assert "--interactive" in err.value.hint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# /predict with the real engine
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def segmenter():
+    from surgenet_assist.core.backbone import load_backbone
+    from surgenet_assist.core.interactive import ClickSegmenter
+
+    return ClickSegmenter(load_backbone(random_init=True), short_side=128)
+
+
+@pytest.fixture(scope="module")
+def frame(tmp_path_factory):
+    """A synthetic frame on disk and its exact class mask."""
+    from surgenet_assist.core.synthetic import generate_clip
+
+    clip = generate_clip(3, 1, H, W)
+    path = tmp_path_factory.mktemp("interactive") / "frame.png"
+    cv2.imwrite(str(path), cv2.cvtColor(clip.frames[0], cv2.COLOR_RGB2BGR))
+    return path, clip.masks[0]
+
+
+def _fetch(path: Path):
+    def fetch(url, task_id=None):
+        if url != URL:
+            raise MediaError(f"cannot fetch {url}: HTTP 404 (not found)", url=url)
+        return path
+
+    return fetch
+
+
+@pytest.fixture()
+def client(segmenter, frame):
+    settings = BackendSettings(extra={"open_store": False})
+    return create_app(settings, fetch=_fetch(frame[0]), click_segmenter=segmenter).test_client()
+
+
+def body(regions, url: str = URL, cfg: str = CONFIG) -> dict:
+    """The interactive ``/predict`` body as Label Studio 1.23.2 sends it (label-studio.md §4.4)."""
+    return {
+        "tasks": [{"id": 7, "data": {"image": url}, "annotations": [], "predictions": [], "drafts": []}],
+        "project": "1.1795623120",
+        "label_config": cfg,
+        "params": {"login": None, "password": None, "context": {"result": regions}},
+    }
+
+
+def post(client, data):
+    return client.post("/predict", data=json.dumps(data), content_type="application/json")
+
+
+def _centre_click(gt: np.ndarray) -> tuple[float, float]:
+    """(x %, y %) of the object's most interior pixel."""
+    depth = cv2.distanceTransform(np.pad(gt.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(depth.argmax()), depth.shape)
+    return (x + 0.5) / W * 100, (y + 0.5) / H * 100
+
+
+def _decode(region: dict) -> np.ndarray:
+    alpha = brush_rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+    return alpha == 255
+
+
+def test_click_returns_the_objects_brush_region(client, segmenter, frame):
+    _, masks = frame
+    cid = int(np.bincount(masks.ravel()).argmax())
+    label = DEFAULT_SCHEMA.classes[cid].name
+    x, y = _centre_click(masks == cid)
+    res = post(client, body([keypoint(x, y, label)]))
+    assert res.status_code == 200, res.get_json()
+    data = res.get_json()
+    assert len(data["results"]) == 1
+    pred = data["results"][0]
+    assert data["model_version"] == pred["model_version"] == segmenter.model_version
+    assert pred["model_version"].startswith("clicks-day-one-")
+    (region,) = pred["result"]
+    assert region["type"] == "brushlabels" and region["from_name"] == "mask" and region["to_name"] == "image"
+    assert region["value"]["brushlabels"] == [label] and region["value"]["format"] == "rle"
+    assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
+    assert 0.0 < region["score"] <= 1.0 and 0.0 < pred["score"] <= 1.0
+    mask = _decode(region)
+    assert mask.shape == (H, W) and mask.any()
+    assert mask[int(y / 100 * H), int(x / 100 * W)], "the clicked pixel is in the mask"
+    from label_studio_sdk.label_interface import LabelInterface
+
+    assert LabelInterface(CONFIG).validate_prediction(pred, return_errors=True) == []
+
+
+def test_negative_click_removes_a_false_region(client, frame):
+    _, masks = frame
+    cid = int(np.bincount(masks.ravel()).argmax())
+    label = DEFAULT_SCHEMA.classes[cid].name
+    x, y = _centre_click(masks == cid)
+    first = _decode(post(client, body([keypoint(x, y, label)])).get_json()["results"][0]["result"][0])
+    wrong = first & (masks != cid)
+    if not wrong.any():  # the first click was perfect: a negative click inside the object must still cut
+        wrong = first.copy()
+        wrong[int(y / 100 * H), int(x / 100 * W)] = False
+    nx, ny = _centre_click(wrong)
+    regions = [keypoint(x, y, label), keypoint(nx, ny, label, positive=False)]
+    res = post(client, body(regions))
+    assert res.status_code == 200, res.get_json()
+    result = res.get_json()["results"][0]["result"]
+    second = _decode(result[0]) if result else np.zeros((H, W), bool)
+    assert not second[int(ny / 100 * H), int(nx / 100 * W)], "the negative click's pixel is out"
+    assert (second != first).any()
+
+
+def test_box_prompt(client, frame):
+    res = post(client, body([rectangle(20, 20, 40, 50, "Fat")]))
+    assert res.status_code == 200, res.get_json()
+    (region,) = res.get_json()["results"][0]["result"]
+    assert region["value"]["brushlabels"] == ["Fat"]
+    assert _decode(region).shape == (H, W)
+
+
+def test_bad_context_is_a_400_with_detail_and_hint(client):
+    res = post(client, body([keypoint(10, 10, "Kidney")]))
+    assert res.status_code == 400
+    err = res.get_json()
+    assert err["error"] == "bad_interactive_context" and "Kidney" in err["detail"] and err["hint"]
+    res = post(client, body([keypoint(150, 10)]))
+    assert res.status_code == 400 and "not a percentage" in res.get_json()["detail"]
+    bad = body([keypoint(10, 10)])
+    bad["params"]["context"] = "clicks"
+    assert post(client, bad).status_code == 400
+    res = post(client, body([keypoint(10, 10)], cfg=image_config()))
+    assert res.status_code == 400 and "no smart KeyPointLabels" in res.get_json()["detail"]
+
+
+def test_unfetchable_image_is_a_422_naming_the_url(client):
+    res = post(client, body([keypoint(10, 10)], url="/data/upload/1/missing.png"))
+    assert res.status_code == 422
+    err = res.get_json()
+    assert err["error"] == "media_unavailable" and "missing.png" in err["detail"] and err["hint"]
+
+
+def test_empty_context_keeps_the_ordinary_predict(client):
+    data = body([])
+    res = post(client, data)
+    assert res.status_code == 200
+    assert res.get_json()["results"] == [{"model_version": NO_MODEL_VERSION, "score": 0.0, "result": []}]
+    data["params"]["context"] = None
+    assert post(client, data).get_json()["model_version"] == NO_MODEL_VERSION
+
+
+def test_without_an_engine_clicks_get_a_503_that_says_why(frame):
+    settings = BackendSettings(extra={"open_store": False})
+    off = create_app(settings, fetch=_fetch(frame[0])).test_client()
+    res = post(off, body([keypoint(10, 10)]))
+    assert res.status_code == 503 and "not enabled" in res.get_json()["detail"]
+
+    def no_weights(_settings):
+        from surgenet_assist.core.errors import WeightsNotAvailableError
+
+        raise WeightsNotAvailableError("SurgeNetXL weights are not cached", "download them")
+
+    broken = create_app(settings, fetch=_fetch(frame[0]), click_segmenter_factory=no_weights).test_client()
+    res = post(broken, body([keypoint(10, 10)]))
+    err = res.get_json()
+    assert res.status_code == 503 and "not cached" in err["detail"] and "weights download" in err["hint"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# which engine answers a project
+# ---------------------------------------------------------------------------------------------------------
+class _FakeHead:
+    def eval(self):
+        return self
+
+
+class _FakeStore:
+    def __init__(self, rows: dict):
+        self.rows = rows
+        self.reads = 0
+
+    def model_versions(self, task=None, status=None, *, project=None, all_projects=False):
+        self.reads += 1
+        return list(self.rows.get(project, []))
+
+
+def test_a_project_with_a_learned_click_head_gets_its_own_engine(segmenter, monkeypatch):
+    import surgenet_assist.core.interactive.serving as serving
+
+    row = {"version": "click-7", "bundle_path": "/heads/7", "updated_at": 1, "created_at": 1, "metrics": {}}
+    store = _FakeStore({"label-studio-3": [row]})
+    monkeypatch.setattr(serving, "serving_click_head", lambda *a, **k: (_FakeHead(), "click-7"))
+    clicks = ClickSegmenters(segmenter, store=store, poll_s=60.0)
+    learned = clicks.for_project("label-studio-3")
+    assert learned is not segmenter and learned.model_version == "click-7"
+    assert learned.backbone is segmenter.backbone, "the backbone is shared, not loaded again"
+    assert clicks.for_project("label-studio-4") is segmenter  # no head yet: day one
+    reads = store.reads
+    assert clicks.for_project("label-studio-3") is learned and store.reads == reads  # polled, not re-read
+    assert segmenter.model_version.startswith("clicks-day-one-")
+
+
+def test_no_engine_configured_raises():
+    with pytest.raises(InteractiveUnavailable, match="not enabled"):
+        ClickSegmenters().for_project(None)
