@@ -606,16 +606,18 @@ def create_app(
             results, version = interactive_predictions(
                 tasks, plan, regions, segmenter, fetch, store_project
             )
-        except InteractiveUnavailable as exc:
-            raise _BadRequest("interactive_unavailable", exc.message, exc.hint, status=503) from None
-        except InteractiveError as exc:
-            raise _BadRequest("bad_interactive_context", exc.message, exc.hint) from None
-        except MediaError as exc:
-            raise _BadRequest(
-                "media_unavailable", _redact_url(exc.message) or exc.message, exc.hint, status=422
-            ) from None
-        except SurgenetAssistError as exc:  # PromptError: a click or box the engine cannot use
-            raise _BadRequest("bad_interactive_context", exc.message, exc.hint) from None
+        except SurgenetAssistError as exc:
+            error, status = (
+                ("interactive_unavailable", 503)
+                if isinstance(exc, InteractiveUnavailable)
+                else ("media_unavailable", 422)
+                if isinstance(exc, MediaError)
+                else ("bad_interactive_context", 400)  # InteractiveError, or the engine's PromptError
+            )
+            detail = _redact_url(exc.message) or exc.message
+            # Label Studio shows the annotator only "<status> Client Error"; the log says what and how to fix
+            log.warning("interactive /predict refused (%s): %s Fix: %s", error, detail, exc.hint)
+            raise _BadRequest(error, detail, exc.hint, status=status) from None
         metrics.tasks.inc(len(tasks))
         for res in results:
             for _region in res["result"]:
