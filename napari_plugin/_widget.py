@@ -7,7 +7,9 @@ only wires them, the napari layers and the keyboard shortcuts to two Qt-free obj
 - :class:`.edits.ClipEdits` — the clip's working labels, what is uncommitted, the merge and commit rules.
 
 Background jobs (pre-annotate, propagate) go through one helper, :meth:`SurgeNetAssistWidget._start_job`, a
-napari ``create_worker`` with a progress bar in the activity panel. Layers are only touched on the main thread
+napari ``create_worker`` with a progress bar in the activity panel. Click-to-mask (:mod:`.interactive`) keeps
+its own layers and runs its engine calls on workers of their own, outside that one job slot, so a click
+preview never waits for a pre-annotation. Layers are only touched on the main thread
 (``yielded``/``returned`` signals); the worker only runs the model and writes prediction rows. The phase
 timeline under the canvas is the one custom Qt widget (:mod:`._timeline`): magicgui has no timeline. Qt is
 touched directly in two more places where magicgui has no option: word wrap on long labels, and the yes/no
@@ -45,6 +47,7 @@ from surgenet_assist.core.store import CHAMPION
 from ._reader import SOURCE_KEY
 from ._timeline import PhaseTimeline
 from .edits import COMMIT_SCOPES, DIRECTIONS, OPEN_A_CLIP, SCOPES, ClipEdits, ReviewError
+from .interactive import POINTS_LAYER, PREVIEW_LAYER, ClickTool, merge_object
 from .session import EXPORT_FORMATS, CachedPrediction, Clip, ModelChoice, ReviewSession, plugin_settings
 
 if TYPE_CHECKING:
@@ -55,6 +58,11 @@ SHORTCUTS = {
     "commit": "Shift-C",
     "next": "N",
     "previous": "Shift-N",
+    # click-to-mask (micro-sam's keys, except clear: Shift+C is Commit here)
+    "click_toggle": "T",
+    "click_accept": "C",
+    "click_undo": "U",
+    "click_clear": "Shift-X",
     **{f"phase{i}": f"Alt-{i + 1}" for i in range(len(DEFAULT_SCHEMA.phases))},
 }
 
@@ -118,9 +126,11 @@ def _user_action(failed: str | None = None) -> Callable[[F], F]:
 
 
 class SurgeNetAssistWidget(Container):
-    """Dock widget; one per viewer. ``preannotation_finished`` fires on the main thread when a job ends."""
+    """Dock widget; one per viewer. ``preannotation_finished`` fires on the main thread when a job ends,
+    ``click_preview`` when a click's preview is shown (or its engine call failed)."""
 
     preannotation_finished = Signal(object)
+    click_preview = Signal(object)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, session: ReviewSession | None = None) -> None:
         super().__init__(labels=False)
@@ -142,6 +152,7 @@ class SurgeNetAssistWidget(Container):
         self._choices: list[ModelChoice] = []
         self._stop = threading.Event()
         self._updating = False
+        self.clicks = ClickTool(self, on_preview=lambda: self.click_preview.emit(self))
         self._build_ui()
         self._bind_keys(self.viewer)
         self.viewer.dims.events.current_step.connect(self._on_step)
@@ -199,6 +210,33 @@ class SurgeNetAssistWidget(Container):
             ),
             self.uncertainty_check,
         )
+        # click-to-mask: one object at a time, previewed live, accepted under the selected class
+        self.click_btn = PushButton(text="Click on objects",
+                                    tooltip=f"Select the '{POINTS_LAYER}' layer in add mode")
+        self.click_btn.clicked.connect(lambda *_: self.start_clicking())
+        self.click_kind_btn = PushButton(text=f"Next click: positive [{SHORTCUTS['click_toggle']}]")
+        self.click_kind_btn.clicked.connect(lambda *_: self.toggle_click())
+        self.accept_btn = PushButton(text=f"Accept [{SHORTCUTS['click_accept']}]",
+                                     tooltip="Write the object into the segmentation as the selected label")
+        self.accept_btn.clicked.connect(lambda *_: self.accept_object())
+        self.undo_click_btn = PushButton(text=f"Undo click [{SHORTCUTS['click_undo']}]")
+        self.undo_click_btn.clicked.connect(lambda *_: self.undo_click())
+        self.clear_btn = PushButton(text=f"Clear [{SHORTCUTS['click_clear']}]")
+        self.clear_btn.clicked.connect(lambda *_: self.clear_clicks())
+        self.undo_edit_btn = PushButton(text="Undo edit", tooltip="Undo the segmentation layer's last edit "
+                                        "(an accepted object or a brush stroke), like Ctrl+Z")
+        self.undo_edit_btn.clicked.connect(lambda *_: self.undo_edit())
+        self.propagate_object_btn = PushButton(
+            text="Propagate object",
+            tooltip="Carry the accepted object to the next/previous N frames (the Propagate row's choices)",
+        )
+        self.propagate_object_btn.clicked.connect(lambda *_: self.propagate_object())
+        clicks = _section(
+            "Click to segment",
+            _box(self.click_btn, self.click_kind_btn),
+            _box(self.accept_btn, self.undo_click_btn, self.clear_btn),
+            _box(self.undo_edit_btn, self.propagate_object_btn),
+        )
         # legend
         cells = [
             f"<td><span style='background-color: rgb{c.color}'>&nbsp;&nbsp;&nbsp;</span> {c.id} {c.name}"
@@ -250,7 +288,7 @@ class SurgeNetAssistWidget(Container):
             _box(self.export_combo, self.export_btn),
             self.status,
         )
-        self.extend([model, clip, legend, phase, cvs, review])
+        self.extend([model, clip, clicks, legend, phase, cvs, review])
         # timeline docked under the canvas: the one custom Qt widget (magicgui has no timeline)
         self.timeline = PhaseTimeline(self.schema)
         self.timeline.frame_clicked.connect(self.goto)
@@ -363,6 +401,7 @@ class SurgeNetAssistWidget(Container):
 
     def _clear_clip(self) -> None:
         self.clip = self.edits = self.image_layer = self.labels_layer = self.uncertainty_layer = None
+        self.clicks.state = None  # its layers stay until the next clip replaces them (inside a layer event)
 
     def set_clip(self, layer: Any) -> bool:
         """Make ``layer`` (a video opened by the reader) the clip under review; False if the user kept the
@@ -387,6 +426,7 @@ class SurgeNetAssistWidget(Container):
         self.uncertainty_layer = None
         for ly in (self.image_layer, self.labels_layer):
             self._bind_keys(ly)
+        self.clicks.attach(clip.height, clip.width, n)
         for s, value in ((self.start_spin, 0), (self.end_spin, n - 1)):
             with s.changed.blocked():
                 s.max = n - 1
@@ -533,7 +573,7 @@ class SurgeNetAssistWidget(Container):
         worker.finished.connect(self._on_worker_finished)
         self.worker, self._job = worker, what
         self.run_btn.enabled = False
-        self.propagate_btn.enabled = False
+        self.propagate_btn.enabled = self.propagate_object_btn.enabled = False
         self.cancel_btn.enabled = True
         worker.start()
         return worker
@@ -548,7 +588,7 @@ class SurgeNetAssistWidget(Container):
     def _on_worker_finished(self) -> None:
         self.worker = None
         self.run_btn.enabled = True
-        self.propagate_btn.enabled = True
+        self.propagate_btn.enabled = self.propagate_object_btn.enabled = True
         self.cancel_btn.enabled = False
         if self.labels_layer is not None:
             self.labels_layer.refresh()
@@ -610,6 +650,84 @@ class SurgeNetAssistWidget(Container):
         )
         self._say(f"Propagating frame {f}'s mask to {len(targets)} frame(s)…")
         return worker
+
+    @_user_action("Propagation failed")
+    def propagate_object(self, direction: str | None = None, n: int | None = None) -> Any:
+        """Carry the last accepted click object to the next/previous ``n`` frames (background worker).
+
+        Only the pixels the propagated object covers take its class; the rest of each frame keeps its labels,
+        and frames the clinician edited or committed are left alone. The results are reviewed like any
+        propagation and stored as ``propagation-from-<frame>-class-<id>`` predictions."""
+        edits = self._require_clip()
+        obj = self.clicks.accepted_object()
+        direction = direction or self.propagate_dir.value
+        targets = edits.propagation_targets(obj.frame, direction, int(n or self.propagate_n.value))
+        keymask = obj.mask.astype(np.uint8) * np.uint8(obj.class_id)
+        base = {t: edits.masks[t].copy() for t in targets}  # what the stored predictions are merged into
+        session, clip, choice = self.session, edits.clip, self.model_choice
+        version = f"propagation-from-{obj.frame}-class-{obj.class_id}"
+
+        def job(stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+            predictor = session.predictor(choice)
+            yield from session.propagate_frames(
+                clip, predictor, obj.frame, keymask, targets, should_stop=stop.is_set, version=version,
+                finish=lambda f, m: merge_object(base[f], m == obj.class_id, obj.class_id),
+            )
+            return version
+
+        worker = self._start_job(
+            "Propagation", job, total=len(targets), desc=f"Propagating the object to {len(targets)} frame(s)",
+            on_item=lambda frame, m: self._apply_propagated(edits, frame, m),
+            on_done=lambda v: self._say(f"Propagated the object ({v}). Review, correct, then commit."),
+        )
+        name = self.schema.classes[obj.class_id].name
+        self._say(f"Propagating the {name} object of frame {obj.frame} to {len(targets)} frame(s)…")
+        return worker
+
+    # --- click-to-mask (napari side: .interactive.ClickTool) -----------------------------------------
+    @_user_action()
+    def start_clicking(self) -> None:
+        """Select the click layer in add mode."""
+        self.clicks.activate()
+        self._say("Click on an object (positive); T switches to negative clicks; C accepts the object.")
+
+    @_user_action()
+    def toggle_click(self) -> str:
+        """Switch whether the next click is positive or negative."""
+        kind = self.clicks.toggle()
+        self.click_kind_btn.text = f"Next click: {kind} [{SHORTCUTS['click_toggle']}]"
+        self._say(f"Next click: {kind}.")
+        return kind
+
+    @_user_action()
+    def accept_object(self) -> Any:
+        """Write the previewed object into the segmentation under the selected label (one undoable edit)."""
+        self._require_clip()
+        obj = self.clicks.accept(int(self.labels_layer.selected_label))
+        self.labels_layer.refresh()
+        name = self.schema.classes[obj.class_id].name
+        self._say(
+            f"Accepted {int(obj.mask.sum())} px as {obj.class_id} {name} on frame {obj.frame} "
+            "(not committed). Undo edit reverts it; Propagate object carries it through the clip."
+        )
+        return obj
+
+    @_user_action()
+    def undo_click(self) -> None:
+        """Remove the newest click of the current object."""
+        self.clicks.undo_click()
+
+    @_user_action()
+    def clear_clicks(self) -> None:
+        """Drop the current object's clicks, box and preview."""
+        self.clicks.clear()
+        self._say(f"Cleared the clicks and the '{PREVIEW_LAYER}' preview.")
+
+    @_user_action()
+    def undo_edit(self) -> None:
+        """Undo the segmentation layer's last edit (an accepted object, a brush stroke), as Ctrl+Z does."""
+        self._require_clip()
+        self.labels_layer.undo()
 
     def _apply_prediction(self, edits: ClipEdits, frame: int, pred: CachedPrediction) -> None:
         if edits is not self.edits or self.labels_layer is None:
@@ -688,6 +806,10 @@ class SurgeNetAssistWidget(Container):
             "commit": lambda *_: self.commit(),
             "next": lambda *_: self.next_to_review(),
             "previous": lambda *_: self.previous(),
+            "click_toggle": lambda *_: self.toggle_click(),
+            "click_accept": lambda *_: self.accept_object(),
+            "click_undo": lambda *_: self.undo_click(),
+            "click_clear": lambda *_: self.clear_clicks(),
             **{f"phase{i}": (lambda *_, i=i: self.set_phase(i)) for i in range(len(self.schema.phases))},
         }
         for name, func in actions.items():

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema  # noqa: E40
 from surgenet_assist.core.store import (  # noqa: E402
     CANDIDATE,
     CHAMPION,
+    INTERACTIVE_TASK,
     PREVIOUS_CHAMPION,
     AnnotationInput,
     LabelRecord,
@@ -51,6 +52,9 @@ from surgenet_assist.core.store import (  # noqa: E402
 )
 from surgenet_assist.core.store.db import mask_url, resolve_url  # noqa: E402
 from surgenet_assist.core.timeline import runs  # noqa: E402
+
+if TYPE_CHECKING:
+    from surgenet_assist.core.interactive import ClickSegmenter
 
 PLUGIN = "surgenet-assist"
 UNTRAINED = "untrained (random-init)"
@@ -149,6 +153,8 @@ class ReviewSession:
         self._extra: list[ModelChoice] = []
         self._predictors: dict[tuple[str, int], Predictor] = {}
         self._cache: dict[str, dict[int, CachedPrediction]] = {}
+        self._segmenters: dict[tuple[str, int | None], ClickSegmenter] = {}
+        self._segmenter_lock = threading.Lock()
 
     # --- store -----------------------------------------------------------------------------------------
     @property
@@ -170,7 +176,12 @@ class ReviewSession:
     # --- models ----------------------------------------------------------------------------------------
     def model_choices(self) -> list[ModelChoice]:
         """Champion first, then other registered bundles (newest first), bundles picked by hand, untrained."""
-        rows = [r for r in self.store.model_versions() if r.get("bundle_path")]
+        # click heads (task "interactive") cannot segment a frame alone: they are served by click_segmenter
+        rows = [
+            r
+            for r in self.store.model_versions()
+            if r.get("bundle_path") and r.get("task") != INTERACTIVE_TASK
+        ]
         rank = {CHAMPION: 0, CANDIDATE: 2, PREVIOUS_CHAMPION: 3}
         rows.sort(key=lambda r: (rank.get(r["status"], 4), -r["created_at"].timestamp()))
         out = [ModelChoice(r["version"], r["bundle_path"], r["status"]) for r in rows]
@@ -212,6 +223,23 @@ class ReviewSession:
             )
         self._predictors[key] = pred
         return pred
+
+    def click_segmenter(self, choice: ModelChoice) -> ClickSegmenter:
+        """The click-to-mask engine on ``choice``'s backbone (created once; it caches per-frame features).
+
+        It serves the project's learned click head when the registry has one trained on this backbone,
+        otherwise the day-one level. Slow the first time (the model loads), so called in a worker thread."""
+        from surgenet_assist.core.interactive import ClickSegmenter
+        from surgenet_assist.core.interactive.serving import serving_click_head
+
+        key = (choice.bundle_path or UNTRAINED, self.short_side)
+        with self._segmenter_lock:
+            if key not in self._segmenters:
+                backbone = self.predictor(choice).model.backbone
+                served = serving_click_head(self.store, self.project, backbone_sha256=backbone.weights_sha256)
+                head, version = served if served is not None else (None, None)
+                self._segmenters[key] = ClickSegmenter(backbone, head=head, head_version=version)
+            return self._segmenters[key]
 
     # --- clips -----------------------------------------------------------------------------------------
     def open_clip(self, source: dict[str, Any]) -> Clip:
@@ -294,9 +322,14 @@ class ReviewSession:
         mask: np.ndarray,
         targets: Sequence[int],
         should_stop: Callable[[], bool] = lambda: False,
+        *,
+        version: str | None = None,
+        finish: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Carry ``mask`` from ``keyframe`` to ``targets`` by backbone feature similarity (no trained head
-        needed), store each result as a ``propagation-from-<keyframe>`` prediction, yield ``(frame, mask)``.
+        needed), store each result as a ``propagation-from-<keyframe>`` prediction (or ``version``), yield
+        ``(frame, mask)``. ``finish(frame, propagated)``, when given, turns the propagated mask into what is
+        stored and yielded (a propagated object merged into the frame's labels).
 
         Runs in a worker thread; stops between frames when ``should_stop()``. Frames after a similarity
         collapse (e.g. a camera cut) are not yielded."""
@@ -310,7 +343,7 @@ class ReviewSession:
         )
         prop = MaskPropagator(feats, self.schema.num_classes)
         result = prop.propagate({int(keyframe): np.asarray(mask, dtype=np.uint8)})
-        version = f"propagation-from-{int(keyframe)}"
+        version = version or f"propagation-from-{int(keyframe)}"
         with open_video(clip.path, fps=clip.fps) as video:
             for f in sorted(result, key=lambda i: abs(i - keyframe)):
                 if should_stop():
@@ -318,6 +351,8 @@ class ReviewSession:
                 if not result[f].reliable:
                     continue
                 full, _ = prop.to_mask(result[f], video.read_frame(f))
+                if finish is not None:
+                    full = finish(f, full)
                 self.store.ensure_frames(clip.video_id, [f])
                 self.store.add_predictions(
                     [
