@@ -397,3 +397,24 @@ def test_a_project_with_a_learned_click_head_gets_its_own_engine(segmenter, monk
 def test_no_engine_configured_raises():
     with pytest.raises(InteractiveUnavailable, match="not enabled"):
         ClickSegmenters().for_project(None)
+
+
+def test_an_annotation_that_keeps_its_prompt_keypoints_stores_only_the_mask():
+    """With auto-accept off the prompt keypoints stay in the annotation: the webhook stores the accepted brush
+    region and skips the keypoints (they are prompts, not labels)."""
+    from surgenet_assist.core.encoders import mask_to_brush_rle
+    from surgenet_assist.core.formats.label_studio import LabelStudioTranslator
+
+    mask = np.zeros((H, W), np.uint8)
+    mask[20:60, 30:90] = 255
+    brush = {
+        "id": "b1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "origin": "manual",
+        "original_width": W, "original_height": H, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Liver"]},
+    }  # fmt: skip
+    task = {"id": 1, "data": {"image": "/data/upload/1/video01_000010.png"}}
+    annotation = {"id": 5, "result": [keypoint(40, 30), keypoint(10, 10, positive=False), brush]}
+    labels, skipped = LabelStudioTranslator.for_config(CONFIG).read(task, annotation)
+    (label,) = labels
+    assert label.task == "segmentation" and label.frame_start == 10
+    assert len(skipped) == 2 and all("interactive prompt" in s for s in skipped)
