@@ -119,6 +119,9 @@ def test_cli_prints_the_interactive_config_and_refuses_video():
     assert "<KeyPointLabels" in res.output and "<RectangleLabels" in res.output
     res = runner.invoke(app, ["ls", "config", "--kind", "video", "--interactive"])
     assert res.exit_code == 2 and "--interactive needs --kind image" in res.output
+    args = ["ls", "setup-project", "--url", "http://127.0.0.1:1", "--api-key", "k", "--video", "a.mp4"]
+    res = runner.invoke(app, [*args, "--interactive"])
+    assert res.exit_code == 2 and "--interactive works on frame projects" in res.output
 
 
 # ---------------------------------------------------------------------------------------------------------
