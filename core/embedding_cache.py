@@ -28,6 +28,28 @@ from .video import FrameRecord, open_video
 
 _SAMPLE = 4 << 20
 
+Stages = tuple[np.ndarray, np.ndarray, np.ndarray]  # stride-8 (C, h, w), stride-16, embedding (D,)
+
+
+@torch.inference_mode()
+def image_stages(backbone: SurgeNetBackbone, image: np.ndarray, short_side: int) -> Stages:
+    """Backbone features of one RGB frame, resized exactly as :func:`compute_features` resizes video frames
+    (so a frame's features are the same whether they come from the cache or from a single image)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    th, tw = target_size(h, w, short_side)
+    x = torch.from_numpy(cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None]
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1) * 255
+    device = next(backbone.parameters()).device
+    stages = backbone(((x.float() - mean) / std).to(device))
+    return (
+        stages[1][0].half().cpu().numpy(),
+        stages[2][0].half().cpu().numpy(),
+        backbone.pool(stages[3])[0].half().cpu().numpy(),
+    )
+
 
 def video_content_hash(path: str | Path) -> str:
     """SHA-256 of the file size plus its first, middle and last 4 MB: fast on hour-long files, and any

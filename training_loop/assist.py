@@ -15,13 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
 from surgenet_assist.core.backbone import SurgeNetBackbone
-from surgenet_assist.core.embedding_cache import EmbeddingCache, VideoFeatures
-from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy, target_size
+from surgenet_assist.core.embedding_cache import EmbeddingCache, Stages, VideoFeatures, image_stages
+from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy
 from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from surgenet_assist.core.timeline import runs, smooth_phase_labels
@@ -40,26 +39,6 @@ from .instant import (
 
 log = logging.getLogger("surgenet_assist.assist")
 VAL_FRAMES = 200  # validation frames the champion is scored on at each refit (decoded and predicted)
-
-Stages = tuple[np.ndarray, np.ndarray, np.ndarray]  # stride-8 (C, h, w), stride-16, embedding (D,)
-
-
-@torch.inference_mode()
-def image_stages(backbone: SurgeNetBackbone, image: np.ndarray, short_side: int) -> Stages:
-    """Backbone features of one RGB frame, resized exactly as the embedding cache resizes video frames."""
-    h, w = image.shape[:2]
-    th, tw = target_size(h, w, short_side)
-    x = torch.from_numpy(cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None]
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1) * 255
-    device = next(backbone.parameters()).device
-    stages = backbone(((x.float() - mean) / std).to(device))
-    return (
-        stages[1][0].half().cpu().numpy(),
-        stages[2][0].half().cpu().numpy(),
-        backbone.pool(stages[3])[0].half().cpu().numpy(),
-    )
-
 
 class InstantPredictor:
     """The instant heads behind the :class:`~surgenet_assist.core.predictor.Predictor` interface the

@@ -1,0 +1,246 @@
+"""Interactive segmentation benchmark: NoC@85/90 and IoU@1/3/5 of the click engine vs GrabCut, and latency.
+
+The standard protocol (RITM): a simulated annotator clicks at the deepest point of the largest error region,
+positive inside a missed region, negative inside a false one, up to 20 clicks, feeding each mask back as the
+previous mask. Objects are the connected parts of each class (at least ``--min-area`` of the frame) on held-out
+synthetic frames (seeds never used for training). Methods, driven by exactly the same clicks:
+
+- ``day-one``: :class:`~surgenet_assist.core.interactive.ClickSegmenter` without training;
+- ``learned``: the click head after training on ``--train-frames`` labelled frames of other seeds
+  (``training_loop.click_training.train_click_head_on``; skipped with ``--no-learned``);
+- ``grabcut``: OpenCV's GrabCut, the classical baseline, initialised from the same clicks and previous mask.
+
+Latency: per click with a warm feature cache at 854x480 (median, p95) and the cold first click (backbone pass
+included), for day one, the learned head and GrabCut. Prints a JSON report and writes ``--plot`` (mean IoU
+per click, the NoC curves).
+
+Random-init backbone unless the SurgeNetXL weights are cached (the report says which): without pretrained
+features the day-one level leans on colour, and the learned head has to learn more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from surgenet_assist.core.backbone import load_backbone
+from surgenet_assist.core.errors import WeightsError
+from surgenet_assist.core.interactive import DAY_ONE, ClickSegmenter, Prompt, simulate, summarize
+from surgenet_assist.core.schema import DEFAULT_SCHEMA
+from surgenet_assist.core.synthetic import generate_clip
+
+Objects = list[tuple[np.ndarray, np.ndarray, str]]  # (frame, object mask, class name)
+
+
+def _backbone():
+    try:
+        return load_backbone(allow_download=False, progress=False), "SurgeNetXL (cached weights)"
+    except WeightsError:
+        return load_backbone(random_init=True), "random-init backbone (SurgeNetXL weights not cached)"
+
+
+def objects_of(frame: np.ndarray, mask: np.ndarray, min_area: float) -> Objects:
+    """Connected parts of each class covering at least ``min_area`` of the frame (background excluded)."""
+    out: Objects = []
+    for k in np.unique(mask):
+        if k == 0 or k >= len(DEFAULT_SCHEMA.classes):
+            continue
+        count, parts = cv2.connectedComponents((mask == k).astype(np.uint8), connectivity=8)
+        for p in range(1, count):
+            obj = parts == p
+            if obj.mean() >= min_area:
+                out.append((frame, obj, DEFAULT_SCHEMA.classes[int(k)].name))
+    return out
+
+
+def synthetic_objects(
+    seeds: list[int], frames_per_clip: int, size: tuple[int, int], min_area: float
+) -> tuple[Objects, list[tuple[np.ndarray, np.ndarray]]]:
+    """Objects of held-out frames, and the (frame, class mask) pairs they came from."""
+    objects: Objects = []
+    frames = []
+    for seed in seeds:
+        clip = generate_clip(seed, num_frames=frames_per_clip * 10, height=size[0], width=size[1])
+        for t in range(0, len(clip), 10):
+            frames.append((clip.frames[t], clip.masks[t]))
+            objects += objects_of(clip.frames[t], clip.masks[t], min_area)
+    return objects, frames
+
+
+def grabcut(image: np.ndarray, prompt: Prompt, iterations: int = 3) -> np.ndarray:
+    """GrabCut driven by clicks: clicked disks are certain, the previous mask and a disk around each
+    positive click are probably object, the rest probably background."""
+    H, W = image.shape[:2]
+    radius = max(3, round(min(H, W) / 100))
+    around = max(8, round(min(H, W) / 12))
+    gc = np.full((H, W), cv2.GC_PR_BGD, np.uint8)
+    if prompt.previous_mask is not None:
+        gc[prompt.previous_mask] = cv2.GC_PR_FGD
+    for c in prompt.positives:
+        cv2.circle(gc, (int(c.col), int(c.row)), around, cv2.GC_PR_FGD, -1)
+    for c in prompt.clicks:
+        cv2.circle(gc, (int(c.col), int(c.row)), radius, cv2.GC_FGD if c.positive else cv2.GC_BGD, -1)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+
+
+def evaluate(method: Callable[[np.ndarray, int, Prompt], np.ndarray], objects: Objects, max_clicks: int):
+    """Simulated sessions (always ``max_clicks``, for IoU@k and the curves) of one method on every object."""
+    sessions, per_class = [], defaultdict(list)
+    for i, (frame, obj, name) in enumerate(objects):
+        session = simulate(lambda p, f=frame, i=i: method(f, i, p), obj, max_clicks=max_clicks)
+        sessions.append(session)
+        per_class[name].append(session)
+    return sessions, {name: summarize(s, max_clicks) for name, s in sorted(per_class.items())}
+
+
+def curve(sessions, max_clicks: int) -> list[float]:
+    """Mean IoU after each click (a session that ended early keeps its last IoU)."""
+    return [float(np.mean([s.iou_at(k) for s in sessions])) for k in range(1, max_clicks + 1)]
+
+
+def latency(segment: Callable[[np.ndarray, Prompt, object], object], objects: Objects, clicks: int = 10):
+    """Cold first click (new frame) and warm clicks (same frame, cached features), in milliseconds."""
+    cold, warm = [], []
+    for i, (frame, obj, _) in enumerate(objects):
+        key = ("latency", i, time.perf_counter_ns())
+        started = time.perf_counter()
+        result = {"mask": None}
+
+        def run(p: Prompt, key=key, frame=frame, result=result) -> np.ndarray:
+            t0 = time.perf_counter()
+            mask = segment(frame, p, key)
+            (warm if result["mask"] is not None else cold).append((time.perf_counter() - t0) * 1000)
+            result["mask"] = mask
+            return mask
+
+        simulate(run, obj, max_clicks=clicks)
+        del started
+    return {
+        "cold_first_click_ms": float(np.median(cold)),
+        "warm_click_ms_median": float(np.median(warm)),
+        "warm_click_ms_p95": float(np.percentile(warm, 95)),
+        "clicks_timed": len(warm),
+    }
+
+
+def plot(curves: dict[str, list[float]], report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in curves.items():
+        axes[0].plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+    axes[0].axhline(0.85, color="grey", ls=":", lw=1)
+    axes[0].axhline(0.90, color="grey", ls="--", lw=1)
+    axes[0].set(xlabel="clicks", ylabel="mean IoU", title="IoU per click (held-out synthetic frames)")
+    axes[0].legend()
+    names = list(curves)
+    x = np.arange(2)
+    for j, name in enumerate(names):
+        values = [report["methods"][name]["overall"][m] for m in ("noc85", "noc90")]
+        axes[1].bar(x + j * 0.8 / len(names), values, 0.8 / len(names), label=name)
+    axes[1].set_xticks(x + 0.4 - 0.4 / len(names), ["NoC@85", "NoC@90"])
+    axes[1].set(ylabel="mean clicks (lower is better)", title="Number of clicks")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[901, 902, 903])
+    parser.add_argument("--frames-per-clip", type=int, default=3)
+    parser.add_argument("--size", type=int, nargs=2, default=[480, 854], metavar=("H", "W"))
+    parser.add_argument("--min-area", type=float, default=0.01)
+    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--max-objects", type=int, default=60)
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16])
+    parser.add_argument("--train-frames", type=int, default=24, help="labelled frames the learned head sees")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--no-learned", action="store_true")
+    parser.add_argument("--no-grabcut", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", type=Path, default=Path("docs/images/interactive_noc.png"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    backbone, which = _backbone()
+    segmenter = ClickSegmenter(backbone, cache_size=max(64, args.max_objects))
+    size = tuple(args.size)
+    objects, _ = synthetic_objects(args.eval_seeds, args.frames_per_clip, size, args.min_area)
+    rng = np.random.default_rng(0)
+    if len(objects) > args.max_objects:
+        objects = [objects[i] for i in sorted(rng.choice(len(objects), args.max_objects, replace=False))]
+    print(f"backbone: {which}; {len(objects)} held-out objects at {size[1]}x{size[0]}", file=sys.stderr)
+
+    methods: dict[str, Callable[[np.ndarray, int, Prompt], np.ndarray]] = {
+        DAY_ONE: lambda f, i, p: segmenter.segment(f, p, key=("eval", i), level=DAY_ONE).mask,
+    }
+    report: dict = {"backbone": which, "objects": len(objects), "size": list(size), "methods": {}}
+    learned = None
+    if not args.no_learned:
+        from surgenet_assist.training_loop.click_training import train_click_head_on
+
+        _, train = synthetic_objects(args.train_seeds, max(1, args.train_frames // len(args.train_seeds)), size, 0)
+        train = train[: args.train_frames]
+        t0 = time.perf_counter()
+        head = train_click_head_on(train, segmenter, epochs=args.epochs, progress=True)
+        report["learned_training"] = {"frames": len(train), "seconds": round(time.perf_counter() - t0, 1)}
+        learned = ClickSegmenter(backbone, cache_size=max(64, args.max_objects), head=head, head_version="bench")
+        methods["learned"] = lambda f, i, p: learned.segment(f, p, key=("eval", i)).mask
+    if not args.no_grabcut:
+        methods["grabcut"] = lambda f, i, p: grabcut(f, p)
+
+    curves = {}
+    for name, method in methods.items():
+        t0 = time.perf_counter()
+        sessions, per_class = evaluate(method, objects, args.max_clicks)
+        curves[name] = curve(sessions, args.max_clicks)
+        report["methods"][name] = {
+            "overall": summarize(sessions, args.max_clicks),
+            "per_class": per_class,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(f"{name}: {report['methods'][name]['overall']}", file=sys.stderr)
+    lat_objects = objects[: min(8, len(objects))]
+    report["latency"] = {
+        DAY_ONE: latency(lambda f, p, k: segmenter.segment(f, p, key=k, level=DAY_ONE).mask, lat_objects),
+    }
+    if learned is not None:
+        report["latency"]["learned"] = latency(lambda f, p, k: learned.segment(f, p, key=k).mask, lat_objects)
+    if not args.no_grabcut:
+        report["latency"]["grabcut"] = latency(lambda f, p, k: grabcut(f, p), lat_objects)
+    base = report["methods"].get("grabcut", {}).get("overall")
+    if base:
+        report["ratios_vs_grabcut"] = {
+            name: {m: round(r["overall"][m] / base[m], 3) for m in ("noc85", "noc90")}
+            for name, r in report["methods"].items()
+            if name != "grabcut"
+        }
+    report["curves"] = curves
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(curves, report, args.plot)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
