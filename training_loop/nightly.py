@@ -41,6 +41,7 @@ from surgenet_assist.core.store import DEFAULT_PROJECT, REJECTED, RUN_RUNNING, L
 from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
+from .click_training import ClickTrainConfig
 from .datasets import SPLITS, SplitData, assign_splits, combined_manifest_hash, load_split
 from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, overall_score
 from .finetune import FinetuneConfig, FinetuneHistory
@@ -109,12 +110,15 @@ class NightlyConfig:
     force: bool = False  # train even if the labels did not change since the champion
     report_dir: str | None = None
     progress: bool = True
+    click_head: bool = True  # train and gate the learned click head (the "interactive" stage)
+    click: ClickTrainConfig = field(default_factory=ClickTrainConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NightlyConfig:
         data = dict(data)
         ft = FinetuneConfig(**{**dataclasses.asdict(cls().finetune), **data.pop("finetune", {})})
         pt = PretrainSettings(**data.pop("pretrain", {}))
+        data["click"] = ClickTrainConfig(**data.pop("click", {}))
         for key in ("frame_size", "split_fractions"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -339,6 +343,8 @@ def write_report(
         for t in sorted(set(cand) | set(champ)):
             c, h = cand.get(t), champ.get(t)
             lines.append(f"| {t} | {'' if c is None else f'{c:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
+    if "interactive" in report:
+        lines += _interactive_lines(report["interactive"])
     if "annotation_efficiency" in report:
         lines += [
             "",
@@ -389,6 +395,9 @@ def _run_cycle(store: LabelStore, cfg: NightlyConfig, from_queue: bool) -> dict[
         report["training_run"] = run_id
         try:
             _cycle(store, registry, cfg, report, deadline)
+            if cfg.click_head:  # also when the whole-frame model was skipped: the click head has its own data
+                with _timed(report, "interactive"):
+                    report["interactive"] = click_stage(store, cfg, deadline)
             status = "finished"
         except BaseException as exc:
             report["outcome"] = f"failed: {getattr(exc, 'message', exc)!s}"
@@ -414,7 +423,9 @@ def _run_cycle(store: LabelStore, cfg: NightlyConfig, from_queue: bool) -> dict[
             status=status,
             finished_at=_now(),
             model_version=report.get("candidate"),
-            metrics={k: report.get(k) for k in ("outcome", "gate", "candidate_primary", "seconds")},
+            metrics={
+                k: report.get(k) for k in ("outcome", "gate", "candidate_primary", "seconds", "interactive")
+            },
             num_labels=report.get("num_train_frames"),
             max_revision_id=report.get("label_version"),
         )
@@ -516,6 +527,39 @@ def _cycle(
         "candidate": overall_score(result["test"]["primary"]),
         "champion": None if champ_primary is None else overall_score(champ_primary),
     }
+
+
+def click_stage(store: LabelStore, cfg: NightlyConfig, deadline: float | None) -> dict[str, Any]:
+    """The learned click head: trained on the serving champion's backbone (that is where the click engine
+    reads its features), gated by NoC on validation against day one and the interactive champion. Its
+    failure is reported, not raised: the whole-frame model's outcome of this cycle stands."""
+    import logging
+
+    from .click_training import click_backbone, run_click_stage
+
+    try:
+        backbone = click_backbone(store, cfg.project, name=cfg.backbone, random_init=cfg.random_init)
+        return run_click_stage(
+            store, backbone, project=cfg.project, config=cfg.click, size=cfg.frame_size,
+            split_fractions=cfg.split_fractions, deadline=deadline, force=cfg.force, progress=cfg.progress,
+        )
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger("surgenet_assist.nightly").exception("click head stage failed")
+        return {"outcome": f"failed: {getattr(exc, 'message', exc)!s}"}
+
+
+def _interactive_lines(section: dict[str, Any]) -> list[str]:
+    """The report's "interactive" section: both levels' NoC on validation and the gate's decision."""
+    lines = ["", "## Interactive click head (validation NoC, lower is better)", ""]
+    lines.append(f"Outcome: {section['outcome']}")
+    lines += [f"- {r}" for r in (section.get("gate") or {}).get("reasons", [])]
+    val = section.get("val") or {}
+    if val:
+        lines += ["", "| level | NoC@85 | NoC@90 | IoU@1 | IoU@3 | IoU@5 | objects |", "|---" * 7 + "|"]
+        for level, m in val.items():
+            cells = [f"{m.get(k, float('nan')):.2f}" for k in ("noc85", "noc90", "iou@1", "iou@3", "iou@5")]
+            lines.append(f"| {level} | {' | '.join(cells)} | {m.get('objects', 0)} |")
+    return lines
 
 
 def judge_candidate(

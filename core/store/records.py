@@ -25,6 +25,10 @@ ARCHIVED = "archived"
 REJECTED = "rejected"  # a candidate that failed the promotion gate
 INSTANT = "instant"  # a head fitted in seconds on today's labels (training_loop/instant.py)
 
+# model_versions.task of a learned click head (core/interactive/click_head.py): it has its own champion and
+# never serves as the whole-frame model (``LabelStore.serving_champion`` skips it)
+INTERACTIVE_TASK = "interactive"
+
 # training_runs.status; a queued run is claimed (queued -> running) by exactly one trainer
 RUN_QUEUED = "queued"
 RUN_RUNNING = "running"

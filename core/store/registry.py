@@ -30,6 +30,7 @@ from .records import (
     ARCHIVED,
     CANDIDATE,
     CHAMPION,
+    INTERACTIVE_TASK,
     PREVIOUS_CHAMPION,
     RUN_FINISHED,
     RUN_INTERRUPTED,
@@ -199,8 +200,13 @@ class RegistryMixin(StoreBase):
 
     def serving_champion(self, project: str | None = None) -> dict[str, Any] | None:
         """The champion that serves ``project``: the newest champion row that has a bundle (the registry,
-        the backend and the day-one assistant all ask this)."""
-        rows = [r for r in self.model_versions(status=CHAMPION, project=project) if r.get("bundle_path")]
+        the backend and the day-one assistant all ask this). A learned click head (task
+        ``INTERACTIVE_TASK``) has its own champion and is never this one: it cannot segment a frame alone."""
+        rows = [
+            r
+            for r in self.model_versions(status=CHAMPION, project=project)
+            if r.get("bundle_path") and r.get("task") != INTERACTIVE_TASK
+        ]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     # --- training runs -----------------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""The learned level of the click engine: a light click-conditioned head on the frozen backbone.
+
+In the spirit of RITM / SimpleClick, the clicks enter the decoder as extra input maps beside the backbone
+features: the prompt's maps (positive disks, negative disks, box, previous mask) and the day-one level's
+probability, all on the stride-8 grid (``ClickSegmenter.head_inputs`` builds them, for serving and training
+alike). The map encoding follows RITM's: 1x1 conv -> LeakyReLU -> conv, *added* to the reduced features.
+
+The head predicts a **correction** to the day-one logit: ``logits = s * logit(day_one) + f(features, maps)``
+with ``s`` initialised to 1 and the last layer of ``f`` to zero, so an untrained head is exactly the day-one
+level. Training can then
+only move it away from day-one where the labels say so, and the gate (NoC on validation) decides whether it
+serves.
+
+The artefact is ``click_head.pt`` (a plain state dict, loaded with ``weights_only=True``) plus
+``click_head.json`` (format, channel sizes and metadata, among them the SHA-256 of the backbone whose
+features the head was trained on: a head is only valid on those features).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BundleError
+
+FORMAT = "surgenet-assist-click-head/1"
+WEIGHTS_FILE = "click_head.pt"
+INFO_FILE = "click_head.json"
+NUM_MAPS = 5  # positive disks, negative disks, box, previous mask, day-one probability
+DAY_ONE_CHANNEL = 4
+_EPS = 1e-4  # day-one probabilities are clamped to [eps, 1 - eps] before the logit (finite, |logit| <= 9.2)
+
+
+def _block(channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.GroupNorm(min(8, channels), channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ClickHead(nn.Module):
+    """Stride-8 features + stride-16 features + 5 click maps -> (N, 1, h, w) logits on the stride-8 grid.
+
+    ``c8`` / ``c16``: channels of the backbone's stride-8 and stride-16 stages (128 / 320 for CaFormer-S18);
+    ``hidden``: the width of the head (64 is ~120 k parameters: trains in minutes on CPU).
+    """
+
+    def __init__(self, c8: int, c16: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.c8, self.c16, self.hidden = int(c8), int(c16), int(hidden)
+        self.reduce8 = nn.Conv2d(c8, hidden, 1)
+        self.reduce16 = nn.Conv2d(c16, hidden, 1)
+        self.maps = nn.Sequential(  # RITM's click-map encoder, added to the features
+            nn.Conv2d(NUM_MAPS, 16, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(16, hidden, 3, padding=1),
+        )
+        self.blocks = nn.Sequential(_block(hidden), _block(hidden), _block(hidden))
+        self.out = nn.Conv2d(hidden, 1, 1)
+        nn.init.zeros_(self.out.weight)  # untrained head == day-one level
+        nn.init.zeros_(self.out.bias)
+        # day one's similarity logits are sharp (confidently wrong cells reach |logit| ~ 9): one learned
+        # scale lets training temper them at once instead of through the whole correction branch
+        self.day_one_scale = nn.Parameter(torch.ones(1))
+
+    @staticmethod
+    def _unit(x: torch.Tensor) -> torch.Tensor:
+        """Per-cell L2 normalisation times sqrt(C): features of any backbone (or scale) enter at unit variance
+        per channel on average, the same normalisation label propagation and instant heads rely on."""
+        return F.normalize(x, dim=1) * x.shape[1] ** 0.5
+
+    def forward(self, stride8: torch.Tensor, stride16: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(N, C8, h, w), (N, C16, h', w'), (N, 5, h, w) -> (N, 1, h, w) logits (day-one's + a correction)."""
+        if maps.shape[1] != NUM_MAPS:
+            raise ValueError(f"ClickHead expects {NUM_MAPS} map channels, got {maps.shape[1]}")
+        x = self.reduce8(self._unit(stride8))
+        y = self.reduce16(self._unit(stride16))
+        x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = x + self.maps(maps)
+        correction = self.out(self.blocks(x))
+        day_one = maps[:, DAY_ONE_CHANNEL : DAY_ONE_CHANNEL + 1].clamp(_EPS, 1 - _EPS)
+        return self.day_one_scale * torch.logit(day_one) + correction
+
+
+def save_click_head(head: ClickHead, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``click_head.pt`` (tensors only) and ``click_head.json`` into ``folder`` atomically (temp dir,
+    then rename): a reader never sees half an artefact, and a registry row is only added after this returns.
+    ``meta`` should carry ``backbone_sha256`` (the features the head was trained on)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
+        info = {"format": FORMAT, "c8": head.c8, "c16": head.c16, "hidden": head.hidden, "meta": meta or {}}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_click_head(folder: str | Path) -> tuple[ClickHead, dict[str, Any]]:
+    """The head (eval mode, CPU) and its ``meta`` from a folder written by :func:`save_click_head`."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(
+            f"{folder} is not a readable click head: {exc}",
+            "point to a folder written by save_click_head (click_head.json + click_head.pt)",
+        ) from None
+    if info.get("format") != FORMAT:
+        raise BundleError(
+            f"{folder / INFO_FILE} has format {info.get('format')!r}, expected {FORMAT!r}",
+            "retrain the click head with this version (surgenet-assist train-clicks)",
+        )
+    head = ClickHead(int(info["c8"]), int(info["c16"]), int(info["hidden"]))
+    head.load_state_dict(state, strict=True)
+    head.eval()
+    return head, dict(info.get("meta") or {})

@@ -1,0 +1,752 @@
+"""Training, evaluating and gating the learned click head (the *learned* level of the click engine).
+
+Data: the store's human segmentation masks. One training object is one class present in one labelled frame,
+as a binary mask (tiny and nearly whole-frame objects are skipped: nobody clicks those). Train and validation
+objects come from the project's **train** and **val** videos (the split rule of ``datasets.assign_splits``),
+so the gate never sees a frame of a video the head trained on; test and final videos are not read.
+
+Training (RITM's recipe, ``docs/interactive.md``): the backbone is frozen, each frame is embedded once
+(``ClickSegmenter.embed``) and kept; per object and step, a first click at a random point deep inside the
+object (the empty prediction's error), then 0..3 more clicks, each added by a no-grad pass of the head at
+the current error with that mask fed back as the previous mask; the loss (normalised focal loss, RITM's) is
+taken on the last pass, on the stride-8 grid, against the area-averaged object mask. Inputs are built by
+``ClickSegmenter.head_inputs`` and masks by ``ClickSegmenter.refine``, exactly as serving builds them.
+
+Gate (:func:`judge_click_head`): the standard simulated annotator (``core.interactive.clicker``) on the
+validation objects for the candidate, the day-one level and the current interactive champion; the candidate
+is promoted only when it needs fewer clicks than day one at both IoU 0.85 and 0.90 (with a paired bootstrap
+interval over objects when there are enough of them) and no more than the champion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from surgenet_assist.core.backbone import SurgeNetBackbone, load_backbone
+from surgenet_assist.core.bundle import load_bundle
+from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.interactive import DAY_ONE, ClickSegmenter, ClickSession, ImageEmbedding, simulate
+from surgenet_assist.core.interactive.click_head import ClickHead, load_click_head, save_click_head
+from surgenet_assist.core.interactive.clicker import MAX_CLICKS, summarize
+from surgenet_assist.core.interactive.prompts import Click, Prompt
+from surgenet_assist.core.interactive.serving import click_champion_row
+from surgenet_assist.core.store import (
+    CANDIDATE,
+    CHAMPION,
+    INTERACTIVE_TASK,
+    REJECTED,
+    RUN_FINISHED,
+    LabelStore,
+)
+from surgenet_assist.core.video import open_video
+
+from .datasets import assign_splits, manifest_hash
+from .registry import code_version, registry_root
+
+log = logging.getLogger("surgenet_assist.click_training")
+
+CLICK_PREFIX = "clicks-"
+
+
+@dataclass
+class ClickTrainConfig:
+    """How a click head is trained and judged (``NightlyConfig.click``; YAML ``click: {epochs: ...}``)."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    hidden: int = 64
+    max_extra_clicks: int = 3  # RITM: 0..3 no-grad passes with the previous mask fed back
+    focal_gamma: float = 2.0
+    # frames are embedded once and kept in memory (~6 MB each at 240x426): these bound the memory and time
+    max_train_frames: int = 120
+    max_val_frames: int = 40
+    max_train_objects: int = 600
+    max_val_objects: int = 80
+    min_object_pixels: int = 64
+    min_object_fraction: float = 0.002
+    max_object_fraction: float = 0.9
+    eval_max_clicks: int = MAX_CLICKS
+    min_ci_objects: int = 10  # fewer validation objects: the point estimates decide (said in the reasons)
+    n_boot: int = 2000
+    short_side: int = 256  # the engine's default input size
+    seed: int = 0
+
+
+# --- objects ---------------------------------------------------------------------------------------------
+def objects_from_mask(
+    mask: np.ndarray,
+    *,
+    ignore_index: int = 255,
+    min_pixels: int = 64,
+    min_fraction: float = 0.002,
+    max_fraction: float = 0.9,
+) -> list[tuple[int, np.ndarray]]:
+    """(class id, bool mask) for each class present in a class-id mask, skipping the ignore label, objects
+    smaller than ``min_pixels`` / ``min_fraction`` of the frame and those covering more than ``max_fraction``
+    of it (a click on those teaches nothing)."""
+    total = mask.size
+    out = []
+    for k in np.unique(mask):
+        if int(k) == ignore_index:
+            continue
+        obj = mask == k
+        n = int(obj.sum())
+        if n < max(min_pixels, min_fraction * total) or n > max_fraction * total:
+            continue
+        out.append((int(k), obj))
+    return out
+
+
+@dataclass
+class ClickObject:
+    """One object of one embedded frame: what training and the gate iterate over."""
+
+    emb: ImageEmbedding
+    mask: np.ndarray  # (H, W) bool, at the embedding's image size
+    video: str = ""
+    class_id: int = -1
+    _target: torch.Tensor | None = field(default=None, repr=False)
+
+    def target(self) -> torch.Tensor:
+        """(1, 1, h, w) object fraction of each stride-8 cell (the loss's soft target)."""
+        if self._target is None:
+            h, w = self.emb.grid
+            grid = cv2.resize(self.mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+            self._target = torch.from_numpy(grid)[None, None]
+        return self._target
+
+
+def _objects_of_samples(
+    samples: Sequence[tuple[np.ndarray | ImageEmbedding, np.ndarray]],
+    segmenter: ClickSegmenter,
+    cfg: ClickTrainConfig,
+    videos: Sequence[str] | None = None,
+    progress: bool = False,
+) -> list[ClickObject]:
+    """Embed each distinct image once and cut its mask into objects: a bool mask is one object, a class-id
+    mask gives one object per class (:func:`objects_from_mask`)."""
+    from tqdm.auto import tqdm
+
+    embedded: dict[int, ImageEmbedding] = {}
+    out: list[ClickObject] = []
+    for i, (image, mask) in enumerate(tqdm(samples, desc="embedding frames", disable=not progress)):
+        emb = embedded.get(id(image))
+        if emb is None:
+            emb = embedded[id(image)] = segmenter.embed(image)
+        mask = np.asarray(mask)
+        if mask.shape != emb.size:
+            raise ValueError(f"mask {mask.shape} does not match its image {emb.size}")
+        video = videos[i] if videos is not None else ""
+        if mask.dtype == bool:
+            if mask.any():
+                out.append(ClickObject(emb, mask, video))
+            continue
+        for class_id, obj in objects_from_mask(
+            mask,
+            min_pixels=cfg.min_object_pixels,
+            min_fraction=cfg.min_object_fraction,
+            max_fraction=cfg.max_object_fraction,
+        ):
+            out.append(ClickObject(emb, obj, video, class_id))
+    return out
+
+
+def _subsample(items: list[Any], limit: int | None) -> list[Any]:
+    """At most ``limit`` items, evenly spread (deterministic: the same labels give the same subset)."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+# --- simulated clicks for training -------------------------------------------------------------------------
+def _depth(region: np.ndarray) -> np.ndarray:
+    padded = np.pad(region.astype(np.uint8), 1)  # the image border counts as boundary, as the clicker's
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def training_click(
+    gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray, rng: np.random.Generator
+) -> Click | None:
+    """RITM's training click (``get_next_points``): in the larger error region (missed object: positive,
+    false object: negative), a random pixel deeper than half the region's maximal depth. Random rather than
+    the evaluation's deepest pixel, so the head does not learn one click position per object."""
+    fn_depth, fp_depth = _depth(gt & ~pred), _depth(~gt & pred)
+    fn_depth[clicked] = 0
+    fp_depth[clicked] = 0
+    positive = fn_depth.max() > fp_depth.max()
+    depth = fn_depth if positive else fp_depth
+    top = depth.max()
+    if top <= 0:
+        return None
+    rows, cols = np.nonzero(depth > top / 2) if top > 1 else np.nonzero(depth == top)
+    pick = int(rng.integers(len(rows)))
+    return Click(float(rows[pick]), float(cols[pick]), bool(positive))
+
+
+def _mark(clicked: np.ndarray, click: Click) -> None:
+    r, c = int(click.row), int(click.col)
+    clicked[max(0, r - 2) : r + 3, max(0, c - 2) : c + 3] = True
+
+
+def learned_mask(
+    segmenter: ClickSegmenter, head: ClickHead, emb: ImageEmbedding, prompt: Prompt
+) -> np.ndarray:
+    """The mask ``head`` gives for ``prompt``: what ``segmenter.segment(level="learned")`` serves with that
+    head (same inputs, same refinement), without swapping the segmenter's served head."""
+    s8, s16, maps = segmenter.head_inputs(emb, prompt)
+    with torch.inference_mode():
+        grid = torch.sigmoid(head(s8, s16, maps))[0, 0].numpy()
+    return segmenter.refine(emb, grid, prompt)[0]
+
+
+def _training_prompt(
+    head: ClickHead, segmenter: ClickSegmenter, obj: ClickObject, rng: np.random.Generator, extra: int
+) -> Prompt | None:
+    gt = obj.mask
+    clicked = np.zeros_like(gt)
+    pred = np.zeros_like(gt)
+    click = training_click(gt, pred, clicked, rng)
+    if click is None:
+        return None
+    _mark(clicked, click)
+    prompt = Prompt((click,))
+    for _ in range(extra):  # RITM's iterative training: the head's own mistakes decide the next click
+        pred = learned_mask(segmenter, head, obj.emb, prompt)
+        click = training_click(gt, pred, clicked, rng)
+        if click is None:
+            break
+        _mark(clicked, click)
+        prompt = Prompt(prompt.clicks + (click,), None, pred)
+    return prompt
+
+
+def normalized_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """RITM's normalised focal loss: BCE weighted by (1 - p_t)^gamma, the weights rescaled (without
+    gradient) to average 1, so the wrong cells along the boundary and in missed parts dominate while the loss
+    keeps BCE's scale. Soft targets (cell fractions) are fine: p_t = p t + (1 - p)(1 - t)."""
+    p = torch.sigmoid(logits)
+    pt = p * target + (1 - p) * (1 - target)
+    beta = (1 - pt).pow(gamma)
+    beta = (beta * (beta.numel() / (beta.sum() + 1e-8))).detach()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (beta * bce).mean()
+
+
+@dataclass
+class ClickFit:
+    """A trained head and how training went (per epoch: the optimised loss and plain BCE, both means)."""
+
+    head: ClickHead
+    losses: list[float] = field(default_factory=list)
+    bce: list[float] = field(default_factory=list)
+    steps: int = 0
+    objects: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def fit_click_head(
+    objects: Sequence[ClickObject],
+    segmenter: ClickSegmenter,
+    cfg: ClickTrainConfig | None = None,
+    *,
+    head: ClickHead | None = None,
+    deadline: float | None = None,
+    progress: bool = False,
+) -> ClickFit:
+    """Train a click head on embedded objects (a fresh one, or continue ``head``); ``deadline`` (a
+    ``time.time()``) ends training early, after the current step."""
+    cfg = cfg or ClickTrainConfig()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if not objects:
+        raise SurgenetAssistError(
+            "no objects to train the click head on",
+            "label segmentation masks on train-split frames (objects smaller than "
+            f"{cfg.min_object_pixels} pixels are skipped)",
+        )
+    c8, c16 = int(objects[0].emb.stride8.shape[0]), int(objects[0].emb.stride16.shape[0])
+    head = head if head is not None else ClickHead(c8, c16, cfg.hidden)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = -(-len(objects) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * per_epoch), pct_start=0.1
+    )
+    fit = ClickFit(head, objects=len(objects))
+    started = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.epochs * per_epoch, desc="click head", disable=not progress)
+    for _epoch in range(cfg.epochs):
+        order = rng.permutation(len(objects))
+        losses, bces = [], []
+        for start in range(0, len(order), cfg.batch_size):
+            if deadline is not None and time.time() > deadline:
+                fit.stopped_early = True
+                break
+            batch = order[start : start + cfg.batch_size]
+            opt.zero_grad()
+            for i in batch:
+                obj = objects[int(i)]
+                extra = int(rng.integers(0, cfg.max_extra_clicks + 1))
+                prompt = _training_prompt(head, segmenter, obj, rng, extra)
+                if prompt is None:
+                    continue
+                logits = head(*segmenter.head_inputs(obj.emb, prompt))
+                target = obj.target()
+                loss = normalized_focal_loss(logits, target, cfg.focal_gamma)
+                (loss / len(batch)).backward()
+                losses.append(float(loss.detach()))
+                bces.append(float(F.binary_cross_entropy_with_logits(logits.detach(), target)))
+            opt.step()
+            sched.step()
+            fit.steps += 1
+            bar.update(1)
+        if losses:
+            fit.losses.append(float(np.mean(losses)))
+            fit.bce.append(float(np.mean(bces)))
+        if fit.stopped_early:
+            break
+    bar.close()
+    head.eval()
+    fit.seconds = round(time.time() - started, 2)
+    return fit
+
+
+def train_click_head_on(
+    samples: Sequence[tuple[np.ndarray | ImageEmbedding, np.ndarray]],
+    segmenter: ClickSegmenter,
+    *,
+    epochs: int | None = None,
+    config: ClickTrainConfig | None = None,
+    deadline: float | None = None,
+    progress: bool = False,
+) -> ClickHead:
+    """A click head trained on labelled frames without a store (the bench's entry point; the nightly path
+    runs the same :func:`fit_click_head`). ``samples``: (RGB uint8 frame or its embedding, mask) pairs; a
+    bool mask is one object, a class-id mask one object per class present (tiny ones skipped). Each frame is
+    embedded once with ``segmenter`` (so its backbone and short side are the ones the head will serve on)."""
+    cfg = config or ClickTrainConfig()
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    objects = _objects_of_samples(samples, segmenter, cfg, progress=progress)
+    return fit_click_head(objects, segmenter, cfg, deadline=deadline, progress=progress).head
+
+
+# --- evaluation and gate -----------------------------------------------------------------------------------
+def evaluate_click_levels(
+    objects: Sequence[ClickObject],
+    segmenter: ClickSegmenter,
+    heads: dict[str, ClickHead | None],
+    *,
+    max_clicks: int = MAX_CLICKS,
+    stop_at: float | None = 0.90,
+) -> dict[str, list[ClickSession]]:
+    """The simulated annotator (RITM protocol) on every object for each named level: ``None`` is the day-one
+    level, a head its learned level. ``stop_at`` 0.90 ends a session once NoC@90 is known (NoC@85/90 are
+    exact; IoU@k after that click repeats the last IoU, a lower bound)."""
+    out: dict[str, list[ClickSession]] = {}
+    for name, head in heads.items():
+        sessions = []
+        for obj in objects:
+            if head is None:
+
+                def segment(p: Prompt, o: ClickObject = obj) -> np.ndarray:
+                    return segmenter.segment(o.emb, p, level=DAY_ONE).mask
+
+            else:
+
+                def segment(p: Prompt, o: ClickObject = obj, h: ClickHead = head) -> np.ndarray:
+                    return learned_mask(segmenter, h, o.emb, p)
+
+            sessions.append(simulate(segment, obj.mask, max_clicks=max_clicks, stop_at=stop_at))
+        out[name] = sessions
+    return out
+
+
+def _mean_noc(session: ClickSession, max_clicks: int) -> float:
+    return (session.noc(0.85, max_clicks) + session.noc(0.90, max_clicks)) / 2
+
+
+@dataclass
+class ClickGate:
+    """The promotion decision of a click head on the validation objects (and why)."""
+
+    promote: bool
+    reasons: list[str]
+    candidate: dict[str, float]
+    day_one: dict[str, float]
+    champion: dict[str, float] | None = None
+    improvement_ci: tuple[float, float] | None = None  # clicks saved vs day one, 95% bootstrap over objects
+    objects: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reasons": self.reasons,
+            "candidate": self.candidate,
+            "day_one": self.day_one,
+            "champion": self.champion,
+            "improvement_ci": list(self.improvement_ci) if self.improvement_ci else None,
+            "objects": self.objects,
+        }
+
+
+def judge_click_head(
+    candidate: Sequence[ClickSession],
+    day_one: Sequence[ClickSession],
+    champion: Sequence[ClickSession] | None = None,
+    *,
+    max_clicks: int = MAX_CLICKS,
+    min_ci_objects: int = 10,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> ClickGate:
+    """Promote only when the candidate needs fewer clicks than day one at both NoC@85 and NoC@90 on the same
+    validation objects and, with ``min_ci_objects`` or more, the lower bound of the 95% paired bootstrap
+    interval (over objects) of the clicks it saves (mean of the two NoCs) is above zero; and when it needs no
+    more clicks than the current champion (sessions on the same objects) at either threshold. Without
+    validation objects nothing is promoted."""
+    cand, base = summarize(candidate, max_clicks), summarize(day_one, max_clicks)
+    champ = summarize(champion, max_clicks) if champion is not None else None
+    if not candidate or len(candidate) != len(day_one):
+        why = ["no validation objects (label masks on a val-split video)"]
+        return ClickGate(False, why, cand, base, champ)
+    reasons: list[str] = []
+    for t in ("noc85", "noc90"):
+        if not cand[t] < base[t]:
+            reasons.append(f"{t} {cand[t]:.2f} is not below day one's {base[t]:.2f}")
+    saved = np.array(
+        [_mean_noc(b, max_clicks) - _mean_noc(c, max_clicks) for c, b in zip(candidate, day_one, strict=True)]
+    )
+    ci = None
+    if len(saved) >= min_ci_objects:
+        rng = np.random.default_rng(seed)
+        means = saved[rng.integers(0, len(saved), size=(n_boot, len(saved)))].mean(1)
+        ci = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+        if ci[0] <= 0:
+            reasons.append(
+                f"clicks saved vs day one {saved.mean():+.2f} (95% CI {ci[0]:+.2f}..{ci[1]:+.2f} over "
+                f"{len(saved)} objects): the lower bound is not above 0"
+            )
+    if champ:
+        for t in ("noc85", "noc90"):
+            if cand[t] > champ[t]:
+                reasons.append(f"{t} {cand[t]:.2f} is worse than the champion's {champ[t]:.2f}")
+    if reasons:
+        return ClickGate(False, reasons, cand, base, champ, ci, len(saved))
+    how = (
+        f"saves {saved.mean():.2f} clicks per object vs day one (95% CI {ci[0]:+.2f}..{ci[1]:+.2f})"
+        if ci is not None
+        else f"saves {saved.mean():.2f} clicks per object vs day one (under {min_ci_objects} objects: "
+        "point estimate)"
+    )
+    champ_note = "; no interactive champion yet" if champ is None else "; not worse than the champion"
+    return ClickGate(True, [how + champ_note], cand, base, champ, ci, len(saved))
+
+
+# --- the store path ----------------------------------------------------------------------------------------
+def click_backbone(
+    store: LabelStore, project: str | None = None, *, name: str | None = None, random_init: bool = False
+) -> SurgeNetBackbone:
+    """The backbone a project's click engine should see: the serving champion's (so the head reads the
+    features the whole-frame model is served on), else the configured zoo backbone."""
+    champ = store.serving_champion(project)
+    if champ is not None:
+        model, _ = load_bundle(champ["bundle_path"], allow_download=not random_init)
+        return model.backbone.eval()
+    kwargs = {"name": name} if name else {}
+    return load_backbone(**kwargs, random_init=random_init, allow_download=not random_init)
+
+
+def _load_split_objects(
+    store: LabelStore,
+    split: str,
+    videos: dict[int, dict[str, Any]],
+    labels: list[Any],
+    segmenter: ClickSegmenter,
+    cfg: ClickTrainConfig,
+    *,
+    size: tuple[int, int] | None,
+    max_frames: int,
+    max_objects: int,
+    progress: bool,
+) -> tuple[list[ClickObject], list[dict[str, Any]]]:
+    """Decode the split's labelled frames (evenly subsampled to ``max_frames``), embed each once and cut their
+    masks into objects; also the manifest entries of the labels used."""
+    ids = {v for v, info in videos.items() if info["split"] == split}
+    recs = sorted((r for r in labels if r.video_id in ids), key=lambda r: (r.video_id, r.frame_start))
+    recs = _subsample(recs, max_frames)
+    manifest = [
+        {
+            "video": videos[r.video_id].get("content_hash") or r.video_path,
+            "frame": r.frame_start,
+            "annotation": r.annotation_id,
+            "revision": r.revision_id,
+            "split": split,
+        }
+        for r in recs
+    ]
+    by_video: dict[int, list[Any]] = defaultdict(list)
+    for r in recs:
+        by_video[r.video_id].append(r)
+    samples: list[tuple[np.ndarray, np.ndarray]] = []
+    names: list[str] = []
+    for vid in sorted(by_video):
+        info = videos[vid]
+        with open_video(info["path"], fps=info.get("fps")) as source:
+            for r in by_video[vid]:
+                image = source.read_frame(r.frame_start)
+                mask = np.asarray(r.payload["mask"])
+                h0, w0 = image.shape[:2]
+                if mask.shape != (h0, w0):
+                    mask = cv2.resize(mask, (w0, h0), interpolation=cv2.INTER_NEAREST)
+                if size is not None and (h0, w0) != tuple(size):
+                    image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+                    mask = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+                samples.append((np.ascontiguousarray(image), mask))
+                names.append(str(info.get("content_hash") or info["path"]))
+    objects = _objects_of_samples(samples, segmenter, cfg, videos=names, progress=progress)
+    return _subsample(objects, max_objects), manifest
+
+
+def _config_digest(cfg: ClickTrainConfig, size: tuple[int, int] | None) -> str:
+    blob = repr((dataclasses.asdict(cfg), size)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def train_click_head(
+    store: LabelStore,
+    backbone: SurgeNetBackbone,
+    *,
+    project: str | None = None,
+    config: ClickTrainConfig | None = None,
+    epochs: int | None = None,
+    max_objects: int | None = None,
+    size: tuple[int, int] | None = None,
+    split_fractions: tuple[float, ...] | None = None,
+    deadline: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train a click head on the project's train-split masks and score it, the day-one level and the current
+    interactive champion (when trained on this backbone) on the val-split objects.
+
+    Returns ``head``, ``fit`` (:class:`ClickFit`), ``sessions`` (level -> list of sessions), ``val`` (level ->
+    NoC@85/90, NoF@90, IoU@1/3/5), ``counts``, ``manifest_hash``, ``backbone_sha256``, ``champion`` (its
+    version or None) and ``config``. ``epochs`` / ``max_objects`` override the config (``max_objects`` caps
+    training objects). ``size`` (h, w) resizes frames and masks first (the nightly cycle's ``frame_size``)."""
+    cfg = config or ClickTrainConfig()
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if max_objects is not None:
+        cfg = dataclasses.replace(cfg, max_train_objects=max_objects)
+    if split_fractions is not None:
+        assign_splits(store, split_fractions, project)
+    else:
+        assign_splits(store, project=project)
+    videos = {v["id"]: v for v in store.videos(project)}
+    labels = store.training_labels("segmentation", project=project)
+    segmenter = ClickSegmenter(backbone, short_side=cfg.short_side, cache_size=1)
+    sha = backbone.weights_sha256 or "unknown"
+    train, train_manifest = _load_split_objects(
+        store, "train", videos, labels, segmenter, cfg, size=size, max_frames=cfg.max_train_frames,
+        max_objects=cfg.max_train_objects, progress=progress,
+    )
+    val, val_manifest = _load_split_objects(
+        store, "val", videos, labels, segmenter, cfg, size=size, max_frames=cfg.max_val_frames,
+        max_objects=cfg.max_val_objects, progress=progress,
+    )
+    if not train or not val:
+        which = "train" if not train else "val"
+        raise SurgenetAssistError(
+            f"no objects in the {which} split to {'train' if not train else 'judge'} a click head on",
+            f"label segmentation masks on frames of a {which}-split video (objects under "
+            f"{cfg.min_object_pixels} pixels or {cfg.min_object_fraction:.1%} of the frame are skipped)",
+        )
+    fit = fit_click_head(train, segmenter, cfg, deadline=deadline, progress=progress)
+    heads: dict[str, ClickHead | None] = {"learned": fit.head, "day_one": None}
+    champ_row = click_champion_row(store, project)
+    champ_version = None
+    if champ_row is not None and (champ_row.get("metrics") or {}).get("backbone_sha256") == sha:
+        try:
+            heads["champion"], _ = load_click_head(champ_row["bundle_path"])
+            champ_version = champ_row["version"]
+        except SurgenetAssistError as exc:  # an unreadable champion is judged as absent, and said so
+            log.warning("interactive champion %s cannot be loaded: %s", champ_row["version"], exc)
+    sessions = evaluate_click_levels(val, segmenter, heads, max_clicks=cfg.eval_max_clicks)
+    return {
+        "head": fit.head,
+        "fit": fit,
+        "sessions": sessions,
+        "val": {name: summarize(s, cfg.eval_max_clicks) for name, s in sessions.items()},
+        "counts": {
+            "train_frames": len(train_manifest),
+            "train_objects": len(train),
+            "val_frames": len(val_manifest),
+            "val_objects": len(val),
+        },
+        "manifest_hash": manifest_hash(train_manifest + val_manifest),
+        "config_digest": _config_digest(cfg, size),
+        "backbone_sha256": sha,
+        "champion": champ_version,
+        "config": cfg,
+        "size": list(size) if size else None,
+    }
+
+
+def new_click_version() -> str:
+    from .registry import new_version
+
+    return new_version(CLICK_PREFIX)
+
+
+def register_click_head(
+    store: LabelStore,
+    result: dict[str, Any],
+    decision: ClickGate,
+    *,
+    project: str | None = None,
+    root: str | Path | None = None,
+    version: str | None = None,
+) -> str:
+    """Save the head under the registry root, register it (task ``INTERACTIVE_TASK``, status candidate, the
+    validation numbers and the gate's decision in its metrics), then make it champion or rejected in one
+    store transaction each: the bundle exists before its row, and the champion changes only in the last
+    ``set_model_status``, so a crash at any point leaves the old champion serving."""
+    version = version or new_click_version()
+    fit: ClickFit = result["fit"]
+    meta = {
+        "version": version,
+        "backbone_sha256": result["backbone_sha256"],
+        "short_side": result["config"].short_side,
+        "manifest_hash": result["manifest_hash"],
+    }
+    folder = save_click_head(result["head"], Path(root or registry_root()) / version, meta)
+    digest = hashlib.sha256((folder / "click_head.pt").read_bytes()).hexdigest()
+    metrics = {
+        "kind": INTERACTIVE_TASK,
+        "val": result["val"],
+        "gate": decision.to_dict(),
+        "counts": result["counts"],
+        "backbone_sha256": result["backbone_sha256"],
+        "manifest_hash": result["manifest_hash"],
+        "config_digest": result["config_digest"],
+        "params": dataclasses.asdict(result["config"]) | {"size": result.get("size")},
+        "training": {"losses": fit.losses, "bce": fit.bce, "steps": fit.steps, "seconds": fit.seconds,
+                     "stopped_early": fit.stopped_early},
+        "champion_compared": result.get("champion"),
+        "code_version": code_version(),
+    }
+    store.register_model_version(
+        version,
+        task=INTERACTIVE_TASK,
+        bundle_path=str(folder),
+        bundle_hash=digest,
+        metrics=metrics,
+        status=CANDIDATE,
+        project=project,
+    )
+    store.set_model_status(version, CHAMPION if decision.promote else REJECTED, project=project)
+    return version
+
+
+def _unchanged_since(store: LabelStore, project: str | None, result_keys: dict[str, str]) -> str | None:
+    """The newest interactive version trained on the same labels, backbone and settings (``None``: none)."""
+    rows = store.model_versions(task=INTERACTIVE_TASK, project=project)
+    for row in reversed(rows):
+        m = row.get("metrics") or {}
+        if all(m.get(k) == v for k, v in result_keys.items()):
+            return str(row["version"])
+    return None
+
+
+def run_click_stage(
+    store: LabelStore,
+    backbone: SurgeNetBackbone,
+    *,
+    project: str | None = None,
+    config: ClickTrainConfig | None = None,
+    size: tuple[int, int] | None = None,
+    split_fractions: tuple[float, ...] | None = None,
+    deadline: float | None = None,
+    force: bool = False,
+    progress: bool = False,
+    root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train, judge, register and promote-or-reject one click head (the nightly cycle's ``interactive``
+    stage and ``surgenet-assist train-clicks``); returns a JSON-able report: ``outcome``, ``version``, the
+    validation numbers of every level, the gate, counts and timings. Skipped when there are no train or
+    val objects, or when the labels, backbone and settings are those of an existing interactive version
+    (unless ``force``)."""
+    cfg = config or ClickTrainConfig()
+    started = time.time()
+    if deadline is not None and time.time() > deadline:
+        return {"outcome": "skipped: no time left in the cycle's budget"}
+    try:
+        result = train_click_head(
+            store, backbone, project=project, config=cfg, size=size, split_fractions=split_fractions,
+            deadline=deadline, progress=progress,
+        )
+    except SurgenetAssistError as exc:
+        return {"outcome": f"skipped: {exc.message}"}
+    report: dict[str, Any] = {
+        "counts": result["counts"],
+        "val": result["val"],
+        "champion_before": result["champion"],
+    }
+    keys = {
+        "manifest_hash": result["manifest_hash"],
+        "backbone_sha256": result["backbone_sha256"],
+        "config_digest": result["config_digest"],
+    }
+    same = None if force else _unchanged_since(store, project, keys)
+    if same is not None:
+        report["outcome"] = f"skipped: labels, backbone and settings unchanged since {same}"
+        return report
+    decision = judge_click_head(
+        result["sessions"]["learned"],
+        result["sessions"]["day_one"],
+        result["sessions"].get("champion"),
+        max_clicks=cfg.eval_max_clicks,
+        min_ci_objects=cfg.min_ci_objects,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+    )
+    version = register_click_head(store, result, decision, project=project, root=root)
+    fit: ClickFit = result["fit"]
+    report |= {
+        "outcome": f"promoted {version}" if decision.promote else f"rejected {version}",
+        "version": version,
+        "gate": decision.to_dict(),
+        "training": {"losses": fit.losses, "steps": fit.steps, "seconds": fit.seconds,
+                     "stopped_early": fit.stopped_early},
+        "seconds": round(time.time() - started, 1),
+    }
+    store.record_training_run(
+        model_version=version,
+        task=INTERACTIVE_TASK,
+        status=RUN_FINISHED,
+        started_at=started,
+        finished_at=time.time(),
+        params={"config": dataclasses.asdict(cfg), "size": result.get("size")},
+        metrics={"outcome": report["outcome"], "val": result["val"], "gate": decision.to_dict()},
+        num_labels=result["counts"]["train_frames"],
+        project=project,
+    )
+    return report
