@@ -131,6 +131,49 @@ def register(app: typer.Typer) -> None:
         finally:
             ddp.cleanup()
 
+    @app.command("train-clicks")
+    def train_clicks(
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+        random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (tests)")] = False,
+        epochs: Annotated[int | None, typer.Option(help="click head training epochs")] = None,
+        max_objects: Annotated[int | None, typer.Option(help="at most this many training objects")] = None,
+        force: Annotated[bool, typer.Option(help="train even if labels and backbone are unchanged")] = False,
+        project: ProjectOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Train the learned click head on the store's masks, gate it by NoC against day one on validation,
+        register it (champion or rejected): the nightly cycle's "interactive" stage, run by hand."""
+        import dataclasses
+
+        from surgenet_assist.core.store import LabelStore
+        from surgenet_assist.training_loop.click_training import click_backbone, run_click_stage
+
+        cfg = _config(config, db, random_init, force=force, progress=not as_json, project=project)
+        click = cfg.click
+        if epochs is not None:
+            click = dataclasses.replace(click, epochs=epochs)
+        if max_objects is not None:
+            click = dataclasses.replace(click, max_train_objects=max_objects)
+        store = LabelStore(cfg.db, project=cfg.project, migrate=True)
+        try:
+            backbone = click_backbone(store, cfg.project, name=cfg.backbone, random_init=cfg.random_init)
+            out = run_click_stage(
+                store, backbone, project=cfg.project, config=click, size=cfg.frame_size,
+                split_fractions=cfg.split_fractions, force=cfg.force, progress=cfg.progress, strict=True,
+            )
+        finally:
+            store.close()
+        if as_json:
+            _echo(out)
+            return
+        typer.echo(out["outcome"])
+        for level, m in (out.get("val") or {}).items():
+            noc = f"NoC@85 {m['noc85']:.2f}  NoC@90 {m['noc90']:.2f}"
+            typer.echo(f"  {level}: {noc}  ({m['objects']} objects)")
+        for reason in (out.get("gate") or {}).get("reasons", []):
+            typer.echo(f"  gate: {reason}")
+
     @app.command("evaluate")
     def evaluate(
         model: Annotated[str, typer.Option("--model", help="registry version or bundle directory")],

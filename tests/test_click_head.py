@@ -281,3 +281,24 @@ def test_nightly_runs_the_click_stage(tiny_store, tmp_path):
     # switched off
     off = run_cycle(NightlyConfig.from_dict({**cfg.to_dict(), "click_head": False}))
     assert "interactive" not in off
+
+
+def test_train_clicks_command(tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app
+
+    url, _ = tiny_store
+    cfg = tmp_path / "clicks.yaml"
+    cfg.write_text(json.dumps({"frame_size": list(SIZE), "click": TINY | {"max_val_objects": 4}}))
+    args = ["train-clicks", "--db", url, "--config", str(cfg), "--random-init", "--max-objects", "6"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["outcome"].startswith(("promoted", "rejected")) and out["counts"]["train_objects"] == 6
+    # a store without masks on validation videos: one line saying what to label
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    LabelStore(empty, migrate=True).close()
+    res = CliRunner().invoke(app, ["train-clicks", "--db", empty, "--random-init"])
+    assert res.exit_code == 2 and "Error: no objects in the train split" in res.output
+    assert " Fix: " in res.output

@@ -688,12 +688,13 @@ def run_click_stage(
     force: bool = False,
     progress: bool = False,
     root: str | Path | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Train, judge, register and promote-or-reject one click head (the nightly cycle's ``interactive``
     stage and ``surgenet-assist train-clicks``); returns a JSON-able report: ``outcome``, ``version``, the
     validation numbers of every level, the gate, counts and timings. Skipped when there are no train or
-    val objects, or when the labels, backbone and settings are those of an existing interactive version
-    (unless ``force``)."""
+    val objects (``strict``: raised as the error saying what to label, for a command run by hand), or when
+    the labels, backbone and settings are those of an existing interactive version (unless ``force``)."""
     cfg = config or ClickTrainConfig()
     started = time.time()
     if deadline is not None and time.time() > deadline:
@@ -704,6 +705,8 @@ def run_click_stage(
             deadline=deadline, progress=progress,
         )
     except SurgenetAssistError as exc:
+        if strict:
+            raise
         return {"outcome": f"skipped: {exc.message}"}
     report: dict[str, Any] = {
         "counts": result["counts"],
