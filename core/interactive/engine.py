@@ -388,8 +388,13 @@ class ClickSegmenter:
         up = cv2.resize(grid_prob.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         up = np.clip(up, 1e-4, 1 - 1e-4)
         logit = np.log(up / (1 - up))
-        sure_fg, sure_bg = up > 0.85, up < 0.15
-        band = ~(sure_fg | sure_bg)
+        # the boundary band: within about one feature cell of the grid's 0.5 contour; inside it, a colour
+        # model of the confident inside and outside decides (finer than the grid), elsewhere the grid does
+        inside = (up > 0.5).astype(np.uint8)
+        cell = max(3, round(1.5 * H / emb.grid[0]))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cell + 1, 2 * cell + 1))
+        band = (cv2.dilate(inside, kernel) > 0) & ~(cv2.erode(inside, kernel) > 0)
+        sure_fg, sure_bg = (inside > 0) & ~band, (inside == 0) & ~band
         if band.any() and sure_fg.sum() > 16 and sure_bg.sum() > 16:
             bins = 1 << (3 * _COLOUR_BITS)
             fg = np.bincount(emb.colour_bins[sure_fg], minlength=bins).astype(np.float32) + 1.0
