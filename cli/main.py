@@ -114,17 +114,23 @@ def _build_predictor(
     weights: Path | None,
     random_init: bool,
     backbone: str,
-    batch_size: int,
+    batch_size: int | None,
     device: str | None,
     short_side: int | None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ):
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
 
     if model is not None:
         return Predictor.from_bundle(
-            model, batch_size=batch_size, device=device, short_side=short_side, compile=compile
+            model,
+            batch_size=batch_size,
+            device=device,
+            short_side=short_side,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
         )
     if random_init:
         console.print(
@@ -136,13 +142,28 @@ def _build_predictor(
         console.print(
             "[yellow]No --model bundle given: the heads are untrained (pretrained backbone only).[/]"
         )
-    return Predictor(net, batch_size=batch_size, device=device, short_side=short_side, compile=compile)
+    return Predictor(
+        net,
+        batch_size=batch_size,
+        device=device,
+        short_side=short_side,
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+    )
 
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Argument(help="video file (mp4/avi/mkv), frame folder or image")],
-    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    input: Annotated[
+        list[str],
+        typer.Argument(
+            help="video file (mp4/avi/mkv), frame folder or image; or an archive: several videos, a folder "
+            "of videos, a quoted glob ('archive/**/*.mp4') or a manifest (.txt/.csv/.json)"
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="output folder (archive: one sub-folder per video)")
+    ] = None,
     model: Annotated[Path | None, typer.Option(help="model bundle directory")] = None,
     weights: Annotated[Path | None, typer.Option(help="backbone checkpoint (without --model)")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="random backbone (testing)")] = False,
@@ -151,31 +172,80 @@ def predict(
         float | None,
         typer.Option(help="frames per second to sample from a video (default: the model's temporal fps)"),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="frames per forward pass")] = 4,
+    batch_size: Annotated[
+        int | None, typer.Option(help="frames per forward pass (default: 4 on CPU, by memory on a GPU)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present)")] = None,
     short_side: Annotated[
         int | None, typer.Option(help="model input short side (default from bundle)")
     ] = None,
     overlay_every: Annotated[int, typer.Option(help="write an overlay PNG every N sampled frames")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (long videos)")] = False,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs", help="compile with CUDA graphs for the fixed batch shape (GPU)")
+    ] = False,
+    to_store: Annotated[
+        bool, typer.Option("--to-store", help="also write predictions into the label store (archive mode)")
+    ] = False,
+    db: Annotated[
+        str | None, typer.Option("--db", help="label store URL (PostgreSQL for multi-node)")
+    ] = None,
+    store_project: Annotated[str | None, typer.Option(help="store project of the videos")] = None,
+    decoder: Annotated[str, typer.Option(help="auto, pyav, opencv or torchcodec (archive mode)")] = "auto",
+    decode_workers: Annotated[
+        int, typer.Option(help="decoder processes per rank (archive mode, PyAV)")
+    ] = 2,
 ) -> None:
-    """Pre-annotate a video: per-frame masks (PNG), phases.csv, cvs.csv, overlays and a phase timeline PNG."""
+    """Pre-annotate a video: per-frame masks (PNG), phases.csv, cvs.csv, overlays and a phase timeline PNG.
+
+    Given an archive (or --to-store, or under torchrun) it runs resumably over every video, sharded over
+    the ranks of `torchrun --nproc-per-node N --nnodes M -m surgenet_assist.cli.main predict ...`."""
+    from surgenet_assist.cli import archive_commands
+    from surgenet_assist.core.archive import looks_like_archive
+    from surgenet_assist.training_loop.distributed import launched_by_torchrun
+
+    def build(dev: str | None):  # noqa: ANN202 - a Predictor
+        return _build_predictor(
+            model, weights, random_init, backbone, batch_size, dev, short_side, compile, cuda_graphs
+        )
+
+    if looks_like_archive(input) or to_store or launched_by_torchrun():
+        summary = archive_commands.predict_archive(
+            input,
+            out=out,
+            to_store=to_store,
+            db=db,
+            store_project=store_project,
+            fps=fps,
+            decoder=decoder,
+            decode_workers=decode_workers,
+            overlay_every=overlay_every,
+            build_predictor=build,
+            device=device,
+            console=console,
+        )
+        if summary is not None:
+            archive_commands.print_summary(summary, console)
+            archive_commands.exit_code(summary)
+        return
+    from surgenet_assist.core.errors import UsageError
     from surgenet_assist.core.prediction_writer import PredictionWriter
     from surgenet_assist.core.video import load_image
 
-    predictor = _build_predictor(
-        model, weights, random_init, backbone, batch_size, device, short_side, compile
-    )
+    if out is None:
+        raise UsageError("no output folder", "give --out FOLDER")
+    source = Path(input[0])
+    predictor = build(device)
     writer = PredictionWriter(out, predictor.schema, overlay_every=overlay_every)
-    if input.is_file() and input.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
-        image = load_image(input)
+    if source.is_file() and source.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
+        image = load_image(source)
         pred = predictor.predict_frame(image)
         writer(pred, image)
         result = predictor.summarise([pred], fps=1.0)
     else:
         sample = fps if fps is not None else predictor.temporal_fps
-        result = predictor.predict_video(input, sample_fps=sample, on_frame=writer, progress=True)
-    summary = writer.finish(result, extra={"model_version": predictor.model_version, "input": str(input)})
+        result = predictor.predict_video(source, sample_fps=sample, on_frame=writer, progress=True)
+    summary = writer.finish(result, extra={"model_version": predictor.model_version, "input": str(source)})
     console.print(f"[green]{summary['frames']} frames pre-annotated[/] -> {out}")
 
 

@@ -5,7 +5,9 @@ bundle): resized to the training frame size when one is recorded, then to the re
 rounded to a multiple of 32, e.g. 854x480 at short side 256 -> 448x256), normalised and batched; outputs
 are mapped back to the original size. An explicit ``short_side`` overrides the contract and is logged as
 such. A background thread decodes and resizes the next batch while the model runs on the current one, so
-IO overlaps compute. On CUDA the model runs in bf16 autocast with ``channels_last``; on CPU in fp32.
+IO overlaps compute. On CUDA the model runs in bf16 autocast with ``channels_last``, batches are copied from
+pinned memory without blocking, and ``compile``/``cuda_graphs`` specialise the forward to one batch shape
+(short batches padded); on CPU in fp32. ``batch_size=None`` picks one for the device.
 Memory stays bounded for any video length: nothing is kept per frame but small vectors, unless the caller
 keeps the masks.
 """
@@ -34,6 +36,17 @@ from .video import FrameRecord, check_frame, open_video
 log = logging.getLogger(__name__)
 
 MODEL_FPS = "model"  # predict_video's default: the temporal model's recorded rate
+
+
+def default_batch_size(device: str | torch.device | None = None) -> int:
+    """Frames per forward pass for a device: 4 on CPU (measured fastest on 2 cores: the working set stays in
+    cache, docs/performance.md); on a GPU, by its memory (a 256x448 bf16 frame needs ~60 MB of activations
+    through backbone + heads, so 256 fits an 80 GB card with room for the decoder's frames)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        return 4
+    total_gb = torch.cuda.get_device_properties(dev).total_memory / 2**30
+    return 256 if total_gb >= 70 else 128 if total_gb >= 35 else 64 if total_gb >= 16 else 16
 
 
 def normalised_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -103,18 +116,19 @@ class Predictor:
         self,
         model: SurgeNetAssistModel,
         device: str | torch.device | None = None,
-        batch_size: int = 4,
+        batch_size: int | None = 4,  # None: default_batch_size(device)
         short_side: int | None = None,
         amp: bool | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
         prefetch: int = 2,
         model_version: str = "untrained",
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.schema = model.schema
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size or default_batch_size(self.device)))
         contract = model.preprocessing_contract()
         if short_side and int(short_side) != contract.short_side:
             log.warning(
@@ -140,13 +154,17 @@ class Predictor:
         self._mean = torch.tensor(contract.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(contract.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward: Callable = self.model
-        if compile:
+        # compiled graphs are specialised to one batch shape: short batches are padded to batch_size
+        self._fixed_batch = bool(compile or cuda_graphs)
+        if compile or cuda_graphs:
             if self.device.type == "cpu":
                 # inference-only: constant-fold weights and prepack them for oneDNN (~13% faster on CPU)
                 import torch._inductor.config as inductor_config
 
                 inductor_config.freezing = True
-            self._forward = torch.compile(self.model, dynamic=False)
+            # "reduce-overhead" records CUDA graphs: one launch per batch instead of hundreds of kernels
+            mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
+            self._forward = torch.compile(self.model, dynamic=False, mode=mode)
 
     @classmethod
     def from_bundle(cls, path: str | Path, **kwargs: Any) -> Predictor:
@@ -235,7 +253,10 @@ class Predictor:
 
     def to_tensor(self, batch: np.ndarray) -> torch.Tensor:
         """(N, h, w, 3) uint8 -> normalised (N, 3, h, w) float on the device."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        src = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            src = src.pin_memory()  # page-locked, so the copy below is asynchronous (non_blocking)
+        x = src.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -244,8 +265,19 @@ class Predictor:
     # --- inference --------------------------------------------------------------------------------
     @torch.inference_mode()
     def _run(self, x: torch.Tensor):
+        n = x.shape[0]
+        if self._fixed_batch and n < self.batch_size:
+            x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])]).contiguous(
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+            )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self._forward(x)
+            out = self._forward(x)
+        if x.shape[0] != n:
+            out = type(out)(**{k: v[:n] for k, v in vars(out).items()})
+        if self._fixed_batch and self.device.type == "cuda":
+            # CUDA-graph outputs live in memory the next replay overwrites: keep our own copy
+            out = type(out)(**{k: v.clone() for k, v in vars(out).items()})
+        return out
 
     @torch.inference_mode()
     def _postprocess(self, recs: list[FrameRecord], out, keep_masks: bool) -> list[FramePrediction]:

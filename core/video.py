@@ -27,6 +27,7 @@ __all__ = [
     "VideoSource",
     "check_frame",
     "open_video",
+    "sample_indices",
 ]
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
@@ -107,6 +108,23 @@ def check_frame(frame: np.ndarray, name: str = "frame") -> np.ndarray:
             "pass one frame as height x width x 3 channels (grey (H, W) and RGBA are also accepted)",
         )
     return np.ascontiguousarray(frame)
+
+
+def sample_indices(fps: float, start: int, end: int, sample_fps: float | None) -> list[int]:
+    """Frame indices of ``[start, end)`` kept when sampling ``sample_fps`` frames per second from a video at
+    ``fps``: index k is the frame nearest to time ``start/fps + k/sample_fps`` (1 fps of 25 fps: 0, 25, 50,
+    ...); ``None`` or a rate >= ``fps`` keeps every frame. One function, so every decoder (OpenCV here, PyAV
+    in :mod:`.decode`) samples the same frames."""
+    if sample_fps is None or sample_fps >= fps:
+        return list(range(start, end))
+    if sample_fps <= 0:
+        raise UsageError(
+            f"sampling rate must be > 0 frames/s, got {sample_fps}", "pass --fps 1 (or any rate > 0)"
+        )
+    step = fps / float(sample_fps)
+    count = int(np.floor((end - 1 - start) / step + 1e-9)) + 1 if end > start else 0
+    indices = start + np.round(np.arange(count) * step).astype(int)
+    return [int(i) for i in indices if i < end]
 
 
 class VideoSource:
@@ -255,16 +273,7 @@ class VideoSource:
         0, 25, 50, ... ``None`` (or a rate >= the video's) keeps every frame.
         """
         start, end = self._range(start, end)
-        if sample_fps is None or sample_fps >= self.fps:
-            return list(range(start, end))
-        if sample_fps <= 0:
-            raise UsageError(
-                f"sampling rate must be > 0 frames/s, got {sample_fps}", "pass --fps 1 (or any rate > 0)"
-            )
-        step = self.fps / float(sample_fps)
-        count = int(np.floor((end - 1 - start) / step + 1e-9)) + 1 if end > start else 0
-        indices = start + np.round(np.arange(count) * step).astype(int)
-        return [int(i) for i in indices if i < end]
+        return sample_indices(self.fps, start, end, sample_fps)
 
     # --- reading --------------------------------------------------------------------------------------------
     def iter_frames(

@@ -19,15 +19,26 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(backend: str | None = None) -> bool:
-    """Join the process group when launched by torchrun; returns whether running distributed."""
+def launch_rank_and_size() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) that torchrun gave this process, without joining a process group (for work split
+    by rank alone, e.g. `ls preannotate`); (0, 1) when not launched by torchrun."""
+    if not launched_by_torchrun():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def init(backend: str | None = None, timeout_minutes: float = 30) -> bool:
+    """Join the process group when launched by torchrun; returns whether running distributed.
+
+    ``timeout_minutes`` bounds every collective: an archive run gathers its summary only after the slowest
+    rank's last video, hours after the fastest one finished, so it passes a longer one."""
     if not launched_by_torchrun() or dist.is_initialized():
         return dist.is_initialized()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=timeout_minutes))
     return True
 
 
@@ -60,6 +71,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def cleanup() -> None:

@@ -173,6 +173,43 @@ class LabelStore(AcquisitionMixin):
                 for p in s.scalars(q)
             ]
 
+    def record_video_predictions(
+        self,
+        path: str,
+        items: Sequence[dict[str, Any]],
+        *,
+        fps: float | None = None,
+        frame_count: int | None = None,
+        project: str | None = None,
+    ) -> int:
+        """A whole video's predictions in ONE transaction: the video row, its frames, every prediction
+        (``items`` as for :meth:`add_predictions`, without ``video_id``). Archive runs (core/archive.py) rely
+        on it: a video either has all its predictions of a model version or none, so "has any" means
+        "done" and a run killed mid-video redoes that video. Returns the video id."""
+        rows = list(items)
+
+        def write(w: Any) -> int:
+            vid = w.add_video(path, fps, frame_count, project=project)
+            w.ensure_frames(vid, {int(it["frame_index"]) for it in rows})
+            w.add_predictions([dict(it, video_id=vid) for it in rows])
+            return vid
+
+        return self.transaction(write)
+
+    def videos_predicted_by(self, model_version: str, project: str | None = None) -> set[str]:
+        """Paths of the project's videos holding predictions of ``model_version`` (see
+        :meth:`record_video_predictions`)."""
+        q = (
+            sa.select(Video.path)
+            .join(Project)
+            .where(
+                Project.name == (project or self.project),
+                sa.exists().where(Prediction.video_id == Video.id, Prediction.model_version == model_version),
+            )
+        )
+        with self._read() as s:
+            return {str(p) for p in s.scalars(q)}
+
     # --- human annotations -----------------------------------------------------------------------------
     def record_annotation(
         self,
