@@ -170,19 +170,28 @@ def _upload(url: str, api_key: str, project_id: int, files: list[Path]) -> list[
 # ---------------------------------------------------------------------------------------------------
 # bulk pre-annotation
 # ---------------------------------------------------------------------------------------------------
-def _state_file(url: str, project_id: int) -> Path:
+def _state_file(url: str, project_id: int, rank: int = 0, world_size: int = 1) -> Path:
+    """One state file per rank under torchrun (ranks never write the same file)."""
     from surgenet_assist.core.paths import data_home
 
     safe = "".join(ch if ch.isalnum() else "_" for ch in url)
-    return data_home() / "preannotate" / f"{safe}-{project_id}.json"
+    suffix = f".rank{rank}" if world_size > 1 else ""
+    return data_home() / "preannotate" / f"{safe}-{project_id}{suffix}.json"
 
 
 def _load_state(path: Path, version: str) -> set[int]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return set()
-    return set(data.get(version, []))
+    """Tasks done by ``version`` according to this state file and its siblings of other ranks/runs."""
+    base = path.name.split(".rank")[0].removesuffix(".json")
+    done: set[int] = set()
+    for file in sorted(path.parent.glob(f"{base}*.json")) if path.parent.is_dir() else []:
+        if file.name != f"{base}.json" and not file.name.startswith(f"{base}.rank"):
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        done |= set(data.get(version, []))
+    return done
 
 
 def _save_state(path: Path, version: str, done: set[int]) -> None:
@@ -221,9 +230,17 @@ def preannotate(
     batch: int = 32,
     video_sample_fps: float | None = 1.0,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PreannotateReport:
-    """Predict every task of a project that has no prediction of ``predictor.model_version`` yet."""
+    """Predict every task of a project that has no prediction of ``predictor.model_version`` yet.
+
+    Under torchrun (``rank`` of ``world_size``) each rank takes a disjoint share of ALL the project's tasks
+    (split by task id, so every rank computes the same split however far the others have got) and skips
+    the done ones in it; ``total`` and ``skipped`` then count this rank's share."""
     from tqdm.auto import tqdm
+
+    from surgenet_assist.core.archive import shard_by_weight
 
     ls = client(url, api_key)
     project = _call("get project", lambda: ls.projects.get(id=project_id))
@@ -234,11 +251,13 @@ def preannotate(
             "use `surgenet-assist ls config` for a config the model fills",
         )
     version = predictor.model_version
-    state = _state_file(url, project_id)
+    state = _state_file(url, project_id, rank, world_size)
     done = _load_state(state, version)
     existing = _call("list predictions", lambda: ls.predictions.list(project=project_id))
     done |= {p.task for p in existing if p.model_version == version}
-    tasks = list(_tasks(ls, project_id))
+    tasks = sorted(_tasks(ls, project_id), key=lambda t: t["id"])
+    if world_size > 1:
+        tasks = [tasks[i] for i in sorted(shard_by_weight([1.0] * len(tasks), world_size)[rank])]
     todo = [t for t in tasks if t["id"] not in done]
     log.info(
         "project %s: %d tasks, %d already predicted by %s",
@@ -254,7 +273,8 @@ def preannotate(
     video_model = VideoTaskModel(predictor, video_sample_fps) if plan.video_controls else None
     failed: dict[int, str] = {}
     predicted = 0
-    bar = tqdm(total=len(todo), unit="task", desc=f"project {project_id}", disable=not progress)
+    desc = f"project {project_id}" + (f" rank {rank}/{world_size}" if world_size > 1 else "")
+    bar = tqdm(total=len(todo), unit="task", desc=desc, disable=not progress)
     step = max(1, batch) if video_model is None else 1
     for lo in range(0, len(todo), step):
         chunk = todo[lo : lo + step]

@@ -223,7 +223,8 @@ def ls_preannotate(
     db: Annotated[str | None, typer.Option("--db", help="label store URL (for the champion)")] = None,
     video_fps: Annotated[float, typer.Option(help="frames per second analysed in video tasks")] = 1.0,
 ) -> None:
-    """Predict all tasks without a prediction of the current model version; resumable."""
+    """Predict all tasks without a prediction of the current model version; resumable. Under torchrun
+    (`torchrun --nproc-per-node N -m surgenet_assist.cli.main ls preannotate ...`) each rank takes a share."""
     from surgenet_assist.backend.app import BackendSettings, ModelHolder
     from surgenet_assist.backend.ls_client import preannotate
 
@@ -240,9 +241,16 @@ def ls_preannotate(
         raise BundleError(
             "no model to pre-annotate with", "pass --model BUNDLE or promote a champion (`models promote`)"
         )
-    rep = preannotate(url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps)
+    from surgenet_assist.cli.archive_commands import preannotate_shard
+
+    rank, world = preannotate_shard()  # under torchrun: this rank's share of the tasks
+    rep = preannotate(
+        url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps, rank=rank,
+        world_size=world,
+    )
     typer.echo(
-        f"{rep.predicted} predicted, {rep.skipped} already had {rep.model_version}, "
+        (f"rank {rank}/{world}: " if world > 1 else "")
+        + f"{rep.predicted} predicted, {rep.skipped} already had {rep.model_version}, "
         f"{len(rep.failed)} failed, {rep.total} tasks"
     )
     for task_id, why in rep.failed.items():

@@ -47,6 +47,7 @@ __all__ = [
     "finished",
     "looks_like_archive",
     "run_archive",
+    "shard_by_weight",
     "summarise_outcomes",
 ]
 
@@ -215,20 +216,29 @@ def describe_videos(paths: Sequence[Path]) -> list[ArchiveVideo]:
 # ---------------------------------------------------------------------------------------------------
 # who does which
 # ---------------------------------------------------------------------------------------------------
-def assign_shards(videos: Sequence[ArchiveVideo], world_size: int) -> list[list[ArchiveVideo]]:
-    """Disjoint shares, one per rank, balanced by duration: longest first, each to the least loaded rank
-    (ties to the lowest rank; unknown durations count as the median). Deterministic for the same input."""
+def shard_by_weight(weights: Sequence[float], world_size: int) -> list[list[int]]:
+    """Positions of ``weights`` split into ``world_size`` disjoint shares of near-equal total weight:
+    heaviest first, each to the least loaded share (ties to the lowest rank); stable for equal weights, so
+    every rank computes the same split from the same list."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0.0] * world_size
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        shares[r].append(i)
+        load[r] += weights[i]
+    return shares
+
+
+def assign_shards(videos: Sequence[ArchiveVideo], world_size: int) -> list[list[ArchiveVideo]]:
+    """Disjoint shares of ``videos``, one per rank, balanced by duration (unknown durations count as the
+    median). Deterministic for the same input."""
     known = sorted(v.duration for v in videos if v.duration > 0)
     fill = known[len(known) // 2] if known else 1.0
-    shares: list[list[ArchiveVideo]] = [[] for _ in range(world_size)]
-    load = [0.0] * world_size
-    for v in sorted(videos, key=lambda v: (-(v.duration or fill), v.key)):
-        r = min(range(world_size), key=lambda i: (load[i], i))
-        shares[r].append(v)
-        load[r] += v.duration or fill
-    return shares
+    ordered = sorted(videos, key=lambda v: v.key)
+    shares = shard_by_weight([v.duration or fill for v in ordered], world_size)
+    return [[ordered[i] for i in share] for share in shares]
 
 
 # ---------------------------------------------------------------------------------------------------
