@@ -74,10 +74,11 @@ def simulate(
     max_clicks: int = MAX_CLICKS,
     stop_at: float | None = None,
     feed_previous: bool = True,
+    min_clicks: int = 0,
 ) -> ClickSession:
     """Run the simulated annotator against ``segment`` on one object's truth ``gt``; stop once IoU reaches
-    ``stop_at`` (``None``: always run ``max_clicks``, as RITM's IoU analysis). ``feed_previous`` passes the
-    last mask back as the prompt's previous mask (RITM's ITER-M)."""
+    ``stop_at`` after at least ``min_clicks`` (``None``: always run ``max_clicks``, as RITM's IoU analysis).
+    ``feed_previous`` passes the last mask back as the prompt's previous mask (RITM's ITER-M)."""
     gt = gt.astype(bool)
     pred = np.zeros_like(gt)
     clicked = np.zeros_like(gt)
@@ -96,7 +97,7 @@ def simulate(
         )
         pred = segment(prompt).astype(bool)
         ious.append(iou(pred, gt))
-        if stop_at is not None and ious[-1] >= stop_at:
+        if stop_at is not None and ious[-1] >= stop_at and len(ious) >= min_clicks:
             break
     return ClickSession(ious, clicks)
 
