@@ -316,13 +316,18 @@ class DecodePool:
     machine without shared memory, go through the queue instead (slower, still correct)."""
 
     def __init__(
-        self, workers: int = 2, max_pixels: int = 1920 * 1080, slot_frames: int | None = None
+        self,
+        workers: int = 2,
+        max_pixels: int = 1920 * 1080,
+        slot_frames: int | None = None,
+        min_segment_frames: int = MIN_SEGMENT_FRAMES,
     ) -> None:
         if workers < 1:
             raise UsageError(f"decode workers must be >= 1, got {workers}", "pass --decode-workers 1 or more")
         from multiprocessing import shared_memory
 
         self.workers = int(workers)
+        self.min_segment_frames = int(min_segment_frames)
         ctx = mp.get_context("spawn")  # fork after torch/OpenMP threads started is unsafe
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
@@ -397,7 +402,7 @@ class DecodePool:
 
     def frames(self, index: VideoIndex, targets: Sequence[int]) -> Iterator[FrameRecord]:
         """The frames ``targets`` of an indexed video, in order, decoded by the workers."""
-        segments = plan_segments(index, targets)
+        segments = plan_segments(index, targets, min_frames=self.min_segment_frames)
         if not segments:
             return
         self._job += 1

@@ -13,8 +13,9 @@ what is labelled agree. Labels (phases, CVS, cuts) depend only on the seed and l
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -880,3 +881,35 @@ def decode_frame_index(frame: np.ndarray) -> int:
             "pass a frame of a video written by make_indexed_video, decoded without cropping",
         )
     return sum(bit << b for b, bit in enumerate(data))
+
+
+def write_h264(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: float = 25.0,
+    gop: int = 250,
+    bframes: int = 2,
+    preset: str = "veryfast",
+) -> Path:
+    """Encode RGB frames as H.264 (yuv420p, libx264 through PyAV) with a keyframe every ``gop`` frames and
+    up to ``bframes`` B-frames: the codec and GOP structure of real recordings, which OpenCV's writers
+    (mp4v, MJPG) do not produce. Tests and ``bench/archive.py`` decode these."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"preset": preset, "g": str(gop), "bf": str(bframes), "crf": "23"}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        if stream is None:
+            raise UsageError("no frames to encode", "pass at least one frame")
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
