@@ -20,12 +20,13 @@ interval over objects when there are enough of them) and no more than the champi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ class ClickTrainConfig:
     n_boot: int = 2000
     short_side: int = 256  # the engine's default input size
     seed: int = 0
+    # torch threads while training and evaluating (not while embedding): the head's convolutions are tiny,
+    # so fanning each out costs more than it saves, and under CPU contention 1 thread measured 11x faster
+    threads: int | None = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block, the previous count restored after (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- objects ---------------------------------------------------------------------------------------------
@@ -293,6 +309,26 @@ def fit_click_head(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.epochs * per_epoch, desc="click head", disable=not progress)
+    with _torch_threads(cfg.threads):
+        _epochs(fit, objects, segmenter, cfg, opt, sched, rng, deadline, bar)
+    bar.close()
+    head.eval()
+    fit.seconds = round(time.time() - started, 2)
+    return fit
+
+
+def _epochs(
+    fit: ClickFit,
+    objects: Sequence[ClickObject],
+    segmenter: ClickSegmenter,
+    cfg: ClickTrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    rng: np.random.Generator,
+    deadline: float | None,
+    bar: Any,
+) -> None:
+    head = fit.head
     for _epoch in range(cfg.epochs):
         order = rng.permutation(len(objects))
         losses, bces = [], []
@@ -323,10 +359,6 @@ def fit_click_head(
             fit.bce.append(float(np.mean(bces)))
         if fit.stopped_early:
             break
-    bar.close()
-    head.eval()
-    fit.seconds = round(time.time() - started, 2)
-    return fit
 
 
 def train_click_head_on(
@@ -475,34 +507,66 @@ def click_backbone(
     return load_backbone(**kwargs, random_init=random_init, allow_download=not random_init)
 
 
-def _load_split_objects(
+@dataclass
+class ClickRecords:
+    """The human masks a click head trains and is judged on (read, not yet decoded): per split the label
+    records (evenly subsampled to the frame caps) and the manifest that identifies them."""
+
+    videos: dict[int, dict[str, Any]]
+    records: dict[str, list[Any]]  # "train" / "val" -> LabelRecord list
+    manifest: list[dict[str, Any]]
+
+    @property
+    def manifest_hash(self) -> str:
+        return manifest_hash(self.manifest)
+
+
+def click_records(
     store: LabelStore,
-    split: str,
+    cfg: ClickTrainConfig,
+    *,
+    project: str | None = None,
+    split_fractions: tuple[float, ...] | None = None,
+) -> ClickRecords:
+    """Assign splits to new videos (the project's rule) and pick the train / val masks, without decoding a
+    frame: enough to tell whether anything changed since the last click head."""
+    if split_fractions is not None:
+        assign_splits(store, split_fractions, project)
+    else:
+        assign_splits(store, project=project)
+    videos = {v["id"]: v for v in store.videos(project)}
+    labels = store.training_labels("segmentation", project=project)
+    records: dict[str, list[Any]] = {}
+    manifest: list[dict[str, Any]] = []
+    for split, cap in (("train", cfg.max_train_frames), ("val", cfg.max_val_frames)):
+        ids = {v for v, info in videos.items() if info["split"] == split}
+        recs = sorted((r for r in labels if r.video_id in ids), key=lambda r: (r.video_id, r.frame_start))
+        records[split] = _subsample(recs, cap)
+        manifest += [
+            {
+                "video": videos[r.video_id].get("content_hash") or r.video_path,
+                "frame": r.frame_start,
+                "annotation": r.annotation_id,
+                "revision": r.revision_id,
+                "split": split,
+            }
+            for r in records[split]
+        ]
+    return ClickRecords(videos, records, manifest)
+
+
+def _embed_records(
+    recs: list[Any],
     videos: dict[int, dict[str, Any]],
-    labels: list[Any],
     segmenter: ClickSegmenter,
     cfg: ClickTrainConfig,
     *,
     size: tuple[int, int] | None,
-    max_frames: int,
     max_objects: int,
     progress: bool,
-) -> tuple[list[ClickObject], list[dict[str, Any]]]:
-    """Decode the split's labelled frames (evenly subsampled to ``max_frames``), embed each once and cut their
-    masks into objects; also the manifest entries of the labels used."""
-    ids = {v for v, info in videos.items() if info["split"] == split}
-    recs = sorted((r for r in labels if r.video_id in ids), key=lambda r: (r.video_id, r.frame_start))
-    recs = _subsample(recs, max_frames)
-    manifest = [
-        {
-            "video": videos[r.video_id].get("content_hash") or r.video_path,
-            "frame": r.frame_start,
-            "annotation": r.annotation_id,
-            "revision": r.revision_id,
-            "split": split,
-        }
-        for r in recs
-    ]
+) -> list[ClickObject]:
+    """Decode the records' frames, embed each once and cut their masks into objects (at most
+    ``max_objects``, evenly spread)."""
     by_video: dict[int, list[Any]] = defaultdict(list)
     for r in recs:
         by_video[r.video_id].append(r)
@@ -523,12 +587,22 @@ def _load_split_objects(
                 samples.append((np.ascontiguousarray(image), mask))
                 names.append(str(info.get("content_hash") or info["path"]))
     objects = _objects_of_samples(samples, segmenter, cfg, videos=names, progress=progress)
-    return _subsample(objects, max_objects), manifest
+    return _subsample(objects, max_objects)
 
 
 def _config_digest(cfg: ClickTrainConfig, size: tuple[int, int] | None) -> str:
-    blob = repr((dataclasses.asdict(cfg), size)).encode()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}  # speed, not result
+    blob = repr((settings, size)).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _override(cfg: ClickTrainConfig | None, epochs: int | None, max_objects: int | None) -> ClickTrainConfig:
+    cfg = cfg or ClickTrainConfig()
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if max_objects is not None:
+        cfg = dataclasses.replace(cfg, max_train_objects=max_objects)
+    return cfg
 
 
 def train_click_head(
@@ -543,6 +617,7 @@ def train_click_head(
     split_fractions: tuple[float, ...] | None = None,
     deadline: float | None = None,
     progress: bool = False,
+    records: ClickRecords | None = None,
 ) -> dict[str, Any]:
     """Train a click head on the project's train-split masks and score it, the day-one level and the current
     interactive champion (when trained on this backbone) on the val-split objects.
@@ -550,35 +625,28 @@ def train_click_head(
     Returns ``head``, ``fit`` (:class:`ClickFit`), ``sessions`` (level -> list of sessions), ``val`` (level ->
     NoC@85/90, NoF@90, IoU@1/3/5), ``counts``, ``manifest_hash``, ``backbone_sha256``, ``champion`` (its
     version or None) and ``config``. ``epochs`` / ``max_objects`` override the config (``max_objects`` caps
-    training objects). ``size`` (h, w) resizes frames and masks first (the nightly cycle's ``frame_size``)."""
-    cfg = config or ClickTrainConfig()
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=epochs)
-    if max_objects is not None:
-        cfg = dataclasses.replace(cfg, max_train_objects=max_objects)
-    if split_fractions is not None:
-        assign_splits(store, split_fractions, project)
-    else:
-        assign_splits(store, project=project)
-    videos = {v["id"]: v for v in store.videos(project)}
-    labels = store.training_labels("segmentation", project=project)
+    training objects). ``size`` (h, w) resizes frames and masks first (the nightly cycle's ``frame_size``).
+    ``records``: :func:`click_records`' answer when the caller already has it."""
+    cfg = _override(config, epochs, max_objects)
+    if records is None:
+        records = click_records(store, cfg, project=project, split_fractions=split_fractions)
     segmenter = ClickSegmenter(backbone, short_side=cfg.short_side, cache_size=1)
     sha = backbone.weights_sha256 or "unknown"
-    train, train_manifest = _load_split_objects(
-        store, "train", videos, labels, segmenter, cfg, size=size, max_frames=cfg.max_train_frames,
-        max_objects=cfg.max_train_objects, progress=progress,
-    )
-    val, val_manifest = _load_split_objects(
-        store, "val", videos, labels, segmenter, cfg, size=size, max_frames=cfg.max_val_frames,
-        max_objects=cfg.max_val_objects, progress=progress,
-    )
-    if not train or not val:
-        which = "train" if not train else "val"
-        raise SurgenetAssistError(
-            f"no objects in the {which} split to {'train' if not train else 'judge'} a click head on",
-            f"label segmentation masks on frames of a {which}-split video (objects under "
-            f"{cfg.min_object_pixels} pixels or {cfg.min_object_fraction:.1%} of the frame are skipped)",
-        )
+    objects: dict[str, list[ClickObject]] = {}
+    for split, cap in (("train", cfg.max_train_objects), ("val", cfg.max_val_objects)):
+        if records.records["train"] and records.records["val"]:  # else: say so before decoding a frame
+            objects[split] = _embed_records(
+                records.records[split], records.videos, segmenter, cfg, size=size, max_objects=cap,
+                progress=progress,
+            )
+        if not objects.get(split):
+            purpose = "train" if split == "train" else "judge"
+            raise SurgenetAssistError(
+                f"no objects in the {split} split to {purpose} a click head on",
+                f"label segmentation masks on frames of a {split}-split video (objects under "
+                f"{cfg.min_object_pixels} pixels or {cfg.min_object_fraction:.1%} of the frame are skipped)",
+            )
+    train, val = objects["train"], objects["val"]
     fit = fit_click_head(train, segmenter, cfg, deadline=deadline, progress=progress)
     heads: dict[str, ClickHead | None] = {"learned": fit.head, "day_one": None}
     champ_row = click_champion_row(store, project)
@@ -589,19 +657,20 @@ def train_click_head(
             champ_version = champ_row["version"]
         except SurgenetAssistError as exc:  # an unreadable champion is judged as absent, and said so
             log.warning("interactive champion %s cannot be loaded: %s", champ_row["version"], exc)
-    sessions = evaluate_click_levels(val, segmenter, heads, max_clicks=cfg.eval_max_clicks)
+    with _torch_threads(cfg.threads):
+        sessions = evaluate_click_levels(val, segmenter, heads, max_clicks=cfg.eval_max_clicks)
     return {
         "head": fit.head,
         "fit": fit,
         "sessions": sessions,
         "val": {name: summarize(s, cfg.eval_max_clicks) for name, s in sessions.items()},
         "counts": {
-            "train_frames": len(train_manifest),
+            "train_frames": len(records.records["train"]),
             "train_objects": len(train),
-            "val_frames": len(val_manifest),
+            "val_frames": len(records.records["val"]),
             "val_objects": len(val),
         },
-        "manifest_hash": manifest_hash(train_manifest + val_manifest),
+        "manifest_hash": records.manifest_hash,
         "config_digest": _config_digest(cfg, size),
         "backbone_sha256": sha,
         "champion": champ_version,
@@ -666,13 +735,15 @@ def register_click_head(
     return version
 
 
-def _unchanged_since(store: LabelStore, project: str | None, result_keys: dict[str, str]) -> str | None:
+def _unchanged_since(
+    store: LabelStore, project: str | None, keys: dict[str, str]
+) -> dict[str, Any] | None:
     """The newest interactive version trained on the same labels, backbone and settings (``None``: none)."""
     rows = store.model_versions(task=INTERACTIVE_TASK, project=project)
     for row in reversed(rows):
         m = row.get("metrics") or {}
-        if all(m.get(k) == v for k, v in result_keys.items()):
-            return str(row["version"])
+        if all(m.get(k) == v for k, v in keys.items()):
+            return row
     return None
 
 
@@ -699,10 +770,20 @@ def run_click_stage(
     started = time.time()
     if deadline is not None and time.time() > deadline:
         return {"outcome": "skipped: no time left in the cycle's budget"}
+    records = click_records(store, cfg, project=project, split_fractions=split_fractions)
+    keys = {
+        "manifest_hash": records.manifest_hash,
+        "backbone_sha256": backbone.weights_sha256 or "unknown",
+        "config_digest": _config_digest(cfg, size),
+    }
+    same = None if force else _unchanged_since(store, project, keys)
+    if same is not None:  # decided before a frame is decoded: an unchanged night costs nothing
+        return {"outcome": f"skipped: labels, backbone and settings unchanged since {same['version']}",
+                "val": (same.get("metrics") or {}).get("val")}
     try:
         result = train_click_head(
-            store, backbone, project=project, config=cfg, size=size, split_fractions=split_fractions,
-            deadline=deadline, progress=progress,
+            store, backbone, project=project, config=cfg, size=size, deadline=deadline, progress=progress,
+            records=records,
         )
     except SurgenetAssistError as exc:
         if strict:
@@ -713,15 +794,6 @@ def run_click_stage(
         "val": result["val"],
         "champion_before": result["champion"],
     }
-    keys = {
-        "manifest_hash": result["manifest_hash"],
-        "backbone_sha256": result["backbone_sha256"],
-        "config_digest": result["config_digest"],
-    }
-    same = None if force else _unchanged_since(store, project, keys)
-    if same is not None:
-        report["outcome"] = f"skipped: labels, backbone and settings unchanged since {same}"
-        return report
     decision = judge_click_head(
         result["sessions"]["learned"],
         result["sessions"]["day_one"],
