@@ -271,11 +271,22 @@ def _worker(tasks: Any, results: Any, free: Any, slot_names: list[str], slot_byt
     from multiprocessing import shared_memory
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    parent = os.getppid()
+
+    def get(q: Any) -> Any:
+        """Wait for the next item; exit when the parent is gone (killed with -9: no one says stop)."""
+        while True:
+            try:
+                return q.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    raise SystemExit(0) from None
+
     slots = [shared_memory.SharedMemory(name=n) for n in slot_names]
     containers: dict[str, Any] = {}
     try:
         while True:
-            task = tasks.get()
+            task = get(tasks)
             if task is None:
                 return
             job, number, (key, start_pts, wanted) = task
@@ -289,7 +300,7 @@ def _worker(tasks: Any, results: Any, free: Any, slot_names: list[str], slot_byt
                 for t, frame in _decode_segment(containers[key], key, start_pts, wanted):
                     rgb = frame.to_ndarray(format="rgb24")
                     if slots and rgb.nbytes <= slot_bytes:
-                        slot = free.get()
+                        slot = get(free)
                         np.ndarray(rgb.shape, np.uint8, buffer=slots[slot].buf)[...] = rgb
                         results.put(("frame", job, number, t, slot, rgb.shape))
                     else:
