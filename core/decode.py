@@ -209,30 +209,42 @@ def _segment_task(index: VideoIndex, seg: Segment) -> tuple[str, int, dict[int, 
 
 def _decode_segment(container: Any, path: str, start_pts: int, wanted: dict[int, int]) -> Iterator[tuple]:
     """Seek to the keyframe at ``start_pts`` and yield ``(frame index, av.VideoFrame)`` for the wanted pts,
-    in order; stops after the last one."""
+    in order; stops after the last one.
+
+    Frames no other frame refers to (non-reference B-frames) are not decoded unless wanted: the decoder's
+    ``skip_frame`` is set per packet (exact with slice threading, where it is read at each packet's
+    decode), which saves their share of the decoding and leaves every wanted frame's pixels unchanged."""
     import av
 
     stream = container.streams.video[0]
+    codec = stream.codec_context
     container.seek(start_pts, stream=stream, backward=True, any_frame=False)
     last = max(wanted)
     remaining = len(wanted)
     try:
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            if frame.pts > last:
-                break
-            t = wanted.get(int(frame.pts))
-            if t is not None:
-                yield t, frame
-                remaining -= 1
-                if remaining == 0:
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                codec.skip_frame = "DEFAULT" if int(packet.pts) in wanted else "NONREF"
+            else:
+                codec.skip_frame = "DEFAULT"  # the flush packet at the end
+            for frame in codec.decode(packet):
+                if frame.pts is None:
+                    continue
+                if frame.pts > last:
                     return
+                t = wanted.get(int(frame.pts))
+                if t is not None:
+                    yield t, frame
+                    remaining -= 1
+                    if remaining == 0:
+                        return
     except av.error.FFmpegError as exc:
         raise VideoReadError(
             f"decoding {path} failed near frame {min(wanted.values())} ({exc})",
             "the file is corrupt; " + _REENCODE_HINT,
         ) from None
+    finally:
+        codec.skip_frame = "DEFAULT"
     if remaining:
         raise VideoReadError(
             f"decoding {path} stopped early: {remaining} of the frames from {min(wanted.values())} to "
@@ -523,6 +535,7 @@ def iter_sampled_frames(
             yield from pool.frames(index, targets)
         else:
             container = _open_av(path)
+            container.streams.video[0].thread_type = "SLICE"  # skip_frame is exact per packet
             try:
                 for seg in plan_segments(index, targets):
                     for t, frame in _decode_segment(container, *_segment_task(index, seg)):
