@@ -1,11 +1,13 @@
 """Predictor throughput against a naive baseline measured in the same run, plus GFLOP/s and peak memory.
 
-    python bench/predictor.py [--frames 48] [--batch-size 8] [--device cpu|cuda] [--minutes 10]
+    python bench/predictor.py [--frames 48] [--batch-size 8 | 0 = by device] [--device cpu|cuda]
+                              [--minutes 10] [--compile] [--cuda-graphs]
 
 Prints: naive frames/s (the same model called frame by frame in fp32 with PIL preprocessing and
 full-size upsampling), Predictor frames/s end to end from an 854x480 video file, the bare model's
 forward rate on ready tensors, their ratios, effective GFLOP/s against this machine's torch.matmul
-GFLOP/s, and (in a fresh subprocess) peak RSS while pre-annotating a long video sampled at 1 fps.
+GFLOP/s, and (in a fresh subprocess) peak RSS while pre-annotating a long video sampled at 1 fps. On a
+GPU: bf16, the share of the device's measured bf16 matmul peak, and with --cuda-graphs the CUDA-graph rate.
 Targets on 2 CPU cores: >= 1.3x the naive baseline, >= 85% of the bare forward rate, < 2 GB RSS.
 """
 
@@ -97,8 +99,12 @@ def flops_per_frame(model: SurgeNetAssistModel) -> float:
     return counter.get_total_flops()
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(
+    device: torch.device, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
+    """Achievable dense matmul rate: the 'peak' the model's effective rate is compared with (bf16 on GPU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -139,7 +145,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=float, default=10.0, help="long video for the RSS check (0: skip)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="also measure torch.compile with CUDA graphs (GPU)"
+    )
     args = parser.parse_args()
+    if args.batch_size <= 0:  # 0: the Predictor's choice for the device
+        from surgenet_assist.core.predictor import default_batch_size
+
+        args.batch_size = default_batch_size(args.device)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = SurgeNetAssistModel.create(random_init=True).eval()
@@ -162,11 +175,31 @@ def main() -> None:
             compiled = Predictor(model, device=device, batch_size=args.batch_size, compile=True)
             predictor_rate(compiled, video, args.batch_size)
             results["predictor_compiled_fps"] = predictor_rate(compiled, video, args.frames)
+        if args.cuda_graphs and device.type == "cuda":
+            graphed = Predictor(model, device=device, batch_size=args.batch_size, cuda_graphs=True)
+            predictor_rate(graphed, video, args.batch_size)
+            results["predictor_cuda_graphs_fps"] = predictor_rate(graphed, video, args.frames)
+            results["bare_cuda_graphs_fps"] = bare_rate(
+                graphed._forward, args.batch_size, device, True, args.frames
+            )
     gflop = flops_per_frame(model.cpu()) / 1e9
     results["gflop_per_frame"] = gflop
     results["effective_gflops"] = gflop * results["predictor_fps"]
     results["matmul_gflops"] = matmul_gflops(device)
+    if device.type == "cuda":
+        results["device_name"] = torch.cuda.get_device_name(device)
+        results["batch_size"] = args.batch_size
+        results["bf16_matmul_tflops"] = matmul_gflops(device, n=8192, reps=20, dtype=torch.bfloat16) / 1e3
+        best = max(results.get("bare_cuda_graphs_fps", 0.0), results["bare_forward_fps"])
+        results["bare_share_of_bf16_peak"] = gflop * best / 1e3 / results["bf16_matmul_tflops"]
     print(json.dumps(results, indent=2))
+    if "bf16_matmul_tflops" in results:
+        print(
+            f"GPU {results['device_name']}: bare forward {results['bare_forward_fps']:.0f} frames/s, "
+            f"end to end {results['predictor_fps']:.0f} frames/s (batch {args.batch_size}); "
+            f"{results['bare_share_of_bf16_peak']:.0%} of the measured bf16 matmul peak "
+            f"({results['bf16_matmul_tflops']:.0f} TFLOP/s)"
+        )
     if "naive_fps" in results:
         print(
             f"Predictor / naive baseline: {results['predictor_fps'] / results['naive_fps']:.2f}x "
