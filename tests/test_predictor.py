@@ -197,3 +197,20 @@ def test_weights_hash_ignores_memory_format():
     changed = {k: v.clone() for k, v in net.backbone.trunk.state_dict().items()}
     changed["stem.conv.weight"][0, 0, 0, 0] += 1
     assert state_dict_sha256(changed) != before
+
+
+def test_fixed_batch_shape_pads_short_batches_without_changing_outputs(model, clip):
+    """compile / CUDA graphs see one batch shape: a short last batch is padded, and its outputs equal an
+    unpadded run (the GPU path's padding, tested on CPU without compiling)."""
+    from surgenet_assist.core.predictor import default_batch_size
+
+    assert default_batch_size("cpu") == 4
+    plain = Predictor(model, batch_size=4, short_side=64).predict(clip.frames[:5])
+    padded_predictor = Predictor(model, batch_size=4, short_side=64)
+    padded_predictor._fixed_batch = True
+    padded = padded_predictor.predict(clip.frames[:5])
+    for a, b in zip(plain, padded, strict=True):
+        assert np.array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.phase_probs, b.phase_probs, atol=1e-5)
+        np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+    assert Predictor(model, batch_size=None, short_side=64).batch_size == 4
