@@ -391,8 +391,8 @@ def evaluate_click_levels(
     stop_at: float | None = 0.90,
 ) -> dict[str, list[ClickSession]]:
     """The simulated annotator (RITM protocol) on every object for each named level: ``None`` is the day-one
-    level, a head its learned level. ``stop_at`` 0.90 ends a session once NoC@90 is known (NoC@85/90 are
-    exact; IoU@k after that click repeats the last IoU, a lower bound)."""
+    level, a head its learned level. ``stop_at`` 0.90 ends a session once NoC@90 is known, but never before
+    5 clicks, so NoC@85/90 and IoU@1/3/5 are all exact (the bench's rule)."""
     out: dict[str, list[ClickSession]] = {}
     for name, head in heads.items():
         sessions = []
@@ -407,7 +407,8 @@ def evaluate_click_levels(
                 def segment(p: Prompt, o: ClickObject = obj, h: ClickHead = head) -> np.ndarray:
                     return learned_mask(segmenter, h, o.emb, p)
 
-            sessions.append(simulate(segment, obj.mask, max_clicks=max_clicks, stop_at=stop_at))
+            at_least = min(5, max_clicks)
+            sessions.append(simulate(segment, obj.mask, max_clicks, stop_at, min_clicks=at_least))
         out[name] = sessions
     return out
 
