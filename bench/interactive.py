@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-objects", type=int, default=60)
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16])
     parser.add_argument("--train-frames", type=int, default=24, help="labelled frames the learned head sees")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--train-size", type=int, nargs=2, default=[240, 427], metavar=("H", "W"),
+        help="training frames' size: the head works on the stride-8 grid of the short-side-256 input, "
+        "so smaller frames train the same grid faster",
+    )
     parser.add_argument("--no-learned", action="store_true")
     parser.add_argument("--no-grabcut", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         from surgenet_assist.training_loop.click_training import train_click_head_on
 
         per_clip = max(1, -(-args.train_frames // len(args.train_seeds)))
-        _, train = synthetic_objects(args.train_seeds, per_clip, size, 0)
+        _, train = synthetic_objects(args.train_seeds, per_clip, tuple(args.train_size), 0)
         train = train[: args.train_frames]
         t0 = time.perf_counter()
         head = train_click_head_on(train, segmenter, epochs=args.epochs, progress=True)
