@@ -1,5 +1,5 @@
-"""The archive decoder (core/decode.py): worker processes and keyframe segments give exactly the frames, indices
-and pixels of a sequential decode; corrupt and truncated files are errors that name the file."""
+"""The archive decoder (core/decode.py): worker processes and keyframe segments give exactly the frames,
+indices and pixels of a sequential decode; corrupt and truncated files are errors that name the file."""
 
 from __future__ import annotations
 
