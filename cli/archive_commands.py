@@ -77,6 +77,11 @@ def predict_archive(
             store = LabelStore(db, migrate=rank == 0) if rank == 0 else None
             distributed.barrier()  # rank 0 created/migrated the store before the others open it
             store = store or LabelStore(db)
+            if distributed.multi_node() and store.engine.dialect.name == "sqlite":
+                raise UsageError(
+                    "a multi-node run cannot share a SQLite label store (each node would write its own file)",
+                    "give --db postgresql+psycopg://user@host/db (or SURGENET_ASSIST_DB_URL) on every node",
+                )
         plan: dict[str, Any] | None = None
         error: tuple[type, str, str | None] | None = None  # (kind, message, hint): exceptions pickle poorly
         if rank == 0:

@@ -306,3 +306,15 @@ def test_ls_preannotate_state_files_per_rank_are_read_together(tmp_path, monkeyp
     _save_state(r1, "m1", {2})
     _save_state(_state_file("http://ls:8080", 4), "m1", {99})  # another project is not read
     assert _load_state(r0, "m1") == {1, 2, 3} == _load_state(_state_file("http://ls:8080", 3), "m1")
+
+
+def test_multi_node_is_read_from_torchruns_environment(monkeypatch):
+    """predict --to-store refuses SQLite when multi_node() (a file per machine would split the store)."""
+    from surgenet_assist.training_loop import distributed
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.multi_node() and distributed.launch_rank_and_size() == (3, 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert not distributed.multi_node()

@@ -27,6 +27,13 @@ def launch_rank_and_size() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+def multi_node() -> bool:
+    """Whether torchrun started ranks on more than one machine (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
+    if not launched_by_torchrun():
+        return False
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) < int(os.environ["WORLD_SIZE"])
+
+
 def init(backend: str | None = None, timeout_minutes: float = 30) -> bool:
     """Join the process group when launched by torchrun; returns whether running distributed.
 
