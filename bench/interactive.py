@@ -45,7 +45,8 @@ def _backbone():
     try:
         return load_backbone(allow_download=False, progress=False), "SurgeNetXL (cached weights)"
     except WeightsError:
-        return load_backbone(random_init=True), "random-init backbone (SurgeNetXL weights not cached)"
+        torch.manual_seed(0)  # the same random backbone in every run, so runs compare
+        return load_backbone(random_init=True), "random-init backbone (seed 0; SurgeNetXL weights not cached)"
 
 
 def objects_of(frame: np.ndarray, mask: np.ndarray, min_area: float) -> Objects:

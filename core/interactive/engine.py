@@ -401,8 +401,15 @@ class ClickSegmenter:
             bg = np.bincount(emb.colour_bins[sure_bg], minlength=bins).astype(np.float32) + 1.0
             llr = np.log(fg / fg.sum()) - np.log(bg / bg.sum())
             logit[band] += 0.5 * np.clip(llr[emb.colour_bins[band]], -6, 6)
-        prob = 1.0 / (1.0 + np.exp(-logit))
-        prob = guided_filter(emb.guide, prob[None].astype(np.float32), radius=self.guided_radius, eps=1e-3)[0]
+        prob = up.copy()
+        if band.any():  # away from the band nothing changed: filter only the band's bounding box (speed)
+            rows, cols = np.nonzero(band.any(1))[0], np.nonzero(band.any(0))[0]
+            m = 2 * self.guided_radius + 2
+            r0, r1 = max(0, rows[0] - m), min(H, rows[-1] + 1 + m)
+            c0, c1 = max(0, cols[0] - m), min(W, cols[-1] + 1 + m)
+            crop = 1.0 / (1.0 + np.exp(-logit[r0:r1, c0:c1]))
+            guide = emb.guide[r0:r1, c0:c1]
+            prob[r0:r1, c0:c1] = guided_filter(guide, crop[None], radius=self.guided_radius, eps=1e-3)[0]
         prob = np.clip(prob, 0.0, 1.0).astype(np.float32)
         radius = max(2, round(min(H, W) / 160))
         click_layer = np.zeros((H, W), np.uint8)
