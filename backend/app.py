@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from surgenet_assist.core.errors import SurgenetAssistError, UsageError
 from surgenet_assist.core.formats.label_studio import store_project_name
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
+from surgenet_assist.core.store import is_frame_model
 
 from .acquisition import apply_queue_scores
 from .config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
@@ -652,7 +653,8 @@ def create_app(
                 rows = store.model_versions()
             except SurgenetAssistError as exc:
                 log.warning("registry not readable: %s", exc.message)
-        names = [r["version"] for r in rows]
+        # model choices are whole-frame models: a click head (task "interactive") cannot pre-annotate a task
+        names = [r["version"] for r in rows if is_frame_model(r)]
         if holder.version not in names:
             names.append(holder.version)
         return jsonify(

@@ -23,6 +23,7 @@ from surgenet_assist.backend.labeling_configs import image_config, label_config,
 from surgenet_assist.backend.media import MediaError
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
+from surgenet_assist.core.store import INTERACTIVE_TASK
 
 H, W = 64, 96
 
@@ -526,7 +527,11 @@ def test_versions_and_registry_champion_is_picked_up(tmp_path, store, media):
     holder = app.extensions["surgenet"]["holder"]
     holder.poll(force=True, background=False)
     assert post(c, "/setup", {"schema": image_config()}).get_json()["model_version"] == "reg-2.0"
+    # a learned click head (its own champion, a click-head folder) is no model choice and does not serve
+    store.register_model_version("clicks-1", task=INTERACTIVE_TASK, bundle_path=str(tmp_path / "clicks-1"))
+    store.set_model_status("clicks-1", "champion")
+    holder.poll(force=True, background=False)
     v = c.get("/versions").get_json()
-    assert v["current"] == "reg-2.0" and "reg-2.0" in v["versions"]
+    assert v["current"] == "reg-2.0" and "reg-2.0" in v["versions"] and "clicks-1" not in v["versions"]
     r = post(c, "/predict", {"tasks": image_tasks(1), "label_config": image_config()}).get_json()
     assert r["results"][0]["model_version"] == "reg-2.0" and r["results"][0]["result"]

@@ -397,6 +397,25 @@ def test_a_project_with_a_learned_click_head_gets_its_own_engine(segmenter, monk
     assert segmenter.model_version.startswith("clicks-day-one-")
 
 
+def test_a_click_head_trained_on_another_backbone_is_never_served(segmenter, monkeypatch):
+    """for_project passes the engine's backbone hash: a head whose features differ stays unserved."""
+    import surgenet_assist.core.interactive.serving as serving
+
+    sha = segmenter.backbone.weights_sha256
+    assert sha
+    monkeypatch.setattr(serving, "load_click_head", lambda path: (_FakeHead(), {}))
+
+    def row(version, trained_on):
+        return {"version": version, "bundle_path": f"/heads/{version}", "updated_at": 1, "created_at": 1,
+                "metrics": {"backbone_sha256": trained_on}}
+
+    store = _FakeStore({"p-other": [row("clicks-1", "0" * 64)], "p-same": [row("clicks-2", sha)]})
+    clicks = ClickSegmenters(segmenter, store=store, poll_s=60.0)
+    assert clicks.for_project("p-other") is segmenter  # day one, not a head that reads unseen features
+    learned = clicks.for_project("p-same")
+    assert learned is not segmenter and learned.model_version == "clicks-2"
+
+
 def test_no_engine_configured_raises():
     with pytest.raises(InteractiveUnavailable, match="not enabled"):
         ClickSegmenters().for_project(None)

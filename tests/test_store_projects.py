@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from store_helpers import random_mask, store_url  # noqa: F401 - fixtures
 
 from surgenet_assist.core.errors import StoreError
-from surgenet_assist.core.store import CHAMPION, LabelStore, upgrade
+from surgenet_assist.core.store import CHAMPION, INTERACTIVE_TASK, LabelStore, upgrade
 from surgenet_assist.core.store.migrations import head_revision
 
 
@@ -88,6 +88,11 @@ def test_labelling_queue_shows_only_the_projects_frames_and_champion(stores):
     b.set_model_status("b-1", CHAMPION)
     assert [q.frame_index for q in a.labelling_queue("cvs")] == [3]  # A's champion's rows
     assert [q.frame_index for q in b.labelling_queue("cvs")] == [7]
+    # a learned click head has its own champion (newer, no acquisition rows): the queue stays the model's
+    a.register_model_version("clicks-1", task=INTERACTIVE_TASK, bundle_path="/registry/clicks-1")
+    a.set_model_status("clicks-1", CHAMPION)
+    assert [q.frame_index for q in a.labelling_queue("cvs")] == [3]
+    assert [r["version"] for r in a.frame_model_versions(status=CHAMPION)] == ["a-2"]
     b.record_annotation(vb, 7, "cvs", [1, 0, 1], source="napari")
     assert b.labelling_queue("cvs") == [] and len(a.labelling_queue("cvs")) == 1
     assert a.projects() == ["label-studio-1", "label-studio-2"]

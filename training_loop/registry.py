@@ -34,7 +34,13 @@ from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import CHAMPION, DEFAULT_PROJECT, PREVIOUS_CHAMPION, LabelStore
+from surgenet_assist.core.store import (
+    CHAMPION,
+    DEFAULT_PROJECT,
+    PREVIOUS_CHAMPION,
+    LabelStore,
+    is_frame_model,
+)
 
 from .evaluate import overall_score
 
@@ -210,7 +216,13 @@ class Registry:
 
     # --- reading ----------------------------------------------------------------------------------------
     def versions(self) -> list[dict[str, Any]]:
+        """Every row of the project, learned click heads (task ``interactive``) included: what ``models list``
+        shows. Promotion and rollback act on whole-frame models only (:meth:`frame_versions`)."""
         return self.store.model_versions(project=self.project)
+
+    def frame_versions(self, status: str | None = None) -> list[dict[str, Any]]:
+        """The project's whole-frame model rows (no click heads), optionally of one status."""
+        return self.store.frame_model_versions(status=status, project=self.project)
 
     def get(self, version: str) -> dict[str, Any]:
         rows = [r for r in self.versions() if r["version"] == version]
@@ -261,13 +273,23 @@ class Registry:
         return version
 
     def set_status(self, version: str, status: str) -> None:
-        self.get(version)
+        self._refuse_click_head(self.get(version))
         self.store.set_model_status(version, status, project=self.project)
         self.write_pointer()
 
+    def _refuse_click_head(self, row: dict[str, Any]) -> None:
+        if not is_frame_model(row):
+            raise RegistryError(
+                f"version {row['version']} is a learned click head (task {row.get('task')!r}), not a model "
+                "bundle: this registry promotes and rolls back whole-frame models only",
+                "click heads are promoted by the click gate, not by hand: run `surgenet-assist train-clicks` "
+                "(or the nightly cycle's interactive stage); it promotes a head that beats the current one",
+            )
+
     def promote(self, version: str) -> None:
-        """Make ``version`` the champion (the old one becomes previous-champion)."""
+        """Make ``version`` the champion (the old one becomes previous-champion); a whole-frame model only."""
         row = self.get(version)
+        self._refuse_click_head(row)
         if not row.get("bundle_path") or not Path(row["bundle_path"], "bundle.json").exists():
             raise RegistryError(
                 f"version {version} has no bundle on disk ({row.get('bundle_path')})",
@@ -277,12 +299,9 @@ class Registry:
         self.write_pointer()
 
     def rollback(self) -> str:
-        """Reinstate the previous champion; returns its version."""
-        prev = [
-            r
-            for r in self.store.model_versions(status=PREVIOUS_CHAMPION, project=self.project)
-            if r.get("bundle_path")
-        ]
+        """Reinstate the previous whole-frame champion; returns its version. Click heads have their own
+        champion (``task = "interactive"``) and are never brought back here."""
+        prev = [r for r in self.frame_versions(status=PREVIOUS_CHAMPION) if r.get("bundle_path")]
         if not prev:
             raise RegistryError(
                 "there is no previous champion to roll back to",

@@ -41,6 +41,7 @@ from .records import (
     annotation_key,
     to_utc,
 )
+from .registry import is_frame_model
 from .writer import Writer
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "build_payload",
     "create_store_engine",
     "cvs_payload",
+    "is_frame_model",
     "mask_to_png",
     "mask_url",
     "phase_payload",

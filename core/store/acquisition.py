@@ -117,7 +117,7 @@ class AcquisitionMixin(RegistryMixin):
         if task not in TASKS:
             raise UsageError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
         methods = [strategy] if strategy else [DEFAULT_QUEUE_METHOD, None]
-        champions = self.model_versions(status=CHAMPION, project=project)
+        champions = self.frame_model_versions(status=CHAMPION, project=project)  # not the click head
         versions = [c["version"] for c in champions[-1:]] + [None]
         for method in methods:
             for version in versions:

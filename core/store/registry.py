@@ -56,6 +56,12 @@ RUN_FIELDS = frozenset(
 )
 
 
+def is_frame_model(row: dict[str, Any]) -> bool:
+    """Whether a registry row is a whole-frame model (a bundle that segments a frame alone), not a learned
+    click head (task ``INTERACTIVE_TASK``: its own champion, promoted by the click gate)."""
+    return row.get("task") != INTERACTIVE_TASK
+
+
 def _project_names(s: Session) -> dict[int, str]:
     return {int(i): str(n) for i, n in s.execute(sa.select(Project.id, Project.name))}
 
@@ -198,15 +204,20 @@ class RegistryMixin(StoreBase):
                 for m in s.scalars(q)
             ]
 
+    def frame_model_versions(
+        self, status: str | None = None, *, project: str | None = None
+    ) -> list[dict[str, Any]]:
+        """``project``'s whole-frame model rows (oldest first, optionally of one status): every row but the
+        learned click heads (task ``INTERACTIVE_TASK``), whose ``bundle_path`` is a click-head folder, not a
+        model bundle. What model choices, the acquisition queue and rollback read."""
+        return [r for r in self.model_versions(status=status, project=project) if is_frame_model(r)]
+
     def serving_champion(self, project: str | None = None) -> dict[str, Any] | None:
         """The champion that serves ``project``: the newest champion row that has a bundle (the registry,
         the backend and the day-one assistant all ask this). A learned click head (task
         ``INTERACTIVE_TASK``) has its own champion and is never this one: it cannot segment a frame alone."""
-        rows = [
-            r
-            for r in self.model_versions(status=CHAMPION, project=project)
-            if r.get("bundle_path") and r.get("task") != INTERACTIVE_TASK
-        ]
+        rows = self.frame_model_versions(status=CHAMPION, project=project)
+        rows = [r for r in rows if r.get("bundle_path")]
         return max(rows, key=lambda r: (r["updated_at"], r["created_at"])) if rows else None
 
     # --- training runs -----------------------------------------------------------------------------------
