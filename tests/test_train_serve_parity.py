@@ -52,6 +52,7 @@ def cycle(tmp_path_factory):
             "pretrain": {"enabled": False},
             "rescore_max_frames_per_video": 2,
             "progress": False,
+            "click_head": False,  # the interactive stage is not what this checks (test_click_head.py)
         }
     )
     report = run_cycle(cfg)

@@ -39,6 +39,7 @@ def _config(url: str) -> dict:
         "pretrain": {"enabled": False},
         "rescore_max_frames_per_video": 6,
         "progress": False,
+        "click_head": False,  # the interactive stage has its own test (test_click_head.py)
     }
 
 
@@ -146,7 +147,8 @@ def test_trainer_consumes_a_cycle_queued_by_label_studio(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     store = LabelStore(url, migrate=True)
     rid = store.record_training_run(status="queued", params={"trigger": "label-studio START_TRAINING"})
-    trainer_loop(NightlyConfig(db=url, random_init=True, progress=False), at=None, poll_s=0, max_loops=1)
+    cfg = NightlyConfig(db=url, random_init=True, progress=False, click_head=False)
+    trainer_loop(cfg, at=None, poll_s=0, max_loops=1)
     row = {r["id"]: r for r in store.training_runs()}[rid]
     assert row["status"] == "finished" and row["task"] == "nightly"
     assert row["metrics"]["outcome"].startswith("skipped: no human labels")
@@ -162,7 +164,8 @@ def test_trainer_claims_queued_runs_of_every_project(tmp_path, _isolated_home):
     b = LabelStore(url, project="label-studio-2")
     ra, _ = a.queue_training_run({"trigger": "label-studio START_TRAINING"})
     rb, _ = b.queue_training_run({"trigger": "label-studio START_TRAINING"})
-    trainer_loop(NightlyConfig(db=url, random_init=True, progress=False), at=None, poll_s=0, max_loops=1)
+    cfg = NightlyConfig(db=url, random_init=True, progress=False, click_head=False)
+    trainer_loop(cfg, at=None, poll_s=0, max_loops=1)
     for store, rid in ((a, ra), (b, rb)):
         (row,) = store.training_runs()
         assert row["id"] == rid and row["status"] == "finished" and row["project"] == store.project
@@ -171,7 +174,7 @@ def test_trainer_claims_queued_runs_of_every_project(tmp_path, _isolated_home):
     # a trainer of one project leaves the other's queue alone
     a.queue_training_run()
     rb2, _ = b.queue_training_run()
-    cfg = NightlyConfig(db=url, project="label-studio-1", random_init=True, progress=False)
+    cfg = NightlyConfig(db=url, project="label-studio-1", random_init=True, progress=False, click_head=False)
     trainer_loop(cfg, at=None, poll_s=0, max_loops=1)
     assert a.queued_run_projects() == ["label-studio-2"]
     assert {r["id"]: r["status"] for r in b.training_runs()}[rb2] == "queued"
@@ -186,7 +189,9 @@ def test_cycle_locks_are_per_project(tmp_path, _isolated_home):
         with pytest.raises(CycleLocked):
             run_cycle(NightlyConfig(db=url, project="label-studio-1", random_init=True, progress=False))
         # another project's cycle is not blocked
-        cfg = NightlyConfig(db=url, project="label-studio-2", random_init=True, progress=False)
+        cfg = NightlyConfig(
+            db=url, project="label-studio-2", random_init=True, progress=False, click_head=False
+        )
         report = run_cycle(cfg, from_queue=True)
     assert report["project"] == "label-studio-2" and report["outcome"].startswith("skipped")
     assert [r["status"] for r in b.training_runs()] == ["finished"] and a.training_runs() == []
@@ -249,7 +254,7 @@ def test_trainer_reconciles_before_a_cycle_runs_and_only_then(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'hook.db'}"
     calls = []
-    cfg = NightlyConfig(db=url, random_init=True, progress=False)
+    cfg = NightlyConfig(db=url, random_init=True, progress=False, click_head=False)
     trainer_loop(cfg, at=None, poll_s=0, max_loops=2, before_cycle=lambda: calls.append("sync"))
     assert calls == []  # nothing queued, no daily cycle due
     trainer_loop(cfg, at="00:00", poll_s=0, max_loops=1, before_cycle=lambda: calls.append("sync"))
