@@ -136,6 +136,28 @@ def latency(segment: Callable[[np.ndarray, Prompt, object], object], objects: Ob
     }
 
 
+def latency_report(backbone, which: str, objects: Objects, args: argparse.Namespace) -> dict:
+    """Per-click timings of day one, the learned level and GrabCut on the first objects."""
+    from surgenet_assist.core.interactive.click_head import ClickHead
+
+    lat_objects = objects[: min(12, len(objects))]
+    day_one = ClickSegmenter(backbone)
+    c8, c16 = backbone.channels[1], backbone.channels[2]
+    learned = ClickSegmenter(backbone, head=ClickHead(c8, c16), head_version="untrained")
+    report = {
+        "backbone": which,
+        "size": list(args.size),
+        "torch_threads": torch.get_num_threads(),
+        "latency": {
+            DAY_ONE: latency(lambda f, p, k: day_one.segment(f, p, key=k).mask, lat_objects),
+            "learned": latency(lambda f, p, k: learned.segment(f, p, key=k).mask, lat_objects),
+            "grabcut": latency(lambda f, p, k: grabcut(f, p), lat_objects[:4]),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def plot(curves: dict[str, list[float]], report: dict, path: Path) -> None:
     import matplotlib
 
@@ -180,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
         "so smaller frames train the same grid faster",
     )
     parser.add_argument("--no-learned", action="store_true")
+    parser.add_argument(
+        "--latency-only", action="store_true",
+        help="only the per-click timings (the learned level timed with an untrained head: same compute)",
+    )
     parser.add_argument("--no-grabcut", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=Path("docs/images/interactive_noc.png"))
@@ -196,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         objects = [objects[i] for i in sorted(rng.choice(len(objects), args.max_objects, replace=False))]
     print(f"backbone: {which}; {len(objects)} held-out objects at {size[1]}x{size[0]}", file=sys.stderr)
 
+    if args.latency_only:
+        return latency_report(backbone, which, objects, args)
     methods: dict[str, Callable[[np.ndarray, int, Prompt], np.ndarray]] = {
         DAY_ONE: lambda f, i, p: segmenter.segment(f, p, key=("eval", i), level=DAY_ONE).mask,
     }
