@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 import pytest
 import requests
+import torch
 from label_studio_sdk.label_interface import LabelInterface
 from ls_live import TOKEN, free_port
 
 from surgenet_assist.core.encoders import brush_rle_to_mask
+from surgenet_assist.core.interactive import Click, Prompt
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,7 @@ def click_backend(ls_server):
     from surgenet_assist.core.backbone import load_backbone
     from surgenet_assist.core.interactive import ClickSegmenter
 
+    torch.manual_seed(0)  # one fixed random backbone: the same masks on every run
     segmenter = ClickSegmenter(load_backbone(random_init=True), short_side=128)
     settings = BackendSettings(
         label_studio_url=ls_server["url"], label_studio_api_key=TOKEN, extra={"open_store": False}
@@ -50,7 +53,7 @@ def click_backend(ls_server):
 
 @pytest.fixture(scope="module")
 def interactive_project(ls_server, click_backend, tmp_path_factory):
-    """``ls setup-project --interactive`` on one uploaded synthetic frame; its exact class mask."""
+    """``ls setup-project --interactive`` on one uploaded synthetic frame; its exact class mask and pixels."""
     from surgenet_assist.backend.ls_client import setup_project
     from surgenet_assist.core.synthetic import generate_clip
 
@@ -61,7 +64,7 @@ def interactive_project(ls_server, click_backend, tmp_path_factory):
         ls_server["url"], TOKEN, frames=folder, backend_url=click_backend["url"], interactive=True
     )
     assert len(res.task_ids) == 1
-    return res, clip.masks[0]
+    return res, clip.masks[0], clip.frames[0]
 
 
 def _interactive(url: str, ml_id: int, task_id: int, regions: list[dict]) -> dict:
@@ -106,7 +109,7 @@ def _mask(region: dict) -> np.ndarray:
 def test_click_in_label_studio_returns_the_objects_brush_mask(
     ls, ls_server, click_backend, interactive_project
 ):
-    res, masks = interactive_project
+    res, masks, frame = interactive_project
     ml = ls.ml.get(id=res.ml_backend_id)
     assert ml.is_interactive and ml.state == "CO"
     cfg = ls.projects.get(id=res.project_id).label_config
@@ -127,9 +130,12 @@ def test_click_in_label_studio_returns_the_objects_brush_mask(
     assert region["value"]["brushlabels"] == [label]
     mask = _mask(region)
     assert mask.shape == (H, W) and mask[y, x], "the clicked pixel is in the mask"
-    iou = (mask & gt).sum() / (mask | gt).sum()
-    assert iou > 0.3, f"IoU {iou:.2f} with the clicked object"
-    assert mask.mean() < 0.9, "not the whole frame"
+    # what travelled through Label Studio is what the engine makes for this click on this image (percent
+    # coordinates, the fetched upload and the RLE all round-trip); mask quality is bench/interactive.py's job
+    direct = click_backend["segmenter"].segment(frame, Prompt((Click(y + 0.5, x + 0.5),))).mask
+    agreement = (mask & direct).sum() / (mask | direct).sum()
+    assert agreement > 0.98, f"IoU {agreement:.3f} between the mask via Label Studio and the engine's own"
+    assert (mask & gt).sum() > 0.2 * gt.sum() and mask.mean() < 0.9, "part of the object, not the whole frame"
 
     # Alt+click (is_positive false) on a wrongly included pixel takes it out; the prompts accumulate
     wrong = mask & ~gt
@@ -147,7 +153,7 @@ def test_click_in_label_studio_returns_the_objects_brush_mask(
 
 
 def test_label_studio_reports_a_bad_click_as_an_error(ls_server, interactive_project):
-    res, _ = interactive_project
+    res, _, _ = interactive_project
     bad = _keypoint("kp9", 50.0, 50.0, "Kidney")  # not a label of the config's BrushLabels
     answer = _interactive(ls_server["url"], res.ml_backend_id, res.task_ids[0], [bad])
     # Label Studio passes on our 400 as its own error list (the detail and hint are in our body and log)
@@ -155,7 +161,7 @@ def test_label_studio_reports_a_bad_click_as_an_error(ls_server, interactive_pro
 
 
 def test_a_backend_not_marked_interactive_gets_no_clicks(ls, ls_server, click_backend, interactive_project):
-    res, _ = interactive_project
+    res, _, _ = interactive_project
     other = ls.ml.create(
         project=res.project_id, url=click_backend["url"], title="plain", is_interactive=False
     )
