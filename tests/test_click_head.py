@@ -302,3 +302,21 @@ def test_train_clicks_command(tiny_store, tmp_path):
     res = CliRunner().invoke(app, ["train-clicks", "--db", empty, "--random-init"])
     assert res.exit_code == 2 and "Error: no objects in the train split" in res.output
     assert " Fix: " in res.output
+
+
+def test_head_ignores_its_previous_mask_unless_told_and_the_choice_survives_saving(tmp_path):
+    torch.manual_seed(0)
+    maps = torch.rand(1, 5, 6, 8)
+    other_previous = maps.clone()
+    other_previous[:, 3] = 1 - other_previous[:, 3]
+    s8, s16 = torch.randn(1, 16, 6, 8), torch.randn(1, 24, 3, 4)
+    for read, differs in ((False, False), (True, True)):
+        head = ClickHead(16, 24, hidden=8, read_previous_mask=read)
+        torch.nn.init.normal_(head.out.weight)  # a trained head: the correction branch is not zero
+        with torch.no_grad():
+            a, b = head(s8, s16, maps), head(s8, s16, other_previous)
+        assert (not torch.allclose(a, b)) is differs
+        loaded, _ = load_click_head(save_click_head(head, tmp_path / f"read-{read}"))
+        assert loaded.read_previous_mask is read
+        with torch.no_grad():
+            assert torch.allclose(loaded(s8, s16, maps), a)

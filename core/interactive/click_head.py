@@ -36,6 +36,7 @@ WEIGHTS_FILE = "click_head.pt"
 INFO_FILE = "click_head.json"
 NUM_MAPS = 5  # positive disks, negative disks, box, previous mask, day-one probability
 DAY_ONE_CHANNEL = 4
+PREVIOUS_MASK_CHANNEL = 3
 _EPS = 1e-4  # day-one probabilities are clamped to [eps, 1 - eps] before the logit (finite, |logit| <= 9.2)
 
 
@@ -54,9 +55,14 @@ class ClickHead(nn.Module):
     ``hidden``: the width of the head (64 is ~120 k parameters: trains in minutes on CPU).
     """
 
-    def __init__(self, c8: int, c16: int, hidden: int = 64) -> None:
+    def __init__(self, c8: int, c16: int, hidden: int = 64, read_previous_mask: bool = False) -> None:
         super().__init__()
         self.c8, self.c16, self.hidden = int(c8), int(c16), int(hidden)
+        # Off by default, measured (bench/interactive.py, random-init features, 24 labelled frames): a head
+        # that reads its own previous mask learns to copy it, so a click inside an error changes little and
+        # NoC doubles (10.1 vs 4.9 at 0.85); without it the head stays within half a click of day one. RITM
+        # learns to use the previous mask from COCO+LVIS, far more objects than a team's first nights give.
+        self.read_previous_mask = bool(read_previous_mask)
         self.reduce8 = nn.Conv2d(c8, hidden, 1)
         self.reduce16 = nn.Conv2d(c16, hidden, 1)
         self.maps = nn.Sequential(  # RITM's click-map encoder, added to the features
@@ -82,6 +88,10 @@ class ClickHead(nn.Module):
         """(N, C8, h, w), (N, C16, h', w'), (N, 5, h, w) -> (N, 1, h, w) logits (day-one's + a correction)."""
         if maps.shape[1] != NUM_MAPS:
             raise ValueError(f"ClickHead expects {NUM_MAPS} map channels, got {maps.shape[1]}")
+        if not self.read_previous_mask:
+            keep = torch.ones(NUM_MAPS, dtype=maps.dtype, device=maps.device)
+            keep[PREVIOUS_MASK_CHANNEL] = 0
+            maps = maps * keep.view(1, -1, 1, 1)
         x = self.reduce8(self._unit(stride8))
         y = self.reduce16(self._unit(stride16))
         x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -101,7 +111,14 @@ def save_click_head(head: ClickHead, folder: str | Path, meta: dict[str, Any] | 
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
-        info = {"format": FORMAT, "c8": head.c8, "c16": head.c16, "hidden": head.hidden, "meta": meta or {}}
+        info = {
+            "format": FORMAT,
+            "c8": head.c8,
+            "c16": head.c16,
+            "hidden": head.hidden,
+            "read_previous_mask": head.read_previous_mask,
+            "meta": meta or {},
+        }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         if folder.exists():
             shutil.rmtree(folder)
@@ -127,7 +144,9 @@ def load_click_head(folder: str | Path) -> tuple[ClickHead, dict[str, Any]]:
             f"{folder / INFO_FILE} has format {info.get('format')!r}, expected {FORMAT!r}",
             "retrain the click head with this version (surgenet-assist train-clicks)",
         )
-    head = ClickHead(int(info["c8"]), int(info["c16"]), int(info["hidden"]))
+    head = ClickHead(
+        int(info["c8"]), int(info["c16"]), int(info["hidden"]), bool(info.get("read_previous_mask", True))
+    )
     head.load_state_dict(state, strict=True)
     head.eval()
     return head, dict(info.get("meta") or {})
