@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 from .backbone import SurgeNetBackbone, load_backbone, state_dict_sha256
 from .errors import BundleError, WeightsError
 from .model import Preprocessing, SurgeNetAssistModel
+from .paths import atomic_directory
 from .schema import LabelSchema
 from .weights import read_checkpoint, sha256_file
 
@@ -87,33 +86,29 @@ def save_bundle(
     backbone = model.backbone
     if include_backbone is None:
         include_backbone = not _backbone_is_pristine(backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        files = {}
-        torch.save(model.heads_state_dict(), tmp / "heads.pt")
-        files["heads.pt"] = sha256_file(tmp / "heads.pt")
-        trunk_state = backbone.trunk.state_dict()
-        identity = backbone.identity() | {"weights_sha256": state_dict_sha256(trunk_state)}
-        if include_backbone:
-            torch.save(trunk_state, tmp / "backbone.pt")
-            files["backbone.pt"] = sha256_file(tmp / "backbone.pt")
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "version": version,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "schema": model.schema.to_dict(),
-            "backbone": identity,
-            "input_size": list(backbone.input_size),
-            "preprocessing": model.preprocessing_contract().to_dict(),
-            "backbone_included": include_backbone,
-            "training": training or {},
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic_directory(path) as tmp:
+            files = {}
+            torch.save(model.heads_state_dict(), tmp / "heads.pt")
+            files["heads.pt"] = sha256_file(tmp / "heads.pt")
+            trunk_state = backbone.trunk.state_dict()
+            identity = backbone.identity() | {"weights_sha256": state_dict_sha256(trunk_state)}
+            if include_backbone:
+                torch.save(trunk_state, tmp / "backbone.pt")
+                files["backbone.pt"] = sha256_file(tmp / "backbone.pt")
+            manifest = {
+                "format": BUNDLE_FORMAT,
+                "version": version,
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "schema": model.schema.to_dict(),
+                "backbone": identity,
+                "input_size": list(backbone.input_size),
+                "preprocessing": model.preprocessing_contract().to_dict(),
+                "backbone_included": include_backbone,
+                "training": training or {},
+                "files": files,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     except OSError as exc:
         raise BundleError(
             f"cannot write bundle {path}: {exc.strerror}", "free disk space or choose a writable directory"

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import SurgeNetBackbone
-from .paths import data_home
+from .paths import atomic_directory, data_home
 from .predictor import target_size
 from .video import FrameRecord, open_video
 
@@ -128,9 +125,7 @@ class EmbeddingCache:
         folder = self.root / key
         if (folder / "meta.json").exists():
             return self._load(folder, key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
+        with atomic_directory(folder) as tmp:
             feats = compute_features(video, backbone, sample_fps, short_side, batch_size, progress)
             np.save(tmp / "indices.npy", feats.indices)
             np.save(tmp / "stride8.npy", feats.stride8)
@@ -145,9 +140,6 @@ class EmbeddingCache:
                 "backbone_sha256": backbone.weights_sha256,
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         feats.key = key
         return feats
 

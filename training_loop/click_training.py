@@ -41,7 +41,7 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.interactive import DAY_ONE, ClickSegmenter, ClickSession, ImageEmbedding, simulate
 from surgenet_assist.core.interactive.click_head import ClickHead, load_click_head, save_click_head
-from surgenet_assist.core.interactive.clicker import MAX_CLICKS, summarize
+from surgenet_assist.core.interactive.clicker import MAX_CLICKS, error_depth, summarize
 from surgenet_assist.core.interactive.prompts import Click, Prompt
 from surgenet_assist.core.interactive.serving import click_champion_row
 from surgenet_assist.core.store import (
@@ -55,7 +55,7 @@ from surgenet_assist.core.store import (
 from surgenet_assist.core.video import open_video
 
 from .datasets import assign_splits, manifest_hash
-from .registry import code_version, registry_root
+from .registry import bootstrap_interval, code_version, registry_root
 
 log = logging.getLogger("surgenet_assist.click_training")
 
@@ -190,18 +190,13 @@ def _subsample(items: list[Any], limit: int | None) -> list[Any]:
 
 
 # --- simulated clicks for training -------------------------------------------------------------------------
-def _depth(region: np.ndarray) -> np.ndarray:
-    padded = np.pad(region.astype(np.uint8), 1)  # the image border counts as boundary, as the clicker's
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-
-
 def training_click(
     gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray, rng: np.random.Generator
 ) -> Click | None:
     """RITM's training click (``get_next_points``): in the larger error region (missed object: positive,
     false object: negative), a random pixel deeper than half the region's maximal depth. Random rather than
     the evaluation's deepest pixel, so the head does not learn one click position per object."""
-    fn_depth, fp_depth = _depth(gt & ~pred), _depth(~gt & pred)
+    fn_depth, fp_depth = error_depth(gt & ~pred), error_depth(~gt & pred)
     fn_depth[clicked] = 0
     fp_depth[clicked] = 0
     positive = fn_depth.max() > fp_depth.max()
@@ -470,9 +465,7 @@ def judge_click_head(
     )
     ci = None
     if len(saved) >= min_ci_objects:
-        rng = np.random.default_rng(seed)
-        means = saved[rng.integers(0, len(saved), size=(n_boot, len(saved)))].mean(1)
-        ci = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+        ci = bootstrap_interval(saved, n_boot, seed)
         if ci[0] <= 0:
             reasons.append(
                 f"clicks saved vs day one {saved.mean():+.2f} (95% CI {ci[0]:+.2f}..{ci[1]:+.2f} over "

@@ -17,10 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -33,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surgenet_assist.core.paths import data_home
+from surgenet_assist.core.paths import atomic_directory, data_home
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from surgenet_assist.core.store import INSTANT
 
@@ -169,9 +166,7 @@ class InstantHeads:
     def save(self, folder: str | Path) -> Path:
         """Write ``heads.pt`` (tensors only) and ``instant.json`` atomically (temp dir, then rename)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_directory(folder) as tmp:
             tensors = {
                 k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
                 for k in self._ARRAYS
@@ -186,11 +181,6 @@ class InstantHeads:
                 "meta": self.meta,
             }
             (tmp / "instant.json").write_text(json.dumps(info, indent=2, default=str))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod

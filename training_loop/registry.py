@@ -134,12 +134,20 @@ def paired_bootstrap(
             deltas.append(overall_score(ours) - overall_score(theirs))
     if not deltas:
         return 0.0, (0.0, 0.0), 0
+    return float(np.mean(deltas)), bootstrap_interval(deltas, n_boot, seed, level), len(deltas)
+
+
+def bootstrap_interval(
+    deltas: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences (one per video, or per object for
+    the click gate): the same resampling for every promotion decision."""
     d = np.asarray(deltas, np.float64)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return float(d.mean()), (float(low), float(high)), len(d)
+    return float(low), float(high)
 
 
 def gate(

@@ -19,9 +19,6 @@ features the head was trained on: a head is only valid on those features).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BundleError
+from ..paths import atomic_directory
 
 FORMAT = "surgenet-assist-click-head/1"
 WEIGHTS_FILE = "click_head.pt"
@@ -106,9 +104,7 @@ def save_click_head(head: ClickHead, folder: str | Path, meta: dict[str, Any] | 
     then rename): a reader never sees half an artefact, and a registry row is only added after this returns.
     ``meta`` should carry ``backbone_sha256`` (the features the head was trained on)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
         info = {
@@ -120,11 +116,6 @@ def save_click_head(head: ClickHead, folder: str | Path, meta: dict[str, Any] | 
             "meta": meta or {},
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -29,7 +29,8 @@ def iou(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> f
     return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
 
 
-def _depth(region: np.ndarray) -> np.ndarray:
+def error_depth(region: np.ndarray) -> np.ndarray:
+    """Distance of each pixel of ``region`` to its edge, the image border counting as an edge (RITM)."""
     padded = np.pad(region.astype(np.uint8), 1)
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
@@ -38,7 +39,7 @@ def next_click(gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray | None = No
     """Where the simulated annotator clicks next (``None`` when prediction and truth agree)."""
     fn = gt & ~pred
     fp = ~gt & pred
-    fn_depth, fp_depth = _depth(fn), _depth(fp)
+    fn_depth, fp_depth = error_depth(fn), error_depth(fp)
     if clicked is not None:
         fn_depth[clicked] = 0
         fp_depth[clicked] = 0
