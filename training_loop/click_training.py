@@ -219,10 +219,7 @@ def learned_mask(
 ) -> np.ndarray:
     """The mask ``head`` gives for ``prompt``: what ``segmenter.segment(level="learned")`` serves with that
     head (same inputs, same refinement), without swapping the segmenter's served head."""
-    s8, s16, maps = segmenter.head_inputs(emb, prompt)
-    with torch.inference_mode():
-        grid = torch.sigmoid(head(s8, s16, maps))[0, 0].numpy()
-    return segmenter.refine(emb, grid, prompt)[0]
+    return segmenter.refine(emb, segmenter.learned_grid(emb, prompt, head), prompt)[0]
 
 
 def _training_prompt(

@@ -270,13 +270,7 @@ class ClickSegmenter:
         if level == LEARNED and head is None:
             raise PromptError("no learned click head is being served", "train one (nightly) or use day one")
         use_head = head is not None and level != DAY_ONE
-        day_one = self.day_one_grid(emb, prompt)
-        if use_head:
-            s8, s16, maps = self._head_inputs(emb, prompt, day_one)
-            with torch.inference_mode():
-                grid = torch.sigmoid(head(s8, s16, maps))[0, 0].numpy()
-        else:
-            grid = day_one
+        grid = self.learned_grid(emb, prompt, head) if use_head else self.day_one_grid(emb, prompt)
         mask, prob = self.refine(emb, grid, prompt)
         return MaskResult(
             mask,
@@ -286,17 +280,20 @@ class ClickSegmenter:
             time.perf_counter() - started,
         )
 
+    def learned_grid(self, emb: ImageEmbedding, prompt: Prompt, head: ClickHead) -> np.ndarray:
+        """(h, w) object probability on the stride-8 grid from ``head`` (the served one, or a head being
+        trained or judged: training and the gate score exactly what serving would)."""
+        s8, s16, maps = self.head_inputs(emb, prompt)
+        with torch.inference_mode():
+            return torch.sigmoid(head(s8, s16, maps))[0, 0].numpy()
+
     def head_inputs(
         self, emb: ImageEmbedding, prompt: Prompt
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The learned head's input, built the same way for training and serving: stride-8 and stride-16
         features (1, C, h, w) and five maps on the stride-8 grid (positive disks, negative disks, box,
         previous mask, day-one probability)."""
-        return self._head_inputs(emb, prompt, self.day_one_grid(emb, prompt))
-
-    def _head_inputs(
-        self, emb: ImageEmbedding, prompt: Prompt, day_one: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        day_one = self.day_one_grid(emb, prompt)
         maps = click_maps(prompt, emb.grid, emb.size, CLICK_RADIUS_CELLS)
         stacked = np.concatenate([maps, day_one[None].astype(np.float32)], 0)
         return emb.stride8[None], emb.stride16[None], torch.from_numpy(stacked)[None]
