@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from surgenet_assist.core.encoders import mask_to_brush_rle
 from surgenet_assist.core.errors import SurgenetAssistError
+from surgenet_assist.core.formats.label_studio import brush_region
 
 from .config import ConfigPlan, RegionControl
 from .media import load_image
@@ -259,29 +259,6 @@ def _positive(region: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # mask -> brush region
 # ---------------------------------------------------------------------------------------------------------
-def brush_region(
-    mask: np.ndarray, label: str, brush: RegionControl, score: float, region_id: str | None = None
-) -> dict[str, Any]:
-    """One ``brushlabels`` result region (Label Studio's RLE of the 0/255 mask) under ``label``."""
-    h, w = mask.shape
-    return {
-        "id": region_id or uuid.uuid4().hex[:10],  # each accepted object is its own region in the editor
-        "from_name": brush.name,
-        "to_name": brush.to_name,
-        "type": "brushlabels",
-        "original_width": int(w),
-        "original_height": int(h),
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask_to_brush_rle(mask.astype(np.uint8) * 255),
-            "brushlabels": [label],
-        },
-        "score": round(float(score), 4),
-        "readonly": False,
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------
 # which engine answers a project
 # ---------------------------------------------------------------------------------------------------------
@@ -419,7 +396,12 @@ def interactive_predictions(
             1000 * (time.perf_counter() - t0),
             result.level,
         )
-        result_regions = [brush_region(mask, parsed.label, parsed.brush, score)] if mask.any() else []
+        # each accepted object is its own region in the editor: a fresh id per answer
+        region_id = uuid.uuid4().hex[:10]
+        brush = parsed.brush
+        result_regions = []
+        if mask.any():
+            result_regions = [brush_region(brush.name, brush.to_name, mask, parsed.label, score, region_id)]
         out.append({"model_version": version, "score": round(score, 4), "result": result_regions})
     return out, version
 

@@ -472,12 +472,34 @@ def _scored(region: dict[str, Any], score: float | None) -> dict[str, Any]:
     return region
 
 
+def brush_region(
+    from_name: str, to_name: str, binary: np.ndarray, label: str, score: float | None, region_id: str
+) -> dict[str, Any]:
+    """One ``brushlabels`` region: Label Studio's RLE of the 0/255 mask of ``binary`` under ``label``
+    (scored when ``score`` is given: predictions and interactive answers)."""
+    h, w = binary.shape
+    region = {
+        "id": region_id,
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "brushlabels",
+        "original_width": int(w),
+        "original_height": int(h),
+        "image_rotation": 0,
+        "value": {
+            "format": "rle",
+            "rle": mask_to_brush_rle(binary.astype(np.uint8) * 255),
+            "brushlabels": [label],
+        },
+    }
+    return _scored(region, score)
+
+
 def brush_regions(ctrl: ControlPlan, mask: np.ndarray, confidence: np.ndarray | None) -> list[dict[str, Any]]:
     """One RLE region per class the control offers (foreground 255).
 
     Scored with the mean pixel confidence when ``confidence`` is given (predictions); unscored otherwise.
     """
-    h, w = mask.shape
     out = []
     for cid in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
         label = ctrl.labels.get(int(cid))
@@ -485,21 +507,7 @@ def brush_regions(ctrl: ControlPlan, mask: np.ndarray, confidence: np.ndarray | 
             continue
         binary = mask == cid
         score = float(confidence[binary].astype(np.float32).mean()) if confidence is not None else None
-        region = {
-            "id": f"{ctrl.name}-{int(cid)}",
-            "from_name": ctrl.name,
-            "to_name": ctrl.to_name,
-            "type": "brushlabels",
-            "original_width": int(w),
-            "original_height": int(h),
-            "image_rotation": 0,
-            "value": {
-                "format": "rle",
-                "rle": mask_to_brush_rle(binary.astype(np.uint8) * 255),
-                "brushlabels": [label],
-            },
-        }
-        out.append(_scored(region, score))
+        out.append(brush_region(ctrl.name, ctrl.to_name, binary, label, score, f"{ctrl.name}-{int(cid)}"))
     return out
 
 
