@@ -364,7 +364,7 @@ def test_fetch_media_falls_back_to_what_setup_sent(monkeypatch, tmp_path):
 def test_token_filter_added_once_however_many_apps(predictor, store):
     import logging
 
-    from surgenet_assist.backend.app import RedactTokens
+    from surgenet_assist.backend.http import RedactTokens
 
     for _ in range(3):
         create_app(BackendSettings(), predictor=predictor, store=store)
@@ -524,7 +524,7 @@ def test_versions_and_registry_champion_is_picked_up(tmp_path, store, media):
     bundle = save_bundle(model, tmp_path / "b1", version="reg-2.0")
     store.register_model_version("reg-2.0", bundle_path=str(bundle))
     store.set_model_status("reg-2.0", "champion")
-    holder = app.extensions["surgenet"]["holder"]
+    holder = app.extensions["surgenet"].holder
     holder.poll(force=True, background=False)
     assert post(c, "/setup", {"schema": image_config()}).get_json()["model_version"] == "reg-2.0"
     # a learned click head (its own champion, a click-head folder) is no model choice and does not serve

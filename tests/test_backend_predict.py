@@ -113,7 +113,7 @@ def test_day_one_setup_version_is_the_predict_version_and_moves_with_what_is_ser
     heads fitted on it: their version. Each step changes what /setup reports; /predict stamps the same."""
     _, masks = media
     c = app.test_client()
-    assist = app.extensions["surgenet"]["assist"]
+    assist = app.extensions["surgenet"].assist
     cfg = image_config()
     tasks = [_frame_task(5), {"id": 7, "data": {"image": "/data/upload/1/disc_6.png"}}]  # the 2nd: no video
 
@@ -139,7 +139,7 @@ def test_day_one_setup_version_is_the_predict_version_and_moves_with_what_is_ser
     result = [_brush("Liver", np.full(masks[k].shape, 255, np.uint8))]
     assert post(c, "/webhook", _event(2, _frame_task(9), result, cfg)).status_code == 200
     reported3, stamped3, _ = _versions(c, tasks, cfg, project="1.1")
-    label_version = app.extensions["surgenet"]["store"].label_version()
+    label_version = app.extensions["surgenet"].store.label_version()
     assert reported3 == f"{heads}+propagation-{label_version}" and stamped3 == {reported3}
     assert len({reported0, reported2, reported3}) == 3
 
@@ -147,7 +147,7 @@ def test_day_one_setup_version_is_the_predict_version_and_moves_with_what_is_ser
 def test_day_one_propagation_only_version(app, media):  # noqa: F811
     _, masks = media
     c = app.test_client()
-    assist = app.extensions["surgenet"]["assist"]
+    assist = app.extensions["surgenet"].assist
     assist.updater.close()  # no instant heads: propagation only
     assist.updater = None
     cfg = image_config()
@@ -155,7 +155,7 @@ def test_day_one_propagation_only_version(app, media):  # noqa: F811
     assert post(c, "/webhook", _event(1, _frame_task(2), result, cfg)).status_code == 200
     tasks = [_frame_task(5), {"id": 7, "data": {"image": "/data/upload/1/disc_6.png"}}]
     reported, stamped, body = _versions(c, tasks, cfg, project="1.1")
-    label_version = app.extensions["surgenet"]["store"].label_version()
+    label_version = app.extensions["surgenet"].store.label_version()
     assert reported == f"propagation-{label_version}" and stamped == {reported}
     assert body["results"][0]["result"] and body["results"][1]["result"] == []  # nothing to say: empty
 
@@ -206,7 +206,7 @@ def test_partial_failure_with_video_tasks_and_in_day_one_mode(predictor, files, 
     # day-one: one task's frame is missing, the others are served by the instant heads / propagation
     _, masks = media
     d = app.test_client()
-    assist = app.extensions["surgenet"]["assist"]
+    assist = app.extensions["surgenet"].assist
     cfg = image_config()
     result = [_brush("Gallbladder", (masks[2] == 1).astype(np.uint8) * 255)]
     assert post(d, "/webhook", _event(1, _frame_task(2), result, cfg)).status_code == 200

@@ -143,7 +143,7 @@ def test_label_on_frame_k_propagates_to_k_plus_3_without_blocking(app, media, mo
 
     monkeypatch.setattr(assist_mod, "fit_with_validation", slow)
     c = app.test_client()
-    assist = app.extensions["surgenet"]["assist"]
+    assist = app.extensions["surgenet"].assist
     k = 2
     before = post(c, "/predict", {"tasks": [_frame_task(k + 3)], "label_config": image_config()}).get_json()
     assert before["results"][0]["result"] == []  # day 0: nothing labelled yet
@@ -169,7 +169,7 @@ def test_label_on_frame_k_propagates_to_k_plus_3_without_blocking(app, media, mo
     assert assist.updater.wait_idle(120) and assist.updater.error is None
     version = assist.updater.version
     assert version.startswith("instant-")
-    rows = app.extensions["surgenet"]["store"].model_versions(status="instant")
+    rows = app.extensions["surgenet"].store.model_versions(status="instant")
     assert [r["version"] for r in rows] == [version]
     # a frame of an unlabelled video gets the instant head (no propagation source there)
     other = {"id": 7, "data": {"image": f"/data/upload/1/disc_{k + 3}.png"}}

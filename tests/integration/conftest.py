@@ -45,7 +45,7 @@ def backend(ls_server, tmp_path_factory):
     # the service opens its store; with its own Label Studio connection it verifies every webhook
     settings = BackendSettings(db_url=db, label_studio_url=ls_server["url"], label_studio_api_key=TOKEN)
     app = create_app(settings, predictor=predictor)
-    store = app.extensions["surgenet"]["store"]
+    store = app.extensions["surgenet"].store
     port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -69,7 +69,7 @@ class Backend:
             day_one=False,
         )
         self.app = create_app(settings, predictor=self.predictor)
-        self.store = self.app.extensions["surgenet"]["store"]
+        self.store = self.app.extensions["surgenet"].store
         self.httpd = make_server("127.0.0.1", self.port, self.app, threaded=True)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -1,0 +1,1 @@
+"""The backend's route families, one Flask blueprint each (see ``backend/app.py``)."""

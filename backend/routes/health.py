@@ -1,0 +1,44 @@
+"""``GET /health`` (and ``/``) and ``GET /metrics``.
+
+Unauthenticated callers may read ``/health``: it says whether the backend is up, which model serves and
+which webhook mode is active; no label, no path, no secret. It never waits on the model, the store or Label
+Studio, so it answers within Label Studio's 1 s whatever else runs. ``/metrics`` needs Basic Auth when it is
+configured (its counters describe traffic).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from ..http import basic_auth
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/")
+@bp.get("/health")
+def health() -> Response:
+    svc = current_app.extensions["surgenet"]
+    holder = svc.holder
+    holder.poll()
+    body = {
+        "status": "UP",
+        "model_class": "SurgeNetAssist",
+        "model_version": holder.version,
+        "model_loaded": holder.predictor is not None,
+        "store": svc.store is not None,
+        "webhooks": svc.webhook_mode,
+    }
+    if holder.predictor is None:
+        body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
+    if holder.problem:
+        body["problem"] = holder.problem
+    return jsonify(body)
+
+
+@bp.get("/metrics")
+@basic_auth
+def metrics() -> Response:
+    svc = current_app.extensions["surgenet"]
+    svc.metrics.model_loaded.set(1 if svc.holder.predictor is not None else 0)
+    return Response(svc.metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
