@@ -3,12 +3,17 @@
 A fresh clone has nothing beside it, so a test that reads a sibling folder passes on a developer's machine and
 fails everywhere else. Python's audit hooks see every ``open`` and directory listing
 in this process; the guard records those that land next to the repository rather than inside it.
-Temporary folders, the interpreter's own files and the user's home (caches, Qt and matplotlib settings) are
-not the repository's neighbours and are ignored.
+Temporary folders, the interpreter's own files (its prefix and every ``site-packages`` on ``sys.path``) and
+the user's home (caches, Qt and matplotlib settings) are not the repository's neighbours and are ignored.
+
+A clone may itself sit in the temporary folder (``/tmp/surgenet-assist``): then the temporary folder *is* the
+neighbourhood, and only what Python's ``tempfile`` and pytest create there (``tmp*``, ``pytest-of-*``) counts
+as temporary, so a read of ``/tmp/shared`` is still caught.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 import tempfile
@@ -16,6 +21,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _WATCHED_EVENTS = {"open", "os.listdir", "os.scandir"}
+#: names that ``tempfile`` (``tmpXXXXXXXX``) and pytest (``pytest-of-<user>``) give their temporary folders
+TEMPORARY_NAMES = ("tmp*", "pytest-of-*")
 
 
 class RepositoryBoundaryGuard:
@@ -24,7 +31,13 @@ class RepositoryBoundaryGuard:
     def __init__(self, repo: Path = REPO_ROOT) -> None:
         self.repo = os.path.realpath(repo)
         self.neighbourhood = os.path.dirname(self.repo)
-        allowed = [self.repo, tempfile.gettempdir(), sys.prefix, sys.base_prefix, os.path.expanduser("~")]
+        temp = os.path.realpath(tempfile.gettempdir())
+        site_packages = [p for p in sys.path if os.path.basename(p.rstrip(os.sep)) == "site-packages"]
+        allowed = [self.repo, sys.prefix, sys.base_prefix, os.path.expanduser("~"), *site_packages]
+        # a clone in the temporary folder itself: only tempfile's and pytest's own folders are temporary
+        self.temp_in_neighbourhood = temp == self.neighbourhood
+        if not self.temp_in_neighbourhood:
+            allowed.append(temp)
         self.allowed = tuple(os.path.realpath(p) for p in allowed)
         self.violations: list[str] = []
 
@@ -33,6 +46,10 @@ class RepositoryBoundaryGuard:
         full = os.path.abspath(path)
         if not _within(full, self.neighbourhood):
             return False
+        if self.temp_in_neighbourhood and full != self.neighbourhood:
+            top = os.path.relpath(full, self.neighbourhood).split(os.sep)[0]
+            if any(fnmatch.fnmatch(top, pattern) for pattern in TEMPORARY_NAMES):
+                return False
         return not any(_within(full, root) for root in self.allowed)
 
     def __call__(self, event: str, args: tuple) -> None:

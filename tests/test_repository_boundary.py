@@ -57,3 +57,18 @@ def test_guard_ignores_the_repository_and_temporary_files(tmp_path):
     assert not guard.is_outside(str(REPO_ROOT / "tests" / "fixtures" / "README.md"))
     assert not guard.is_outside(str(tmp_path / "x.txt"))
     assert guard.is_outside(str(REPO_ROOT.parent / "shared" / "fixtures" / "README.md"))
+
+
+def test_guard_in_a_clone_under_the_temporary_folder(tmp_path, monkeypatch):
+    """A clone in /tmp: pytest's and tempfile's folders are temporary; a sibling like /tmp/shared is not."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    clone = tmp_path / "surgenet-assist"
+    clone.mkdir()
+    guard = RepositoryBoundaryGuard(clone)
+    assert guard.temp_in_neighbourhood
+    assert guard.is_outside(str(tmp_path / "shared" / "fixtures" / "README.md"))
+    assert not guard.is_outside(str(tmp_path / "pytest-of-root" / "pytest-3" / "x.png"))
+    assert not guard.is_outside(str(tmp_path / "tmpab12cd34" / "store.db"))
+    assert not guard.is_outside(str(clone / "tests" / "fixtures" / "README.md"))
