@@ -3,7 +3,7 @@
 Label Studio sends webhooks once (no retry without Redis, a 1 s timeout inside the annotator's save), so a
 backend restart, a busy database or a refused delivery loses an event for good. Reconciliation pulls the
 project's tasks with their annotations page by page (``/api/tasks?fields=all``) and hands them to core's
-:func:`~surgenet_assist.core.formats.label_studio.reconcile_label_studio`. The nightly cycle and, when
+:func:`~surgenet_assist.core.label_studio_sync.reconcile_label_studio`. The nightly cycle and, when
 configured, the backend itself run it for every connected project.
 """
 
@@ -13,11 +13,8 @@ import logging
 import threading
 from typing import Any
 
-from surgenet_assist.core.formats.label_studio import (
-    STORE_PROJECT_PREFIX,
-    reconcile_label_studio,
-    store_project_name,
-)
+from surgenet_assist.core.formats.label_studio import STORE_PROJECT_PREFIX, store_project_name
+from surgenet_assist.core.label_studio_sync import reconcile_label_studio
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 
 from .ls_api import LabelStudioAPI, LabelStudioToolError

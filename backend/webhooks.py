@@ -28,15 +28,14 @@ import time
 from typing import Any
 
 from surgenet_assist.core.errors import DatasetFormatError, SurgenetAssistError
-from surgenet_assist.core.formats.label_studio import (
+from surgenet_assist.core.formats.label_studio import ls_project_id, store_project_name
+from surgenet_assist.core.label_studio_sync import (
     ANNOTATION_EVENTS,
     DELETE_EVENTS,
     TASK_DELETE_EVENTS,
     WEBHOOK_HINT,
     apply_annotation,
     ingest_webhook,
-    ls_project_id,
-    store_project_name,
     tombstone_ls_labels,
     webhook_annotations,
     webhook_ids,

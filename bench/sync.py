@@ -23,8 +23,9 @@ from sqlalchemy.engine import make_url
 
 from surgenet_assist.core.encoders import mask_to_brush_rle
 from surgenet_assist.core.errors import StoreError
-from surgenet_assist.core.formats.label_studio import import_label_studio, reconcile_label_studio
+from surgenet_assist.core.formats.label_studio import import_label_studio
 from surgenet_assist.core.formats.ls_config import image_config
+from surgenet_assist.core.label_studio_sync import reconcile_label_studio
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 from surgenet_assist.core.store import LabelStore
 

@@ -20,7 +20,8 @@ from surgenet_assist.core.formats.cholec80 import export_cholec80, import_cholec
 from surgenet_assist.core.formats.cholecseg8k import export_cholecseg8k, import_cholecseg8k
 from surgenet_assist.core.formats.coco import export_coco
 from surgenet_assist.core.formats.endoscapes import import_endoscapes
-from surgenet_assist.core.formats.label_studio import export_label_studio, import_label_studio, ingest_webhook
+from surgenet_assist.core.formats.label_studio import export_label_studio, import_label_studio
+from surgenet_assist.core.label_studio_sync import ingest_webhook
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, IGNORE_INDEX
 from surgenet_assist.core.store import LabelStore
 

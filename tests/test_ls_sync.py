@@ -16,11 +16,8 @@ from ls_semantics import assert_same_annotations, fixture
 from store_helpers import store_url  # noqa: F401 - fixture (SQLite and PostgreSQL)
 
 from surgenet_assist.backend.sync import connected_projects
-from surgenet_assist.core.formats.label_studio import (
-    apply_annotation,
-    export_label_studio,
-    reconcile_label_studio,
-)
+from surgenet_assist.core.formats.label_studio import export_label_studio
+from surgenet_assist.core.label_studio_sync import apply_annotation, reconcile_label_studio
 from surgenet_assist.core.store import LabelStore
 
 P = "label-studio-1"
