@@ -37,11 +37,13 @@ from .records import (
     AnnotationInput,
     LabelRecord,
     PredictionRecord,
+    Provenance,
     RecordResult,
     annotation_key,
     to_utc,
 )
 from .registry import is_frame_model
+from .splits import DEFAULT_SPLIT_FRACTIONS, HELD_OUT_SPLITS, SPLITS, split_for_video
 from .writer import Writer
 
 __all__ = [
@@ -62,11 +64,15 @@ __all__ = [
     "AcquisitionItem",
     "AnnotationInput",
     "DEFAULT_QUEUE_METHOD",
+    "DEFAULT_SPLIT_FRACTIONS",
+    "HELD_OUT_SPLITS",
     "LabelRecord",
     "LabelStore",
     "Payload",
     "PredictionRecord",
+    "Provenance",
     "RecordResult",
+    "SPLITS",
     "Writer",
     "annotation_key",
     "build_payload",
@@ -80,6 +86,7 @@ __all__ = [
     "png_to_mask",
     "resolve_url",
     "segmentation_payload",
+    "split_for_video",
     "to_utc",
     "upgrade",
 ]

@@ -43,7 +43,42 @@ from .models import (
     Video,
 )
 from .queries import current_revisions, live_annotation_ids
-from .records import AnnotationInput, LabelRecord, PredictionRecord, RecordResult, to_utc
+from .records import AnnotationInput, LabelRecord, PredictionRecord, Provenance, RecordResult, to_utc
+from .splits import split_for_video
+
+# which live revisions a reader of human labels gets, per (video, frames, task) unless EVERY
+NEWEST = "newest"  # the newest (what a person sees)
+TRAINING = "training"  # ground truth first, then the newest; unreviewed labels left out
+TRAINING_WITH_UNREVIEWED = "training+unreviewed"  # the same, unreviewed labels let in
+EVERY = "every"  # every annotation's current revision (every annotator's)
+
+
+def _provenance(row: Any) -> Provenance:
+    """A revision's provenance from its columns (a row of the revision table, or of a query naming them)."""
+    return Provenance(
+        bool(row.from_prediction), row.started_from_model, bool(row.reviewed), bool(row.ground_truth)
+    )
+
+
+def _label_record(row: Any, payload: dict[str, Any]) -> LabelRecord:
+    return LabelRecord(
+        annotation_id=row.annotation_id,
+        revision_id=row.revision_id,
+        revision=row.revision,
+        video_id=row.video_id,
+        video_path=row.video_path,
+        frame_start=row.frame_start,
+        frame_end=row.frame_end,
+        task=row.task,
+        source=row.source,
+        author=row.author,
+        updated_at=row.updated_at,
+        deleted=bool(row.deleted),
+        payload=payload,
+        provenance=_provenance(row),
+        ls_task_id=row.ls_task_id,
+        ls_annotation_id=row.ls_annotation_id,
+    )
 
 
 class LabelStore(AcquisitionMixin):
@@ -73,6 +108,21 @@ class LabelStore(AcquisitionMixin):
         return self.transaction(
             lambda w: w.add_video(path, fps, frame_count, content_hash, split=split, project=project)
         )
+
+    def video_split(self, path: str, project: str | None = None) -> str | None:
+        """The split of the project's video at ``path``: the stored one, else the one the video will get
+        when it enters the store (:func:`~.splits.split_for_video`). The backend asks before a task's video
+        is stored, to leave test videos without a pre-annotation."""
+        with self._read() as s:
+            q = (
+                sa.select(Video.split)
+                .join(Project)
+                .where(Project.name == (project or self.project), Video.path == str(path))
+            )
+            stored = s.execute(q).first()
+        if stored is not None:
+            return stored[0]
+        return split_for_video(str(path))
 
     def video_id(self, path: str, project: str | None = None) -> int | None:
         with self._read() as s:
@@ -226,12 +276,15 @@ class LabelStore(AcquisitionMixin):
         updated_at: datetime | str | float | None = None,
         key: str | None = None,
         project: str | None = None,
+        provenance: Provenance | None = None,
     ) -> RecordResult:
         """Record a human label for a frame (or ``frame_index..frame_end``) and task.
 
         ``source`` is ``label-studio``, ``napari`` or ``import``. The label's identity is ``key`` if given,
-        else the Label Studio annotation id, else source + author + frames + task. Returns the revision
-        holding the label and ``created=False`` when the same delivery was already stored.
+        else the Label Studio annotation id, else source + author + frames + task. ``provenance``: whether it
+        started from a model's prediction and was reviewed since, and Label Studio's ground-truth star
+        (default: drawn by a person). Returns the revision holding the label and ``created=False`` when the
+        same delivery was already stored.
         """
         item = AnnotationInput(
             video_id=video_id,
@@ -245,6 +298,7 @@ class LabelStore(AcquisitionMixin):
             ls_annotation_id=ls_annotation_id,
             updated_at=to_utc(updated_at),
             key=key,
+            provenance=provenance or Provenance(),
         )
         return self.transaction(lambda w: w.record_annotations([item], project))[0]
 
@@ -293,14 +347,19 @@ class LabelStore(AcquisitionMixin):
         video_id: int | None = None,
         project: str | None = None,
         with_payload: bool = True,
+        unreviewed: bool = False,
     ) -> list[LabelRecord]:
-        """The labels to train on (and to evaluate and export): per (video, frames, task) the newest
-        non-deleted human revision.
+        """The labels to train on (and to evaluate and export): per (video, frames, task) one live human
+        revision -- Label Studio's ground truth when there is one, else the newest.
 
-        Never a prediction. ``split`` filters on the frame's split, falling back to the video's. Readers that
-        show labels to a person use :meth:`current_human_labels`.
+        Never a prediction, and by default never a label created from a prediction that no person has
+        touched since (``Provenance.reviewed`` false: Label Studio's "create annotations from predictions");
+        ``unreviewed=True`` lets those in (a team that trusts its pre-annotations). ``split`` filters on the
+        frame's split, falling back to the video's. Readers that show labels to a person use
+        :meth:`current_human_labels`; :meth:`live_labels` lists every annotator's.
         """
-        return self._newest_human_labels(task, split, video_id, project, with_payload)
+        rule = TRAINING_WITH_UNREVIEWED if unreviewed else TRAINING
+        return self._human_labels(task, split, video_id, project, with_payload, rule)
 
     def current_human_labels(
         self,
@@ -311,31 +370,50 @@ class LabelStore(AcquisitionMixin):
         with_payload: bool = True,
     ) -> list[LabelRecord]:
         """What a reviewer sees as the human label of each frame or range right now (napari, propagation
-        keyframes, "is this frame labelled?"): the newest non-deleted human revision, whatever its split.
+        keyframes, "is this frame labelled?"): the newest non-deleted human revision, whatever its split and
+        provenance (a pre-filled label nobody has checked yet is still what the frame shows).
 
-        The same rule as :meth:`training_labels` today; kept apart so the training set can gain rules (a
-        split, a minimum agreement) without changing what people see, and the other way round.
+        Kept apart from :meth:`training_labels`, whose rule differs (ground truth first, unreviewed
+        labels left out), so either can change without the other.
         """
-        return self._newest_human_labels(task, None, video_id, project, with_payload)
+        return self._human_labels(task, None, video_id, project, with_payload, NEWEST)
 
-    def _newest_human_labels(
+    def live_labels(
+        self,
+        task: str,
+        *,
+        video_id: int | None = None,
+        project: str | None = None,
+        with_payload: bool = True,
+    ) -> list[LabelRecord]:
+        """Every live human label: the current revision of each annotation, all annotators' (the Label Studio
+        export writes each of them, with its author and provenance)."""
+        return self._human_labels(task, None, video_id, project, with_payload, EVERY)
+
+    def _human_labels(
         self,
         task: str,
         split: str | None,
         video_id: int | None,
         project: str | None,
         with_payload: bool,
+        rule: str,
     ) -> list[LabelRecord]:
         pl.check_task(task)
         R, A, V, F = AnnotationRevision, Annotation, Video, Frame
         cur = current_revisions(task)
-        live = sa.select(cur.c.rid, cur.c.aid, cur.c.updated_at).where(
-            cur.c.rn == 1, cur.c.deleted.is_(False)
+        live = (
+            sa.select(cur.c.rid, cur.c.aid, cur.c.updated_at, R.ground_truth)
+            .join(R, R.id == cur.c.rid)
+            .where(cur.c.rn == 1, cur.c.deleted.is_(False))
         )
+        if rule == TRAINING:
+            live = live.where(R.reviewed.is_(True))
         live = live.subquery()
+        newest_first = (live.c.updated_at.desc(), live.c.rid.desc())
         best_rn = sa.func.row_number().over(
             partition_by=(A.video_id, A.frame_start, A.frame_end),
-            order_by=(live.c.updated_at.desc(), live.c.rid.desc()),
+            order_by=newest_first if rule == NEWEST else (live.c.ground_truth.desc(), *newest_first),
         )
         best = sa.select(live.c.rid, best_rn.label("brn")).join(A, A.id == live.c.aid)
         if video_id is not None:  # a video belongs to one project: no project filter unless one is named
@@ -346,11 +424,11 @@ class LabelStore(AcquisitionMixin):
             )
         best = best.subquery()
         cols = [
-            R.id,
+            R.id.label("revision_id"),
             R.annotation_id,
             R.revision,
             A.video_id,
-            V.path,
+            V.path.label("video_path"),
             A.frame_start,
             A.frame_end,
             A.task,
@@ -358,6 +436,12 @@ class LabelStore(AcquisitionMixin):
             R.author,
             R.updated_at,
             R.deleted,
+            R.from_prediction,
+            R.started_from_model,
+            R.reviewed,
+            R.ground_truth,
+            A.ls_task_id,
+            A.ls_annotation_id,
         ]
         if with_payload:
             cols += [R.payload, R.mask]
@@ -369,33 +453,17 @@ class LabelStore(AcquisitionMixin):
             .outerjoin(
                 F, sa.and_(F.video_id == A.video_id, F.index == A.frame_start, A.frame_start == A.frame_end)
             )
-            .where(best.c.brn == 1)
-            .order_by(A.video_id, A.frame_start, A.frame_end)
+            .order_by(A.video_id, A.frame_start, A.frame_end, R.id)
         )
+        if rule != EVERY:
+            q = q.where(best.c.brn == 1)
         if split is not None:
             q = q.where(sa.func.coalesce(F.split, V.split) == split)
-        out = []
         with self._read() as s:
-            for row in s.execute(q):
-                payload = pl.decode_payload(row.task, row.payload, row.mask) if with_payload else {}
-                out.append(
-                    LabelRecord(
-                        row[1],  # annotation_id (the select lists R.id first)
-                        row[0],  # revision_id
-                        row[2],
-                        row[3],
-                        row[4],
-                        row[5],
-                        row[6],
-                        row[7],
-                        row[8],
-                        row[9],
-                        row[10],
-                        bool(row[11]),
-                        payload,
-                    )
-                )
-        return out
+            return [
+                _label_record(row, pl.decode_payload(row.task, row.payload, row.mask) if with_payload else {})
+                for row in s.execute(q)
+            ]
 
     def label_for(self, video_id: int, frame_index: int, task: str) -> LabelRecord | PredictionRecord | None:
         """The label shown for a frame: the newest human label covering it, else the newest prediction."""
@@ -410,17 +478,30 @@ class LabelStore(AcquisitionMixin):
         return max(preds, key=lambda p: (p.created_at, p.id)) if preds else None
 
     def phase_labels(
-        self, video_id: int, length: int | None = None, *, project: str | None = None
+        self,
+        video_id: int,
+        length: int | None = None,
+        *,
+        project: str | None = None,
+        labels: Sequence[LabelRecord] | None = None,
     ) -> np.ndarray:
-        """Per-frame phase ids (-1 = unlabelled) from human labels of ``project`` (default: the store's);
-        single-frame labels override ranges."""
-        labels = self.current_human_labels("phase", video_id=video_id, project=project)
+        """Per-frame phase ids (-1 = unlabelled) from the current human labels of ``project`` (default: the
+        store's), or from ``labels`` (the video's phase labels of :meth:`training_labels`, for training:
+        ground truth then painted over the others); single-frame labels override ranges, newer over older."""
+        training = labels is not None
+        if labels is None:
+            labels = self.current_human_labels("phase", video_id=video_id, project=project)
         with self._read() as s:
             count = s.scalar(sa.select(Video.frame_count).where(Video.id == video_id))
         ends = [r.frame_end + 1 for r in labels]
         n = length if length is not None else max([count or 0, *ends])
         out = np.full(n, -1, dtype=np.int64)
-        for r in sorted(labels, key=lambda r: (r.frame_start == r.frame_end, r.updated_at, r.revision_id)):
+
+        def painted_later(r: LabelRecord) -> tuple[bool, bool, Any, int]:
+            return (r.frame_start == r.frame_end, training and r.provenance.ground_truth, r.updated_at,
+                    r.revision_id)
+
+        for r in sorted(labels, key=painted_later):
             if "segments" in r.payload:
                 for start, end, name in r.payload["segments"]:
                     out[start : end + 1] = self.schema.phase_id(name)
@@ -429,7 +510,7 @@ class LabelStore(AcquisitionMixin):
         return out
 
     def history(self, annotation_id: int) -> list[LabelRecord]:
-        """Every revision of one label, oldest first (tombstones included)."""
+        """Every revision of one label, oldest first (tombstones included), each with its provenance."""
         R, A, V = AnnotationRevision, Annotation, Video
         q = (
             sa.select(R, A, V.path)
@@ -454,6 +535,9 @@ class LabelStore(AcquisitionMixin):
                     r.updated_at,
                     r.deleted,
                     pl.decode_payload(a.task, r.payload, r.mask) if not r.deleted else {},
+                    provenance=_provenance(r),
+                    ls_task_id=a.ls_task_id,
+                    ls_annotation_id=a.ls_annotation_id,
                 )
                 for r, a, path in s.execute(q)
             ]
@@ -484,6 +568,33 @@ class LabelStore(AcquisitionMixin):
                 newest, ids = out.get(int(ls_id), (updated, []))
                 out[int(ls_id)] = (max(newest, updated), [*ids, int(aid)])
         return out
+
+    @staticmethod
+    def _provenance_counts(s: Any) -> dict[str, Any]:
+        """Live human labels by provenance (their current revision's): started from a prediction (and from
+        which model version), not reviewed since, Label Studio ground truth."""
+        cur = current_revisions(None)
+        R = AnnotationRevision
+        current = (
+            sa.select(R.from_prediction, R.started_from_model, R.reviewed, R.ground_truth)
+            .join(cur, sa.and_(cur.c.rid == R.id, cur.c.rn == 1, cur.c.deleted.is_(False)))
+            .subquery()
+        )
+
+        def number(*where: Any) -> int:
+            return int(s.scalar(sa.select(sa.func.count()).select_from(current).where(*where)) or 0)
+
+        versions = sa.select(sa.func.coalesce(current.c.started_from_model, ""), sa.func.count()).where(
+            current.c.from_prediction.is_(True)
+        )
+        return {
+            "from_prediction": number(current.c.from_prediction.is_(True)),
+            "from_prediction_by_model_version": {
+                str(k): int(n) for k, n in s.execute(versions.group_by(current.c.started_from_model))
+            },
+            "unreviewed": number(current.c.reviewed.is_(False)),
+            "ground_truth": number(current.c.ground_truth.is_(True)),
+        }
 
     # --- overview ------------------------------------------------------------------------------------------
     def projects(self, *, with_human_labels: bool = False) -> list[str]:
@@ -562,7 +673,11 @@ class LabelStore(AcquisitionMixin):
                     ),
                     "deleted": count(A) - int(s.scalar(sa.select(sa.func.count()).select_from(live)) or 0),
                     "revisions": count(AnnotationRevision),
+                    "provenance": self._provenance_counts(s),
                 },
+                "videos_by_split": grouped(
+                    sa.select(sa.func.coalesce(Video.split, ""), sa.func.count()).group_by(Video.split)
+                ),
                 "model_versions": count(ModelVersion),
                 "training_runs": count(TrainingRun),
                 "acquisition_scores": count(AcquisitionScore),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -154,6 +155,12 @@ class AnnotationRevision(Base):
     source: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     recorded_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # provenance (records.Provenance, migration 0004): started from a model's prediction (which version, when
+    # known), looked at by a person since, Label Studio's ground-truth star
+    from_prediction: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
+    started_from_model: Mapped[str | None] = mapped_column(String(200))
+    reviewed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa.true())
+    ground_truth: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
 
 
 class TrainingRun(Base):

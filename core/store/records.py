@@ -6,6 +6,7 @@ Plain frozen dataclasses (no database session attached), the identity rule of a 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,59 @@ class RecordResult:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """How a human label came to be, stored with every revision (migration 0004).
+
+    ``from_prediction``: a person started from a model's pre-annotation (Label Studio's ``parent_prediction``,
+    napari's pre-annotated or propagated frame) instead of an empty canvas; ``model_version`` names that
+    prediction's model when it is known. ``reviewed``: a person edited or looked at the label after it was
+    pre-filled; only a label created from a prediction and never touched since (Label Studio's "create
+    annotations from predictions") is unreviewed, and the training set leaves it out by default.
+    ``ground_truth``: Label Studio's ground-truth star, which the training set prefers over newer labels.
+    """
+
+    from_prediction: bool = False
+    model_version: str | None = None
+    reviewed: bool = True
+    ground_truth: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_version is not None and not self.from_prediction:
+            raise ValueError("a model version names the prediction a label started from: from_prediction")
+        if not self.reviewed and not self.from_prediction:
+            raise ValueError("only a label pre-filled from a prediction can be unreviewed")
+
+    @classmethod
+    def started_from(cls, model_version: str | None, **kw: bool) -> Provenance:
+        """A label that started from a prediction of ``model_version`` (None: of an unknown model)."""
+        return cls(True, model_version or None, **kw)
+
+    def is_plain(self) -> bool:
+        """Drawn by a person from scratch, not ground truth: what every label was before provenance."""
+        return self == PLAIN
+
+    def digest(self, payload_digest: str) -> str:
+        """The revision digest: the payload's own for a plain label (so labels stored before provenance
+        still match a redelivery), else the payload's with the provenance folded in (a label that gains the
+        ground-truth star or a review is a new revision, even at the same ``updated_at``)."""
+        if self.is_plain():
+            return payload_digest
+        text = f"{payload_digest}|{int(self.from_prediction)}|{self.model_version or ''}|"
+        return hashlib.sha256(f"{text}{int(self.reviewed)}|{int(self.ground_truth)}".encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_prediction": self.from_prediction,
+            "model_version": self.model_version,
+            "reviewed": self.reviewed,
+            "ground_truth": self.ground_truth,
+        }
+
+
+PLAIN = Provenance()
+
+
+@dataclass(frozen=True)
 class AnnotationInput:
     """One human label to record (see :meth:`LabelStore.record_annotation` for the fields)."""
 
@@ -64,6 +118,7 @@ class AnnotationInput:
     updated_at: datetime | None = None
     key: str | None = None
     deleted: bool = False
+    provenance: Provenance = PLAIN
 
     @property
     def end(self) -> int:
@@ -99,6 +154,9 @@ class LabelRecord:
     deleted: bool
     payload: dict[str, Any] = field(repr=False)
     origin: str = "human"
+    provenance: Provenance = PLAIN
+    ls_task_id: int | None = None
+    ls_annotation_id: int | None = None
 
 
 @dataclass(frozen=True)

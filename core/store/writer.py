@@ -23,6 +23,7 @@ from . import payloads as pl
 from .models import Annotation, AnnotationRevision, Frame, Prediction, Project, Video, utcnow
 from .queries import current_revisions
 from .records import SOURCES, AnnotationInput, RecordResult
+from .splits import split_for_video
 
 T = TypeVar("T")
 CHUNK = 500
@@ -79,6 +80,9 @@ class Writer:
         split: str | None = None,
         project: str | None = None,
     ) -> int:
+        """The video's id, registering it first when the project does not have it. A new video gets its
+        split now: ``split``, else the store's rule (:func:`~.splits.split_for_video`), so no video is ever
+        without one; a given ``split`` replaces a stored one."""
         pid = self.ensure_project(project)
         s = self.session
         video = s.scalar(sa.select(Video).where(Video.project_id == pid, Video.path == str(path)))
@@ -91,7 +95,7 @@ class Writer:
                     fps=fps,
                     frame_count=frame_count,
                     content_hash=content_hash,
-                    split=split,
+                    split=split if split is not None else split_for_video(str(path)),  # given at entry
                     created_at=utcnow(),
                 )
                 .on_conflict_do_nothing()
@@ -277,7 +281,8 @@ class Writer:
                 results.append(None)
                 continue
             hist = history[ann.id]
-            digest = "tombstone" if it.deleted else it.payload.digest()  # type: ignore[union-attr]
+            payload_digest = "" if it.deleted else it.payload.digest()  # type: ignore[union-attr]
+            digest = "tombstone" if it.deleted else it.provenance.digest(payload_digest)
             upd = it.updated_at
             newest = max(hist, key=lambda h: (h[1], h[4])) if hist else None
             match = None
@@ -302,6 +307,10 @@ class Writer:
                 source=it.source,
                 updated_at=upd,
                 recorded_at=now,
+                from_prediction=it.provenance.from_prediction,
+                started_from_model=it.provenance.model_version,
+                reviewed=it.provenance.reviewed,
+                ground_truth=it.provenance.ground_truth,
             )
             s.add(rev)
             s.flush()
