@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..store.payloads import Payload
+from ..store.records import PLAIN, Provenance
 
 if TYPE_CHECKING:
     from ..store import LabelStore, RecordResult, Writer
@@ -35,6 +36,7 @@ class PendingLabel:
     ls_annotation_id: int | None = None
     image_path: str | None = None
     deleted: bool = False
+    provenance: Provenance = PLAIN
 
 
 @dataclass
@@ -114,6 +116,7 @@ def write_labels(
                 ls_annotation_id=lab.ls_annotation_id,
                 updated_at=lab.updated_at,
                 deleted=lab.deleted,
+                provenance=lab.provenance,
             )
             for lab in labels
         ]

@@ -48,8 +48,9 @@ import numpy as np
 from ..encoders import brush_rle_to_mask, mask_to_brush_rle
 from ..errors import DatasetFormatError, SchemaError, SurgenetAssistError
 from ..schema import DEFAULT_SCHEMA, TASKS, LabelSchema
-from ..store import LabelStore, to_utc
+from ..store import LabelRecord, LabelStore, Provenance, to_utc
 from ..store.payloads import cvs_payload, phase_payload, phase_segments_payload, segmentation_payload
+from ..store.records import SOURCES
 from . import ImportReport, PendingLabel, VideoInfo, progress_iter, write_labels
 from .ls_config import (
     BRUSH,
@@ -179,6 +180,76 @@ def ls_user_id(author: str | None) -> int | None:
     return None
 
 
+#: the key our exporter writes on each annotation: what Label Studio's own fields cannot hold (a store author
+#: that is no Label Studio user, the source, the model version a label started from); the importer reads it
+EXPORT_KEY = "surgenet_assist"
+MODEL_VERSION_CHARS = 200  # the store's column
+
+
+def ls_provenance(annotation: dict[str, Any], task: dict[str, Any]) -> Provenance:
+    """How a Label Studio annotation came to be, from Label Studio's own fields (label-studio.md section 8).
+
+    ``parent_prediction`` set: it started from that prediction, whose ``model_version`` is looked up in the
+    task's ``predictions`` (the API's task and ``fields=all`` pages list them; a JSON export lists only their
+    ids, and then the version is unknown). "Create annotations from predictions" leaves ``lead_time`` and
+    ``updated_by`` empty: nobody has looked at it, so it is unreviewed until the editor (``lead_time``) or an
+    API update (``updated_by``) touches it. ``ground_truth``: the task's ground-truth star.
+    """
+    ground_truth = annotation.get("ground_truth") is True
+    parent = annotation.get("parent_prediction")
+    if parent is None or isinstance(parent, bool):
+        return Provenance(ground_truth=ground_truth)
+    touched = annotation.get("lead_time") is not None or annotation.get("updated_by") is not None
+    version = _prediction_version(parent, task)
+    return Provenance.started_from(version, reviewed=touched, ground_truth=ground_truth)
+
+
+def _prediction_version(parent: Any, task: dict[str, Any]) -> str | None:
+    """The model version of the prediction ``parent`` (an id, or an expanded prediction object)."""
+    if isinstance(parent, dict):
+        version, parent = parent.get("model_version"), parent.get("id")
+    else:
+        version = None
+    if version is None:
+        for pred in task.get("predictions") or []:
+            if isinstance(pred, dict) and pred.get("id") == parent and pred.get("id") is not None:
+                version = pred.get("model_version")
+                break
+    return version[:MODEL_VERSION_CHARS] if isinstance(version, str) and version else None
+
+
+def _export_origin(annotation: dict[str, Any], where: str) -> tuple[str, str | None, Provenance] | None:
+    """(source, author, provenance) our exporter wrote under :data:`EXPORT_KEY`; None without it. Anything
+    malformed there is a :class:`DatasetFormatError` naming the annotation."""
+    meta = annotation.get(EXPORT_KEY)
+    if meta is None:
+        return None
+    hint = f"remove the '{EXPORT_KEY}' object of that annotation, or export again with surgenet-assist"
+    if not isinstance(meta, dict):
+        raise DatasetFormatError(f"{where}: '{EXPORT_KEY}' is not an object", hint)
+    source, author, version = meta.get("source"), meta.get("author"), meta.get("model_version")
+    flags = {k: meta.get(k, d) for k, d in (("from_prediction", False), ("reviewed", True))}
+    if source not in SOURCES:
+        raise DatasetFormatError(
+            f"{where}: '{EXPORT_KEY}.source' {source!r} is not one of {list(SOURCES)}", hint
+        )
+    for name, value in (("author", author), ("model_version", version)):
+        if value is not None and (not isinstance(value, str) or len(value) > MODEL_VERSION_CHARS):
+            raise DatasetFormatError(
+                f"{where}: '{EXPORT_KEY}.{name}' must be a string of at most {MODEL_VERSION_CHARS} "
+                "characters",
+                hint,
+            )
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise DatasetFormatError(f"{where}: '{EXPORT_KEY}' flags must be true or false: {flags}", hint)
+    try:
+        ground_truth = annotation.get("ground_truth") is True
+        prov = Provenance(flags["from_prediction"], version, flags["reviewed"], ground_truth)
+    except ValueError as exc:
+        raise DatasetFormatError(f"{where}: '{EXPORT_KEY}' is contradictory: {exc}", hint) from None
+    return source, author, prov
+
+
 def ls_integer(value: Any, what: str) -> int:
     """An id Label Studio sends (``annotation.id``, ``task.id``) as an int; anything else is refused."""
     if isinstance(value, bool):
@@ -217,8 +288,14 @@ class LabelStudioTranslator:
     def target(self, task: dict[str, Any]) -> TaskTarget:
         return task_target(task, self.plan)
 
-    def read(self, task: dict[str, Any], annotation: dict[str, Any]) -> tuple[list[PendingLabel], list[str]]:
+    def read(
+        self, task: dict[str, Any], annotation: dict[str, Any], *, our_export: bool = False
+    ) -> tuple[list[PendingLabel], list[str]]:
         """One annotation of a task -> the labels to store, and the reasons for the regions it skipped.
+
+        Each label carries the annotation's provenance (:func:`ls_provenance`). ``our_export``: the file is
+        one :func:`export_label_studio` wrote (an import, never a webhook), so an annotation's
+        :data:`EXPORT_KEY` object, when it has one, gives its source, author and provenance back exactly.
 
         Raises :class:`SchemaError` for a label the schema does not know and :class:`DatasetFormatError` for
         a malformed region, both naming the task and the annotation.
@@ -226,14 +303,20 @@ class LabelStudioTranslator:
         where = f"task {task.get('id')} annotation {annotation.get('id')}"
         target = self.target(task)
         ann_id = annotation.get("id")
+        origin = _export_origin(annotation, where) if our_export else None
+        source, author, provenance = origin or (
+            SOURCE, ls_author(annotation), ls_provenance(annotation, task)
+        )
+        from_ls = source == SOURCE  # a label that came from elsewhere (napari) keeps no Label Studio ids
         common = dict(
             video=target.video,
-            author=ls_author(annotation),
-            source=SOURCE,
+            author=author,
+            source=source,
             updated_at=to_utc(annotation.get("updated_at") or annotation.get("created_at")),
-            ls_task_id=task.get("id"),
-            ls_annotation_id=None if ann_id is None else ls_integer(ann_id, "annotation id"),
+            ls_task_id=task.get("id") if from_ls else None,
+            ls_annotation_id=None if ann_id is None or not from_ls else ls_integer(ann_id, "annotation id"),
             image_path=target.media if target.kind == "image" and target.media != target.video else None,
+            provenance=provenance,
         )
         mask: np.ndarray | None = None
         phase: str | None = None
@@ -724,7 +807,7 @@ def _collect(
             if ann.get("was_cancelled"):
                 report.skip(name, "annotation was cancelled (skipped) in Label Studio")
                 continue
-            found, skipped = tr.read(task, ann)
+            found, skipped = tr.read(task, ann, our_export=True)
             for reason in skipped:
                 report.skip(name, reason)
             for lab in found:
@@ -797,6 +880,35 @@ def _task_data(where: Where, tr: LabelStudioTranslator) -> dict[str, Any]:
     return {VIDEO_KEY: video, FRAME_KEY: frame}
 
 
+def _annotation_of(label: LabelRecord) -> tuple[Any, ...]:
+    """Which exported annotation a live label belongs to: its Label Studio annotation, else one per author,
+    time and provenance (a napari commit of masks, phases and CVS is one)."""
+    if label.source == SOURCE and label.ls_annotation_id is not None:
+        return (SOURCE, label.ls_annotation_id)
+    return (label.source, label.author, label.updated_at, label.provenance)
+
+
+def _exported_annotation(labels: Sequence[LabelRecord], result: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Label Studio annotation for the live labels of one annotation: Label Studio's own fields where
+    they mean the same (``id``, ``completed_by``, ``ground_truth``), the rest under :data:`EXPORT_KEY`."""
+    first = labels[0]
+    prov = first.provenance
+    ann: dict[str, Any] = {"result": result, "was_cancelled": False, "ground_truth": prov.ground_truth}
+    if first.source == SOURCE and first.ls_annotation_id is not None:
+        ann["id"] = first.ls_annotation_id
+    if ls_user_id(first.author) is not None:
+        ann["completed_by"] = ls_user_id(first.author)
+    ann["updated_at"] = _iso(max(lab.updated_at for lab in labels))
+    ann[EXPORT_KEY] = {
+        "source": first.source,
+        "author": first.author,
+        "from_prediction": prov.from_prediction,
+        "model_version": prov.model_version,
+        "reviewed": prov.reviewed,
+    }
+    return ann
+
+
 def export_label_studio(
     store: LabelStore,
     out: str | Path,
@@ -809,8 +921,10 @@ def export_label_studio(
     predictions: bool = True,
 ) -> int:
     """Write Label Studio tasks with the store's newest predictions as ``predictions`` (one per model version
-    and task) and, with ``annotations``, its human labels as ``annotations`` (one per author and task: the
-    labels the store trains on); returns the number of tasks written.
+    and task) and, with ``annotations``, every live human label as ``annotations``: one per Label Studio
+    annotation (its ``id``), else per author and commit, each with its author (``completed_by`` for a Label
+    Studio user), ``ground_truth`` and, under :data:`EXPORT_KEY`, source, author and provenance, so that
+    importing the file into a store gives back the same labels; returns the number of tasks written.
 
     ``label_config``: the project's labeling config, whose control names the results use; by default the
     configs ``surgenet-assist ls config`` generates (image: ``mask``, ``cvs``, ``phase``; video: ``phases``).
@@ -849,16 +963,17 @@ def export_label_studio(
         return out_tasks[where]
 
     if annotations:
-        groups: dict[Where, dict[str | None, list[Any]]] = {}
+        groups: dict[Where, dict[tuple[Any, ...], list[LabelRecord]]] = {}
         for task_name in TASKS:
-            for lab in store.training_labels(task_name):
+            for lab in store.live_labels(task_name):
                 if lab.video_id in videos:
                     where = _where(videos[lab.video_id], lab.frame_start, lab.frame_end, lab.payload)
-                    groups.setdefault(where, {}).setdefault(lab.author, []).append(lab)
-        for where, by_author in groups.items():
+                    groups.setdefault(where, {}).setdefault(_annotation_of(lab), []).append(lab)
+        for where, by_annotation in groups.items():
             kind = "image" if where[1] is not None else "video"
             tr = image_tr if kind == "image" else video_tr
-            for author, labs in by_author.items():
+            anns = []
+            for labs in by_annotation.values():
                 result: list[dict[str, Any]] = []
                 for lab in labs:
                     try:
@@ -868,14 +983,11 @@ def export_label_studio(
                             f"{lab.task} label of {where[0]!r} frame {lab.frame_start}: {exc.message}",
                             exc.hint,
                         ) from None
-                task = task_for(where) if result else None
-                if task is None:
-                    continue
-                ann: dict[str, Any] = {"result": result, "was_cancelled": False, "ground_truth": False}
-                if ls_user_id(author) is not None:
-                    ann["completed_by"] = ls_user_id(author)
-                ann["updated_at"] = _iso(max(lab.updated_at for lab in labs))
-                task["annotations"].append(ann)
+                if result:
+                    anns.append(_exported_annotation(labs, result))
+            task = task_for(where) if anns else None
+            if task is not None:
+                task["annotations"] += sorted(anns, key=lambda a: (a["updated_at"], a.get("id") or 0))
     if predictions:
         preds: dict[tuple[Where, str | None], dict[str, Any]] = {}
         for p in store.predictions_for(model_version=model_version):
