@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from surgenet_assist.core.model import SurgeNetAssistModel
-from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.store import LabelStore, split_for_video
 from surgenet_assist.core.synthetic import generate_dataset
 from surgenet_assist.training_loop import finetune as ft_mod
 from surgenet_assist.training_loop.datasets import assign_splits, load_split, load_splits
@@ -167,30 +167,30 @@ def test_resume_after_crash_continues_from_last_checkpoint(tmp_path, monkeypatch
     assert finetune_heads(copy.deepcopy(base), data, other, progress=False).resumed_from_step is None
 
 
-def test_splits_by_video_are_stable_and_manifest_tracks_revisions(tmp_path):
+def test_splits_are_given_at_entry_by_video_and_manifest_tracks_revisions(tmp_path):
     store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
-    ids = populate_store(store, tmp_path / "clips", [1, 2, 3, 4, 5], frames=8, size=SIZE)
-    first = assign_splits(store)
-    assert set(first) == set(ids) and set(first.values()) == {"train", "val", "test"}
-    populate_store(store, tmp_path / "clips", [6, 7], frames=8, size=SIZE)
-    second = assign_splits(store)
-    assert all(second[v] == s for v, s in first.items())
-    # a final split that no decision reads appears as the store grows (10% of the videos)
-    populate_store(store, tmp_path / "clips", [8, 9, 10], frames=8, size=SIZE)
-    third = assign_splits(store)
-    assert list(third.values()).count("final") == 1 and all(third[v] == s for v, s in second.items())
-    assert set(assign_splits(store, (0.7, 0.15, 0.15)).values()) <= {"train", "val", "test", "final"}
+    ids = populate_store(store, tmp_path / "clips", list(range(1, 11)), frames=8, size=SIZE)
+    entered = {v["id"]: v["split"] for v in store.videos()}
+    # every video has its split from the moment it is stored: the rule's, decided by its path alone
+    assert set(entered) == set(ids)
+    assert entered == {v["id"]: split_for_video(v["path"]) for v in store.videos()}
+    assert assign_splits(store) == entered  # nothing left to assign, nothing changed
+    populate_store(store, tmp_path / "clips", [11, 12], frames=8, size=SIZE)  # more videos arrive
+    assert {v: s for v, s in assign_splits(store).items() if v in entered} == entered
+    cleared = ids[0]
+    store.set_split(cleared, None)  # cleared by hand: assign_splits gives the rule's split back
+    assert assign_splits(store)[cleared] == entered[cleared]
     splits = load_splits(store, size=SIZE)
     videos = [set(v for v, _ in d.frame_keys) for d in splits.values()]
     assert all(not (a & b) for i, a in enumerate(videos) for b in videos[i + 1 :])
-    assert sum(len(d.frames) for d in splits.values()) == 10 * 8
-    train = splits["train"]
+    assert sum(len(d.frames) for d in splits.values()) == 12 * 8
+    name, train = max(splits.items(), key=lambda kv: len(kv[1].frames))  # a split with frames
     before = train.manifest_hash
     vid, idx = train.frame_keys[0]
     corrected = np.zeros(SIZE, np.uint8)
     corrected[:, :10] = 5
     store.record_annotation(vid, idx, "segmentation", corrected, source="napari", author="dr")
-    again = load_split(store, "train", size=SIZE)
+    again = load_split(store, name, size=SIZE)
     assert again.manifest_hash != before
     row = again.frame_keys.index((vid, idx))
     np.testing.assert_array_equal(again.frames.masks[row], corrected)  # newest human revision only

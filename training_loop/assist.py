@@ -33,6 +33,7 @@ from .instant import (
     ServingChoice,
     choose_serving,
     fit_with_validation,
+    fits_instant_heads,
     latest_instant,
     register_instant,
 )
@@ -165,16 +166,17 @@ class DayOneAssist:
     def training_data(
         self,
     ) -> tuple[list[SegSample], list[tuple[np.ndarray, int]], list[tuple], dict[str, list[str]]]:
-        """Every current human label outside the test and final splits as features + target (phase ranges:
-        their sampled frames), and the video of each sample per task (for validation by held-out videos).
-        Test and final videos never shape what is served: they decide and report promotions."""
-        test = {v["path"] for v in self.store.videos(self.project) if v["split"] in ("test", "final")}
+        """Every training label of a train or val video (:func:`~.instant.fits_instant_heads`) as features +
+        target (phase ranges: their sampled frames), and the video of each sample per task (for validation by
+        held-out videos). Test and final videos never shape what is served: they decide and report
+        promotions."""
+        fitting = {v["path"] for v in self.store.videos(self.project) if fits_instant_heads(v["split"])}
         seg, phase, cvs = [], [], []
         videos: dict[str, list[str]] = {"segmentation": [], "phase": [], "cvs": []}
 
         def labels(task: str) -> list[Any]:
             rows = self.store.training_labels(task, project=self.project)
-            return [r for r in rows if r.video_path not in test]
+            return [r for r in rows if r.video_path in fitting]
 
         for r in labels("segmentation"):
             s8, s16, _ = self.frame_stages(r.video_path, r.frame_start)

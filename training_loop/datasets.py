@@ -1,16 +1,24 @@
 """Training data from the label store: human labels only, splits fixed by video, a manifest hash per run.
 
 Why by video: adjacent frames are near-duplicates, so a video whose frames sat in both train and test would
-inflate every test score. A split, once stored on a video, is never changed here: a model evaluated on the
-test split keeps being compared on the same videos. Frame-level split overrides in the store are ignored
-for the same reason (the video's split decides).
+inflate every test score. A video gets its split when it enters the store (``core.store.splits``: a hash of
+its path, so the same video lands in the same split however it arrives), and a split once stored is never
+changed here: a model evaluated on the test split keeps being compared on the same videos. Frame-level split
+overrides in the store are ignored for the same reason (the video's split decides).
+
+Which label of a frame trains is the store's rule (``LabelStore.training_labels``): Label Studio's ground
+truth first, then the newest human revision; a label created from a prediction that nobody has touched since
+is left out unless ``unreviewed=True``. What the gate needs to judge a model on labels it did not shape is
+:func:`label_origins` (per test video: how many of its labels started from which model version) with
+:func:`videos_started_from` and :func:`without_videos`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,49 +27,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from surgenet_assist.core.schema import TASKS
-from surgenet_assist.core.store import LabelStore
+from surgenet_assist.core.store import DEFAULT_SPLIT_FRACTIONS, SPLITS, LabelStore, split_for_video
 from surgenet_assist.core.video import open_video
 
 from .finetune import LabelledFrames, temporal_grid
 
-#: ``final`` is a last test split no selection decision reads (the gate reads ``test``): reported only, so the
-#: numbers it gives stay an unbiased estimate however many promotions the ``test`` split has decided.
-SPLITS = ("train", "val", "test", "final")
-
-
-def _video_key(video: dict[str, Any]) -> str:
-    return hashlib.sha256(str(video.get("content_hash") or video["path"]).encode()).hexdigest()
-
 
 def assign_splits(
     store: LabelStore,
-    fractions: tuple[float, ...] = (0.6, 0.15, 0.15, 0.1),
+    fractions: tuple[float, ...] = DEFAULT_SPLIT_FRACTIONS,
     project: str | None = None,
 ) -> dict[int, str]:
-    """Give every video without a split one of train/val/test/final and return video id -> split
-    (three fractions: no final split).
-
-    Existing splits are never touched. New videos are placed in a stable order (hash of content hash or
-    path) into whichever split is furthest below its target share, so val and test get a video early.
-    """
-    videos = store.videos(project)
-    counts = {s: sum(1 for v in videos if v["split"] == s) for s in SPLITS}
-    target = dict(zip(SPLITS, (*fractions, 0.0, 0.0, 0.0)[: len(SPLITS)], strict=True))
-    result = {v["id"]: v["split"] for v in videos if v["split"] in SPLITS}
-    for video in sorted((v for v in videos if v["split"] not in SPLITS), key=_video_key):
-        total = sum(counts.values()) + 1
-        # first train video, then val, then test, then by deficit
-        if counts["train"] == 0:
-            split = "train"
-        else:
-            # rounded: 0.1 * 6 must tie with 0.6 * 6 - 3 (then the earlier split wins), not beat it by 1e-16
-            split = max(SPLITS, key=lambda s: (round(target[s] * total - counts[s], 9), -SPLITS.index(s)))
-            if counts["val"] == 0 and target["val"] > 0:
-                split = "val"
-            elif counts["test"] == 0 and target["test"] > 0 and counts["val"] > 0:
-                split = "test"
-        store.set_split(video["id"], split)
-        counts[split] += 1
+    """Give every video still without a split (one whose split was cleared by hand: the store gives one at
+    entry) the split of the store's rule with these shares of train/val/test/final (three: no final), and
+    return video id -> split. Existing splits are never touched."""
+    result = {}
+    for video in store.videos(project):
+        split = video["split"]
+        if split not in SPLITS:
+            split = split_for_video(video["path"], fractions)
+            store.set_split(video["id"], split)
         result[video["id"]] = split
     return result
 
@@ -75,6 +60,7 @@ class SplitData:
     frame_keys: list[tuple[int, int]]  # (video id, frame index) per row of ``frames``
     manifest: list[dict[str, Any]] = field(default_factory=list)
     video_paths: dict[int, str] = field(default_factory=dict)
+    video_keys: dict[int, str] = field(default_factory=dict)  # video id -> its manifest entries' "video"
 
     @property
     def manifest_hash(self) -> str:
@@ -117,8 +103,11 @@ def load_split(
     temporal_fps: float = 1.0,
     max_frames: int | None = None,
     progress: bool = False,
+    unreviewed: bool = False,
 ) -> SplitData:
-    """Decode the labelled frames of one split (by video split) with all their labels.
+    """Decode the labelled frames of one split (by video split) with all their training labels
+    (``LabelStore.training_labels``; ``unreviewed``: let in labels created from a prediction and never
+    touched since).
 
     A frame is included when it has a single-frame label for any task; frames covered only by a phase range
     are included on the temporal model's grid (the frames nearest each time k / ``temporal_fps``, default one
@@ -132,13 +121,17 @@ def load_split(
     per_frame: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
     manifest: list[dict[str, Any]] = []
     phase_ranges: dict[int, bool] = {}
+    phase_records: dict[int, list[Any]] = defaultdict(list)
+    keys = {vid: str(v.get("content_hash") or v["path"]) for vid, v in videos.items()}
     for task in TASKS:
-        for rec in store.training_labels(task, project=project):
+        for rec in store.training_labels(task, project=project, unreviewed=unreviewed):
             if rec.video_id not in videos:
                 continue
+            if task == "phase":
+                phase_records[rec.video_id].append(rec)
             manifest.append(
                 {
-                    "video": videos[rec.video_id].get("content_hash") or rec.video_path,
+                    "video": keys[rec.video_id],
                     "start": rec.frame_start,
                     "end": rec.frame_end,
                     "task": task,
@@ -155,7 +148,7 @@ def load_split(
     phase_arrays: dict[int, np.ndarray] = {}
     for vid in videos:
         if phase_ranges.get(vid) or any(k[0] == vid and "phase" in t for k, t in per_frame.items()):
-            phase_arrays[vid] = store.phase_labels(vid, project=project)
+            phase_arrays[vid] = store.phase_labels(vid, project=project, labels=phase_records[vid])
     for vid, arr in phase_arrays.items():
         if not phase_ranges.get(vid):
             continue
@@ -177,6 +170,7 @@ def load_split(
             [],
             manifest,
             {v: videos[v]["path"] for v in videos},
+            keys,
         )
     images, masks, phases, cvs = [], [], [], []
     by_video: dict[int, list[int]] = defaultdict(list)
@@ -212,7 +206,7 @@ def load_split(
         frame_indices=np.asarray([i for _, i in ordered], np.int64),
         fps=np.asarray([float(videos[v].get("fps") or 1.0) for v, _ in ordered], np.float64),
     )
-    return SplitData(split, frames, ordered, manifest, {v: videos[v]["path"] for v in videos})
+    return SplitData(split, frames, ordered, manifest, {v: videos[v]["path"] for v in videos}, keys)
 
 
 def load_splits(
@@ -220,16 +214,90 @@ def load_splits(
     *,
     project: str | None = None,
     size: tuple[int, int] | None = None,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fractions: tuple[float, ...] = DEFAULT_SPLIT_FRACTIONS,
     assign: bool = True,
     progress: bool = False,
+    unreviewed: bool = False,
 ) -> dict[str, SplitData]:
-    """Assign splits to new videos (unless ``assign=False``) and load train, val and test."""
+    """Assign splits to videos without one (unless ``assign=False``) and load every split."""
     if assign:
         assign_splits(store, fractions, project)
-    return {s: load_split(store, s, project=project, size=size, progress=progress) for s in SPLITS}
+    return {
+        s: load_split(store, s, project=project, size=size, progress=progress, unreviewed=unreviewed)
+        for s in SPLITS
+    }
 
 
 def combined_manifest_hash(splits: dict[str, SplitData]) -> str:
     """Hash of every split's manifest together (the split is part of each entry)."""
     return manifest_hash([e for s in splits.values() for e in s.manifest])
+
+
+# --- independent test labels: what the gate needs -----------------------------------------------------------
+@dataclass(frozen=True)
+class VideoLabelOrigin:
+    """Where one video's training labels came from: how many there are, and how many of them a person
+    started from a model's prediction, per model version (``None``: a prediction of an unknown model)."""
+
+    video_id: int
+    path: str
+    labels: int
+    started_from: dict[str | None, int]
+
+    @property
+    def independent(self) -> bool:
+        """No label of the video started from any model's prediction."""
+        return not self.started_from
+
+
+def label_origins(
+    store: LabelStore, split: str = "test", *, project: str | None = None, unreviewed: bool = False
+) -> dict[int, VideoLabelOrigin]:
+    """Per video of ``split`` with training labels (the labels :func:`load_split` reads, same ``unreviewed``):
+    whether its labels started from a model version (``Provenance.from_prediction`` / ``model_version``).
+
+    A test video labelled by correcting the candidate's (or the champion's) pre-annotations favours that
+    model; the gate report shows its verdict with and without such videos (:func:`videos_started_from`,
+    :func:`without_videos`).
+    """
+    videos = {v["id"]: str(v["path"]) for v in store.videos(project) if v["split"] == split}
+    counts: dict[int, int] = Counter()
+    started: dict[int, Counter[str | None]] = defaultdict(Counter)
+    for task in TASKS:
+        for rec in store.training_labels(task, project=project, with_payload=False, unreviewed=unreviewed):
+            if rec.video_id in videos:
+                counts[rec.video_id] += 1
+                if rec.provenance.from_prediction:
+                    started[rec.video_id][rec.provenance.model_version] += 1
+    return {
+        vid: VideoLabelOrigin(vid, videos[vid], counts[vid], dict(started[vid])) for vid in sorted(counts)
+    }
+
+
+def videos_started_from(
+    origins: dict[int, VideoLabelOrigin], versions: Iterable[str | None] | None = None
+) -> set[int]:
+    """Ids of the videos with a label that started from one of ``versions`` (say, the candidate and the
+    champion the gate compares) or from a model of unknown version (it might be one of them); every video
+    with a label that started from any model when ``versions`` is None."""
+    wanted = None if versions is None else {v for v in versions if v is not None} | {None}
+    return {
+        vid
+        for vid, origin in origins.items()
+        if origin.started_from and (wanted is None or any(v in wanted for v in origin.started_from))
+    }
+
+
+def without_videos(data: SplitData, video_ids: Collection[int]) -> SplitData:
+    """``data`` without the frames (and manifest entries) of ``video_ids``: the gate's test split with only
+    labels no compared model shaped, to evaluate both models on it a second time."""
+    drop = set(video_ids)
+    keep = np.array([vid not in drop for vid, _ in data.frame_keys], dtype=bool)
+    return SplitData(
+        data.split,
+        data.frames.subset(keep),
+        [k for k, kept in zip(data.frame_keys, keep, strict=True) if kept],
+        [e for e in data.manifest if e["video"] not in {data.video_keys.get(v) for v in drop}],
+        {v: p for v, p in data.video_paths.items() if v not in drop},
+        {v: k for v, k in data.video_keys.items() if v not in drop},
+    )

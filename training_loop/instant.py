@@ -42,6 +42,15 @@ log = logging.getLogger("surgenet_assist.instant")
 INSTANT_STATUS = INSTANT  # the registry status of instant heads
 RETIRED_STATUS = "instant-retired"
 INSTANT_PREFIX = "instant-"
+#: the splits whose labels fit instant heads
+INSTANT_SPLITS = ("train", "val")
+
+
+def fits_instant_heads(split: str | None) -> bool:
+    """Whether the labels of a video in ``split`` may fit instant heads: train and val only. Test and final
+    videos judge and report models, so they never shape what is served; and a video without a split (the store
+    gives one at entry, but a split can be cleared by hand) might become a test video later."""
+    return split in INSTANT_SPLITS
 
 
 def instant_root() -> Path:

@@ -97,6 +97,8 @@ class NightlyConfig:
     random_init: bool = False  # tests / offline demos only
     frame_size: tuple[int, int] = (240, 426)  # frames and masks are resized to this for training/eval
     split_fractions: tuple[float, ...] = (0.6, 0.15, 0.15, 0.1)  # train, val, test (the gate's), final
+    # train and judge on labels created from a prediction that nobody has touched since (docs/store.md)
+    unreviewed_labels: bool = False
     finetune: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(short_side=224, checkpoint_every=25)
     )
@@ -204,7 +206,7 @@ def load_data(store: LabelStore, cfg: NightlyConfig) -> dict[str, SplitData]:
     return {
         s: load_split(
             store, s, project=cfg.project, size=cfg.frame_size, temporal_fps=cfg.finetune.temporal_fps,
-            progress=show,
+            progress=show, unreviewed=cfg.unreviewed_labels,
         )
         for s in SPLITS
     }
