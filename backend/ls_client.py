@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .config import parse_label_config
 from .labeling_configs import label_config
 from .ls_api import LabelStudioAPI, LabelStudioToolError, no_answer
 from .media import MediaError, MediaFetcher
+from .preannotation import held_out_tasks
 from .predictions import ImageTaskModel, VideoTaskModel
 
 log = logging.getLogger("surgenet_assist.backend")
@@ -219,6 +220,7 @@ class PreannotateReport:
     skipped: int
     failed: dict[int, str]
     model_version: str
+    held_out: dict[int, str] = field(default_factory=dict)  # task -> why it got an empty prediction
 
 
 def preannotate(
@@ -232,12 +234,17 @@ def preannotate(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    store: Any = None,
+    store_project: str | None = None,
+    held_out: bool = False,
 ) -> PreannotateReport:
     """Predict every task of a project that has no prediction of ``predictor.model_version`` yet.
 
-    Under torchrun (``rank`` of ``world_size``) each rank takes a disjoint share of ALL the project's tasks
-    (split by task id, so every rank computes the same split however far the others have got) and skips
-    the done ones in it; ``total`` and ``skipped`` then count this rank's share."""
+    Tasks of test and final videos (their split in ``store``'s ``store_project``, else the store's rule) get
+    an empty prediction instead, listed in ``held_out`` (:mod:`.preannotation`); ``held_out=True``
+    pre-annotates them too. Under torchrun (``rank`` of ``world_size``) each rank takes a disjoint share of
+    ALL the project's tasks (split by task id, so every rank computes the same split however far the others
+    have got) and skips the done ones in it; ``total`` and ``skipped`` then count this rank's share."""
     from tqdm.auto import tqdm
 
     from surgenet_assist.core.archive import shard_by_weight
@@ -272,22 +279,29 @@ def preannotate(
     image_model = ImageTaskModel(predictor) if plan.image_controls else None
     video_model = VideoTaskModel(predictor, video_sample_fps) if plan.video_controls else None
     failed: dict[int, str] = {}
+    held = {
+        todo[i]["id"]: f"{why['split']} video: empty prediction"
+        for i, why in held_out_tasks(todo, plan, store, store_project, allowed=held_out).items()
+    }
     predicted = 0
     desc = f"project {project_id}" + (f" rank {rank}/{world_size}" if world_size > 1 else "")
     bar = tqdm(total=len(todo), unit="task", desc=desc, disable=not progress)
     step = max(1, batch) if video_model is None else 1
     for lo in range(0, len(todo), step):
         chunk = todo[lo : lo + step]
+        predict = [t for t in chunk if t["id"] not in held]
         try:
-            preds = _predict_chunk(chunk, plan, image_model, video_model, fetch)
+            preds = _predict_chunk(predict, plan, image_model, video_model, fetch) if predict else []
         except MediaError:
             preds = []  # isolate the bad task(s): retry one by one
-            for t in chunk:
+            for t in predict:
                 try:
                     preds += _predict_chunk([t], plan, image_model, video_model, fetch)
                 except MediaError as exc:
                     failed[t["id"]] = exc.message
                     preds.append(None)
+        found = iter(preds)
+        preds = [{"score": 0.0, "result": []} if t["id"] in held else next(found) for t in chunk]
         for t, p in zip(chunk, preds, strict=True):
             if p is None:
                 continue
@@ -298,11 +312,11 @@ def preannotate(
                 ),
             )
             done.add(t["id"])
-            predicted += 1
+            predicted += t["id"] not in held
         _save_state(state, version, done)
         bar.update(len(chunk))
     bar.close()
-    return PreannotateReport(len(tasks), predicted, len(tasks) - len(todo), failed, version)
+    return PreannotateReport(len(tasks), predicted, len(tasks) - len(todo), failed, version, held)
 
 
 def _predict_chunk(

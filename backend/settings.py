@@ -32,6 +32,7 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    preannotate_held_out: bool = False  # pre-annotate test/final videos too (backend/preannotation.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +54,8 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            preannotate_held_out=env.get("SURGENET_ASSIST_PREANNOTATE_HELD_OUT", "").lower()
+            in ("1", "true", "yes"),
         )
         for key, value in overrides.items():
             if value is not None:

@@ -222,17 +222,24 @@ def ls_preannotate(
     ] = None,
     db: Annotated[str | None, typer.Option("--db", help="label store URL (for the champion)")] = None,
     video_fps: Annotated[float, typer.Option(help="frames per second analysed in video tasks")] = 1.0,
+    include_test_videos: Annotated[
+        bool,
+        typer.Option(help="also pre-annotate tasks of test and final videos (their labels are then marked "
+                     "as started from this model)"),
+    ] = False,
 ) -> None:
-    """Predict all tasks without a prediction of the current model version; resumable. Under torchrun
+    """Predict all tasks without a prediction of the current model version; resumable. Tasks of test and
+    final videos get an empty prediction unless --include-test-videos (docs/store.md). Under torchrun
     (`torchrun --nproc-per-node N -m surgenet_assist.cli.main ls preannotate ...`) each rank takes a share."""
     from surgenet_assist.backend.app import BackendSettings, ModelHolder
     from surgenet_assist.backend.ls_client import preannotate
+    from surgenet_assist.core.formats.label_studio import store_project_name
 
     settings = BackendSettings(
         model_path=str(model) if model else None, registry=model is None, db_url=db, batch_size=batch
     )
     store = None
-    if model is None:
+    if model is None or db is not None:  # the champion, and the splits of the project's videos
         from surgenet_assist.core.store import LabelStore
 
         store = LabelStore(db)
@@ -246,11 +253,13 @@ def ls_preannotate(
     rank, world = preannotate_shard()  # under torchrun: this rank's share of the tasks
     rep = preannotate(
         url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps, rank=rank,
-        world_size=world,
+        world_size=world, store=store, store_project=store_project_name(project),
+        held_out=include_test_videos,
     )
     typer.echo(
         (f"rank {rank}/{world}: " if world > 1 else "")
         + f"{rep.predicted} predicted, {rep.skipped} already had {rep.model_version}, "
+        f"{len(rep.held_out)} held out (test/final videos: empty prediction), "
         f"{len(rep.failed)} failed, {rep.total} tasks"
     )
     for task_id, why in rep.failed.items():

@@ -151,6 +151,13 @@ def register(app: typer.Typer) -> None:
         out.print(f"  predictions: {stats['predictions']['total']} {stats['predictions']['by_task']}")
         ann = stats["annotations"]
         out.print(f"  human labels: {ann['total']} by task {ann['by_task']} by source {ann['by_source']}")
+        prov = ann["provenance"]
+        out.print(
+            f"    started from a prediction: {prov['from_prediction']} "
+            f"{prov['from_prediction_by_model_version']}, not reviewed since: {prov['unreviewed']}, "
+            f"ground truth: {prov['ground_truth']}"
+        )
+        out.print(f"  videos by split: {stats['videos_by_split']}")
 
     def _make_import(fmt: ImportFormat) -> None:
         @import_app.command(fmt.value)

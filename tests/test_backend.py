@@ -75,9 +75,14 @@ def make_fetch(files):
     return fetch
 
 
+# The tests of what /predict answers pre-annotate every task, test videos included; which tasks the backend
+# leaves empty by default (test and final videos) is tests/test_preannotation.py's subject.
+WIRE = BackendSettings(preannotate_held_out=True)
+
+
 @pytest.fixture()
 def client(predictor, media, store):
-    app = create_app(BackendSettings(), predictor=predictor, store=store, fetch=make_fetch(media))
+    app = create_app(WIRE, predictor=predictor, store=store, fetch=make_fetch(media))
     return app.test_client()
 
 
@@ -245,7 +250,7 @@ def test_predict_video_timeline(client, predictor, media):
 
 
 def test_no_model_day_zero(media, store):
-    app = create_app(BackendSettings(), store=store, fetch=make_fetch(media))
+    app = create_app(WIRE, store=store, fetch=make_fetch(media))
     c = app.test_client()
     assert c.get("/health").get_json()["model_loaded"] is False
     setup = post(c, "/setup", {"project": "1.1", "schema": image_config()}).get_json()
@@ -497,7 +502,10 @@ def test_each_label_studio_project_is_served_its_own_champion(tmp_path, store, m
         bundle = save_bundle(model, tmp_path / version, version=version)
         store.register_model_version(version, bundle_path=str(bundle), project=project)
         store.set_model_status(version, "champion", project=project)
-    settings = BackendSettings(registry=True, registry_poll_s=0.0, short_side=64, device="cpu", day_one=False)
+    settings = BackendSettings(
+        registry=True, registry_poll_s=0.0, short_side=64, device="cpu", day_one=False,
+        preannotate_held_out=True,
+    )
     c = create_app(settings, store=store, fetch=make_fetch(media)).test_client()
 
     def version(project):
@@ -516,7 +524,9 @@ def test_versions_and_registry_champion_is_picked_up(tmp_path, store, media):
     from surgenet_assist.core.bundle import save_bundle
     from surgenet_assist.core.model import SurgeNetAssistModel
 
-    settings = BackendSettings(registry=True, registry_poll_s=0.0, short_side=64, device="cpu")
+    settings = BackendSettings(
+        registry=True, registry_poll_s=0.0, short_side=64, device="cpu", preannotate_held_out=True
+    )
     app = create_app(settings, store=store, fetch=make_fetch(media))
     c = app.test_client()
     assert c.get("/versions").get_json()["current"] == NO_MODEL_VERSION

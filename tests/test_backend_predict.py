@@ -5,6 +5,10 @@ prediction of the same version, a log line and a counter, the others get their r
 Label Studio skips a task that already has a prediction of the version ``/setup`` reported and stores a new
 prediction row every time the two differ (``tests/integration/test_label_studio_versions.py`` checks that
 against a real Label Studio); it stores nothing for any task of a request that fails.
+
+
+Every task is pre-annotated here, test videos included (``preannotate_held_out=True``); which tasks the
+backend leaves empty by default is ``tests/test_preannotation.py``'s subject.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from surgenet_assist.backend.labeling_configs import image_config, video_config
 from surgenet_assist.backend.media import MediaError
 
 H, W = 64, 96
+
+WIRE = BackendSettings(preannotate_held_out=True)  # every task pre-annotated (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +101,14 @@ def _versions(client, tasks, cfg, project="1.1795623120"):
 # one model_version
 # ------------------------------------------------------------------------------------------------------------
 def test_served_model_setup_version_is_the_predict_version(predictor, files, store):
-    c = create_app(BackendSettings(), predictor=predictor, store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, predictor=predictor, store=store, fetch=_fetch(files)).test_client()
     tasks = _tasks(["/data/upload/1/f0.png", "/data/upload/1/f1.png"])
     reported, stamped, _ = _versions(c, tasks, image_config())
     assert reported == "pred-1.0" and stamped == {"pred-1.0"}
 
 
 def test_no_model_setup_version_is_the_predict_version(files, store):
-    c = create_app(BackendSettings(), store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, store=store, fetch=_fetch(files)).test_client()
     reported, stamped, body = _versions(c, _tasks(["/data/upload/1/f0.png"]), image_config())
     assert reported == NO_MODEL_VERSION and stamped == {NO_MODEL_VERSION}
     assert body["results"] == [{"model_version": NO_MODEL_VERSION, "score": 0.0, "result": []}]
@@ -173,7 +179,7 @@ def _failures(client, reason="media"):
 
 @pytest.mark.parametrize("middle", ["/data/upload/1/missing.png", "/data/upload/1/bad.png", None])
 def test_batch_with_one_unreadable_task_serves_the_others(predictor, files, store, caplog, middle):
-    c = create_app(BackendSettings(), predictor=predictor, store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, predictor=predictor, store=store, fetch=_fetch(files)).test_client()
     tasks = _tasks(["/data/upload/1/f0.png", "/data/upload/1/f1.png", "/data/upload/1/f2.png"])
     if middle is None:
         tasks[1]["data"] = {"picture": "x.png"}  # no $image at all
@@ -196,7 +202,7 @@ def test_batch_with_one_unreadable_task_serves_the_others(predictor, files, stor
 
 
 def test_partial_failure_with_video_tasks_and_in_day_one_mode(predictor, files, store, app, media):  # noqa: F811
-    c = create_app(BackendSettings(), predictor=predictor, store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, predictor=predictor, store=store, fetch=_fetch(files)).test_client()
     good = {"id": 1, "data": {"video": "/data/upload/1/clip.mp4"}}
     tasks = [good, {"id": 2, "data": {"video": "/data/upload/1/broken.mp4"}}, {**good, "id": 3}]
     body = post(c, "/predict", {"tasks": tasks, "label_config": video_config()}).get_json()
@@ -219,7 +225,7 @@ def test_partial_failure_with_video_tasks_and_in_day_one_mode(predictor, files, 
 
 
 def test_urls_in_failure_logs_lose_their_secrets(predictor, files, store, caplog):
-    c = create_app(BackendSettings(), predictor=predictor, store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, predictor=predictor, store=store, fetch=_fetch(files)).test_client()
     url = "https://bucket.s3.amazonaws.com/f.png?X-Amz-Credential=AKIAXYZ&X-Amz-Signature=deadbeef42&token=tok99"
     tasks = _tasks(["/data/upload/1/f0.png", url])
     with caplog.at_level(logging.WARNING, logger="surgenet_assist.backend"):
@@ -235,6 +241,6 @@ def test_urls_in_failure_logs_lose_their_secrets(predictor, files, store, caplog
     [(b"{nope", "malformed_json"), (json.dumps({"label_config": "<View/>"}).encode(), "missing_tasks")],
 )
 def test_malformed_requests_are_still_400(predictor, files, store, raw, error):
-    c = create_app(BackendSettings(), predictor=predictor, store=store, fetch=_fetch(files)).test_client()
+    c = create_app(WIRE, predictor=predictor, store=store, fetch=_fetch(files)).test_client()
     r = c.post("/predict", data=raw, content_type="application/json")
     assert r.status_code == 400 and r.get_json()["error"] == error

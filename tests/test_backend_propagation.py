@@ -1,6 +1,10 @@
 """Day-one assistance over HTTP: a label on frame k of a video -> propagated mask for frame k+3 (beats copying
 the keyframe), phase timeline for a video task from its labelled ranges, instant heads refitted off the
-request path (the webhook returns before the refit finishes)."""
+request path (the webhook returns before the refit finishes).
+
+Every task is pre-annotated here, test videos included (``preannotate_held_out=True``); which tasks the
+backend leaves empty by default is ``tests/test_preannotation.py``'s subject.
+"""
 
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ def app(tmp_path, media, backbone, monkeypatch):
         debounce_s=0.1,
         project="label-studio-1",  # the store project of Label Studio project 1, where its webhooks write
     )
-    app = create_app(BackendSettings(), store=store, fetch=fetch, assist=assist)
+    app = create_app(BackendSettings(preannotate_held_out=True), store=store, fetch=fetch, assist=assist)
     yield app
     assist.close()
     store.close()

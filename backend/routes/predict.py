@@ -24,6 +24,7 @@ from ..http import ApiError, basic_auth, body_json, redact_url
 from ..interactive import InteractiveError, InteractiveUnavailable, context_regions, interactive_predictions
 from ..media import MediaError
 from ..metrics import TASK_OF_TYPE
+from ..preannotation import held_out_tasks, with_held_out
 from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
 from ..settings import BackendSettings
 
@@ -105,6 +106,9 @@ def predict() -> Response:
     store_project = svc.store_project(data.get("project"))
     failed: dict[int, dict[str, Any]] = {}  # position in the batch -> why its prediction is empty
     positions = {id(t): i for i, t in enumerate(tasks)}
+    # test and final videos: no pre-annotation unless the team turned it on (backend/preannotation.py)
+    held = held_out_tasks(tasks, plan, svc.store, store_project, allowed=svc.settings.preannotate_held_out)
+    todo = [t for i, t in enumerate(tasks) if i not in held]
 
     def on_failure(task: dict[str, Any], exc: MediaError) -> None:
         if positions[id(task)] in failed:
@@ -120,17 +124,21 @@ def predict() -> Response:
         failed[positions[id(task)]] = {"task": task.get("id"), "reason": "media", "url": url}
 
     try:
-        if served.kind == "model":
-            results = predict_tasks(tasks, plan, served.predictor, svc.settings, svc.fetch, on_failure)
+        if not todo:
+            results = []
+        elif served.kind == "model":
+            results = predict_tasks(todo, plan, served.predictor, svc.settings, svc.fetch, on_failure)
         elif served.kind == "day-one":
             fps = svc.settings.video_sample_fps
             results = day_one_predictions(
-                tasks, plan, served.assist, svc.fetch, fps, served.version, on_failure
+                todo, plan, served.assist, svc.fetch, fps, served.version, on_failure
             )
         else:
-            results = [empty_prediction(served.version) for _ in tasks]
+            results = [empty_prediction(served.version) for _ in todo]
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint, status=422) from None
+    results = with_held_out(results, held, served.version)
+    failed |= held
     for i in failed:  # a task that failed in one part of a mixed config says nothing at all
         results[i] = empty_prediction(served.version)
     results = apply_queue_scores(results, tasks, svc.store, store_project)  # AL order in LS
