@@ -638,14 +638,16 @@ class SurgeNetAssistWidget(Container):
         mask = edits.masks[f].copy()
         session, clip, choice = self.session, edits.clip, self.model_choice
 
+        version = f"propagation-from-{f}"  # what session.propagate_frames stores the results as
+
         def job(stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
             predictor = session.predictor(choice)
             yield from session.propagate_frames(clip, predictor, f, mask, targets, should_stop=stop.is_set)
-            return f"propagation-from-{f}"
+            return version
 
         worker = self._start_job(
             "Propagation", job, total=len(targets), desc=f"Propagating to {len(targets)} frame(s)",
-            on_item=lambda frame, m: self._apply_propagated(edits, frame, m),
+            on_item=lambda frame, m: self._apply_propagated(edits, frame, m, version),
             on_done=lambda v: self._say(f"Propagated ({v}). Review, correct, then commit."),
         )
         self._say(f"Propagating frame {f}'s mask to {len(targets)} frame(s)…")
@@ -677,7 +679,7 @@ class SurgeNetAssistWidget(Container):
 
         worker = self._start_job(
             "Propagation", job, total=len(targets), desc=f"Propagating the object to {len(targets)} frame(s)",
-            on_item=lambda frame, m: self._apply_propagated(edits, frame, m),
+            on_item=lambda frame, m: self._apply_propagated(edits, frame, m, version),
             on_done=lambda v: self._say(f"Propagated the object ({v}). Review, correct, then commit."),
         )
         name = self.schema.classes[obj.class_id].name
@@ -741,10 +743,10 @@ class SurgeNetAssistWidget(Container):
                 self.uncertainty_layer.refresh()
             self._on_step()
 
-    def _apply_propagated(self, edits: ClipEdits, frame: int, mask: np.ndarray) -> None:
+    def _apply_propagated(self, edits: ClipEdits, frame: int, mask: np.ndarray, version: str) -> None:
         if edits is not self.edits or self.labels_layer is None:
             return
-        edits.apply_propagated(frame, mask)
+        edits.apply_propagated(frame, mask, version)
         if frame == self.frame:
             self.labels_layer.refresh()
 

@@ -104,6 +104,10 @@ class ClipEdits:
         self.dirty_cvs: set[int] = set()
         self.reviewed: list[int] = []
         self.shown_model: str | None = None
+        # task -> frame -> the model version whose pre-annotation (or propagation) filled that frame's value:
+        # what the label the clinician commits there started from (the store's provenance); never cleared
+        # by a correction, since a corrected pre-annotation still started from it
+        self.started_from: dict[str, dict[int, str]] = {"segmentation": {}, "phase": {}, "cvs": {}}
 
     @classmethod
     def load(cls, session: ReviewSession, clip: Clip) -> ClipEdits:
@@ -178,25 +182,31 @@ class ClipEdits:
     def apply_prediction(self, frame: int, pred: CachedPrediction) -> bool:
         """Merge one frame's pre-annotation; True when its mask was written (human and edited masks win)."""
         f = self._frame(frame)
-        self.shown_model = pred.model_version
+        self.shown_model = version = pred.model_version
         wrote = f not in self.dirty_masks and f not in self.human_masks
         if wrote:
             self.masks[f] = pred.mask
+            self.started_from["segmentation"][f] = version
         self.predicted.add(f)
         self.cvs_probs[f] = np.asarray(pred.cvs_probs)
         if f not in self.dirty_cvs and f not in self.cvs:
             self.cvs[f] = [float(p >= 0.5) for p in pred.cvs_probs]
+            self.started_from["cvs"][f] = version
         if self.phases[f] < 0:
             self.phases[f] = int(np.argmax(pred.phase_probs))
+            self.started_from["phase"][f] = version
         return wrote
 
-    def apply_propagated(self, frame: int, mask: np.ndarray) -> bool:
-        """Merge one propagated mask; True when written (never over a human or edited mask)."""
+    def apply_propagated(self, frame: int, mask: np.ndarray, version: str | None = None) -> bool:
+        """Merge one propagated mask (``version``: what the propagation is stored as, e.g.
+        ``propagation-from-12``); True when written (never over a human or edited mask)."""
         f = self._frame(frame)
         if f in self.dirty_masks or f in self.human_masks:
             return False
         self.masks[f] = mask
         self.predicted.add(f)
+        if version is not None:
+            self.started_from["segmentation"][f] = version
         return True
 
     def scope_frames(self, scope: str, current: int, frames: tuple[int, int]) -> list[int]:
@@ -267,7 +277,7 @@ class ClipEdits:
         plan = self.commit_plan(scope, current, frames)
         result = session.commit(
             self.clip, plan.frames, masks=plan.masks, phases=plan.phases, cvs=plan.cvs,
-            shown_model=self.shown_model,
+            shown_model=self.shown_model, started_from=self.started_from,
         )
         self.mark_committed(plan)
         return result

@@ -11,7 +11,8 @@ import getpass
 import hashlib
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ from surgenet_assist.core.store import (  # noqa: E402
     LabelRecord,
     LabelStore,
     Payload,
+    Provenance,
     RecordResult,
     Writer,
     build_payload,
@@ -418,34 +420,51 @@ class ReviewSession:
         phases: np.ndarray | None = None,
         cvs: dict[int, Sequence[float]] | None = None,
         shown_model: str | None = None,
+        started_from: Mapping[str, Mapping[int, str]] | None = None,
     ) -> CommitResult:
         """Record the clinician's labels for ``frames`` (inclusive) with provenance, all in ONE store
         transaction: every label of the commit is stored, or (on any error) none.
 
         ``masks`` and ``cvs`` are per frame; ``phases`` is the clip's per-frame phase-id array (-1 = unset),
         of which the range is committed as one range label (or a single-frame label for one frame).
+        ``started_from``: per task, the frames whose value a model's pre-annotation or a propagation filled
+        and the version that filled them (``ClipEdits.started_from``); each label is stored as started from
+        it (a range from the version that filled most of its frames), and as reviewed: a person committed it.
         """
         start, end = int(frames[0]), int(frames[1])
-        common = {"source": "napari", "author": self.author}
+        filled = started_from or {}
+
+        def common(task: str, first: int, last: int | None = None) -> dict[str, Any]:
+            by_frame = filled.get(task, {})
+            versions = Counter(by_frame[f] for f in range(first, (last or first) + 1) if f in by_frame)
+            provenance = Provenance.started_from(versions.most_common(1)[0][0]) if versions else Provenance()
+            return {"source": "napari", "author": self.author, "provenance": provenance}
+
         # every payload is validated before anything is written (a bad one raises SchemaError here)
         items: list[AnnotationInput] = []
         for f, mask in sorted((masks or {}).items()):
             payload = self._payload("segmentation", mask, shown_model)
-            items.append(AnnotationInput(clip.video_id, int(f), "segmentation", payload, **common))
+            items.append(
+                AnnotationInput(clip.video_id, int(f), "segmentation", payload, **common("segmentation", f))
+            )
         if phases is not None:
             part = np.asarray(phases[start : end + 1])
             if start == end and part[0] >= 0:
                 payload = self._payload("phase", int(part[0]), shown_model)
-                items.append(AnnotationInput(clip.video_id, start, "phase", payload, **common))
+                items.append(
+                    AnnotationInput(clip.video_id, start, "phase", payload, **common("phase", start))
+                )
             elif start < end and (part >= 0).any():
                 segments = [(start + s, start + e - 1, int(p)) for s, e, p in runs(part) if p >= 0]
                 payload = self._payload("phase", {"segments": segments}, shown_model)
                 items.append(
-                    AnnotationInput(clip.video_id, start, "phase", payload, frame_end=end, **common)
+                    AnnotationInput(
+                        clip.video_id, start, "phase", payload, frame_end=end, **common("phase", start, end)
+                    )
                 )
         for f, values in sorted((cvs or {}).items()):
             payload = self._payload("cvs", [float(v) for v in values], shown_model)
-            items.append(AnnotationInput(clip.video_id, int(f), "cvs", payload, **common))
+            items.append(AnnotationInput(clip.video_id, int(f), "cvs", payload, **common("cvs", f)))
 
         def write(w: Writer) -> list[RecordResult]:
             w.ensure_frames(clip.video_id, range(start, end + 1))

@@ -38,9 +38,10 @@ class FakeSession:
         self.commits: list[dict] = []
         self.queue = list(queue)
 
-    def commit(self, clip, frames, *, masks=None, phases=None, cvs=None, shown_model=None):
+    def commit(self, clip, frames, *, masks=None, phases=None, cvs=None, shown_model=None, started_from=None):
         self.commits.append(
-            {"frames": frames, "masks": masks, "phases": phases, "cvs": cvs, "shown_model": shown_model}
+            {"frames": frames, "masks": masks, "phases": phases, "cvs": cvs, "shown_model": shown_model,
+             "started_from": started_from}
         )
         return "result"
 
@@ -143,6 +144,10 @@ def test_commit_current_frame_confirms_a_prediction():
     (c,) = session.commits
     assert c["frames"] == (3, 3) and list(c["masks"]) == [3] and (c["masks"][3] == 1).all()
     assert c["cvs"] == {3: [1.0, 0.0, 1.0]} and c["phases"][3] == 2 and c["shown_model"] == "v3"
+    # what each committed value started from: the v3 pre-annotation, for every task of the frame
+    assert {task: by_frame.get(3) for task, by_frame in c["started_from"].items()} == {
+        "segmentation": "v3", "phase": "v3", "cvs": "v3"
+    }
     assert edits.human_masks == {3}
     # the committed mask is a copy: painting afterwards does not change what was sent
     edits.masks[3] = 0
@@ -171,8 +176,12 @@ def test_commit_range_sends_phases_and_only_edited_masks_and_cvs():
     assert c["cvs"] == {5: [1.0, 0.0, 1.0]} and list(c["phases"][2:7]) == [4] * 5
     assert edits.dirty_masks == {7} and not edits.dirty_cvs and not edits.dirty_phase
     assert edits.human_masks == {3}
-    # a prediction after the commit leaves the committed mask alone
-    assert edits.apply_prediction(3, prediction(cls=2)) is False and (edits.masks[3] == 8).all()
+    # a corrected pre-annotation still started from it, and so did the CVS of frame 5 the clinician set over
+    # the pre-filled one
+    assert c["started_from"]["segmentation"][3] == "v3" and c["started_from"]["cvs"][5] == "v3"
+    # a prediction after the commit leaves the committed mask alone, and what it started from
+    assert edits.apply_prediction(3, prediction(cls=2, version="v4")) is False and (edits.masks[3] == 8).all()
+    assert edits.started_from["segmentation"][3] == "v3"
 
 
 def test_failed_commit_keeps_edits_dirty():
