@@ -53,7 +53,7 @@ def store_with_champion(tmp_path, _isolated_home):
         [31, 32, 33, 34, 35],
         frames=12,
         size=SIZE,
-        splits=["train", "train", "train", "val", "test"],
+        splits=["train", "train", "train", "val", "test", "train"],  # the unlabelled one is re-scored
         unlabelled_seeds=[36],
     )
     registry = Registry(store)

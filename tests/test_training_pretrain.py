@@ -116,7 +116,7 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
         [51, 52, 53],
         frames=12,
         size=SIZE,
-        splits=["train", "val", "test"],
+        splits=["train", "val", "test", "train"],  # pretraining sees train videos, the unlabelled one too
         unlabelled_seeds=[54],
     )
     cfg = NightlyConfig(

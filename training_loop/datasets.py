@@ -122,7 +122,7 @@ def load_split(
     manifest: list[dict[str, Any]] = []
     phase_ranges: dict[int, bool] = {}
     phase_records: dict[int, list[Any]] = defaultdict(list)
-    keys = {vid: str(v.get("content_hash") or v["path"]) for vid, v in videos.items()}
+    video_keys = {vid: str(v.get("content_hash") or v["path"]) for vid, v in videos.items()}
     for task in TASKS:
         for rec in store.training_labels(task, project=project, unreviewed=unreviewed):
             if rec.video_id not in videos:
@@ -131,7 +131,7 @@ def load_split(
                 phase_records[rec.video_id].append(rec)
             manifest.append(
                 {
-                    "video": keys[rec.video_id],
+                    "video": video_keys[rec.video_id],
                     "start": rec.frame_start,
                     "end": rec.frame_end,
                     "task": task,
@@ -170,7 +170,7 @@ def load_split(
             [],
             manifest,
             {v: videos[v]["path"] for v in videos},
-            keys,
+            video_keys,
         )
     images, masks, phases, cvs = [], [], [], []
     by_video: dict[int, list[int]] = defaultdict(list)
@@ -206,7 +206,8 @@ def load_split(
         frame_indices=np.asarray([i for _, i in ordered], np.int64),
         fps=np.asarray([float(videos[v].get("fps") or 1.0) for v, _ in ordered], np.float64),
     )
-    return SplitData(split, frames, ordered, manifest, {v: videos[v]["path"] for v in videos}, keys)
+    paths = {v: videos[v]["path"] for v in videos}
+    return SplitData(split, frames, ordered, manifest, paths, video_keys)
 
 
 def load_splits(

@@ -36,8 +36,9 @@ def populate_store(
 ) -> list[int]:
     """Write one clip per seed under ``root``, register it and record human labels; returns video ids.
 
-    ``splits`` pins each video's split (None: left for ``assign_splits``); ``unlabelled_seeds`` adds videos
-    without labels (for pretraining and active-learning re-scoring).
+    ``splits`` pins each video's split, the labelled ones' then the unlabelled ones' (None: the store's rule,
+    a hash of the folder's path); ``unlabelled_seeds`` adds videos without labels (for pretraining and
+    active-learning re-scoring).
     """
     root = Path(root)
     ids = []
