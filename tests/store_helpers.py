@@ -79,3 +79,27 @@ def write_cholecseg8k(root: Path, frames: dict[tuple[str, int], np.ndarray], wat
 def write_phase_file(path: Path, phases: list[str], first_frame: int = 0) -> None:
     rows = "".join(f"{first_frame + i}\t{p}\n" for i, p in enumerate(phases))
     path.write_text("Frame\tPhase\n" + rows, encoding="utf-8")
+
+
+def live_label_state(store) -> list[tuple]:
+    """Everything a store says about its live human labels, independent of row ids and revision numbers:
+    per label its video, frames, task, source, author, time, provenance, Label Studio annotation, payload, and
+    whether it is the one that trains."""
+    import json
+
+    from surgenet_assist.core.schema import TASKS
+
+    out = []
+    for task in TASKS:
+        trains = {r.annotation_id for r in store.training_labels(task)}
+        for r in store.live_labels(task):
+            mask = r.payload.get("mask")
+            payload = {k: v for k, v in r.payload.items() if k != "mask"}
+            out.append(
+                (
+                    r.video_path, r.frame_start, r.frame_end, task, r.source, r.author, r.updated_at,
+                    r.provenance, r.ls_annotation_id, json.dumps(payload, sort_keys=True),
+                    None if mask is None else mask.tobytes(), r.annotation_id in trains,
+                )
+            )
+    return sorted(out, key=repr)

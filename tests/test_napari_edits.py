@@ -234,6 +234,21 @@ def test_round_trip_through_a_real_store(tmp_path):
         assert again.human_masks == {1, 2}
         assert (again.masks[1] == 3).all() and (again.masks[2] == 11).all()
         assert list(again.phases) == [-1, 5, 5, -1] and again.cvs_at(1) == [1.0, 0.0, 1.0]
+        # provenance: frame 1's mask and CVS started from the v3 pre-annotation, frame 2's mask was painted on
+        # an empty frame; the phase range 1-2 holds a frame v3 pre-filled; a person committed all of them
+        store = session.store
+        started = {
+            (task, r.frame_start, r.frame_end): r.provenance.model_version
+            for task in ("segmentation", "phase", "cvs")
+            for r in store.current_human_labels(task, video_id=clip.video_id)
+        }
+        assert started == {
+            ("segmentation", 1, 1): "v3", ("segmentation", 2, 2): None, ("cvs", 1, 1): "v3",
+            ("phase", 1, 1): "v3", ("phase", 1, 2): "v3",
+        }
+        labels = [r for t in ("segmentation", "phase", "cvs") for r in store.training_labels(t)]
+        assert len(labels) == 5 and all(r.provenance.reviewed for r in labels)
+        assert [r.provenance.from_prediction for r in store.training_labels("segmentation")] == [True, False]
     finally:
         session.close()
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from ls_semantics import fixture
-from store_helpers import random_mask, store, store_url  # noqa: F401 - fixtures
+from store_helpers import live_label_state, random_mask, store, store_url  # noqa: F401 - fixtures
 
 from surgenet_assist.core.errors import DatasetFormatError
 from surgenet_assist.core.formats.label_studio import EXPORT_KEY, export_label_studio, import_label_studio
@@ -133,24 +133,6 @@ def test_the_captured_bulk_creation_is_stored_unreviewed(store):
     assert all(store.training_labels(t) == [] for t in TASKS)
 
 
-def _state(st: LabelStore) -> list[tuple]:
-    """Everything a store says about its live labels, independent of row ids."""
-    out = []
-    for task in TASKS:
-        trains = {r.annotation_id for r in st.training_labels(task)}
-        for r in st.live_labels(task):
-            mask = r.payload.get("mask")
-            payload = {k: v for k, v in r.payload.items() if k != "mask"}
-            out.append(
-                (
-                    r.video_path, r.frame_start, r.frame_end, task, r.source, r.author, r.updated_at,
-                    r.provenance, r.ls_annotation_id, json.dumps(payload, sort_keys=True),
-                    None if mask is None else mask.tobytes(), r.annotation_id in trains,
-                )
-            )
-    return sorted(out, key=repr)
-
-
 def test_export_writes_every_annotator_and_imports_back_to_the_same_store(store, store_url, tmp_path):
     task1, task2 = _task(1), _task(2, predictions=[{"id": 7, "model_version": "champion-3"}])
     _deliver(
@@ -169,7 +151,7 @@ def test_export_writes_every_annotator_and_imports_back_to_the_same_store(store,
         source="napari", author="dr-smith", updated_at="2026-01-03T08:00:00Z",
         provenance=Provenance.started_from("propagation-from-4"),
     )
-    before = _state(store)
+    before = live_label_state(store)
     out = tmp_path / "export.json"
     export_label_studio(store, out, annotations=True, label_config=CFG, predictions=False)
     tasks = {t["data"]["frame_index"]: t for t in json.loads(out.read_text())}
@@ -186,12 +168,12 @@ def test_export_writes_every_annotator_and_imports_back_to_the_same_store(store,
     assert made[EXPORT_KEY]["reviewed"] is False and made[EXPORT_KEY]["model_version"] == "champion-3"
     # into the same store: nothing new
     again = import_label_studio(store, out, label_config=CFG)
-    assert again.counts["new revisions"] == 0 and _state(store) == before
+    assert again.counts["new revisions"] == 0 and live_label_state(store) == before
     # into an empty store: the same labels, authors, provenance and the same choice of what trains
     fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"
     with LabelStore(fresh_url, migrate=True) as fresh:
         import_label_studio(fresh, out, label_config=CFG)
-        assert _state(fresh) == before
+        assert live_label_state(fresh) == before
         back = tmp_path / "back.json"
         export_label_studio(fresh, back, annotations=True, label_config=CFG, predictions=False)
         assert json.loads(back.read_text()) == json.loads(out.read_text())

@@ -116,7 +116,7 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
         [51, 52, 53],
         frames=12,
         size=SIZE,
-        splits=["train", "val", "test", "train"],  # pretraining sees train videos, the unlabelled one too
+        splits=["train", "val", "test", "val"],  # the unlabelled video: a validation one
         unlabelled_seeds=[54],
     )
     cfg = NightlyConfig(
@@ -133,7 +133,7 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     torch.manual_seed(0)
     model = SurgeNetAssistModel.create(random_init=True)
     adapted, info = continue_pretraining(store, model.backbone, cfg)
-    # the training-split video only: validation, test and the not-yet-assigned video are never used
+    # the training-split video only: validation (the unlabelled one too) and test videos are never used
     assert info["steps"] == 2 and info["new_frames_pool"] == 12
     store.record_training_run(task="pretrain", status="finished", params={"total_frames": 48})
     assert pretrain_due(store, cfg) == (False, 0)
@@ -159,6 +159,7 @@ def test_continued_pretraining_never_sees_validation_or_test_frames(tmp_path):
     store = LabelStore(f"sqlite:///{tmp_path / 's.db'}", migrate=True)
     for name, split in (("a", "train"), ("b", "val"), ("c", "test"), ("d", None), ("e", "train")):
         store.add_video(f"/v/{name}.mp4", fps=1.0, frame_count=10, split=split)
+    store.set_split(store.video_id("/v/d.mp4"), None)  # the store gives a split at entry; cleared by hand
     new, old = frame_pools(store, None, max_frames=1000, seen_videos={"/v/e.mp4"}, size=None)
     assert {p for p, _, _ in new.items} == {"/v/a.mp4"} and {p for p, _, _ in old.items} == {"/v/e.mp4"}
     assert len(new) == 10 and len(old) == 10

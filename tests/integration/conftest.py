@@ -42,8 +42,12 @@ def backend(ls_server, tmp_path_factory):
     model = SurgeNetAssistModel.create(random_init=True)
     predictor = Predictor(model, batch_size=4, short_side=64, model_version="it-1.0", device="cpu")
     db = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
-    # the service opens its store; with its own Label Studio connection it verifies every webhook
-    settings = BackendSettings(db_url=db, label_studio_url=ls_server["url"], label_studio_api_key=TOKEN)
+    # the service opens its store; with its own Label Studio connection it verifies every webhook. It
+    # pre-annotates test videos too (the wire is under test here); the default, none for them, is
+    # test_label_studio_provenance.py's subject
+    settings = BackendSettings(
+        db_url=db, label_studio_url=ls_server["url"], label_studio_api_key=TOKEN, preannotate_held_out=True
+    )
     app = create_app(settings, predictor=predictor)
     store = app.extensions["surgenet"].store
     port = free_port()

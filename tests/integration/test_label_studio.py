@@ -157,11 +157,16 @@ def test_preannotate_posts_new_version_and_resumes(ls, ls_server, image_project,
     from surgenet_assist.core.predictor import Predictor
 
     p2 = Predictor(backend["model"], batch_size=2, short_side=64, model_version="it-2.0", device="cpu")
-    rep = preannotate(ls_server["url"], TOKEN, image_project.project_id, p2, batch=2, progress=False)
+    # case01 is a test video by the store's rule: pre-annotated here on purpose (held_out=True)
+    rep = preannotate(
+        ls_server["url"], TOKEN, image_project.project_id, p2, batch=2, progress=False, held_out=True
+    )
     assert (rep.predicted, rep.failed) == (len(image_project.task_ids), {})
     versions = [p.model_version for p in ls.predictions.list(project=image_project.project_id)]
     assert versions.count("it-2.0") == len(image_project.task_ids)
-    again = preannotate(ls_server["url"], TOKEN, image_project.project_id, p2, batch=2, progress=False)
+    again = preannotate(
+        ls_server["url"], TOKEN, image_project.project_id, p2, batch=2, progress=False, held_out=True
+    )
     assert again.predicted == 0 and again.skipped == len(image_project.task_ids)
 
 
