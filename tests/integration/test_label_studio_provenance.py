@@ -88,13 +88,15 @@ def test_ground_truth_two_annotators_predictions_turned_into_annotations_and_the
     admin = api.get("/api/current-user/whoami", what="who am I")["id"]
     user = {"username": "annotator-b", "email": "b@example.com"}
     other = api.request("POST", "/api/users/", what="create a user", json=user)["id"]
-    # two annotators on the first frame; the first one's gets the star afterwards (an update)
+    # two annotators on the first frame; the first one's gets the star, then the other one's is updated
     mine = ls.annotations.create(
         id=first, result=[brush("m1", "Liver", rect_mask(4, 30, 6, 50)), choices("c1", "cvs", ["C1"])]
     )
-    theirs_mask = brush("m1", "Gallbladder", rect_mask(10, 40, 20, 70))
-    ls.annotations.create(id=first, result=[theirs_mask], completed_by=other)
+    theirs = ls.annotations.create(
+        id=first, result=[brush("m1", "Gallbladder", rect_mask(10, 40, 20, 70))], completed_by=other
+    )
     ls.annotations.update(id=mine.id, ground_truth=True)
+    ls.annotations.update(id=theirs.id, result=[brush("m1", "Gallbladder", rect_mask(12, 44, 20, 70))])
     # the second frame: a prediction turned into an annotation by the data manager's action
     predicted = [brush("p1", "Fat", rect_mask(2, 20, 3, 30))]
     ls.predictions.create(task=second, result=predicted, model_version="pred-9")
@@ -107,6 +109,8 @@ def test_ground_truth_two_annotators_predictions_turned_into_annotations_and_the
     poll(lambda: len(store.live_labels("segmentation")) == 3, what="the three annotations in the store")
     poll(lambda: [r.author for r in store.training_labels("segmentation")] == [f"ls-user:{admin}"],
          what="the starred annotation as the training label")
+    poll(lambda: {r.frame_start: r.author for r in store.current_human_labels("segmentation")}.get(0)
+         == f"ls-user:{other}", what="the other annotator's update")
     (trained,) = store.training_labels("segmentation")
     assert trained.frame_start == 0 and trained.provenance == Provenance(ground_truth=True)
     newest = store.current_human_labels("segmentation")
@@ -126,13 +130,13 @@ def test_ground_truth_two_annotators_predictions_turned_into_annotations_and_the
     assert live_label_state(synced) == live_label_state(store)
 
     # our export: every annotator, each with its author and the star
-    theirs = export(url, pid)
+    ls_export = export(url, pid)
     out = tmp_path / "ours.json"
-    export_label_studio(store, out, annotations=True, label_config=cfg, tasks=theirs, predictions=False)
+    export_label_studio(store, out, annotations=True, label_config=cfg, tasks=ls_export, predictions=False)
     ours = json.loads(out.read_text())
     by_frame = {t["data"]["frame_index"]: t["annotations"] for t in ours}
     assert [(a["completed_by"], a["ground_truth"]) for a in by_frame[0]] == [(admin, True), (other, False)]
-    assert_same_annotations(ours, theirs)
+    assert_same_annotations(ours, ls_export)
     # ... imported into an empty store: the same state; into Label Studio: the same annotations and stars
     imported = LabelStore(f"sqlite:///{tmp_path / 'imported.db'}", project=name, migrate=True)
     import_label_studio(imported, out, label_config=cfg, project=name)
