@@ -9,6 +9,8 @@ from typing import Any
 from surgenet_assist.core.errors import UsageError
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+DEFAULT_MAX_PROMPT_REGIONS = 300  # regions of one interactive request (an annotator clicks tens of times)
+DEFAULT_CACHE_MB = 256  # in-memory features: the click engine's frames; each day-one assistant's frames
 
 
 @dataclass
@@ -32,6 +34,9 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    max_prompt_regions: int = DEFAULT_MAX_PROMPT_REGIONS  # more in one interactive request: a 400
+    click_cache_mb: int = DEFAULT_CACHE_MB  # the click engines' frame features (one budget, all projects)
+    day_one_cache_mb: int = DEFAULT_CACHE_MB  # a day-one assistant's frame and video features
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +58,9 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            max_prompt_regions=int(env.get("SURGENET_ASSIST_MAX_PROMPT_REGIONS", DEFAULT_MAX_PROMPT_REGIONS)),
+            click_cache_mb=int(env.get("SURGENET_ASSIST_CLICK_CACHE_MB", DEFAULT_CACHE_MB)),
+            day_one_cache_mb=int(env.get("SURGENET_ASSIST_DAY_ONE_CACHE_MB", DEFAULT_CACHE_MB)),
         )
         for key, value in overrides.items():
             if value is not None:

@@ -85,7 +85,7 @@ def predict() -> Response:
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint) from None
     try:
-        regions = context_regions(data.get("params"))
+        regions = context_regions(data.get("params"), svc.settings.max_prompt_regions)
     except InteractiveError as exc:
         raise ApiError("bad_interactive_context", exc.message, exc.hint) from None
     if regions is not None:
@@ -158,13 +158,14 @@ def predict() -> Response:
 def _interactive(
     tasks: list[dict[str, Any]], plan: Any, regions: list[dict[str, Any]], ls_project: Any
 ) -> Response:
-    """Label Studio's interactive mode: the clicked object's brush region, one prediction per task,
-    stamped with the click engine's version (not the served model's: a different model answers)."""
+    """Label Studio's interactive mode: the clicked object's brush region (none for an empty context), one
+    prediction per task, stamped with the click engine's version (not the served model's: a different model
+    answers). The context is checked before the engine is built or the image fetched."""
     svc = current_app.extensions["surgenet"]
     store_project = svc.store_project(ls_project)
     try:
-        segmenter = svc.clicks.for_project(store_project)
-        results, version = interactive_predictions(tasks, plan, regions, segmenter, svc.fetch, store_project)
+        engine = lambda: svc.clicks.for_project(store_project)  # noqa: E731 - built only for a usable context
+        results, version = interactive_predictions(tasks, plan, regions, engine, svc.fetch, store_project)
     except SurgenetAssistError as exc:
         error, status = (
             ("interactive_unavailable", 503)

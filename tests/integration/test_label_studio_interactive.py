@@ -148,6 +148,13 @@ def test_click_in_label_studio_returns_the_objects_brush_mask(
         second = _mask(result[0]) if result else np.zeros((H, W), bool)
         assert not second[ny, nx] and (second != mask).any()
 
+    # deleting the last smart region sends an empty context: the suggestion is cleared, and the whole-frame
+    # prediction (which would replace the annotator's choices) is not what comes back
+    cleared = _interactive(ls_server["url"], res.ml_backend_id, res.task_ids[0], [])
+    assert cleared == {
+        "data": {"model_version": click_backend["segmenter"].model_version, "score": 0.0, "result": []}
+    }, cleared
+
     # the answer is a draft for the editor, never stored as a prediction
     assert list(ls.predictions.list(project=res.project_id)) == []
 
