@@ -33,6 +33,7 @@ from surgenet_assist.backend.labeling_configs import image_config, label_config
 from surgenet_assist.backend.media import MediaError
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.formats.ls_config import LabelConfigError
+from surgenet_assist.core.interactive import ClickSegmenter
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 H, W = 120, 160
@@ -676,3 +677,37 @@ def test_any_json_context_is_none_a_region_list_or_an_interactive_error(context)
         return
     assert (regions is None) == (context is None)
     assert regions is None or all(isinstance(r, dict) for r in regions)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "backbone_input"), [(1, 4000, (32, 1024)), (4000, 4000, (256, 256))]
+)
+def test_a_click_on_a_thin_or_huge_png_is_bounded_work(segmenter, tmp_path, height, width, backbone_input):
+    """The findings on main: a 1x4000 PNG and one click gave the backbone a 256x1,024,000 input (the worker
+    grew to 23 GB and was killed); a 4000x4000 one took 46-93 s per click. Here the answer is the clicked
+    object at the image's size, from a clamped input and a bounded peak."""
+    from rss_probe import peak_rss_growth
+
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:] = (190, 120, 115)
+    cv2.circle(image, (width // 2, height // 2), max(1, min(height, width) // 4), (210, 190, 90), -1)
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), image)
+    served = ClickSegmenter(segmenter.backbone)  # what `serve` builds: short side 256
+    seen: list[tuple[int, int]] = []
+    hook = served.backbone.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        client = create_app(
+            BackendSettings(extra={"open_store": False}), fetch=lambda url, task_id=None: path,
+            click_segmenter=served,
+        ).test_client()  # fmt: skip
+        click = keypoint(50.0, 50.0, original_width=width, original_height=height)
+        res, grew = peak_rss_growth(lambda: post(client, body([click])))
+    finally:
+        hook.remove()
+    assert res.status_code == 200, res.get_json()
+    assert seen == [backbone_input]
+    (region,) = res.get_json()["results"][0]["result"]
+    mask = _decode(region)
+    assert mask.shape == (height, width) and mask[height // 2, width // 2]
+    assert grew < 500 << 20, f"peak memory grew by {grew >> 20} MB"
