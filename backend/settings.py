@@ -116,6 +116,14 @@ class BackendSettings:
                 "go together",
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
             )
+        if self.max_prompt_regions < 1:
+            raise UsageError(
+                f"SURGENET_ASSIST_MAX_PROMPT_REGIONS={self.max_prompt_regions} refuses every click",
+                f"set it to at least 1 (default {DEFAULT_MAX_PROMPT_REGIONS}), or unset it",
+            )
+        from surgenet_assist.core.model import max_input_aspect
+
+        max_input_aspect()  # a bad SURGENET_ASSIST_MAX_ASPECT is refused at start, not on the first frame
 
     def server_limits(self) -> ServerLimits:
         """The HTTP server's pools and timeouts from these settings."""

@@ -117,6 +117,14 @@ def test_the_clamp_is_configured_by_the_environment(monkeypatch):
         with pytest.raises(UsageError, match=MAX_ASPECT_ENV) as err:
             target_size(480, 854, 256)
         assert "1 to 64" in err.value.hint
+    from surgenet_assist.backend.settings import BackendSettings
+
+    with pytest.raises(UsageError, match=MAX_ASPECT_ENV):
+        BackendSettings().check()  # the server refuses it at start, not on its first frame
+    monkeypatch.setenv(MAX_ASPECT_ENV, "3")
+    BackendSettings().check()
+    with pytest.raises(UsageError, match="MAX_PROMPT_REGIONS=0"):
+        BackendSettings(max_prompt_regions=0).check()
 
 
 def test_every_path_that_feeds_the_backbone_sizes_its_input_with_target_size(
