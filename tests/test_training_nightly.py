@@ -398,3 +398,52 @@ def test_a_rotation_interrupted_between_its_record_and_its_end_is_completed(any_
     assert rotate_test_split(store, cfg, None) is None  # no new rotation is due, the pending one is applied
     assert [v["split"] for v in store.videos()] == ["train", "train", "test"]
     assert [r["status"] for r in store.training_runs(task=ROTATION_TASK)] == ["finished"]
+
+
+def test_champion_is_scored_at_its_own_recorded_frame_size(tmp_path):
+    """A champion trained at another frame size than today's config is evaluated on the split loaded again
+    at its own size (and short side); a model at the config's contract gets the cycle's frames."""
+    from surgenet_assist.core.model import Preprocessing
+    from surgenet_assist.training_loop.nightly import SplitScorer, load_data
+
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
+    split_of = ["train", "val", "test"]
+    populate_store(store, tmp_path / "clips", [71, 72, 73], frames=6, size=SIZE, splits=split_of)
+    cfg = NightlyConfig(db=store.url, frame_size=(48, 84), progress=False)
+    splits = load_data(store, cfg)
+    scorer = SplitScorer(store, cfg, splits)
+    model = SurgeNetAssistModel.create(random_init=True)
+    contract = {"short_side": 48, "mean": tuple(model.backbone.mean), "std": tuple(model.backbone.std)}
+    model.preprocessing = Preprocessing(**contract, frame_size=(48, 84))
+    assert scorer.frames(model, "test") is splits["test"]
+    model.preprocessing = Preprocessing(**contract, frame_size=SIZE)
+    own = scorer.frames(model, "test")
+    assert own.frames.images.shape[1:3] == SIZE and splits["test"].frames.images.shape[1:3] == (48, 84)
+    assert scorer.frames(model, "test") is own  # loaded once per cycle
+    result = scorer.evaluate(model, "test", surface_distance=False)
+    assert result["per_video_ids"] == [v["id"] for v in store.videos() if v["split"] == "test"]
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_candidate_worse_on_validation_never_reads_the_test_split(tmp_path, _isolated_home):
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = LabelStore(url, migrate=True)
+    splits = ["train", "train", "val", "test", "test", "test"]
+    populate_store(store, tmp_path / "clips", [81, 82, 83, 84, 85, 86], frames=10, size=SIZE, splits=splits)
+    first = run_cycle(NightlyConfig.from_dict(_config(url)))
+    assert first["outcome"].startswith("promoted") and first["gate"]["reasons"] == ["no champion yet"]
+    assert first["gate"]["reference_after"]["segmentation"]["version"] == first["candidate"]
+    # a candidate trained from scratch for one epoch, not warm-started: worse than the champion on validation
+    weak = _config(url) | {"warm_start": False, "force": True}
+    weak["finetune"] = weak["finetune"] | {"epochs": 1, "temporal_epochs": 1}
+    report = run_cycle(NightlyConfig.from_dict(weak))
+    assert report["gate"]["verdict"] == "rejected on validation", report["gate"]
+    assert "the test split is not read" in report["gate"]["reasons"][0]
+    assert report["candidate_primary"] is None and not report["test_reuse"]["read"]
+    assert report["test_reuse"]["reads_since_rotation"] == 1  # the first cycle's read only
+    row = Registry(store).get(report["candidate"])
+    assert row["status"] == "rejected" and set(row["metrics"]["test"]) == {"not_evaluated"}
+    assert Registry(store).champion()["version"] == first["candidate"]
+    text = Path(report["report"]).read_text()
+    assert "Verdict: **rejected on validation**" in text and "## Test-split reuse" in text
