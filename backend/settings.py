@@ -11,6 +11,30 @@ from surgenet_assist.core.errors import UsageError
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """Threads, queues and timeouts of the HTTP server (``backend/server.py``), per route family.
+
+    ``/predict`` gets its own pool, webhooks theirs, and ``/setup``/``/versions``/``/metrics`` share a small
+    "control" pool, so no family's flood takes another's threads; ``/health`` needs no thread at all."""
+
+    max_body: int = 32 * 1024 * 1024
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    control_threads: int = 2
+    control_queue: int = 32
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    health_refresh_s: float = 0.5
+    health_stale_s: float = 30.0
+
+    def family(self, name: str) -> tuple[int, int]:
+        """(threads, queue) of a route family."""
+        return getattr(self, f"{name}_threads"), getattr(self, f"{name}_queue")
+
+
 @dataclass
 class BackendSettings:
     """Server settings; :meth:`from_env` reads the ``SURGENET_ASSIST_*`` / LS-style variables."""
@@ -32,6 +56,12 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +83,12 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "4")),
+            predict_queue=int(env.get("SURGENET_ASSIST_PREDICT_QUEUE", "16")),
+            webhook_threads=int(env.get("SURGENET_ASSIST_WEBHOOK_THREADS", "2")),
+            webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "64")),
+            body_timeout_s=float(env.get("SURGENET_ASSIST_BODY_TIMEOUT_S", "30")),
+            header_timeout_s=float(env.get("SURGENET_ASSIST_HEADER_TIMEOUT_S", "10")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -73,6 +109,18 @@ class BackendSettings:
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
             )
 
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's pools and timeouts from these settings."""
+        return ServerLimits(
+            max_body=self.max_body,
+            predict_threads=self.predict_threads,
+            predict_queue=self.predict_queue,
+            webhook_threads=self.webhook_threads,
+            webhook_queue=self.webhook_queue,
+            body_timeout_s=self.body_timeout_s,
+            header_timeout_s=self.header_timeout_s,
+        )
+
     def label_studio_api(self) -> Any:
         """The backend's own connection to Label Studio, or None when none is configured."""
         from .ls_api import LabelStudioAPI
@@ -80,5 +128,3 @@ class BackendSettings:
         if not (self.label_studio_url and self.label_studio_api_key):
             return None
         return LabelStudioAPI(self.label_studio_url, self.label_studio_api_key)
-
-
