@@ -275,7 +275,7 @@ class MediaFetcher:
             api = self._need_api(url)
             urls = [f"{api.url}{url}"]
             if url.startswith("/data/upload/"):
-                urls.append(f"{api.url}/storage-data/uploaded/?filepath={url[len('/data/'):]}")
+                urls.append(f"{api.url}/storage-data/uploaded/?filepath={url[len('/data/') :]}")
             return _Remote(tuple(urls), urls[0], _suffix(urlsplit(url).path))
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):

@@ -134,7 +134,8 @@ def other():
 def png(height: int = H, width: int = W, seed: int | None = 0) -> bytes:
     """A PNG of noise (``seed``), or of one flat colour (``seed=None``: the smallest file of that size)."""
     shape = (height, width, 3)
-    pixels = np.zeros(shape, np.uint8) if seed is None else np.random.default_rng(seed).integers(0, 255, shape)
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros(shape, np.uint8) if seed is None else rng.integers(0, 255, shape)
     ok, buf = cv2.imencode(".png", pixels.astype(np.uint8))
     assert ok
     return buf.tobytes()
