@@ -264,7 +264,7 @@ class MediaFetcher:
             api = self._need_api(url)
             fileuri = base64.urlsafe_b64encode(url.encode()).decode()
             presign = f"{api.url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
-            return _Remote((presign,), f"{api.url}|{url}", _suffix(urlsplit(url).path))
+            return _Remote((presign,), f"{api.url}|{url}", _suffix(url))
         if url.startswith("/"):
             if not url.startswith(LS_MEDIA_PREFIXES):
                 raise MediaError(
@@ -276,7 +276,7 @@ class MediaFetcher:
             urls = [f"{api.url}{url}"]
             if url.startswith("/data/upload/"):
                 urls.append(f"{api.url}/storage-data/uploaded/?filepath={url[len('/data/') :]}")
-            return _Remote(tuple(urls), urls[0], _suffix(urlsplit(url).path))
+            return _Remote(tuple(urls), urls[0], _suffix(url))
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise MediaError(
@@ -284,7 +284,7 @@ class MediaFetcher:
                 url=url,
                 hint="import the task with an http(s) URL, an upload or a storage URI",
             )
-        return _Remote((url,), url, _suffix(urlsplit(url).path))
+        return _Remote((url,), url, _suffix(url))
 
     def _need_api(self, url: str) -> LabelStudioAPI:
         api = self.api
@@ -337,8 +337,19 @@ def _failed(shown: str, reason: str) -> MediaError:
     )
 
 
-def _suffix(path: str) -> str:
-    return posixpath.splitext(path)[1].lstrip(".")
+def _suffix(url: str) -> str:
+    """The file extension a media URL names, kept on the cached file (video readers go by it): the path's,
+    or that of the file a Label Studio route names in its query (``d=``, ``filepath=``, base64
+    ``fileuri=``)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    named = (query.get("d") or query.get("filepath") or [None])[-1]
+    if named is None and query.get("fileuri"):
+        try:
+            named = urlsplit(base64.urlsafe_b64decode(query["fileuri"][-1]).decode()).path
+        except (ValueError, UnicodeDecodeError):
+            named = None
+    return posixpath.splitext(named or parts.path)[1].lstrip(".")
 
 
 def load_image(path: Path, url: str) -> np.ndarray:

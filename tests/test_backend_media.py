@@ -498,6 +498,21 @@ def test_a_cloud_uri_goes_through_label_studio_s_presign_route(tmp_path, hostile
     assert "s3cr3t" not in err.value.message + caplog.text
 
 
+def test_a_video_behind_a_label_studio_route_keeps_its_extension(tmp_path, hostile):
+    """Video readers go by the extension: the cached file of ``/data/local-files/?d=videos/clip.mp4`` (fetched
+    from Label Studio when the backend has no document root) must still end in ``.mp4``."""
+    from surgenet_assist.core.synthetic import generate_clip
+    from surgenet_assist.core.video import open_video
+
+    clip = generate_clip(2, 6, H, W).write_video(tmp_path / "clip.mp4", fps=10)
+    hostile.routes["/data/local-files/"] = _needs_token(f"Token {LEGACY}", clip.read_bytes())
+    f = fetcher(tmp_path, api=LabelStudioAPI(hostile.url(""), LEGACY))
+    path = f("/data/local-files/?d=videos/clip.mp4", 4)
+    assert path.suffix == ".mp4"
+    with open_video(path) as video:
+        assert video.frame_count == 6
+
+
 def test_local_files_come_from_the_document_root_and_never_from_outside(tmp_path):
     root = tmp_path / "root"
     (root / "case").mkdir(parents=True)
