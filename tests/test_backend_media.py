@@ -458,6 +458,24 @@ def test_credentials_go_only_to_label_studio_s_exact_origin(tmp_path, hostile, o
     assert hostile.auth_of("/data/upload/1/a.png")[-1] is None  # http:// on the host of an https:// LS
 
 
+def test_the_setup_host_is_trusted_with_private_addresses_only_behind_basic_auth(tmp_path, hostile):
+    """Without Basic Auth anyone can call /setup and name a host: it then gets no exemption from the
+    private-address rule (its own token still goes to it). With Basic Auth the caller is Label Studio."""
+    hostile.routes["/data/upload/1/a.png"] = _needs_token(f"Token {LEGACY}", png())
+    open_setup = fetcher(tmp_path / "open")
+    open_setup.remember_setup(hostile.url(""), LEGACY)
+    with pytest.raises(MediaError, match="loopback address"):
+        open_setup("/data/upload/1/a.png", 1)
+    assert hostile.seen == []
+    guarded = MediaFetcher(None, MediaPolicy(cache_dir=str(tmp_path / "guarded"), setup_host_private_ok=True))
+    guarded.remember_setup(hostile.url(""), LEGACY)
+    assert guarded("/data/upload/1/a.png", 1).is_file()
+    assert hostile.auth_of("/data/upload/1/a.png") == [f"Token {LEGACY}"]
+    s = BackendSettings(basic_auth_user="u", basic_auth_pass="p")
+    assert MediaPolicy.from_settings(s).setup_host_private_ok
+    assert not MediaPolicy.from_settings(BackendSettings()).setup_host_private_ok
+
+
 def test_api_calls_and_the_token_refresh_never_follow_redirects(hostile, other):
     pat = jwt.encode({"token_type": "refresh", "exp": int(time.time() + 3600)}, SECRET)
     hostile.routes["/api/token/refresh/"] = redirect(other.url("/api/token/refresh/"), status=307)
