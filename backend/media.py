@@ -250,7 +250,7 @@ class MediaFetcher:
                 if attempt == 0 and api.personal_access_token:
                     api.invalidate()
                     continue
-                raise api.refused(f"media download {urlsplit(url).path}") from None
+                raise api.refused("media download") from None  # /health shows it: no path
 
     def _remote(self, url: str, task_id: Any) -> _Remote:
         """What to download for ``url``, and under which cache key."""

@@ -820,13 +820,32 @@ def test_label_studio_unreachable_for_the_refresh_is_a_503_and_local_media_is_pr
 
 
 def test_a_refused_legacy_token_on_media_is_the_same_state(tmp_path, local_root, model, hostile):
-    hostile.routes["/data/upload/1/a.png"] = _needs_token(f"Token {LEGACY}", png())
-    client = _app(
-        tmp_path, local_root, model, label_studio_url=hostile.url(""), label_studio_api_key="f" * 40
-    )
+    accepted = {"token": f"Token {LEGACY}"}
+
+    def needs_token(h) -> None:
+        ok = h.headers.get("Authorization") == accepted["token"]
+        send(h, *((200, png()) if ok else (401, b"")))
+
+    hostile.routes["/data/upload/1/a.png"] = needs_token
+    hostile.routes["/api/current-user/whoami"] = needs_token  # what the re-check of a legacy token asks
+    now = [time.time()]
+    api = LabelStudioAPI(hostile.url(""), "f" * 40, clock=lambda: now[0])
+    client = _app(tmp_path, local_root, model, api=api)
     r = _predict(client, ["/data/upload/1/a.png"])
-    assert r.status_code == 503 and "refused the legacy token" in r.get_json()["detail"]
-    assert client.get("/health").get_json()["status"] == "DEGRADED"
+    assert (
+        r.status_code == 503
+        and "refused the legacy token (media download: HTTP 401)" in r.get_json()["detail"]
+    )
+    health = client.get("/health").get_json()
+    assert health["status"] == "DEGRADED" and "/data/upload" not in json.dumps(health)
+    accepted["token"] = "Token " + "f" * 40  # e.g. the organisation's legacy tokens switched back on
+    now[0] += ls_api_module.TOKEN_RETRY_S + 1
+    deadline = time.time() + 20
+    while client.get("/health").get_json()["status"] != "UP":
+        assert time.time() < deadline, "the background re-check did not clear the token state"
+        time.sleep(0.1)
+    assert "/api/current-user/whoami" in hostile.paths()
+    assert _predict(client, ["/data/upload/1/a.png"]).status_code == 200
 
 
 def test_an_access_token_refused_once_is_refreshed_and_the_download_retried(tmp_path, hostile):

@@ -4,7 +4,8 @@
 Who may call them: with Basic Auth configured, only a caller with the credentials (Label Studio sends them
 on every call of its ML connector); without it, anyone who reaches the port, so run the backend on a network
 only Label Studio reaches (``docs/deploy.md``). What a caller can make them do is bounded per request: the
-body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them.
+body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them (each download bounded
+in time and bytes, refused for private addresses and hosts off the allow-list: ``backend/media.py``).
 """
 
 from __future__ import annotations
