@@ -15,6 +15,30 @@ from surgenet_assist.core.media_limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PI
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """Threads, queues and timeouts of the HTTP server (``backend/server.py``), per route family.
+
+    ``/predict`` gets its own pool, webhooks theirs, and ``/setup``/``/versions``/``/metrics`` share a small
+    "control" pool, so no family's flood takes another's threads; ``/health`` needs no thread at all."""
+
+    max_body: int = 32 * 1024 * 1024
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    control_threads: int = 2
+    control_queue: int = 32
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    health_refresh_s: float = 0.5
+    health_stale_s: float = 30.0
+
+    def family(self, name: str) -> tuple[int, int]:
+        """(threads, queue) of a route family."""
+        return getattr(self, f"{name}_threads"), getattr(self, f"{name}_queue")
+
+
 @dataclass
 class BackendSettings:
     """Server settings; :meth:`from_env` reads the ``SURGENET_ASSIST_*`` / LS-style variables."""
@@ -36,6 +60,12 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
     # --- task media, fetched as an untrusted operation (backend/media.py, docs/deploy.md) ---
     media_max_pixels: int = DEFAULT_MAX_PIXELS  # width × height from the header, checked before decoding
     media_max_aspect: float = DEFAULT_MAX_ASPECT  # long side / short side
@@ -69,6 +99,12 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "4")),
+            predict_queue=int(env.get("SURGENET_ASSIST_PREDICT_QUEUE", "16")),
+            webhook_threads=int(env.get("SURGENET_ASSIST_WEBHOOK_THREADS", "2")),
+            webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "64")),
+            body_timeout_s=float(env.get("SURGENET_ASSIST_BODY_TIMEOUT_S", "30")),
+            header_timeout_s=float(env.get("SURGENET_ASSIST_HEADER_TIMEOUT_S", "10")),
             **_media_from_env(env),
         )
         for key, value in overrides.items():
@@ -132,6 +168,18 @@ class BackendSettings:
                 f"LOCAL_FILES_DOCUMENT_ROOT={root} would let tasks read every file of the machine",
                 "set it to the folder Label Studio serves local files from (its LOCAL_FILES_DOCUMENT_ROOT)",
             )
+
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's pools and timeouts from these settings."""
+        return ServerLimits(
+            max_body=self.max_body,
+            predict_threads=self.predict_threads,
+            predict_queue=self.predict_queue,
+            webhook_threads=self.webhook_threads,
+            webhook_queue=self.webhook_queue,
+            body_timeout_s=self.body_timeout_s,
+            header_timeout_s=self.header_timeout_s,
+        )
 
     def label_studio_api(self) -> Any:
         """The backend's own connection to Label Studio, or None when none is configured."""
