@@ -226,8 +226,6 @@ class MediaFetcher:
         for candidate in remote.urls:
             try:
                 self._download(candidate, entry)
-            except CredentialsRefused:
-                raise
             except DownloadError as exc:
                 if exc.status in (400, 403, 404) and candidate != remote.urls[-1]:
                     last = exc  # Label Studio's other route for uploads
