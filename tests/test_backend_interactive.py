@@ -34,6 +34,7 @@ from surgenet_assist.backend.media import MediaError
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.formats.ls_config import LabelConfigError
 from surgenet_assist.core.interactive import ClickSegmenter
+from surgenet_assist.core.interactive.prompts import PromptError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 H, W = 120, 160
@@ -652,7 +653,8 @@ _json = st.recursive(
 )
 def test_any_junk_in_a_region_is_an_interactive_error_or_usable(field, inner, junk, kind):
     """Property: whatever JSON sits in a region's field, reading the context raises InteractiveError (a 400)
-    or gives a prompt whose coordinates are finite percentages; never another exception (a 500)."""
+    or gives a prompt with finite percentages, which the engine's own check accepts or refuses
+    with a PromptError (also a 400: say, a lone negative click); never another exception (a 500)."""
     region = keypoint(30, 40) if kind == "keypoint" else rectangle(10, 10, 30, 30)
     if field == "value" and inner is not None:
         region["value"][inner] = junk
@@ -667,7 +669,10 @@ def test_any_junk_in_a_region_is_an_interactive_error_or_usable(field, inner, ju
         assert 0 <= x <= 100.001 and 0 <= y <= 100.001 and isinstance(positive, bool)
     if parsed.box is not None:
         assert all(math.isfinite(v) for v in parsed.box)
-    parsed.prompt(H, W).validate(H, W)
+    try:
+        parsed.prompt(H, W).validate(H, W)
+    except PromptError as err:
+        assert err.hint
 
 
 @settings(max_examples=200, deadline=None)
