@@ -747,6 +747,7 @@ def _app(tmp_path, local_root, model, api=None, **settings):
         media_cache_dir=str(tmp_path / "cache"),
         local_files_document_root=str(local_root),
         extra={"open_store": False},
+        preannotate_held_out=True,  # every task is predicted (none left empty as a test video's)
         **settings,
     )
     return create_app(s, predictor=model, ls_api=api).test_client()

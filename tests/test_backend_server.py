@@ -89,7 +89,8 @@ def slow_app(tmp_path):
 
     model = SurgeNetAssistModel.create(random_init=True)
     predictor = Predictor(model, batch_size=1, short_side=64, model_version="slow-1", device="cpu")
-    settings = BackendSettings(db_url=f"sqlite:///{tmp_path / 'store.db'}")
+    # every task is predicted (none left empty as a test video's: tests/test_preannotation.py)
+    settings = BackendSettings(db_url=f"sqlite:///{tmp_path / 'store.db'}", preannotate_held_out=True)
     app = create_app(settings, predictor=predictor, fetch=fetch)
     yield app, gate, entered
     gate.set()

@@ -94,3 +94,36 @@ def test_a_video_without_a_split_trains_no_instant_head(tmp_path):
     assert len(seg) == len(cvs) == 3 and len(phase) == 3
     store.set_split(cleared, "val")  # once it has a split that may fit them, its labels count
     assert set(assist.training_data()[3]["segmentation"]) == {paths[train], paths[cleared]}
+
+
+@pytest.mark.slow
+def test_the_cycle_tells_the_gate_which_test_videos_a_model_helped_label(
+    tmp_path, _isolated_home, monkeypatch
+):
+    from surgenet_assist.training_loop import nightly
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = LabelStore(url, migrate=True)
+    splits = ["train", "train", "val", "test", "test"]
+    ids = populate_store(store, tmp_path / "clips", [11, 12, 13, 14, 15], frames=4, size=SIZE, splits=splits)
+    helped = ids[3]
+    started = Provenance.started_from("v0")
+    store.record_annotation(
+        helped, 1, "cvs", [1.0, 0.0, 1.0], source="napari", author="dr", provenance=started
+    )
+    seen = {}
+    judge = nightly.judge_candidate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return judge(*args, **kwargs)
+
+    monkeypatch.setattr(nightly, "judge_candidate", spy)
+    cfg = {
+        "db": url, "random_init": True, "frame_size": list(SIZE), "progress": False, "click_head": False,
+        "finetune": {"epochs": 1, "temporal_epochs": 1, "short_side": 64, "batch_size": 8},
+        "pretrain": {"enabled": False}, "rescore_max_frames_per_video": 2,
+    }
+    report = nightly.run_cycle(nightly.NightlyConfig.from_dict(cfg))
+    assert report["candidate"] and seen["model_started_videos"] == {helped}
+    store.close()

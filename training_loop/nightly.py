@@ -51,7 +51,15 @@ from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
 from .click_training import ClickTrainConfig
-from .datasets import SPLITS, SplitData, assign_splits, combined_manifest_hash, load_split
+from .datasets import (
+    SPLITS,
+    SplitData,
+    assign_splits,
+    combined_manifest_hash,
+    label_origins,
+    load_split,
+    videos_started_from,
+)
 from .evaluate import (
     annotation_efficiency,
     cvs_thresholds_on,
@@ -591,9 +599,13 @@ def _cycle(
     }
     report["_history"], report["_test"] = result["history"], result["test"]
 
-    # 5. the champion on the same test videos, then the gate
+    # 5. the champion on the same test videos, then the gate (also without the test videos whose labels
+    # started from a model's pre-annotation: docs/store.md, "Independent test labels")
     t_champ = time.perf_counter()
-    decision, champ_primary = judge_candidate(result, champ, splits, cfg, store)
+    origins = label_origins(store, "test", project=cfg.project, unreviewed=cfg.unreviewed_labels)
+    decision, champ_primary = judge_candidate(
+        result, champ, splits, cfg, store, model_started_videos=videos_started_from(origins)
+    )
     report["champion_primary"] = champ_primary
     report["timings_s"]["champion_evaluation"] = round(time.perf_counter() - t_champ, 2)
     report["gate"] = decision.to_dict()
