@@ -57,6 +57,7 @@ def test_a_revoked_personal_access_token_is_a_503_and_health_is_not_up(ls_server
         label_studio_api_key=pat,
         media_cache_dir=str(tmp_path / "cache"),
         extra={"open_store": False},
+        preannotate_held_out=True,  # every task is predicted (none left empty as a test video's)
     )
     app = create_app(settings, predictor=predictor)
     client = app.test_client()
