@@ -930,8 +930,9 @@ def test_reuse_report(
 def rotate_test_split(store: LabelStore, cfg: NightlyConfig, run_id: int | None) -> dict[str, Any] | None:
     """Rotate the test split when the last judged cycle said it is due (:func:`test_reuse_report`): every
     test video joins the train split (its labels now train; it decided too much to judge any more) and
-    every final video becomes a test video (never read by any decision); new videos refill final through
-    ``assign_splits``. Needs at least ``MIN_TEST_VIDEOS`` final videos, else it waits (and says so).
+    every final video becomes a test video (never read by any decision); new videos refill final as they
+    enter the store (``core.store.splits``). Needs at least ``MIN_TEST_VIDEOS`` final videos, else it waits
+    (and says so).
 
     Crash-safe: the plan is recorded as a ``test-rotation`` run first, applied in one transaction, then
     marked finished; a plan left unfinished by a killed cycle is applied by the next one."""
