@@ -123,6 +123,7 @@ class FakeLabelStudio:
         self.task_requests: list[dict] = []
         self.ignore_filters = False  # what a server without the data manager's filters would do
         self.fail_at: int | None = None  # answer the n-th task-list request with a 502
+        self.unlisted: set[int] = set()  # tasks the list leaves out (a paging bug, a proxy's cache)
 
     # --- Label Studio's state, changed the way annotators and admins change it ------------------------------
     def _next(self, kind: str) -> int:
@@ -230,6 +231,7 @@ class FakeLabelStudio:
             return httpx.Response(404, json={"detail": "Not found."})
         query = json.loads(q.get("query", "{}"))
         tasks = sorted(self.tasks.values(), key=lambda t: t["id"])  # order_by('id') unless told otherwise
+        tasks = [t for t in tasks if t["id"] not in self.unlisted]
         if query.get("ordering") not in (None, [], ["tasks:id"]):
             return httpx.Response(
                 400, json={"detail": f"the fake orders by id only, not {query['ordering']}"}
@@ -458,6 +460,19 @@ def test_a_result_change_without_updated_at_is_read(store):
     assert ann["updated_at"] == ann["created_at"]
 
 
+def test_an_annotation_a_webhook_changed_since_the_last_sync_is_read_again(store):
+    """v1 synced; a webhook brings v2; the annotator goes back to v1 and that webhook is lost. Label Studio's
+    digest equals the one the last sync stored, but the store's live revisions do not: it must be read."""
+    ls = project_of(2)
+    sync(ls, store)
+    v1 = copy.deepcopy(ls.annotation(1)["result"])
+    v2 = ls.edit(1, [phase("ClippingCutting")])
+    ingest_webhook(store, ls.webhook("ANNOTATION_UPDATED", v2), project=P)
+    ls.edit(1, v1)
+    counts = sync(ls, store)
+    assert counts["annotations read"] == 1 and live_labels(store) == expected_labels(ls)
+
+
 def test_a_config_or_task_data_change_reads_again_and_adds_nothing_when_labels_are_the_same(store):
     ls = project_of(4)
     sync(ls, store)
@@ -526,6 +541,17 @@ def test_cloud_uris_keep_their_frame_identity(store):
     assert sorted(r.frame_start for r in store.training_labels("phase", project=P)) == [120, 121]
     resolved = ls.serialize(ls.tasks[1], resolve=True)["data"]["image"]
     assert resolved.startswith("/tasks/1/resolve/?fileuri=")  # what the default request would have seen
+
+
+def test_a_label_is_tombstoned_only_when_label_studio_answers_404_for_its_annotation(store):
+    ls = project_of(4)
+    sync(ls, store)
+    before = live_labels(store)
+    ls.unlisted = {2}  # the list misses task 2, but GET /api/annotations/2/ still finds its annotation
+    ls.delete_task(3)
+    rep_counts = sync(ls, store)
+    assert rep_counts[GONE] == 3  # annotation 3's phase, CVS and mask
+    assert {r for r in live_labels(store) if r[0] == 2} == {r for r in before if r[0] == 2}
 
 
 def test_a_server_that_ignores_the_id_filter_is_refused_and_nothing_is_tombstoned(store):
