@@ -15,7 +15,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +25,6 @@ from .formats.label_studio import LabelStudioTranslator, TaskTarget, ls_integer
 from .schema import DEFAULT_SCHEMA, LabelSchema
 from .store import LabelStore, RecordResult, Writer, to_utc
 from .store.models import utcnow
-from .store.writer import CurrentLabel
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")  # the singular: Label Studio before 1.9
@@ -192,21 +191,27 @@ def annotation_digest(
     task: dict[str, Any], annotation: dict[str, Any], target: TaskTarget, config: str
 ) -> str:
     """What decides an annotation's labels, hashed: its result, author and cancelled flag, its task's id and
-    store target (video, frame, media) and the labeling config (``config``: its text). Label Studio's
-    ``updated_at`` is left out on purpose: ``/api/labels/bulk`` and renaming a label change the result without
-    it, a task-data or config change never touches it, and an edit that changes nothing should not make a
-    new revision."""
+    store target (video, frame, media) and the labeling config (``config``: the digest of its text, from
+    :func:`config_digest`). Label Studio's ``updated_at`` is left out on purpose: ``/api/labels/bulk`` and
+    renaming a label change the result without it, a task-data or config change never touches it, and an
+    edit that changes nothing should not make a new revision. (Key order counts: a server that reorders keys
+    only makes the next sync read the annotation again, never skip a change.)"""
     who = annotation.get("completed_by")
-    body = {
-        "result": annotation.get("result") or [],
-        "cancelled": bool(annotation.get("was_cancelled")),
-        "author": who.get("id") if isinstance(who, dict) else who,
-        "task": task.get("id"),
-        "target": asdict(target),
-        "config": hashlib.sha256(config.encode()).hexdigest(),
-    }
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    head = [
+        config,
+        bool(annotation.get("was_cancelled")),
+        who.get("id") if isinstance(who, dict) else who,
+        task.get("id"),
+        [target.video, target.frame, target.media_key, target.media],
+    ]
+    h = hashlib.sha256(json.dumps(head, default=str).encode())
+    h.update(json.dumps(annotation.get("result") or [], default=str).encode())
+    return h.hexdigest()
+
+
+def config_digest(label_config: str | None) -> str:
+    """The labeling config's part of :func:`annotation_digest` (computed once per sync)."""
+    return hashlib.sha256((label_config or "").encode()).hexdigest()
 
 
 def annotations_in(tasks: Iterable[dict[str, Any]]) -> Callable[[int], bool]:
@@ -262,11 +267,12 @@ def reconcile_label_studio(
     tr = LabelStudioTranslator.for_config(
         label_config if isinstance(label_config, str) and label_config.strip() else None, schema
     )
-    config = label_config if isinstance(label_config, str) else ""
+    config = config_digest(label_config if isinstance(label_config, str) else None)
     report = ImportReport("label-studio-sync", project or store.project)
     watermark = store.label_version()  # before the first page is read: anything newer is not ours to undo
     states = store.ls_sync_states(project)
     live = store.ls_live_revisions(project)
+    held = set(live)
     seen: set[int] = set()
     batch: list[_ReadAnnotation] = []
     in_batch = 0
@@ -274,7 +280,7 @@ def reconcile_label_studio(
     def flush() -> None:
         nonlocal batch, in_batch
         if batch:
-            counts, ahead = store.transaction(lambda w: _write_batch(w, batch, project, watermark))
+            counts, ahead = store.transaction(lambda w: _write_batch(w, batch, project, watermark, held))
             report.counts.update(counts)
             _warn_if_ahead(ahead, "restored labels", project or store.project)
         batch, in_batch = [], 0
@@ -325,57 +331,61 @@ def _later(label_time: datetime | None, now: datetime) -> datetime:
 
 
 def _write_batch(
-    w: Writer, batch: list[_ReadAnnotation], project: str | None, watermark: int
+    w: Writer, batch: list[_ReadAnnotation], project: str | None, watermark: int, held: set[int]
 ) -> tuple[Counter[str], timedelta]:
     """One transaction: the batch's labels, the restores of those the store holds as tombstones (or as other
     content) from before this sync, the tombstones of labels the annotations dropped, and the sync state.
-    Returns the counts and how far the newest label it had to supersede was ahead of this machine's clock."""
+    ``held``: the Label Studio annotations that had live labels when the sync started. Returns the counts and
+    how far the newest label it had to supersede was ahead of this machine's clock."""
     labels = [lab for a in batch for lab in a.labels]
-    videos = {lab.video: VideoInfo() for lab in labels}
-    counts, results = stage_labels(w, videos, labels, project)
-    ids = [a.ls_id for a in batch]
-    current = {
-        c.annotation.id: c for c in w.current_ls_labels(project, ls_annotation_ids=ids, live_only=False)
-    }
-    written: dict[int, dict[int, str]] = defaultdict(dict)  # LS annotation -> store annotation -> digest
-    restore: list[PendingLabel] = []
+    counts, results = stage_labels(w, {lab.video: VideoInfo() for lab in labels}, labels, project)
+    # the store's current state matters where labels were there before, or where ours did not become current
+    # (a cold sync asks nothing)
+    ask = {a.ls_id for a in batch if a.ls_id in held}
+    ask |= {lab.ls_annotation_id for lab, r in zip(labels, results, strict=True) if r and not r.current}
+    found = w.current_ls_labels(project, ls_annotation_ids=ask, live_only=False) if ask else []
+    current = {c.annotation.id: c for c in found}
+    # per Label Studio annotation, per label: the revision that holds what we read (None: superseded)
+    ours: dict[int | None, dict[int, int | None]] = defaultdict(dict)
+    restore: list[tuple[PendingLabel, int]] = []
     now = utcnow()
     for lab, res in zip(labels, results, strict=True):
-        if res is None or lab.ls_annotation_id is None:  # a delete of a label never stored: none are sent
+        if res is None:  # a delete of a label never stored: the translator sends none
             continue
-        digest = lab.payload.digest()
-        written[lab.ls_annotation_id][res.annotation_id] = digest
-        held = current[res.annotation_id]
-        if res.current or held.revision_id > watermark:
-            continue  # current, or superseded during this sync (a webhook): newer than what we read
-        if not held.deleted and held.digest == digest:
-            continue  # the same content is current already (say, restored by an earlier sync)
-        restore.append(replace(lab, updated_at=_later(held.updated_at, now)))
-    ahead = max((lab.updated_at - now for lab in restore if lab.updated_at), default=timedelta(0))
-    if restore:  # the store holds a tombstone (or other content) from before: Label Studio's state wins
-        restored, _ = stage_labels(w, {lab.video: VideoInfo() for lab in restore}, restore, project)
+        now_held = current.get(res.annotation_id)
+        if res.current or now_held is None:
+            ours[lab.ls_annotation_id][res.annotation_id] = res.revision_id
+        elif now_held.revision_id > watermark:  # superseded during this sync (a webhook): newer than our read
+            ours[lab.ls_annotation_id][res.annotation_id] = None
+        elif not now_held.deleted and now_held.digest == lab.payload.digest():  # the same content is current
+            ours[lab.ls_annotation_id][res.annotation_id] = now_held.revision_id
+        else:  # a tombstone, or other content, from before this sync: Label Studio's state wins
+            restore.append((replace(lab, updated_at=_later(now_held.updated_at, now)), res.annotation_id))
+    ahead = max((lab.updated_at - now for lab, _ in restore if lab.updated_at), default=timedelta(0))
+    if restore:
+        again = [lab for lab, _ in restore]
+        restored, results = stage_labels(w, {lab.video: VideoInfo() for lab in again}, again, project)
+        for (lab, aid), res in zip(restore, results, strict=True):
+            ours[lab.ls_annotation_id][aid] = res.revision_id if res else None
         restored.pop("videos", None)
         counts.update(restored)
         counts["restored (Label Studio still holds them)"] += len(restore)
     edited = {a.ls_id: a.updated_at for a in batch}
-    dropped = [
-        (c.annotation, max(t for t in (edited[c.annotation.ls_annotation_id], c.updated_at) if t is not None))
+    dropped = [  # live labels the annotations no longer hold; what a webhook wrote meanwhile stays
+        (c.annotation, max(t for t in (edited[c.annotation.ls_annotation_id], c.updated_at) if t))
         for c in current.values()
         if not c.deleted
-        and c.annotation.id not in written[c.annotation.ls_annotation_id]
+        and c.annotation.id not in ours[c.annotation.ls_annotation_id]
         and c.revision_id <= watermark
     ]
     counts[GONE] += w.tombstone_labels(dropped, project)
-    after: dict[int, list[CurrentLabel]] = defaultdict(list)
-    for c in w.current_ls_labels(project, ls_annotation_ids=ids):
-        after[c.annotation.ls_annotation_id].append(c)
     save, forget = {}, []
     for a in batch:
-        held_now = after.get(a.ls_id, [])
-        if {c.annotation.id: c.digest for c in held_now} == written[a.ls_id]:
-            save[a.ls_id] = (a.digest, [c.revision_id for c in held_now])
-        else:  # a webhook changed it during this sync: the next sync reads it again
+        revisions = ours[a.ls_id]
+        if None in revisions.values():  # a webhook superseded what we read: the next sync reads it again
             forget.append(a.ls_id)
+        else:
+            save[a.ls_id] = (a.digest, [r for r in revisions.values() if r is not None])  # (all are)
     w.save_ls_sync_states(project, save)
     w.forget_ls_sync_states(project, forget)
     return counts, ahead

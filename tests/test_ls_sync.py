@@ -473,6 +473,26 @@ def test_an_annotation_a_webhook_changed_since_the_last_sync_is_read_again(store
     assert counts["annotations read"] == 1 and live_labels(store) == expected_labels(ls)
 
 
+def test_an_annotation_a_webhook_emptied_during_the_sync_is_read_again_next_time(store):
+    """The sync reads v1 of an annotation; meanwhile a webhook empties it (every label tombstoned, after the
+    sync started); then the annotator restores v1 and that webhook is lost. The store's empty state must not
+    be remembered as 'v1 synced'."""
+    ls = project_of(3)
+    sync(ls, store)
+    v1 = [phase("ClippingCutting"), cvs("C2")]
+    ls.edit(2, v1)
+
+    def meanwhile() -> None:
+        ingest_webhook(store, ls.webhook("ANNOTATION_UPDATED", ls.edit(2, [])), project=P)
+
+    ls.after_page(1, meanwhile)
+    sync(ls, store)
+    assert {r for r in live_labels(store) if r[0] == 2} == set()  # the webhook's (newer) state stands
+    ls.edit(2, v1)
+    counts = sync(ls, store)
+    assert counts["annotations read"] == 1 and live_labels(store) == expected_labels(ls)
+
+
 def test_a_config_or_task_data_change_reads_again_and_adds_nothing_when_labels_are_the_same(store):
     ls = project_of(4)
     sync(ls, store)

@@ -30,7 +30,6 @@ from .models import (
     Video,
     utcnow,
 )
-from .queries import current_revisions
 from .records import SOURCES, AnnotationInput, RecordResult
 
 T = TypeVar("T")
@@ -366,28 +365,41 @@ class Writer:
         live_only: bool = True,
     ) -> list[CurrentLabel]:
         """The project's Label Studio labels with their current revision (only the live ones unless
-        ``live_only`` is False), from these Label Studio annotations or tasks (both None: from any)."""
-        cur = current_revisions(None)
-        on = sa.and_(cur.c.aid == Annotation.id, cur.c.rn == 1)
-        if live_only:
-            on = sa.and_(on, cur.c.deleted.is_(False))
-        q = (
-            sa.select(Annotation, cur.c.rid, cur.c.digest, cur.c.deleted, cur.c.updated_at)
-            .join(cur, on)
-            .where(Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio")
+        ``live_only`` is False), from these Label Studio annotations or tasks (both None: from any).
+
+        Reads the labels by their indexed Label Studio ids, then only their revisions: a sync calls it for
+        every batch, and the window query over every revision (``current_revisions``) would make that
+        quadratic, and slow on PostgreSQL while its statistics lag behind a bulk write."""
+        q = sa.select(Annotation).where(
+            Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio"
         )
         if ls_task_ids is not None:
             q = q.where(Annotation.ls_task_id.in_(sorted({int(i) for i in ls_task_ids})))
         parts: list[Sequence[int] | None] = [None]
         if ls_annotation_ids is not None:  # possibly many (a whole project's deletions): in chunks
             parts = list(chunks(sorted({int(i) for i in ls_annotation_ids})))
-        out = []
+        anns: dict[int, Annotation] = {}
         for part in parts:
-            for ann, rid, digest, deleted, upd in self.session.execute(
+            for ann in self.session.scalars(
                 q if part is None else q.where(Annotation.ls_annotation_id.in_(part))
             ):
-                out.append(CurrentLabel(ann, int(rid), str(digest), bool(deleted), upd))
-        return out
+                anns[ann.id] = ann
+        R = AnnotationRevision
+        newest: dict[int, tuple[datetime, int, str, bool]] = {}
+        for part in chunks(sorted(anns)):
+            rows = self.session.execute(
+                sa.select(R.annotation_id, R.updated_at, R.id, R.digest, R.deleted).where(
+                    R.annotation_id.in_(part)
+                )
+            )
+            for aid, upd, rid, digest, deleted in rows:  # the current one: newest updated_at, then id
+                if aid not in newest or (upd, rid) > newest[aid][:2]:
+                    newest[aid] = (upd, rid, digest, bool(deleted))
+        return [
+            CurrentLabel(anns[aid], rid, digest, deleted, upd)
+            for aid, (upd, rid, digest, deleted) in sorted(newest.items())
+            if not (live_only and deleted)
+        ]
 
     def tombstone_labels(
         self, labels: Iterable[tuple[Annotation, datetime | None]], project: str | None
