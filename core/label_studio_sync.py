@@ -257,7 +257,7 @@ def reconcile_label_studio(
       Studio's answer for the annotation: False only for a 404) says it is gone, at ``max(now, its
       updated_at)`` with a warning when Label Studio's clock is ahead;
     * content that is already current adds no revision, so a sync that finds nothing new leaves the label
-      version (and the backend's model version) where it was.
+      version (what the day-one assistant refits on) where it was.
 
     An annotation that cannot be read (an unknown label) keeps what the store has, and is reported. Writes go
     in batches of ``batch_tasks`` tasks, each one transaction, and the tombstones in a last one: an
@@ -272,7 +272,7 @@ def reconcile_label_studio(
     watermark = store.label_version()  # before the first page is read: anything newer is not ours to undo
     states = store.ls_sync_states(project)
     live = store.ls_live_revisions(project)
-    held = set(live)
+    had_labels = set(live)
     seen: set[int] = set()
     batch: list[_ReadAnnotation] = []
     in_batch = 0
@@ -280,7 +280,9 @@ def reconcile_label_studio(
     def flush() -> None:
         nonlocal batch, in_batch
         if batch:
-            counts, ahead = store.transaction(lambda w: _write_batch(w, batch, project, watermark, held))
+            counts, ahead = store.transaction(
+                lambda w: _write_batch(w, batch, project, watermark, had_labels)
+            )
             report.counts.update(counts)
             _warn_if_ahead(ahead, "restored labels", project or store.project)
         batch, in_batch = [], 0
