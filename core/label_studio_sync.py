@@ -24,7 +24,6 @@ from .formats import ImportReport, PendingLabel, VideoInfo, progress_iter, stage
 from .formats.label_studio import LabelStudioTranslator, TaskTarget, ls_integer
 from .schema import DEFAULT_SCHEMA, LabelSchema
 from .store import LabelStore, RecordResult, Writer, to_utc
-from .store.models import utcnow
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")  # the singular: Label Studio before 1.9
@@ -324,6 +323,11 @@ def reconcile_label_studio(
     return report
 
 
+def _now() -> datetime:
+    """This machine's clock as the store keeps time (naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def _later(label_time: datetime | None, now: datetime) -> datetime:
     """The time for a write that must supersede a label stamped ``label_time``: now, or just after the label
     when its clock (Label Studio's) runs ahead of this machine's."""
@@ -350,7 +354,7 @@ def _write_batch(
     # per Label Studio annotation, per label: the revision that holds what we read (None: superseded)
     ours: dict[int | None, dict[int, int | None]] = defaultdict(dict)
     restore: list[tuple[PendingLabel, int]] = []
-    now = utcnow()
+    now = _now()
     for lab, res in zip(labels, results, strict=True):
         if res is None:  # a delete of a label never stored: the translator sends none
             continue
@@ -413,7 +417,7 @@ def _tombstone_unseen(
             gone.append(ann_id)
 
     def write(w: Writer) -> tuple[int, timedelta]:
-        now = utcnow()
+        now = _now()
         labels = [
             c for c in w.current_ls_labels(project, ls_annotation_ids=gone) if c.revision_id <= watermark
         ]
