@@ -340,8 +340,11 @@ class LabelStudioAPI:
         return self.get(f"/api/annotations/{int(annotation_id)}/", what="read annotation", missing_ok=True)
 
     def task(self, task_id: int) -> dict[str, Any] | None:
-        """A task with its data; None when it is gone."""
-        return self.get(f"/api/tasks/{int(task_id)}/", what="read task", missing_ok=True)
+        """A task with its data as stored (``resolve_uri=false``: a cloud URI stays ``s3://...``, so its frame
+        identity is the same as ``ls sync`` reads); None when it is gone."""
+        return self.get(
+            f"/api/tasks/{int(task_id)}/", what="read task", missing_ok=True, resolve_uri="false"
+        )
 
     def project(self, project_id: int) -> dict[str, Any] | None:
         """A project (``label_config`` among its fields); None when it is gone."""
