@@ -51,9 +51,9 @@ __all__ = [
 ]
 
 #: Every world this version of the code can render, oldest first. A world, once published, never changes.
-WORLDS = ("v1",)
+WORLDS = ("v1", "v2")
 #: The world new callers get. Tests and figures that depend on an older world name it explicitly.
-DEFAULT_WORLD = "v1"
+DEFAULT_WORLD = "v2"
 
 
 def _world(world: str) -> ModuleType:
