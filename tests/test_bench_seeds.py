@@ -147,6 +147,7 @@ def test_privileged_ceilings_find_the_signal_and_checks_read_it():
     assert out["state"]["phase"] > out["chance"]["state"]["phase"] + 0.4
     assert out["state"]["cvs"] > out["chance"]["state"]["cvs"] + 0.15
     assert out["mask"]["phase"] > out["chance"]["mask"]["phase"]
+    assert out["tools"]["phase"] > out["chance"]["tools"]["phase"] + 0.2
 
     def interval(values):
         return float(np.mean(values)), 0.01

@@ -1,43 +1,44 @@
 """World ``v2``: the benchmark world, built so that what a model must learn is visible in the pixels.
 
-Why a second world: in ``v1`` a linear probe on the renderer's true state predicts phase almost perfectly,
-yet models trained on its frames stay at chance, because the evidence is not in the pixels (two instruments,
-neither specific to a phase, an L-hook about one pixel wide at benchmark sizes). ``v2`` keeps v1's scene
-model (a gallbladder under the liver edge, the cystic duct, the hepatocystic triangle, phase progress driving
-the scene state) and adds what real laparoscopic cholecystectomy video shows:
+Why a second world: in ``v1`` a logistic probe on the renderer's true scene state predicts phase almost
+perfectly, yet the active-learning benchmark's phase head stays at chance, because the evidence barely
+reaches the pixels: two instruments, neither specific to a phase, an L-hook about one pixel wide at the
+benchmark's 96x170. ``v2`` keeps v1's scene model (a gallbladder at the liver edge, the cystic duct, the
+hepatocystic triangle, phase progress driving the scene state) and adds what laparoscopic cholecystectomy
+video shows:
 
-**Instruments by phase.** Cholec80's seven tools (Twinanda et al., "EndoNet: a deep architecture for
-recognition tasks on laparoscopic videos", IEEE TMI 36(1), 2017; arXiv:1602.03012, 2016) appear in the phases
-that use them, as the dataset's tool annotations show (the paper reports the tool usage of each phase, and
-the phase-tool relation is what its multi-task design exploits): grasper and hook through preparation,
-Calot triangle dissection and gallbladder dissection; clipper then scissors in clipping and cutting; the
-specimen bag in packaging and retraction; irrigator and bipolar in cleaning and coagulation.
-:data:`TOOL_PHASE_PRESENCE` holds the share of a phase's frames in which each tool is in view. **These rates
-are ours**: rounded values chosen to follow that published pattern, not numbers copied from a table; replace
-them with frequencies counted from Cholec80's ``tool_annotations`` where the dataset is at hand (a new world
-version). Tools come and go in episodes (smooth random processes thresholded at the rate), the clipper works
-before the scissors, and clips appear on the duct and artery only when the clipper is there.
+**Instruments by phase.** Cholec80's seven tools (grasper, bipolar, hook, scissors, clipper, irrigator,
+specimen bag; Twinanda et al., "EndoNet: a deep architecture for recognition tasks on laparoscopic videos",
+IEEE TMI 36(1):86-97, 2017, arXiv:1602.03012) appear in the phases that use them, following the tool usage
+per phase reported with that dataset: grasper and hook through preparation, Calot triangle dissection and
+gallbladder dissection; clipper then scissors in clipping and cutting; the specimen bag in packaging and
+retraction; irrigator and bipolar in cleaning and coagulation. :data:`TOOL_PHASE_PRESENCE` holds the share
+of a phase's frames in which each tool is in view. **These rates are ours**: rounded values chosen to follow
+that pattern, not numbers copied from the paper's table (not at hand where this was written); a world with
+frequencies counted from Cholec80's ``tool_annotations`` would be a new version. Tools come and go in
+episodes (smooth random processes thresholded at the rate), the clipper works before the scissors, clips
+appear on the duct and artery only while the clipper is there, and at most three tools are in view.
 
-**The CVS criteria as the protocol defines them** (Strasberg & Brunt 2010; the Endoscapes annotation protocol,
-Mascagni et al. 2021 / Murali et al. 2023): C1, two structures (cystic duct and cystic artery) seen entering
-the gallbladder: both are drawn, and a fibro-fatty sheath covers the part next to the gallbladder until it is
-dissected; C2, the hepatocystic triangle cleared of fat and fibrous tissue: the connective tissue and fat in
-the triangle shrink until the liver behind shows through; C3, the lower third of the gallbladder separated
-from the liver, exposing the cystic plate: the gallbladder's neck swings away from its bed and the pale
-plate appears. Each criterion is a threshold on the very variable that draws it.
+**The CVS criteria as the protocol defines them** (Strasberg & Brunt, J Am Coll Surg 211(1), 2010; the
+Endoscapes annotation, Murali et al., arXiv:2312.12429): C1, two structures (cystic duct and cystic artery)
+seen entering the gallbladder: both are drawn, and a fibro-fatty sheath covers the part next to the
+gallbladder until it is dissected; C2, the hepatocystic triangle cleared of fat and fibrous tissue: the
+connective tissue and fat in the triangle shrink until the liver behind shows through; C3, the lower third
+of the gallbladder separated from the liver, exposing the cystic plate: the gallbladder's neck swings away
+from its bed and the pale plate appears. Each criterion is a threshold on the very variable that draws it.
 
 **Variation across videos**: lighting (gain, colour temperature, vignetting, hot spot), surgical smoke (from
 hook and bipolar use), bleeding tendency, specular highlights (stronger when wet after irrigation), focus,
 motion blur (from camera speed), camera motion (wander, shake, quick pans) and zoom (closer during
 dissection, wider during packaging), tissue colours, anatomy and tool entry ports.
 
-**Masks keep CholecSeg8k's classes** (``core/schema.py``). What CholecSeg8k has no class for is
-``schema.ignore_index`` (255) unless the schema names it: bipolar, scissors, clipper, irrigator, specimen bag,
-metal clips and the cystic artery; the cystic plate and coagulated spots are liver. A schema with classes
-such as "Clipper", "Specimen Bag" or "Cystic Artery" gets them labelled.
+**Masks keep CholecSeg8k's classes** (Hong et al., arXiv:2012.12453; ``core/schema.py``). What CholecSeg8k
+has no class for is ``schema.ignore_index`` (255) unless the schema names it: bipolar, scissors, clipper,
+irrigator, specimen bag, metal clips and the cystic artery; the cystic plate and coagulated spots are liver.
+A schema with classes such as "Clipper", "Specimen Bag" or "Cystic Artery" gets them labelled.
 
 Frames are 480x854 by default. Labels (phases, CVS, tools, scene state, camera cuts) depend only on the seed
-and the number of frames. This module, once published, must not change what it draws; a better world is
+and the number of frames. Once published, this module must not change what it draws: a better world is
 ``world_v3.py``.
 """
 
@@ -766,13 +767,14 @@ class _Renderer:
         tex[..., 0] = 0.65 * noise[0] + 0.35 * noise[1]
         tex[..., 1] = noise[2]
         tex[..., 2] = noise[1]
+        # specular reflections: small soft-edged patches, a few elongated, densest where the noise peaks
         spots = cv2.resize(
-            rng.standard_normal((max(2, th // 14), max(2, tw // 14))).astype(np.float32),
+            rng.standard_normal((max(2, th // 8), max(2, tw // 8))).astype(np.float32),
             (tw, th),
             interpolation=cv2.INTER_CUBIC,
         )
-        spots = cv2.GaussianBlur(spots, (0, 0), 1.5)
-        tex[..., 3] = np.clip((spots / (spots.std() + 1e-6) - 2.0) * 1.5, 0, 1)  # specular reflections
+        spots = cv2.GaussianBlur(spots, (0, 0), sigmaX=2.0, sigmaY=1.0)
+        tex[..., 3] = np.clip((spots / (spots.std() + 1e-6) - 2.3) * 0.9, 0, 1) ** 1.5
         self.tex = tex
         self.tex_to_scene = np.array([[1 / self.res, 0, -self.xr], [0, 1 / self.res, -self.yr], [0, 0, 1]])
 
