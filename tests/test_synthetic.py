@@ -187,19 +187,22 @@ def test_write_frames_round_trip(tmp_path):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_colour_alone_is_not_enough_but_helps(world):
-    """Nearest-centroid per-pixel colour: above chance, below perfect (the task is learnable, not trivial)."""
-    c = generate_clip(1, 60, 96, 171, world=world)
-    keep = c.masks != DEFAULT_SCHEMA.ignore_index
-    fit, test = slice(0, None, 6), slice(3, None, 6)
-    x_fit, y_fit = c.frames[fit][keep[fit]].astype(np.float32), c.masks[fit][keep[fit]]
-    x_test, y_test = c.frames[test][keep[test]].astype(np.float32), c.masks[test][keep[test]]
-    classes = np.unique(y_fit)
-    centroids = np.stack([x_fit[y_fit == k].mean(axis=0) for k in classes])
-    pred = classes[np.argmin(((x_test[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)]
-    acc = float((pred == y_test).mean())
-    majority = np.bincount(y_test).max() / y_test.size
-    assert acc < 0.97
-    assert acc > majority + 0.1
+    """Nearest-centroid per-pixel colour, fitted per video: above chance, below perfect (the task is
+    learnable, not trivial). Averaged over three videos: in v2 a smoky, dim video may defeat colour alone."""
+    accuracy, majority = [], []
+    for seed in (1, 2, 3):
+        c = generate_clip(seed, 60, 96, 171, world=world)
+        keep = c.masks != DEFAULT_SCHEMA.ignore_index
+        fit, test = slice(0, None, 6), slice(3, None, 6)
+        x_fit, y_fit = c.frames[fit][keep[fit]].astype(np.float32), c.masks[fit][keep[fit]]
+        x_test, y_test = c.frames[test][keep[test]].astype(np.float32), c.masks[test][keep[test]]
+        classes = np.unique(y_fit)
+        centroids = np.stack([x_fit[y_fit == k].mean(axis=0) for k in classes])
+        pred = classes[np.argmin(((x_test[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)]
+        accuracy.append(float((pred == y_test).mean()))
+        majority.append(np.bincount(y_test).max() / y_test.size)
+    assert max(accuracy) < 0.97
+    assert np.mean(accuracy) > np.mean(majority) + 0.1, (accuracy, majority)
 
 
 # --- v1 only: what the old world promised ----------------------------------------------------------------

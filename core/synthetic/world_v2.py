@@ -1079,7 +1079,7 @@ class _Renderer:
             sh, sw2 = self.smoke_canvas.shape
             off = int(t * 3) % (sw2 // 2)
             field = cv2.resize(self.smoke_canvas[:, off : off + sw2 // 2], (self.w, self.h))
-            haze = np.minimum(0.6, smoke * (0.15 + 0.7 * field))[..., None]
+            haze = np.minimum(0.45, smoke * (0.1 + 0.6 * field))[..., None]
             img += (self.plan.look.smoke_color - img) * haze
         img *= self.light
         img = cv2.GaussianBlur(img, (5, 5), self.plan.look.focus_sigma)
