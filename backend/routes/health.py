@@ -4,6 +4,9 @@ Unauthenticated callers may read ``/health``: it says whether the backend is up,
 which webhook mode is active; no label, no path, no secret. It never waits on the model, the store or Label
 Studio, so it answers within Label Studio's 1 s whatever else runs. ``/metrics`` needs Basic Auth when it is
 configured (its counters describe traffic).
+
+While Label Studio refuses the backend's token (or cannot be reached to refresh it), ``status`` is
+``DEGRADED`` and ``label_studio_token`` says what to fix (no token, no address).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def health() -> Response:
         body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
     if holder.problem:
         body["problem"] = holder.problem
+    token = svc.media.token_problem  # a state read; a stale one is re-checked in the background
+    if token is not None:  # media and webhook verification fail until it is fixed: not UP
+        body["status"] = "DEGRADED"
+        body["label_studio_token"] = {"problem": token.message, "fix": token.hint}
     return jsonify(body)
 
 
