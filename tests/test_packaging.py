@@ -49,6 +49,12 @@ def test_wheel_has_only_the_namespace_and_its_data(wheel):
     ):
         assert required in names, required
     assert any(n.startswith("surgenet_assist/core/store/migrations/versions/") for n in names)
+    # every package of the source tree ships (the package list is explicit: a new folder is easy to miss)
+    root = Path(__file__).resolve().parents[1]
+    for top in ("core", "backend", "cli", "training_loop", "napari_plugin"):
+        for init in (root / top).rglob("__init__.py"):
+            shipped = "surgenet_assist/" + init.relative_to(root).as_posix()
+            assert shipped in names, f"{init.parent.relative_to(root)} is not in pyproject's package list"
     assert any(
         n.startswith("surgenet_assist/backend/labeling_configs/") and n.endswith(".xml") for n in names
     )
