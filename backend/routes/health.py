@@ -31,6 +31,7 @@ def health() -> Response:
         "model_loaded": holder.predictor is not None,
         "store": svc.store is not None,
         "webhooks": svc.webhook_mode,
+        "backbone": svc.backbone_info(),  # which backbone computes click and day-one features
     }
     if holder.predictor is None:
         body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"

@@ -40,6 +40,7 @@ from .records import (
     Provenance,
     RecordResult,
     annotation_key,
+    revision_digest,
     to_utc,
 )
 from .registry import is_frame_model
@@ -85,6 +86,7 @@ __all__ = [
     "phase_segments_payload",
     "png_to_mask",
     "resolve_url",
+    "revision_digest",
     "segmentation_payload",
     "split_for_video",
     "to_utc",

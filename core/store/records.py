@@ -102,6 +102,12 @@ class Provenance:
 PLAIN = Provenance()
 
 
+def revision_digest(payload: pl.Payload | None, provenance: Provenance = PLAIN) -> str:
+    """The digest a revision is stored with (what makes a redelivery land on it): ``tombstone`` for a delete
+    (``payload`` None), else the payload's digest, provenance folded in (:meth:`Provenance.digest`)."""
+    return "tombstone" if payload is None else provenance.digest(payload.digest())
+
+
 @dataclass(frozen=True)
 class AnnotationInput:
     """One human label to record (see :meth:`LabelStore.record_annotation` for the fields)."""
@@ -123,6 +129,9 @@ class AnnotationInput:
     @property
     def end(self) -> int:
         return self.frame_start if self.frame_end is None else self.frame_end
+
+    def revision_digest(self) -> str:
+        return revision_digest(None if self.deleted else self.payload, self.provenance)
 
     def identity(self) -> str:
         return self.key or annotation_key(

@@ -9,7 +9,7 @@ Videos stored without a split get the split the store now gives a video when it 
 a split already stored is kept.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003 (ls_sync_states; written against 0002, chained after 0003 when main gained it)
 Create Date: 2026-12-10 09:00:00.000000
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
