@@ -282,3 +282,22 @@ def test_upgrade_gives_old_videos_a_split_and_old_labels_the_plain_provenance(st
         }
         (label,) = st.training_labels("cvs")
         assert label.provenance == Provenance() and label.payload["values"] == [1.0, 0.0, 1.0]
+
+
+def test_ls_sync_reads_again_an_annotation_whose_provenance_alone_changed(store):
+    """A star, or a first look at a pre-filled annotation, changes no result: the sync must not skip it."""
+    from surgenet_assist.core.label_studio_sync import reconcile_label_studio
+
+    task = _task(2, predictions=[{"id": 7, "model_version": "champion-3"}])
+    made = _annotation(1, 301, 1, "2026-01-04T09:00:00Z", parent_prediction=7, updated_by=None)
+
+    def sync(*annotations):
+        tasks = [{**task, "annotations": list(annotations)}]
+        return reconcile_label_studio(store, tasks, annotation_exists=lambda _: True, label_config=CFG)
+
+    sync(made)
+    assert store.training_labels("segmentation") == []
+    assert sync(made).counts.get("new revisions", 0) == 0  # nothing changed: skipped
+    sync({**made, "updated_by": 1, "ground_truth": True})  # someone starred it: same result, same time
+    (label,) = store.training_labels("segmentation")
+    assert label.provenance == Provenance(True, "champion-3", reviewed=True, ground_truth=True)
