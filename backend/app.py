@@ -11,6 +11,7 @@ model is loaded once per process (in the factory, i.e. once per worker), never p
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,7 @@ def create_app(
         assist=assist,
         assist_factory=assist_factory,
         backbones=ServingBackbones(backbone_loader),
+        compute=threading.BoundedSemaphore(settings.compute_slots),
     )
     redact_tokens_in_logs()
 

@@ -25,7 +25,7 @@ class ServerLimits:
     "control" pool, so no family's flood takes another's threads; ``/health`` needs no thread at all."""
 
     max_body: int = 32 * 1024 * 1024
-    predict_threads: int = 4
+    predict_threads: int = 16  # request threads: most wait for media; the model runs in compute_slots
     predict_queue: int = 16
     webhook_threads: int = 2
     webhook_queue: int = 64
@@ -62,8 +62,9 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
-    predict_threads: int = 4
+    predict_threads: int = 16  # request threads: most wait for media; the model runs in compute_slots
     predict_queue: int = 16
+    compute_slots: int = 1  # model computations at once (1 on a CPU: torch already uses every core)
     webhook_threads: int = 2
     webhook_queue: int = 64
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
@@ -104,7 +105,8 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
-            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "4")),
+            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "16")),
+            compute_slots=int(env.get("SURGENET_ASSIST_COMPUTE_SLOTS", "1")),
             predict_queue=int(env.get("SURGENET_ASSIST_PREDICT_QUEUE", "16")),
             webhook_threads=int(env.get("SURGENET_ASSIST_WEBHOOK_THREADS", "2")),
             webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "64")),

@@ -21,8 +21,12 @@ def serve(
     port: Annotated[int, typer.Option(help="port Label Studio connects to")] = 9090,
     workers: Annotated[int, typer.Option(help="worker processes (each loads the model once)")] = 1,
     threads: Annotated[
-        int, typer.Option(help="/predict threads per worker (/health, /setup, webhooks: their own)")
-    ] = 4,
+        int,
+        typer.Option(
+            help="/predict request threads per worker (they wait for media; the model runs in "
+            "SURGENET_ASSIST_COMPUTE_SLOTS at a time)"
+        ),
+    ] = 16,
     model: Annotated[Path | None, typer.Option("--model", help="model bundle directory to serve")] = None,
     registry: Annotated[
         bool, typer.Option("--registry", help="serve the store's champion, hot-swapped")
@@ -48,7 +52,7 @@ def serve(
 
         read_bundle_info(model)  # a missing or incomplete bundle is refused before the server starts
     if workers < 1 or threads < 1:
-        raise UsageError("--workers and --threads must be at least 1", "use --workers 1 --threads 4")
+        raise UsageError("--workers and --threads must be at least 1", "use --workers 1 --threads 16")
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -247,7 +251,13 @@ def ls_preannotate(
 
     rank, world = preannotate_shard()  # under torchrun: this rank's share of the tasks
     rep = preannotate(
-        url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps, rank=rank,
+        url,
+        api_key,
+        project,
+        holder.predictor,
+        batch=batch,
+        video_sample_fps=video_fps,
+        rank=rank,
         world_size=world,
     )
     typer.echo(
@@ -282,8 +292,12 @@ def sync_connected_projects(db: str | None, *, quiet: bool = False) -> list[dict
             counts = s.get("counts", {})
             typer.echo(
                 f"synced Label Studio project {s['label_studio_project']}: "
-                + (s["error"] if "error" in s else f"{counts.get('new revisions', 0)} new revisions, "
-                   f"{counts.get('tombstoned (gone from Label Studio)', 0)} tombstoned"),
+                + (
+                    s["error"]
+                    if "error" in s
+                    else f"{counts.get('new revisions', 0)} new revisions, "
+                    f"{counts.get('tombstoned (gone from Label Studio)', 0)} tombstoned"
+                ),
                 err=True,
             )
     return summaries

@@ -26,7 +26,7 @@ from ..interactive import InteractiveError, InteractiveUnavailable, context_regi
 from ..ls_api import TokenProblem
 from ..media import MediaError
 from ..metrics import TASK_OF_TYPE
-from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
+from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction, prefetched
 from ..settings import BackendSettings
 
 log = logging.getLogger("surgenet_assist.backend")
@@ -125,15 +125,18 @@ def predict() -> Response:
         failed[positions[id(task)]] = {"task": task.get("id"), "reason": "media", "url": url}
 
     try:
-        if served.kind == "model":
-            results = predict_tasks(tasks, plan, served.predictor, svc.settings, svc.fetch, on_failure)
-        elif served.kind == "day-one":
-            fps = svc.settings.video_sample_fps
-            results = day_one_predictions(
-                tasks, plan, served.assist, svc.fetch, fps, served.version, on_failure
-            )
-        else:
-            results = [empty_prediction(served.version) for _ in tasks]
+        # media first, holding no compute slot; then the model under the process's compute gate
+        fetch = prefetched(svc.fetch, tasks, {c.value_key for c in plan.controls})
+        with svc.compute:
+            if served.kind == "model":
+                results = predict_tasks(tasks, plan, served.predictor, svc.settings, fetch, on_failure)
+            elif served.kind == "day-one":
+                fps = svc.settings.video_sample_fps
+                results = day_one_predictions(
+                    tasks, plan, served.assist, fetch, fps, served.version, on_failure
+                )
+            else:
+                results = [empty_prediction(served.version) for _ in tasks]
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint, status=422) from None
     except TokenProblem as exc:
@@ -172,7 +175,9 @@ def _interactive(
     store_project = svc.store_project(ls_project)
     try:
         engine = lambda: svc.click_engine(ls_project)  # noqa: E731 - built only for a usable context
-        results, version = interactive_predictions(tasks, plan, regions, engine, svc.fetch, store_project)
+        results, version = interactive_predictions(
+            tasks, plan, regions, engine, svc.fetch, store_project, compute=svc.compute
+        )
     except TokenProblem as exc:
         raise token_unavailable(exc) from None
     except SurgenetAssistError as exc:
