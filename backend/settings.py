@@ -32,6 +32,9 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    webhook_secret: str | None = field(default=None, repr=False)  # the webhook's secret header; never printed
+    webhook_max_ids: int = 1000  # distinct annotation/task ids a webhook delivery may name; more are ignored
+    webhook_queue: int = 256  # webhook deliveries waiting for the worker; a full queue answers 503
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +56,9 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            webhook_secret=env.get("SURGENET_ASSIST_WEBHOOK_SECRET") or None,
+            webhook_max_ids=int(env.get("SURGENET_ASSIST_WEBHOOK_MAX_IDS", "1000")),
+            webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "256")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -72,6 +78,12 @@ class BackendSettings:
                 "go together",
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
             )
+        check_webhook_secret(self.webhook_secret)
+        if self.webhook_max_ids < 1 or self.webhook_queue < 1:
+            raise UsageError(
+                "SURGENET_ASSIST_WEBHOOK_MAX_IDS and SURGENET_ASSIST_WEBHOOK_QUEUE must be at least 1",
+                "leave them unset for the defaults (1000 ids, 256 deliveries)",
+            )
 
     def label_studio_api(self) -> Any:
         """The backend's own connection to Label Studio, or None when none is configured."""
@@ -82,3 +94,17 @@ class BackendSettings:
         return LabelStudioAPI(self.label_studio_url, self.label_studio_api_key)
 
 
+MIN_SECRET_LENGTH = 16
+
+
+def check_webhook_secret(secret: str | None) -> None:
+    """Refuse a webhook secret Label Studio cannot send as a header, or one too short to guess hard: visible
+    ASCII, no spaces, at least :data:`MIN_SECRET_LENGTH` characters (the message never shows it)."""
+    if secret is None:
+        return
+    if len(secret) < MIN_SECRET_LENGTH or not all("!" <= ch <= "~" for ch in secret):
+        raise UsageError(
+            f"SURGENET_ASSIST_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} visible ASCII characters "
+            "without spaces",
+            'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
+        )

@@ -38,6 +38,9 @@ def setup() -> Response:
     svc = current_app.extensions["surgenet"]
     data = body_json()
     svc.media.remember_setup(data.get("hostname"), data.get("access_token"))
+    # Label Studio connecting the backend connects the project (its webhooks are then taken): on the webhook
+    # worker, once Label Studio confirms it, or at once for a caller with Basic Auth (backend/webhooks.py)
+    svc.webhooks.connect_later(data.get("project"), authenticated=bool(svc.settings.basic_auth_user))
     served = svc.holder_for(data.get("project")).serving(svc.assist_for(data.get("project")))
     cfg = data.get("schema") or data.get("label_config")
     body: dict[str, Any] = {"model_version": served.version}
