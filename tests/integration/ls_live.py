@@ -67,8 +67,9 @@ def poll(fn, timeout: float = 30.0, what: str = "condition"):
 
 
 @contextmanager
-def label_studio(base: Path) -> Iterator[dict[str, Any]]:
-    """Start Label Studio with its data under ``base``; yields ``{"url", "files", "log"}``."""
+def label_studio(base: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Start Label Studio with its data under ``base``; yields ``{"url", "files", "log"}``. ``extra_env``
+    overrides its environment (e.g. ``SSRF_PROTECTION_ENABLED="true"``, Label Studio's own default)."""
     exe = LS_VENV / "bin" / "label-studio"
     files = base / "files"
     files.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,7 @@ def label_studio(base: Path) -> Iterator[dict[str, Any]]:
         HOME=str(base),
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra_env or {})
     log = base / "ls.log"
     cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
     cmd += ["--data-dir", str(base / "data"), "--enable-legacy-api-token"]
