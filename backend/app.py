@@ -95,6 +95,8 @@ def create_app(
         )
     elif not settings.basic_auth_user and not settings.webhook_secret:
         log.warning("/webhook is unauthenticated (no SURGENET_ASSIST_WEBHOOK_SECRET, no Basic Auth)")
+    if store is not None and settings.store_project:
+        store.ensure_project(settings.store_project)  # named by the operator: connected, for every LS project
     checks = WebhookChecks(ls_api, settings.webhook_secret)
     webhooks = WebhookHandler(
         store,
@@ -106,10 +108,12 @@ def create_app(
         metrics=metrics,
         checks=checks,
     )
-    if ls_api is not None and store is not None and settings.store_project is None:
+    if ls_api is not None and store is not None:
         from .sync import connected_projects
 
-        checks.start(connected_projects(store))  # off the request path: /health shows the result
+        # off the request path; /health shows the result. With one store project for every Label Studio
+        # project the store cannot say which those are: each is checked when /setup connects it.
+        checks.start(connected_projects(store) if settings.store_project is None else [])
     services = BackendServices(
         settings=settings,
         store=store,

@@ -9,11 +9,11 @@ at most 1 s for a delivery, inside the annotator's save, and never retries one, 
 once; a full queue answers ``503`` (counted; ``ls sync`` repairs what was dropped). No flood of deliveries
 can hold a request thread that ``/predict`` or ``/health`` needs.
 
-**Connected** projects: a Label Studio project is connected when the store holds its store project
-(``label-studio-<id>``, or the one ``SURGENET_ASSIST_STORE_PROJECT`` names). ``ls setup-project``, ``ls sync
---project`` and Label Studio's own ``/setup`` call connect one (``/setup`` only when authenticated by Basic
-Auth or, with a Label Studio connection, once Label Studio confirms the project). A webhook never creates a
-store project.
+**Connected** projects: a Label Studio project is connected when the store holds its store project,
+``label-studio-<id>``. ``ls setup-project``, ``ls sync --project`` and Label Studio's own ``/setup`` call
+connect one (``/setup`` only when authenticated by Basic Auth or, with a Label Studio connection, once Label
+Studio confirms the project). With ``SURGENET_ASSIST_STORE_PROJECT`` every Label Studio project writes into
+that one store project, which the backend creates at start. A webhook never creates a store project.
 
 Two modes, chosen by whether the backend has its own Label Studio connection (``LABEL_STUDIO_URL`` and
 ``LABEL_STUDIO_API_KEY``):
@@ -518,6 +518,7 @@ class WebhookHandler:
         out: dict[str, Any] = {
             "status": "ok",
             "action": job.action,
+            "store_project": job.store_project,
             "verified": True,
             "annotations": [],
             "tombstones": 0,
@@ -573,6 +574,7 @@ class WebhookHandler:
         return {
             "status": "ok",
             "action": job.action,
+            "store_project": job.store_project,
             "verified": True,
             "tombstones": count,
             "warnings": warnings,
@@ -582,7 +584,14 @@ class WebhookHandler:
     def _project_gone(self, job: WebhookJob) -> dict[str, Any]:
         detail = f"Label Studio has no project {job.ls_project}: nothing applied"
         log.warning("%s: %s", job.action, detail)
-        return {"status": "ok", "action": job.action, "verified": True, "tombstones": 0, "warnings": [detail]}
+        return {
+            "status": "ok",
+            "action": job.action,
+            "store_project": job.store_project,
+            "verified": True,
+            "tombstones": 0,
+            "warnings": [detail],
+        }
 
     # --- the labeling config -----------------------------------------------------------------------------
     def _config(self, project_id: int | None) -> str | None:

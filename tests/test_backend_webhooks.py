@@ -318,6 +318,18 @@ def test_a_webhook_never_creates_a_store_project(store, ls, verified):
     assert store.training_runs(project="label-studio-150") == []
 
 
+def test_one_store_project_for_every_label_studio_project_is_connected_at_start(store, ls):
+    """SURGENET_ASSIST_STORE_PROJECT: the operator names the one store project; the backend creates it at
+    start, so Label Studio projects write there without any other store project appearing."""
+    bodies = fixture("webhooks.json")
+    ls.learn(bodies[7])  # Label Studio project 2
+    client = _client(store, ls, connect=(), store_project="surgery-site")
+    assert "surgery-site" in store.projects()
+    out = deliver(client, bodies[7], SIGNED)
+    assert out["store_project"] == "surgery-site" and out["annotations"][0]["labels"]
+    assert "label-studio-2" not in store.projects()
+
+
 def test_an_id_from_another_project_pulls_nothing_in(store, ls):
     """A signed delivery for connected project 1 naming annotation 6, which Label Studio holds in project 2
     (never connected): Label Studio's list of project 1 does not hold it, so nothing is written anywhere."""
