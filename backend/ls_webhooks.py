@@ -269,8 +269,9 @@ def ensure_project_webhook(
             )
     except LabelStudioToolError as exc:
         refused = any(word in exc.message for word in ("not allowed", "reserved", "valid URL", "private"))
-        if not refused:
-            raise
+        if not refused:  # Label Studio's validation messages may quote the headers sent: never the secret
+            message = exc.message.replace(secret, "***") if secret else exc.message
+            raise LabelStudioToolError(message, exc.hint) from None
         reason, fix = why_label_studio_refuses(target)
         raise LabelStudioToolError(
             f"Label Studio refused the webhook {target} for project {project_id}: {reason}", fix

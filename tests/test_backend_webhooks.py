@@ -57,6 +57,7 @@ class FakeLabelStudio:
         self.page_size_max = page_size_max
         self.calls: list[tuple[str, str]] = []
         self.gate: threading.Event | None = None  # list calls wait for it (a slow Label Studio)
+        self.refuse_headers = False
 
     def learn(self, body: dict) -> None:
         """Label Studio's state after it sent ``body`` (what its API would return)."""
@@ -90,6 +91,8 @@ class FakeLabelStudio:
             self.webhooks[hook_id] = {"id": hook_id, "is_active": True, **json}
             return self.webhooks[hook_id]
         if path.startswith("/api/webhooks/"):
+            if self.refuse_headers and json and json.get("headers"):  # a validation error quoting the input
+                raise LabelStudioToolError(f"Label Studio {what} failed: HTTP 400 headers: {json['headers']}")
             hook_id = int(path.strip("/").split("/")[-1])
             if method == "DELETE":
                 del self.webhooks[hook_id]
@@ -630,6 +633,10 @@ def test_setup_adds_the_secret_to_the_webhook_label_studio_created_without_heade
     assert ls.webhooks[1]["headers"] == {SECRET_HEADER: SECRET} and ls.webhooks[1]["send_for_all_actions"]
     assert check_project_webhook(ls, 1, secret="another-secret-0123456789").state == "wrong_secret"
     assert SECRET not in repr(after) + str(after.to_dict())
+    ls.refuse_headers = True  # an error that quotes what was sent never carries the secret on
+    with pytest.raises(LabelStudioToolError) as err:
+        ensure_project_webhook(ls, 1, "http://ml.internal:9090", secret=SECRET)
+    assert "***" in err.value.message and SECRET not in str(err.value)
 
 
 def test_a_webhook_label_studio_silently_skipped_is_reported_with_the_reason(ls):
