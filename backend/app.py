@@ -79,7 +79,7 @@ def create_app(
             store = None
     holder = ModelHolder(settings, store=store, predictor=predictor)
     schema = schema or (holder.predictor.schema if holder.predictor is not None else DEFAULT_SCHEMA)
-    media = MediaFetcher(ls_api)
+    media = MediaFetcher.from_settings(settings, ls_api)  # bounded, cached, token only to Label Studio
     metrics = Metrics()
     metrics.model_loaded.set(1 if holder.predictor is not None else 0)
     if ls_api is not None and store is not None and settings.sync_every_s > 0:
@@ -104,7 +104,7 @@ def create_app(
         settings.store_project,
         ls_api=ls_api,
         max_ids=settings.webhook_max_ids,
-        queue_size=settings.webhook_queue,
+        queue_size=settings.webhook_backlog,
         metrics=metrics,
         checks=checks,
     )

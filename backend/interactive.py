@@ -9,11 +9,20 @@ This module turns that context into a core :class:`~surgenet_assist.core.interac
 click-to-mask engine and answers with one ``brushlabels`` region under the label the annotator chose, in
 the ``BrushLabels`` paired with the prompt tool (the config's :class:`InteractivePlan`).
 
-What counts: the label of the newest prompt region is the object being segmented; every keypoint of that
-label is a click (so with auto-accept off, the keypoints Label Studio re-sends accumulate into one prompt) and
-the newest rectangle of that label is the box. Keypoints of other labels belong to other objects and are
-ignored. A context we cannot use is a :class:`InteractiveError` (the app answers 400 with ``detail`` and
-``hint``) rather than an empty mask, which the annotator could not tell from "nothing found".
+What counts: any object ``params.context`` makes the request interactive (batch pre-annotation sends
+``"context": null``). An empty one (``{"result": []}``, what the editor sends when the last smart region is
+deleted, or ``{}``) is answered with one empty result per task: never the whole-frame prediction, which the
+editor would apply over the annotator's choices. Otherwise the label of the newest prompt region is the object
+being segmented; every keypoint of that label is a click (so with auto-accept off, the keypoints Label Studio
+re-sends accumulate into one prompt) and the newest rectangle of that label is the box. Keypoints of other
+labels belong to other objects and are ignored. A context we cannot use is a :class:`InteractiveError` (the
+app answers 400 with ``detail`` and ``hint``) rather than an empty mask, which the annotator could not tell
+from "nothing found".
+
+What a caller can make it do is bounded before any engine is built or image fetched: at most
+``max_regions`` regions (``SURGENET_ASSIST_MAX_PROMPT_REGIONS``), one task per request with regions (Label
+Studio sends one), every coordinate a finite number in 0..100 (a huge integer, NaN, a string or a bool is a
+400). The engine then bounds the work per click (``core.interactive.engine``).
 
 Which engine answers a project is decided in one place, :meth:`ClickSegmenters.for_project`.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 import threading
 import time
 import uuid
@@ -38,6 +48,7 @@ from surgenet_assist.core.formats.label_studio import brush_region
 from .config import ConfigPlan, RegionControl
 from .media import load_image
 from .predictions import _task_value
+from .settings import DEFAULT_MAX_PROMPT_REGIONS
 
 log = logging.getLogger("surgenet_assist.backend")
 
@@ -47,6 +58,12 @@ CONFIG_HINT = (
     "`surgenet-assist ls config --kind image --interactive` prints"
 )
 _EPS = 1e-3  # percent: Label Studio's float rounding at the image border
+MAX_TASKS = 1  # tasks of an interactive request with regions (Label Studio sends the one being annotated)
+_REPR = reprlib.Repr()  # a caller's values echoed in an error, cut short (a 20 MB id is not a message)
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = 4
+_REPR.maxlevel = 2
+_short = _REPR.repr
 
 
 class InteractiveError(SurgenetAssistError):
@@ -60,13 +77,17 @@ class InteractiveUnavailable(SurgenetAssistError):
 # ---------------------------------------------------------------------------------------------------------
 # params.context -> prompt
 # ---------------------------------------------------------------------------------------------------------
-def context_regions(params: Any) -> list[dict[str, Any]] | None:
-    """The regions of ``params.context``; None when there is no context (an ordinary ``/predict``: batch
-    pre-annotation sends ``"context": null``), so only a request that carries regions goes interactive."""
+def context_regions(
+    params: Any, max_regions: int = DEFAULT_MAX_PROMPT_REGIONS
+) -> list[dict[str, Any]] | None:
+    """The regions of ``params.context``: None when there is no context (an ordinary ``/predict``: batch
+    pre-annotation sends ``"context": null``), ``[]`` for an empty one (the editor's "last smart region
+    deleted": ``{"result": []}``; also ``{}``), else the list of region objects, at most ``max_regions``
+    (counted before any region is read)."""
     if not isinstance(params, dict):
         return None
     context = params.get("context")
-    if context is None or context == {}:
+    if context is None:
         return None
     if not isinstance(context, dict):
         raise InteractiveError(
@@ -74,9 +95,21 @@ def context_regions(params: Any) -> list[dict[str, Any]] | None:
             'send {"context": {"result": [<keypoint or rectangle region>, ...]}} as Label Studio does',
         )
     result = context.get("result")
-    if result is None or result == []:
-        return None
-    if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
+    if result is None:
+        return []
+    if not isinstance(result, list):
+        raise InteractiveError(
+            f"params.context.result must be a list of region objects, got {type(result).__name__}",
+            "send the regions the annotator drew with the smart tools, as Label Studio does",
+        )
+    if len(result) > max_regions:
+        raise InteractiveError(
+            f"params.context.result has {len(result)} regions; an interactive request takes at most "
+            f"{max_regions} (SURGENET_ASSIST_MAX_PROMPT_REGIONS)",
+            "send the prompt regions of the object being segmented (an annotator needs a few clicks, not "
+            "hundreds); accept the mask and start a new object",
+        )
+    if not all(isinstance(r, dict) for r in result):
         raise InteractiveError(
             "params.context.result must be a list of region objects",
             "send the regions the annotator drew with the smart tools, as Label Studio does",
@@ -134,9 +167,9 @@ def read_context(regions: list[dict[str, Any]], plan: ConfigPlan) -> ContextProm
         )
     prompts = [r for r in regions if str(r.get("type", "")).lower() in (KEYPOINT, RECTANGLE)]
     if not prompts:
-        kinds = sorted({str(r.get("type")) for r in regions})
+        kinds = sorted({_short(r.get("type")) for r in regions})
         raise InteractiveError(
-            f"the interactive context has no keypoint and no rectangle (region types: {kinds})",
+            f"the interactive context has no keypoint and no rectangle (region types: {_short(kinds)})",
             "click on the object with the smart KeyPointLabels tool or draw a box with the smart "
             "RectangleLabels tool, with Auto-Annotation on",
         )
@@ -176,7 +209,9 @@ def read_context(regions: list[dict[str, Any]], plan: ConfigPlan) -> ContextProm
 
 
 def _where(region: dict[str, Any]) -> str:
-    return f"{region.get('type')} region {region.get('id')!r} of {region.get('from_name')!r}"
+    kind = region.get("type")
+    kind = kind if isinstance(kind, str) and len(kind) <= 40 else _short(kind)
+    return f"{kind} region {_short(region.get('id'))} of {_short(region.get('from_name'))}"
 
 
 def _check_region(region: dict[str, Any], interactive: Any) -> None:
@@ -185,14 +220,14 @@ def _check_region(region: dict[str, Any], interactive: Any) -> None:
     if interactive.prompt(name) is None:
         known = [p.name for p in interactive.prompts]
         raise InteractiveError(
-            f"{where}: {name!r} is not a KeyPointLabels or RectangleLabels on an Image of this labeling "
-            f"config (prompt tools: {known})",
+            f"{where}: {_short(name)} is not a KeyPointLabels or RectangleLabels on an Image of this "
+            f"labeling config (prompt tools: {known})",
             "send the project's current label_config with the context",
         )
     rotation = region.get("image_rotation") or 0
     if not _number(rotation) or abs(float(rotation)) > 1e-6:
         raise InteractiveError(
-            f"{where}: the image is rotated by {rotation} degrees in the editor",
+            f"{where}: the image is rotated by {_short(rotation)} degrees in the editor",
             "rotate the image back to 0 degrees before clicking (masks are drawn on the unrotated image)",
         )
     value = region.get("value")
@@ -205,7 +240,7 @@ def _check_region(region: dict[str, Any], interactive: Any) -> None:
         v = value.get(key)
         if not _number(v) or not (-_EPS <= float(v) <= 100.0 + _EPS):
             raise InteractiveError(
-                f"{where}: value.{key} = {v!r} is not a percentage of the image (0..100)",
+                f"{where}: value.{key} = {_short(v)} is not a percentage of the image (0..100)",
                 "coordinates are percent of the original image; click inside the image",
             )
     if rtype == RECTANGLE:
@@ -220,17 +255,25 @@ def _check_region(region: dict[str, Any], interactive: Any) -> None:
         rot = value.get("rotation") or 0
         if not _number(rot) or abs(float(rot)) > 1e-6:
             raise InteractiveError(
-                f"{where}: the box is rotated by {rot} degrees", "draw an unrotated box around the object"
+                f"{where}: the box is rotated by {_short(rot)} degrees",
+                "draw an unrotated box around the object",
             )
     if "is_positive" in region and not isinstance(region["is_positive"], bool):
         raise InteractiveError(
-            f"{where}: is_positive = {region['is_positive']!r} is not true/false",
+            f"{where}: is_positive = {_short(region['is_positive'])} is not true/false",
             "send is_positive as Label Studio does (false for an Alt+click)",
         )
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number: not a bool, a string, NaN or infinity (``1e400`` parses as infinity), nor an
+    integer too large for a float (``10**400``: ``math.isfinite`` would raise OverflowError on it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _label(region: dict[str, Any]) -> str:
@@ -238,7 +281,7 @@ def _label(region: dict[str, Any]) -> str:
     labels = (region.get("value") or {}).get(rtype)
     if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
         raise InteractiveError(
-            f"{_where(region)} has no label (value.{rtype} = {labels!r})",
+            f"{_where(region)} has no label (value.{_short(rtype)} = {_short(labels)})",
             "pick a label in the toolbar before clicking, so the mask knows which object it is",
         )
     return labels[0]
@@ -317,10 +360,10 @@ class ClickSegmenters:
                 if found is None:
                     engine = None
                 else:
-                    engine = engine or type(base)(
-                        base.backbone, short_side=base.short_side, cache_size=base.cache_size
-                    )
-                    engine.use_head(*found)
+                    if engine is None:  # same backbone and feature cache: one memory budget per process
+                        engine = base.with_head(*found)
+                    else:
+                        engine.use_head(*found)
                     log.info("project %s: clicks answered by learned head %s", project, found[1])
         except Exception as exc:  # noqa: BLE001 - a registry hiccup: keep answering clicks
             log.warning("project %s: click head not readable, day one: %s", project, exc)
@@ -363,17 +406,27 @@ def interactive_predictions(
     tasks: list[dict[str, Any]],
     plan: ConfigPlan,
     regions: list[dict[str, Any]],
-    segmenter: Any,
+    engine: Callable[[], Any],
     fetch: Fetch,
     project: str | None,
 ) -> tuple[list[dict[str, Any]], str]:
-    """One prediction per task (Label Studio sends one) holding the clicked object's brush region, and the
-    engine's model version. Raises :class:`InteractiveError` for a context that cannot be used,
-    ``MediaError`` when the image cannot be fetched, ``PromptError`` (a ``SurgenetAssistError``) when the
-    prompt does not fit the image."""
-    parsed = read_context(regions, plan)
-    out = []
+    """One prediction per task holding the clicked object's brush region (``"result": []`` for an empty
+    context), and the engine's model version. The context is read and checked first, then ``engine()`` gives
+    the click-to-mask engine, then the image is fetched. Raises :class:`InteractiveError` for a context that
+    cannot be used, :class:`InteractiveUnavailable` (from ``engine``) when no engine can run, ``MediaError``
+    when the image cannot be fetched, ``PromptError`` (a ``SurgenetAssistError``) when the prompt does not
+    fit the image."""
+    parsed = read_context(regions, plan) if regions else None
+    if parsed is not None and len(tasks) > MAX_TASKS:
+        raise InteractiveError(
+            f"an interactive request with prompt regions names {len(tasks)} tasks; it takes {MAX_TASKS}",
+            "send the task being annotated, as Label Studio does; pre-annotate batches without a context",
+        )
+    segmenter = engine()
     version = str(segmenter.model_version)
+    if parsed is None:  # the annotator deleted the last prompt: nothing to suggest
+        return [{"model_version": version, "score": 0.0, "result": []} for _ in tasks], version
+    out = []
     for task in tasks:
         image = _task_image(task, parsed.brush, fetch)
         height, width = image.shape[:2]

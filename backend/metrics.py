@@ -71,8 +71,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.webhook_queue_depth = Gauge(
-            "surgenet_backend_webhook_queue_depth",
+        self.webhook_backlog = Gauge(
+            "surgenet_backend_webhook_backlog",
             "Webhook deliveries waiting for the worker",
             registry=r,
             multiprocess_mode="livesum",

@@ -28,6 +28,7 @@ from surgenet_assist.core.formats.label_studio import image_regions, task_target
 
 from .config import BRUSH, POLYGON, ConfigPlan, LabelConfigError
 from .media import MediaError, load_image
+from .media_download import discard_if_cached
 
 log = logging.getLogger("surgenet_assist.backend")
 
@@ -233,7 +234,8 @@ def _day_one_task(
 
 
 def _decode_video(url: str, path: Path, run: Callable[[], Any] | None = None) -> tuple[float, int, Any]:
-    """``(fps, frame count, run())`` of a fetched video; a file that does not decode is a MediaError."""
+    """``(fps, frame count, run())`` of a fetched video; a file that does not decode is a MediaError (and
+    leaves the media cache, so that a fixed file is fetched again rather than refused from the cache)."""
     from surgenet_assist.core.video import open_video
 
     try:
@@ -241,6 +243,7 @@ def _decode_video(url: str, path: Path, run: Callable[[], Any] | None = None) ->
             fps, count = float(video.fps), int(video.frame_count)
         return fps, count, run() if run is not None else None
     except Exception as exc:  # noqa: BLE001 - VideoReadError and decoder failures
+        discard_if_cached(path)
         raise MediaError(
             f"cannot decode video {url}: {getattr(exc, 'message', exc)}",
             url=url,

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from surgenet_assist.core.errors import UsageError
+from surgenet_assist.core.media_limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+DEFAULT_MAX_PROMPT_REGIONS = 300  # regions of one interactive request (an annotator clicks tens of times)
+DEFAULT_CACHE_MB = 256  # in-memory features: the click engine's frames; each day-one assistant's frames
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Threads, queues and timeouts of the HTTP server (``backend/server.py``), per route family.
+
+    ``/predict`` gets its own pool, webhooks theirs, and ``/setup``/``/versions``/``/metrics`` share a small
+    "control" pool, so no family's flood takes another's threads; ``/health`` needs no thread at all."""
+
+    max_body: int = 32 * 1024 * 1024
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    control_threads: int = 2
+    control_queue: int = 32
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    health_refresh_s: float = 0.5
+    health_stale_s: float = 30.0
+
+    def family(self, name: str) -> tuple[int, int]:
+        """(threads, queue) of a route family."""
+        return getattr(self, f"{name}_threads"), getattr(self, f"{name}_queue")
 
 
 @dataclass
@@ -32,9 +62,30 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
+    predict_threads: int = 4
+    predict_queue: int = 16
+    webhook_threads: int = 2
+    webhook_queue: int = 64
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
+    max_prompt_regions: int = DEFAULT_MAX_PROMPT_REGIONS  # more in one interactive request: a 400
+    click_cache_mb: int = DEFAULT_CACHE_MB  # the click engines' frame features (one budget, all projects)
+    day_one_cache_mb: int = DEFAULT_CACHE_MB  # a day-one assistant's frame and video features
+    # --- task media, fetched as an untrusted operation (backend/media.py, docs/deploy.md) ---
+    media_max_pixels: int = DEFAULT_MAX_PIXELS  # width × height from the header, checked before decoding
+    media_max_aspect: float = DEFAULT_MAX_ASPECT  # long side / short side
+    media_max_bytes: int = 1 << 30  # one download
+    media_deadline_s: float = 30.0  # one download, redirects included
+    media_connect_timeout_s: float = 5.0
+    media_read_timeout_s: float = 10.0  # per read
+    media_cache_dir: str | None = None  # default: <data home>/media-cache
+    media_cache_bytes: int = 4 << 30  # least recently used files are evicted beyond this
+    media_hosts: tuple[str, ...] = ()  # allow-list of media host names ("*.example.org"); empty: any host
+    media_private_networks: tuple[str, ...] = ()  # CIDRs media hosts may resolve to despite being private
+    local_files_document_root: str | None = None  # read /data/local-files/?d=... from this folder
     webhook_secret: str | None = field(default=None, repr=False)  # the webhook's secret header; never printed
     webhook_max_ids: int = 1000  # distinct annotation/task ids a webhook delivery may name; more are ignored
-    webhook_queue: int = 256  # webhook deliveries waiting for the worker; a full queue answers 503
+    webhook_backlog: int = 256  # accepted webhook deliveries waiting for the webhook worker; more: 503
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -56,9 +107,19 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
+            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "4")),
+            predict_queue=int(env.get("SURGENET_ASSIST_PREDICT_QUEUE", "16")),
+            webhook_threads=int(env.get("SURGENET_ASSIST_WEBHOOK_THREADS", "2")),
+            webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "64")),
+            body_timeout_s=float(env.get("SURGENET_ASSIST_BODY_TIMEOUT_S", "30")),
+            header_timeout_s=float(env.get("SURGENET_ASSIST_HEADER_TIMEOUT_S", "10")),
+            max_prompt_regions=int(env.get("SURGENET_ASSIST_MAX_PROMPT_REGIONS", DEFAULT_MAX_PROMPT_REGIONS)),
+            click_cache_mb=int(env.get("SURGENET_ASSIST_CLICK_CACHE_MB", DEFAULT_CACHE_MB)),
+            day_one_cache_mb=int(env.get("SURGENET_ASSIST_DAY_ONE_CACHE_MB", DEFAULT_CACHE_MB)),
+            **_media_from_env(env),
             webhook_secret=env.get("SURGENET_ASSIST_WEBHOOK_SECRET") or None,
             webhook_max_ids=int(env.get("SURGENET_ASSIST_WEBHOOK_MAX_IDS", "1000")),
-            webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "256")),
+            webhook_backlog=int(env.get("SURGENET_ASSIST_WEBHOOK_BACKLOG", "256")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -79,11 +140,74 @@ class BackendSettings:
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
             )
         check_webhook_secret(self.webhook_secret)
-        if self.webhook_max_ids < 1 or self.webhook_queue < 1:
+        if self.webhook_max_ids < 1 or self.webhook_backlog < 1:
             raise UsageError(
-                "SURGENET_ASSIST_WEBHOOK_MAX_IDS and SURGENET_ASSIST_WEBHOOK_QUEUE must be at least 1",
+                "SURGENET_ASSIST_WEBHOOK_MAX_IDS and SURGENET_ASSIST_WEBHOOK_BACKLOG must be at least 1",
                 "leave them unset for the defaults (1000 ids, 256 deliveries)",
             )
+        if self.max_prompt_regions < 1:
+            raise UsageError(
+                f"SURGENET_ASSIST_MAX_PROMPT_REGIONS={self.max_prompt_regions} refuses every click",
+                f"set it to at least 1 (default {DEFAULT_MAX_PROMPT_REGIONS}), or unset it",
+            )
+        from surgenet_assist.core.model import max_input_aspect
+
+        max_input_aspect()  # a bad SURGENET_ASSIST_MAX_ASPECT is refused at start, not on the first frame
+        self._check_media()
+
+    def _check_media(self) -> None:
+        """Media caps that cannot work are refused at start-up, naming the variable."""
+        positive = {
+            "SURGENET_ASSIST_MEDIA_MAX_PIXELS": self.media_max_pixels,
+            "SURGENET_ASSIST_MEDIA_MAX_ASPECT": self.media_max_aspect,
+            "SURGENET_ASSIST_MEDIA_MAX_BYTES": self.media_max_bytes,
+            "SURGENET_ASSIST_MEDIA_DEADLINE_S": self.media_deadline_s,
+            "SURGENET_ASSIST_MEDIA_CONNECT_TIMEOUT_S": self.media_connect_timeout_s,
+            "SURGENET_ASSIST_MEDIA_READ_TIMEOUT_S": self.media_read_timeout_s,
+            "SURGENET_ASSIST_MEDIA_CACHE_BYTES": self.media_cache_bytes,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise UsageError(
+                    f"{name}={value} must be a positive number", f"set {name} above 0, or unset it"
+                )
+        if self.media_max_aspect < 1:
+            raise UsageError(
+                f"SURGENET_ASSIST_MEDIA_MAX_ASPECT={self.media_max_aspect} is below 1",
+                "set it to 1 or more (default 8)",
+            )
+        if self.media_max_bytes > self.media_cache_bytes:
+            raise UsageError(
+                f"SURGENET_ASSIST_MEDIA_MAX_BYTES ({self.media_max_bytes}) is larger than the media cache "
+                f"(SURGENET_ASSIST_MEDIA_CACHE_BYTES={self.media_cache_bytes}): one file could not be kept",
+                "raise SURGENET_ASSIST_MEDIA_CACHE_BYTES or lower SURGENET_ASSIST_MEDIA_MAX_BYTES",
+            )
+        for net in self.media_private_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise UsageError(
+                    f"SURGENET_ASSIST_MEDIA_PRIVATE_NETWORKS: {net!r} is not a network",
+                    "list networks in CIDR notation, comma-separated, e.g. 10.20.0.0/16,fd00:1::/64",
+                ) from None
+        root = self.local_files_document_root
+        if root is not None and Path(root).resolve() == Path(root).resolve().parent:
+            raise UsageError(
+                f"LOCAL_FILES_DOCUMENT_ROOT={root} would let tasks read every file of the machine",
+                "set it to the folder Label Studio serves local files from (its LOCAL_FILES_DOCUMENT_ROOT)",
+            )
+
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's pools and timeouts from these settings."""
+        return ServerLimits(
+            max_body=self.max_body,
+            predict_threads=self.predict_threads,
+            predict_queue=self.predict_queue,
+            webhook_threads=self.webhook_threads,
+            webhook_queue=self.webhook_queue,
+            body_timeout_s=self.body_timeout_s,
+            header_timeout_s=self.header_timeout_s,
+        )
 
     def label_studio_api(self) -> Any:
         """The backend's own connection to Label Studio, or None when none is configured."""
@@ -92,6 +216,42 @@ class BackendSettings:
         if not (self.label_studio_url and self.label_studio_api_key):
             return None
         return LabelStudioAPI(self.label_studio_url, self.label_studio_api_key)
+
+
+def _media_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The media settings among ``env`` (only those set), each parsed with an error naming its variable."""
+    numbers = {
+        "media_max_pixels": ("SURGENET_ASSIST_MEDIA_MAX_PIXELS", int),
+        "media_max_aspect": ("SURGENET_ASSIST_MEDIA_MAX_ASPECT", float),
+        "media_max_bytes": ("SURGENET_ASSIST_MEDIA_MAX_BYTES", int),
+        "media_deadline_s": ("SURGENET_ASSIST_MEDIA_DEADLINE_S", float),
+        "media_connect_timeout_s": ("SURGENET_ASSIST_MEDIA_CONNECT_TIMEOUT_S", float),
+        "media_read_timeout_s": ("SURGENET_ASSIST_MEDIA_READ_TIMEOUT_S", float),
+        "media_cache_bytes": ("SURGENET_ASSIST_MEDIA_CACHE_BYTES", int),
+    }
+    out: dict[str, Any] = {}
+    for key, (name, kind) in numbers.items():
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            out[key] = kind(raw)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise UsageError(f"{name}={raw!r} is not {what}", f"set {name} to {what}, or unset it") from None
+    lists = {
+        "media_hosts": "SURGENET_ASSIST_MEDIA_HOSTS",
+        "media_private_networks": "SURGENET_ASSIST_MEDIA_PRIVATE_NETWORKS",
+    }
+    for key, name in lists.items():
+        items = tuple(x.strip() for x in env.get(name, "").split(",") if x.strip())
+        if items:
+            out[key] = items
+    if env.get("SURGENET_ASSIST_MEDIA_CACHE_DIR"):
+        out["media_cache_dir"] = env["SURGENET_ASSIST_MEDIA_CACHE_DIR"]
+    if env.get("LOCAL_FILES_DOCUMENT_ROOT"):
+        out["local_files_document_root"] = env["LOCAL_FILES_DOCUMENT_ROOT"]
+    return out
 
 
 MIN_SECRET_LENGTH = 16

@@ -260,7 +260,7 @@ class WebhookQueue:
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.webhook_queue_depth.set(self._waiting)
+            self.metrics.webhook_backlog.set(self._waiting)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`surgenet-assist serve` (the Label Studio ML backend under gunicorn) and `surgenet-assist ls ...` tools."""
+"""`surgenet-assist serve` (the Label Studio ML backend under uvicorn) and `surgenet-assist ls ...` tools."""
 
 from __future__ import annotations
 
@@ -17,32 +17,13 @@ ls_app = typer.Typer(
 )
 
 
-def _gunicorn(factory: Any, host: str, port: int, workers: int, threads: int, timeout: int) -> None:
-    """Serve with gunicorn; the app (and the model) is built in each worker after fork, once."""
-    from gunicorn.app.base import BaseApplication
-
-    class _App(BaseApplication):
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", workers)
-            self.cfg.set("threads", threads)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("timeout", timeout)
-            self.cfg.set("graceful_timeout", 30)
-            self.cfg.set("accesslog", "-")
-            self.cfg.set("access_log_format", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms')
-
-        def load(self) -> Any:
-            return factory()
-
-    _App().run()
-
-
 def serve(
     host: Annotated[str, typer.Option(help="bind address (0.0.0.0 in Docker)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port Label Studio connects to")] = 9090,
-    workers: Annotated[int, typer.Option(help="gunicorn worker processes (each loads the model once)")] = 1,
-    threads: Annotated[int, typer.Option(help="threads per worker (/health and /setup stay fast)")] = 4,
+    workers: Annotated[int, typer.Option(help="worker processes (each loads the model once)")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="/predict threads per worker (/health, /setup, webhooks: their own)")
+    ] = 4,
     model: Annotated[Path | None, typer.Option("--model", help="model bundle directory to serve")] = None,
     registry: Annotated[
         bool, typer.Option("--registry", help="serve the store's champion, hot-swapped")
@@ -51,12 +32,15 @@ def serve(
         str | None, typer.Option("--db", help="label store URL (default: SQLite in the data dir)")
     ] = None,
     video_fps: Annotated[float, typer.Option(help="frames per second analysed in video tasks")] = 1.0,
-    timeout: Annotated[int, typer.Option(help="worker timeout, seconds (LS waits 100 s for /predict)")] = 300,
 ) -> None:
-    """Run the Label Studio ML backend (POST /predict /setup /webhook, GET /health /metrics /versions)."""
-    import logging
+    """Run the Label Studio ML backend (POST /predict /setup /webhook, GET /health /metrics /versions).
 
-    from surgenet_assist.backend.app import BackendSettings, create_app
+    Served by uvicorn: connections in an event loop, work on bounded pools per route family, /health from
+    a snapshot (backend/server.py, docs/deploy.md). Every worker builds the app and loads its model before
+    it accepts a connection."""
+    import uvicorn
+
+    from surgenet_assist.backend.server import HeaderTimeoutH11Protocol
 
     if model is not None and registry:
         raise UsageError("--model and --registry both choose the served model", "give one of them")
@@ -64,25 +48,46 @@ def serve(
         from surgenet_assist.core.bundle import read_bundle_info
 
         read_bundle_info(model)  # a missing or incomplete bundle is refused before the server starts
+    if workers < 1 or threads < 1:
+        raise UsageError("--workers and --threads must be at least 1", "use --workers 1 --threads 4")
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
     )
-    settings = BackendSettings.from_env(
-        model_path=str(model) if model else None,
-        registry=registry or None,
-        db_url=db,
-        video_sample_fps=video_fps,
+    # the options reach every worker process as the variables BackendSettings.from_env reads there
+    chosen = {
+        "SURGENET_ASSIST_MODEL": str(model.resolve()) if model else None,
+        "SURGENET_ASSIST_REGISTRY": "1" if registry else None,
+        "SURGENET_ASSIST_DB_URL": db,
+        "SURGENET_ASSIST_VIDEO_FPS": str(video_fps),
+        "SURGENET_ASSIST_PREDICT_THREADS": str(threads),
+    }
+    os.environ.update({k: v for k, v in chosen.items() if v is not None})
+    uvicorn.run(
+        "surgenet_assist.cli.backend_commands:backend_server",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        http=HeaderTimeoutH11Protocol,
+        lifespan="on",
+        timeout_keep_alive=5,
+        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
     )
-    _gunicorn(
-        lambda: create_app(
-            settings, assist_factory=day_one_assist, click_segmenter_factory=interactive_click_segmenter
-        ),
-        host,
-        port,
-        workers,
-        threads,
-        timeout,
+
+
+def backend_server():  # noqa: ANN201 - an ASGI app (uvicorn's factory, called in each worker process)
+    """The backend as uvicorn serves it: the Flask app (model loaded now, before any connection) behind
+    :class:`~surgenet_assist.backend.server.BackendServer`."""
+    from surgenet_assist.backend.app import BackendSettings, create_app
+    from surgenet_assist.backend.server import BackendServer, serve_limits
+
+    settings = BackendSettings.from_env()
+    app = create_app(
+        settings, assist_factory=day_one_assist, click_segmenter_factory=interactive_click_segmenter
     )
+    limits = settings.server_limits()
+    serve_limits(limits)
+    return BackendServer(app, limits)
 
 
 @functools.cache

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
             }
             if promote and ddp.is_main():  # the nightly cycle's gate, exactly (bootstrap over test videos)
                 registry = Registry(store, project=cfg.project)
-                decision, _ = judge_candidate(result, registry.champion(), result["splits"], cfg)
+                decision, _ = judge_candidate(result, registry.champion(), result["splits"], cfg, store)
                 if decision.promote:
                     registry.promote(result["version"])
                 else:
@@ -186,9 +186,10 @@ def register(app: typer.Typer) -> None:
         frame_size: Annotated[
             str | None, typer.Option(help="HxW frames are resized to (default: the bundle's preprocessing)")
         ] = None,
-        relaxed_fps: Annotated[
-            float, typer.Option(help="frame rate of the labelled frames (relaxed phase)")
-        ] = 1.0,
+        matlab_compat: Annotated[
+            bool, typer.Option("--matlab-compat", help="add relaxed phase metrics as the published Cholec80 "
+                               "MATLAB script computes them (to compare with published numbers)")
+        ] = False,
         project: ProjectOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
@@ -232,7 +233,8 @@ def register(app: typer.Typer) -> None:
                 )
         data = load_split(store, split, project=cfg.project, size=size, temporal_fps=temporal_fps)
         metrics = evaluate_model(
-            net, data.frames, short_side=short, fps=relaxed_fps, cvs_thresholds=thresholds
+            net, data.frames, short_side=short, cvs_thresholds=thresholds, video_paths=data.video_paths,
+            matlab_compat=matlab_compat,
         )
         metrics = {k: v for k, v in metrics.items() if not k.endswith("_confusion")}
         out = {

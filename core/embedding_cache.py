@@ -4,28 +4,120 @@ A cache entry is keyed by the video's content hash, the backbone's weights hash,
 sampling rate; any change gives a new key (a mismatch recomputes, never reuses stale features). Each entry
 holds, per sampled frame: stride-8 features (stage 2), stride-16 features (stage 3), the pooled
 embedding, as fp16 ``.npy`` files read with memory mapping, plus ``meta.json``. Entries are written to a
-temporary folder and renamed into place, so a crash never leaves a half-written entry that looks valid.
+temporary folder and renamed into place, so a crash never leaves a half-written entry that looks valid, and
+are served memory-mapped, also right after they were computed: a long video's features live in the page
+cache, not in the process.
+
+In memory, features are kept by :class:`ByteLRU`: least recently used first out once a byte budget is
+reached (the click engine's frames, the day-one assistant's frames and videos).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .backbone import SurgeNetBackbone
+from .model import DEFAULT_MAX_ASPECT, max_input_aspect, target_size
 from .paths import atomic_directory, data_home
-from .predictor import target_size
 from .video import FrameRecord, open_video
 
 _SAMPLE = 4 << 20
 
 Stages = tuple[np.ndarray, np.ndarray, np.ndarray]  # stride-8 (C, h, w), stride-16, embedding (D,)
+V = TypeVar("V")
+DEFAULT_CACHE_BYTES = 256 << 20  # an in-memory feature cache's default budget (backend: *_CACHE_MB=256)
+
+
+def resident_nbytes(*arrays: object) -> int:
+    """Bytes the arrays hold in this process's memory: a memory-mapped array (or a view of one) costs
+    nothing here, its pages belong to the OS's file cache; an ndarray or tensor costs its ``nbytes``."""
+    total = 0
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            total += a.element_size() * a.nelement()
+            continue
+        if not isinstance(a, np.ndarray):
+            continue
+        base: object = a
+        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+            base = base.base
+        if not isinstance(base, (np.memmap, mmap.mmap)):
+            total += a.nbytes
+    return total
+
+
+class ByteLRU(Generic[V]):
+    """A thread-safe least-recently-used cache bounded by bytes (``size_of(value)``), not by entries.
+
+    A count of entries bounds nothing when one entry can be 1 MB or 200 MB (a frame's features grow with
+    its size); a byte budget bounds the process. Past ``max_bytes`` the least recently used entries go; a
+    value larger than the whole budget is returned to its caller but not kept. ``max_items`` optionally
+    caps the count as well (a caller that wants exactly one frame kept)."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int], max_items: int | None = None) -> None:
+        self.max_bytes = int(max_bytes)
+        self.max_items = max_items
+        self._size_of = size_of
+        self._entries: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (never more than ``max_bytes``)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def get(self, key: Hashable) -> V | None:
+        """The value, now the most recently used; None when absent."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            self._entries.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: Hashable, value: V) -> V:
+        """Keep ``value`` (replacing one under the same key), evicting least recently used entries until
+        the budget holds; returns ``value``."""
+        size = int(self._size_of(value))
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size > self.max_bytes:
+                return value
+            self._entries[key] = (value, size)
+            self._bytes += size
+            while self._entries and (
+                self._bytes > self.max_bytes
+                or (self.max_items is not None and len(self._entries) > self.max_items)
+            ):
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
 
 @torch.inference_mode()
@@ -96,6 +188,9 @@ class EmbeddingCache:
     @staticmethod
     def key(video_hash: str, backbone_sha256: str, short_side: int, sample_fps: float | None) -> str:
         text = f"{video_hash}|{backbone_sha256}|{short_side}|{sample_fps}"
+        aspect = max_input_aspect()
+        if aspect != DEFAULT_MAX_ASPECT:  # another clamp sizes wide frames differently (default: old keys)
+            text += f"|aspect={aspect:g}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def _load(self, folder: Path, key: str) -> VideoFeatures:
@@ -140,8 +235,10 @@ class EmbeddingCache:
                 "backbone_sha256": backbone.weights_sha256,
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
-        feats.key = key
-        return feats
+            del feats  # served from the files (memory-mapped) like every later hit, not held in memory
+        computed = self._load(folder, key)
+        computed.from_cache = False
+        return computed
 
 
 @torch.inference_mode()

@@ -40,6 +40,11 @@ class FrameError(SurgenetAssistError):
     """A frame array has the wrong dtype or shape."""
 
 
+class MediaTooLarge(SurgenetAssistError):
+    """An image or video whose header announces more pixels, or a longer aspect ratio, than the caps allow
+    (refused before a pixel is decoded: ``core/media_limits.py``)."""
+
+
 class SchemaError(SurgenetAssistError):
     """A label schema file is malformed, or a label is unknown to the schema."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -9,14 +11,49 @@ import torch
 import torch.nn as nn
 
 from .backbone import SurgeNetBackbone, load_backbone
+from .errors import UsageError
 from .heads import CVSHead, FPNSegHead, PhaseHead
 from .schema import DEFAULT_SCHEMA, LabelSchema
 from .zoo import DEFAULT_BACKBONE
 
+MAX_ASPECT_ENV = "SURGENET_ASSIST_MAX_ASPECT"
+DEFAULT_MAX_ASPECT = 4.0  # 16:9, 4:3, 21:9 and side-by-side stereo (32:9) frames are all below it
 
-def target_size(height: int, width: int, short_side: int, multiple: int = 32) -> tuple[int, int]:
-    """(H, W) with the short side scaled to ``short_side`` and both sides rounded to ``multiple``."""
-    scale = short_side / min(height, width)
+
+def max_input_aspect() -> float:
+    """The longest model input side, as a multiple of the short side: ``$SURGENET_ASSIST_MAX_ASPECT``,
+    default :data:`DEFAULT_MAX_ASPECT`. Read on each call (as ``core.paths`` reads the data home), so the
+    server, the nightly job and napari all size frames the same way from the same environment."""
+    raw = os.environ.get(MAX_ASPECT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ASPECT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 1.0 <= value <= 64.0):
+        raise UsageError(
+            f"{MAX_ASPECT_ENV}={raw!r} is not a usable aspect ratio",
+            f"set it to a number from 1 to 64 (the model input's long side as a multiple of its short side; "
+            f"default {DEFAULT_MAX_ASPECT:g}), or unset it",
+        )
+    return value
+
+
+def target_size(
+    height: int, width: int, short_side: int, multiple: int = 32, max_aspect: float | None = None
+) -> tuple[int, int]:
+    """(H, W) of the model input for a ``height`` x ``width`` frame: the short side scaled to ``short_side``,
+    the long side at most ``max_aspect`` times ``short_side`` (default :func:`max_input_aspect`), aspect
+    kept, both sides rounded to ``multiple``.
+
+    Every path that feeds the backbone sizes its input here (Predictor, the embedding cache and single-frame
+    features of day one, instant heads and clicks, fine-tuning, evaluation, acquisition scoring). The long
+    side's clamp bounds the work per frame whatever the image: scaling only the short side would give a 1 x
+    4000 image a 256 x 1,024,000 input (gigabytes of activations); clamped it gets 32 x 1024. Frames up to
+    the clamp's aspect (all usual video formats) are sized exactly as without it."""
+    limit = max_input_aspect() if max_aspect is None else float(max_aspect)
+    scale = min(short_side / min(height, width), limit * short_side / max(height, width))
     return (
         max(multiple, int(round(height * scale / multiple)) * multiple),
         max(multiple, int(round(width * scale / multiple)) * multiple),

@@ -301,67 +301,6 @@ def test_missing_or_corrupt_image_names_the_url(client, url):
     assert body["results"][0]["result"] and body["failed"][0]["url"] == url
 
 
-def test_fetch_media_through_sdk_names_the_variable(monkeypatch, tmp_path):
-    """The real fetch path: the SDK's get_local_path, without a Label Studio URL / with an HTTP failure."""
-    import requests
-
-    from surgenet_assist.backend.media import MediaFetcher
-
-    with pytest.raises(MediaError) as err:
-        MediaFetcher()("/data/upload/1/a.png", 1)
-    assert "LABEL_STUDIO_URL" in str(err.value) and "LABEL_STUDIO_API_KEY" in err.value.hint
-
-    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "abc")
-    settings = BackendSettings.from_env()  # the one place the variables are read
-    assert settings.label_studio_url == "http://127.0.0.1:9" and "abc" not in repr(settings)
-    seen = {}
-
-    def fake_get(url, **kw):
-        seen.update(url=url, headers=kw.get("headers"))
-        resp = requests.Response()
-        resp.status_code = 401
-        resp.url = url
-        raise requests.HTTPError("401 Client Error", response=resp)
-
-    import label_studio_sdk._extensions.label_studio_tools.core.utils.io as sdk_io
-
-    monkeypatch.setattr(sdk_io, "http_get", fake_get, raising=False)
-    monkeypatch.setattr(sdk_io.requests, "get", fake_get)
-    fetch = MediaFetcher(settings.label_studio_api())
-    with pytest.raises(MediaError) as err:
-        fetch(f"/data/upload/1/{tmp_path.name}.png", 1)
-    assert f"/data/upload/1/{tmp_path.name}.png" in err.value.message and "401" in err.value.message
-    assert "abc" not in err.value.message
-    assert seen["url"].startswith("http://127.0.0.1:9/data/upload/1/")
-
-
-def test_fetch_media_falls_back_to_what_setup_sent(monkeypatch, tmp_path):
-    """Without configured credentials the fetcher uses the host and token of Label Studio's /setup."""
-    import label_studio_sdk._extensions.label_studio_tools.core.utils.io as sdk_io
-
-    from surgenet_assist.backend.media import MediaFetcher
-
-    asked = {}
-
-    def fake_local_path(url, hostname=None, access_token=None, task_id=None):
-        asked.update(hostname=hostname, token=access_token)
-        (tmp_path / "a.png").write_bytes(b"x")
-        return str(tmp_path / "a.png")
-
-    monkeypatch.setattr(sdk_io, "get_local_path", fake_local_path)
-    fetch = MediaFetcher()
-    fetch.remember_setup("http://ls.example:8080/", "t0k")
-    assert fetch("/data/upload/1/a.png", 1) == tmp_path / "a.png"
-    assert asked == {"hostname": "http://ls.example:8080", "token": "t0k"}
-    from surgenet_assist.backend.ls_api import LabelStudioAPI
-
-    configured = MediaFetcher(LabelStudioAPI("http://configured:8080", "k"))
-    configured.remember_setup("http://ls.example:8080", "t0k")
-    configured("/data/upload/1/a.png", 1)
-    assert asked == {"hostname": "http://configured:8080", "token": "k"}
-
-
 def test_token_filter_added_once_however_many_apps(predictor, store):
     import logging
 

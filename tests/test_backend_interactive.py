@@ -10,14 +10,17 @@ backbone and a synthetic frame through Flask's test client. The same route again
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
+from surgenet_assist.backend.app import BackendSettings, create_app
 from surgenet_assist.backend.config import parse_label_config
 from surgenet_assist.backend.interactive import (
     ClickSegmenters,
@@ -30,6 +33,8 @@ from surgenet_assist.backend.labeling_configs import image_config, label_config
 from surgenet_assist.backend.media import MediaError
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.formats.ls_config import LabelConfigError
+from surgenet_assist.core.interactive import ClickSegmenter
+from surgenet_assist.core.interactive.prompts import PromptError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
 H, W = 120, 160
@@ -127,13 +132,16 @@ def test_cli_prints_the_interactive_config_and_refuses_video():
 # ---------------------------------------------------------------------------------------------------------
 # params.context -> prompt
 # ---------------------------------------------------------------------------------------------------------
-def test_no_context_means_the_ordinary_predict():
-    for params in (None, {}, {"context": None}, {"context": {}}, {"context": {"result": []}}):
+def test_only_a_null_or_absent_context_means_the_ordinary_predict():
+    for params in (None, {}, {"context": None}, "junk", [1]):
         assert context_regions(params) is None
+    # any object is interactive; one without regions is the editor's "last smart region deleted"
+    for params in ({"context": {}}, {"context": {"result": []}}, {"context": {"result": None}}):
+        assert context_regions(params) == []
     assert context_regions({"context": {"result": [keypoint(1, 2)]}}) == [keypoint(1, 2)]
-    for bad in ({"context": "x"}, {"context": {"result": "x"}}, {"context": {"result": [1]}}):
+    for bad in ("x", [1], {"result": "x"}, {"result": [1]}):
         with pytest.raises(InteractiveError):
-            context_regions(bad)
+            context_regions({"context": bad})
 
 
 def test_keypoints_positive_and_negative_in_pixels():
@@ -337,13 +345,42 @@ def test_unfetchable_image_is_a_422_naming_the_url(client):
     assert err["error"] == "media_unavailable" and "missing.png" in err["detail"] and err["hint"]
 
 
-def test_empty_context_keeps_the_ordinary_predict(client):
-    data = body([])
-    res = post(client, data)
-    assert res.status_code == 200
-    assert res.get_json()["results"] == [{"model_version": NO_MODEL_VERSION, "score": 0.0, "result": []}]
-    data["params"]["context"] = None
-    assert post(client, data).get_json()["model_version"] == NO_MODEL_VERSION
+def test_an_empty_context_gets_an_empty_result_from_the_engine_never_the_whole_frame(frame, segmenter):
+    """Deleting the last smart region sends ``{"result": []}``: the editor applies whatever comes back, so a
+    whole-frame prediction (phase, CVS, masks under fixed ids) would silently replace the annotator's own
+    choices. It gets exactly one empty result per task, stamped with the click engine's version."""
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.core.predictor import Predictor
+
+    fetched = []
+
+    def fetch(url, task_id=None):
+        fetched.append(url)
+        return frame[0]
+
+    model = SurgeNetAssistModel.create(random_init=True)
+    predictor = Predictor(model, short_side=64, model_version="whole-frame-1")
+    settings = BackendSettings(extra={"open_store": False})
+    app = create_app(settings, predictor=predictor, fetch=fetch, click_segmenter=segmenter)
+    client = app.test_client()
+    ordinary = post(client, body([]) | {"params": {"context": None}})  # batch pre-annotation: unchanged
+    assert ordinary.status_code == 200 and ordinary.get_json()["model_version"] == "whole-frame-1"
+    assert ordinary.get_json()["results"][0]["result"], "the whole-frame model fills the task"
+    fetched.clear()
+    for context in ({"result": []}, {}, {"result": None}):
+        data = body([])
+        data["params"]["context"] = context
+        res = post(client, data)
+        assert res.status_code == 200, res.get_json()
+        assert res.get_json() == {
+            "results": [{"model_version": segmenter.model_version, "score": 0.0, "result": []}],
+            "model_version": segmenter.model_version,
+        }
+    assert fetched == [], "nothing to segment: no image fetched"
+    two = body([])
+    two["tasks"].append({"id": 8, "data": {"image": URL}})
+    res = post(client, two)
+    assert res.status_code == 200 and [r["result"] for r in res.get_json()["results"]] == [[], []]
 
 
 def test_without_an_engine_clicks_get_a_503_that_says_why(frame):
@@ -391,6 +428,7 @@ def test_a_project_with_a_learned_click_head_gets_its_own_engine(segmenter, monk
     learned = clicks.for_project("label-studio-3")
     assert learned is not segmenter and learned.model_version == "click-7"
     assert learned.backbone is segmenter.backbone, "the backbone is shared, not loaded again"
+    assert learned.cache is segmenter.cache, "one feature-cache budget for every project's engine"
     assert clicks.for_project("label-studio-4") is segmenter  # no head yet: day one
     reads = store.reads
     assert clicks.for_project("label-studio-3") is learned and store.reads == reads  # polled, not re-read
@@ -440,3 +478,244 @@ def test_an_annotation_that_keeps_its_prompt_keypoints_stores_only_the_mask():
     (label,) = labels
     assert label.task == "segmentation" and label.frame_start == 10
     assert len(skipped) == 2 and all("interactive prompt" in s for s in skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile input: bounded before any engine is built or image fetched
+# ---------------------------------------------------------------------------------------------------------
+class _Recording:
+    """An app whose engine factory and media fetch record their calls."""
+
+    def __init__(self, segmenter, path: Path, **settings):
+        self.built: list[int] = []
+        self.fetched: list[str] = []
+
+        def factory(_settings):
+            self.built.append(1)
+            return segmenter
+
+        def fetch(url, task_id=None):
+            self.fetched.append(url)
+            return path
+
+        config = BackendSettings(extra={"open_store": False}, **settings)
+        app = create_app(config, fetch=fetch, click_segmenter_factory=factory)
+        self.client = app.test_client()
+
+    def post_text(self, text: str):
+        return self.client.post("/predict", data=text, content_type="application/json")
+
+    def untouched(self) -> bool:
+        return not self.built and not self.fetched
+
+
+def _compact_keypoint(i: int) -> dict:
+    return {
+        "type": "keypointlabels", "from_name": "click", "to_name": "image", "id": f"k{i}",
+        "image_rotation": 0, "is_positive": bool(i % 2),
+        "value": {"x": 10.0 + i % 80, "y": 20.5, "width": 0.5, "keypointlabels": ["Liver"]},
+    }  # fmt: skip
+
+
+def test_150000_clicks_are_refused_naming_the_cap_without_allocating_gigabytes(segmenter, frame):
+    """On main: a 200 after 11 s with +2.6 GB peak. The regions are counted before one is read."""
+    from rss_probe import peak_rss_growth
+
+    app = _Recording(segmenter, frame[0])
+    text = json.dumps(body([_compact_keypoint(i) for i in range(150_000)]))
+    assert 20 << 20 < len(text) < 32 << 20  # under the body limit: the cap, not the body size, refuses it
+    res, grew = peak_rss_growth(lambda: app.post_text(text))
+    assert res.status_code == 400, res.get_json()
+    err = res.get_json()
+    assert err["error"] == "bad_interactive_context"
+    assert "150000 regions" in err["detail"] and "at most 300" in err["detail"]
+    assert "SURGENET_ASSIST_MAX_PROMPT_REGIONS" in err["detail"] and err["hint"]
+    assert app.untouched(), "no engine built, no image fetched"
+    assert grew < 600 << 20, f"peak memory grew by {grew >> 20} MB (parsing the 30 MB body is most of it)"
+
+
+def test_the_region_cap_is_a_setting(segmenter, frame, monkeypatch):
+    monkeypatch.setenv("SURGENET_ASSIST_MAX_PROMPT_REGIONS", "2")
+    assert BackendSettings.from_env().max_prompt_regions == 2
+    assert BackendSettings().max_prompt_regions == 300
+    app = _Recording(segmenter, frame[0], max_prompt_regions=2)
+    three = [keypoint(30, 30), keypoint(40, 40), keypoint(50, 50)]
+    res = app.post_text(json.dumps(body(three)))
+    assert res.status_code == 400 and "at most 2" in res.get_json()["detail"] and app.untouched()
+    res = app.post_text(json.dumps(body(three[:2])))
+    assert res.status_code == 200 and app.built and app.fetched == [URL]
+
+
+_VALID = json.dumps(body([keypoint(30.0, 40.0)]))
+
+
+def _with(path: tuple, raw: str) -> str:
+    """The valid interactive body with the JSON at ``path`` (inside the first region) replaced by ``raw``
+    text, so that numbers JSON's writer cannot produce (``1e400``, a 400-digit integer) can be sent."""
+    data = json.loads(_VALID)
+    target = data["params"]["context"]["result"][0]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "@@JUNK@@"
+    return json.dumps(data).replace('"@@JUNK@@"', raw)
+
+
+_JUNK_NUMBERS = {
+    "10**400": str(10**400),
+    "-10**400": str(-(10**400)),
+    "1e400": "1e400",
+    "-1e400": "-1e400",
+    "NaN": "NaN",
+    "Infinity": "Infinity",
+    "string": '"12"',
+    "true": "true",
+    "false": "false",
+    "null": "null",
+    "list": "[12]",
+    "object": '{"x": 12}',
+    "nested": '[[[[{"a": [1, {"b": NaN}]}]]]]',
+}
+
+
+@pytest.mark.parametrize(
+    ("where", "junk"),
+    [
+        (where, junk)
+        for where in [("value", "x"), ("value", "y"), ("image_rotation",), ("value", "keypointlabels")]
+        for junk in _JUNK_NUMBERS
+        if not (where == ("image_rotation",) and junk in ("null", "false"))  # no rotation: unrotated
+    ],
+)
+def test_a_malformed_number_is_a_400_never_a_500(segmenter, frame, where, junk):
+    app = _Recording(segmenter, frame[0])
+    res = app.post_text(_with(where, _JUNK_NUMBERS[junk]))
+    assert res.status_code == 400, (where, junk, res.status_code, res.get_data()[:300])
+    err = res.get_json()
+    assert err["error"] == "bad_interactive_context" and err["detail"] and err["hint"]
+    assert len(err["detail"]) < 600, "a caller's value is echoed cut short"
+    assert app.untouched(), "refused before the engine is built or the image fetched"
+
+
+def test_a_malformed_box_number_is_a_400(segmenter, frame):
+    app = _Recording(segmenter, frame[0])
+    valid = body([rectangle(10, 10, 30, 30)])
+    for key in ("x", "y", "width", "height", "rotation"):
+        for raw in (str(10**400), "1e400", "NaN", '"12"', "true", "[1]"):
+            data = json.loads(json.dumps(valid))
+            data["params"]["context"]["result"][0]["value"][key] = "@@JUNK@@"
+            res = app.post_text(json.dumps(data).replace('"@@JUNK@@"', raw))
+            assert res.status_code == 400, (key, raw, res.get_data()[:300])
+    assert app.untouched()
+
+
+def test_junk_anywhere_in_a_region_is_a_400_never_a_500(segmenter, frame):
+    app = _Recording(segmenter, frame[0])
+    junk_regions = [
+        keypoint(10, 10, from_name={"a": [1, 2]}),
+        keypoint(10, 10, from_name=["click"]),
+        keypoint(10, 10, to_name={"x": 1}) | {"value": {"x": 1, "y": 1, "keypointlabels": [["Liver"]]}},
+        keypoint(10, 10, type=["keypointlabels"]),
+        keypoint(10, 10, is_positive="yes"),
+        keypoint(10, 10, is_positive=1),
+        keypoint(10, 10) | {"value": [10, 10]},
+        keypoint(10, 10) | {"value": "x" * 100_000},
+        keypoint(10, 10, id="x" * 1_000_000, image_rotation=45),
+    ]
+    for region in junk_regions:
+        res = app.post_text(json.dumps(body([region])))
+        assert res.status_code == 400, (str(region)[:200], res.get_data()[:300])
+        assert len(res.get_json()["detail"]) < 600
+    res = app.post_text(_with(("value", "x"), "1" * 5000))  # past Python's 4,300-digit int limit
+    assert res.status_code == 400 and res.get_json()["error"] == "malformed_json"
+    two_tasks = body([keypoint(30, 30)])
+    two_tasks["tasks"].append({"id": 8, "data": {"image": URL}})
+    res = app.post_text(json.dumps(two_tasks))
+    assert res.status_code == 400 and "names 2 tasks; it takes 1" in res.get_json()["detail"]
+    assert app.untouched()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.sampled_from([10**400, -(10**400), "keypointlabels", "rectanglelabels", "click", "box", "Liver"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["type", "from_name", "to_name", "value", "image_rotation", "is_positive", "id"]),
+    inner=st.sampled_from(
+        [None, "x", "y", "width", "height", "rotation", "keypointlabels", "rectanglelabels"]
+    ),
+    junk=_json,
+    kind=st.sampled_from(["keypoint", "rectangle"]),
+)
+def test_any_junk_in_a_region_is_an_interactive_error_or_usable(field, inner, junk, kind):
+    """Property: whatever JSON sits in a region's field, reading the context raises InteractiveError (a 400)
+    or gives a prompt with finite percentages, which the engine's own check accepts or refuses
+    with a PromptError (also a 400: say, a lone negative click); never another exception (a 500)."""
+    region = keypoint(30, 40) if kind == "keypoint" else rectangle(10, 10, 30, 30)
+    if field == "value" and inner is not None:
+        region["value"][inner] = junk
+    else:
+        region[field] = junk
+    try:
+        parsed = read_context([region], plan())
+    except InteractiveError as err:
+        assert err.hint
+        return
+    for x, y, positive in parsed.clicks:
+        assert 0 <= x <= 100.001 and 0 <= y <= 100.001 and isinstance(positive, bool)
+    if parsed.box is not None:
+        assert all(math.isfinite(v) for v in parsed.box)
+    try:
+        parsed.prompt(H, W).validate(H, W)
+    except PromptError as err:
+        assert err.hint
+
+
+@settings(max_examples=200, deadline=None)
+@given(context=_json)
+def test_any_json_context_is_none_a_region_list_or_an_interactive_error(context):
+    try:
+        regions = context_regions({"context": context})
+    except InteractiveError:
+        assert context is not None
+        return
+    assert (regions is None) == (context is None)
+    assert regions is None or all(isinstance(r, dict) for r in regions)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "backbone_input"), [(1, 4000, (32, 1024)), (4000, 4000, (256, 256))]
+)
+def test_a_click_on_a_thin_or_huge_png_is_bounded_work(segmenter, tmp_path, height, width, backbone_input):
+    """The findings on main: a 1x4000 PNG and one click gave the backbone a 256x1,024,000 input (the worker
+    grew to 23 GB and was killed); a 4000x4000 one took 46-93 s per click. Here the answer is the clicked
+    object at the image's size, from a clamped input and a bounded peak."""
+    from rss_probe import peak_rss_growth
+
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:] = (190, 120, 115)
+    cv2.circle(image, (width // 2, height // 2), max(1, min(height, width) // 4), (210, 190, 90), -1)
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), image)
+    served = ClickSegmenter(segmenter.backbone)  # what `serve` builds: short side 256
+    seen: list[tuple[int, int]] = []
+    hook = served.backbone.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        client = create_app(
+            BackendSettings(extra={"open_store": False}), fetch=lambda url, task_id=None: path,
+            click_segmenter=served,
+        ).test_client()  # fmt: skip
+        click = keypoint(50.0, 50.0, original_width=width, original_height=height)
+        res, grew = peak_rss_growth(lambda: post(client, body([click])))
+    finally:
+        hook.remove()
+    assert res.status_code == 200, res.get_json()
+    assert seen == [backbone_input]
+    (region,) = res.get_json()["results"][0]["result"]
+    mask = _decode(region)
+    assert mask.shape == (height, width) and mask[height // 2, width // 2]
+    assert grew < 500 << 20, f"peak memory grew by {grew >> 20} MB"

@@ -46,6 +46,9 @@ SIGNED = {SECRET_HEADER: SECRET}
 class FakeLabelStudio:
     """Label Studio's API over a dict of its current objects, answering the calls the backend makes."""
 
+    url = "http://label-studio.invalid:8080"
+    token_problem = None  # the token works (what /health reads through the media fetcher)
+
     def __init__(self, page_size_max: int | None = None) -> None:
         self.annotations: dict[int, dict] = {}
         self.tasks: dict[int, dict] = {}
@@ -563,7 +566,7 @@ def test_a_full_webhook_queue_answers_503_while_health_and_predict_stay_free(sto
     refused at once (503, counted). /health and /predict are answered meanwhile (they never wait on it)."""
     ls.learn(fixture("webhooks.json")[0])
     ls.gate = threading.Event()
-    app = _app(store, ls, webhook_queue=2)
+    app = _app(store, ls, webhook_backlog=2)
     client = app.test_client()
     queue = app.extensions["surgenet"].webhooks.queue
     body = {"action": "TASKS_DELETED", "tasks": [{"id": 1}], "project": {"id": 1}}
@@ -591,7 +594,7 @@ def test_a_full_webhook_queue_answers_503_while_health_and_predict_stay_free(sto
     side.join(20)
     assert not side.is_alive() and answers == {"health": 200, "predict": 200}  # while the worker is stuck
     health = client.get("/health").get_json()
-    assert health["webhook_queue"]["waiting"] == 2 and health["webhook_queue"]["dropped"] == 1
+    assert health["webhook_backlog"]["waiting"] == 2 and health["webhook_backlog"]["dropped"] == 1
     ls.gate.set()
     assert queue.wait_idle(60) and queue.snapshot()["done"] == 3
     metrics = client.get("/metrics", headers=AUTH).get_data(as_text=True)

@@ -33,7 +33,7 @@ from surgenet_assist.training_loop.synthetic_store import populate_store
 
 SIZE = (64, 112)
 SHORT = 64
-TINY = {"epochs": 2, "batch_size": 4, "hidden": 16, "short_side": SHORT, "eval_max_clicks": 4, "n_boot": 200}
+TINY = {"epochs": 2, "batch_size": 4, "hidden": 16, "short_side": SHORT, "eval_max_clicks": 4}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,10 +151,16 @@ def test_gate_needs_fewer_clicks_than_day_one_and_no_more_than_the_champion():
     # worse than the champion on the same objects
     champ = ct.judge_click_head(_sessions([3] * 12), day_one, _sessions([2] * 12))
     assert not champ.promote and any("champion" in r for r in champ.reasons)
-    # few objects: point estimates decide, and the reason says so
+    # too few to judge: insufficient evidence, the serving head stays, and the reason says so
     few = ct.judge_click_head(_sessions([2, 3]), _sessions([4, 4]))
-    assert few.promote and "point estimate" in few.reasons[0]
+    assert not few.promote and few.verdict == "insufficient evidence"
+    assert "2 validation objects" in few.reasons[0]
     assert not ct.judge_click_head([], []).promote
+    # the unit is the video: twelve objects from two videos are two units, whatever their number
+    two_videos = ct.judge_click_head(_sessions([2] * 12), day_one, videos=["a"] * 6 + ["b"] * 6)
+    assert not two_videos.promote and "2 validation videos" in two_videos.reasons[0]
+    three = ct.judge_click_head(_sessions([2] * 12), day_one, videos=["a", "b", "c"] * 4)
+    assert three.promote and three.videos == 3 and three.objects == 12
 
 
 class _Oracle(ClickHead):
@@ -169,7 +175,12 @@ class _Oracle(ClickHead):
         return (self.targets[stride8.data_ptr()] - 0.5) * 40
 
 
-def test_gate_promotes_a_better_head_and_rejects_a_worse_one(segmenter, objects):
+def test_gate_promotes_a_better_head_and_rejects_a_worse_one(segmenter):
+    # twelve frames, one object each: enough independent objects for the gate's interval to decide
+    clip = generate_clip(5, 12, *SIZE, fps=1.0)
+    objects = ct._objects_of_samples(
+        [(clip.frames[i], clip.masks[i]) for i in range(12)], segmenter, ct.ClickTrainConfig(**TINY)
+    )
     one_per_frame = list({o.emb.stride8.data_ptr(): o for o in objects if o.mask.mean() > 0.05}.values())
     emb = objects[0].emb
     worse = ClickHead(emb.stride8.shape[0], emb.stride16.shape[0], 8)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from surgenet_assist.core.errors import SchemaError
+from surgenet_assist.core.model import Preprocessing
 from surgenet_assist.core.schema import AUTOLAPARO_SCHEMA, DEFAULT_SCHEMA, LabelSchema
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.training_loop import evaluate as evaluate_mod
@@ -30,6 +31,12 @@ from surgenet_assist.training_loop.metrics import (
 
 # fps 0.2 makes the 10-second relaxed window t = 10 * 0.2 = 2 frames, so the sequences stay tiny
 FPS = 0.2
+
+
+def _fake_model(schema: LabelSchema = DEFAULT_SCHEMA, temporal_fps: float = 1.0) -> SimpleNamespace:
+    """What ``evaluate_model`` reads of a model when ``predict_frames`` is replaced: schema and contract."""
+    contract = Preprocessing(short_side=64, mean=(0.5,) * 3, std=(0.5,) * 3, temporal_fps=temporal_fps)
+    return SimpleNamespace(schema=schema, preprocessing_contract=lambda: contract)
 
 
 # --- phase -------------------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def test_evaluate_model_relaxes_by_the_schema_protocol(monkeypatch, schema, accu
     fake = {"phase_probs": onehot, "phase_timeline": onehot, "cvs_probs": np.zeros((8, 3))}
     monkeypatch.setattr(evaluate_mod, "predict_frames", lambda *a, **k: fake)
     data = LabelledFrames(np.zeros((8, 2, 2, 3), np.uint8), phases=gt, video_ids=np.zeros(8, np.int64))
-    out = evaluate_mod.evaluate_model(SimpleNamespace(schema=schema), data, fps=FPS)
+    out = evaluate_mod.evaluate_model(_fake_model(schema), data, fps=FPS)
     assert out["phase_relaxed"]["accuracy"] == pytest.approx(accuracy)
     assert out["phase"]["accuracy"] == pytest.approx(7 / 8)  # strict never relaxes
     assert out["primary"]["phase"] == out["phase"]["jaccard"]
@@ -244,3 +251,144 @@ def test_annotation_efficiency_binarises_cvs_like_the_metrics(tmp_path):
     # label 0.5 -> positive, prediction 0.7 -> positive: all three criteria agree (np.round(0.5) = 0 did not)
     assert eff["accepted_unchanged"] == 1.0
     assert eff["mean_edit"] == pytest.approx((0.2 + 0.2 + 0.1) / 3)
+
+
+# --- phase rows, the relaxed window in seconds, whole-video context, the published script ----------------
+def test_relaxed_window_at_5_fps_is_50_rows():
+    gt = np.array([0] * 100 + [1] * 100)
+    late_50 = np.array([0] * 150 + [1] * 50)  # the first 50 rows of phase 1 still predicted 0 (diff -1)
+    late_51 = np.array([0] * 151 + [1] * 49)
+    assert (relaxed_diff(late_50, gt, fps=5.0, cholec80_rules=False) == 0).all()  # 10 s at 5 fps = 50 rows
+    assert (relaxed_diff(late_51, gt, fps=5.0, cholec80_rules=False) != 0).sum() == 1  # the 51st row is not
+    assert (relaxed_diff(late_51, gt, fps=1.0, cholec80_rules=False) != 0).sum() == 41  # at 1 fps: 10 rows
+
+
+def test_phase_is_scored_on_the_temporal_grid_at_its_rate(monkeypatch):
+    """A 25 fps video, a temporal model at 5 fps: its rows are every 5th frame (200 grid rows = 40 s), and a
+    burst of segmentation keyframes between them (frames 1-4 and 501-504, phase labels inherited, predicted
+    wrong on purpose) is not scored. The relaxed window is 10 s = 50 grid rows."""
+    grid = np.arange(0, 1000, 5)
+    burst = np.array([1, 2, 3, 4, 501, 502, 503, 504])
+    frames = np.concatenate([grid, burst])
+    gt = np.where(frames < 500, 0, 1)
+    pred = np.where(frames < 750, 0, 1)  # phase 1 starts at frame 500, predicted from 750: 50 rows late
+    pred[len(grid) :] = 5  # the burst rows: wrong
+    onehot = np.eye(7)[pred]
+    fake = {"phase_probs": onehot, "phase_timeline": onehot, "cvs_probs": np.zeros((len(frames), 3))}
+    monkeypatch.setattr(evaluate_mod, "predict_frames", lambda *a, **k: fake)
+    n = len(frames)
+    data = LabelledFrames(
+        np.zeros((n, 2, 2, 3), np.uint8), phases=gt, video_ids=np.zeros(n, np.int64),
+        frame_indices=frames, fps=np.full(n, 25.0),
+    )
+    out = evaluate_mod.evaluate_model(_fake_model(AUTOLAPARO_SCHEMA, temporal_fps=5.0), data)
+    assert out["phase_rows"] == {"rows": 200, "labelled_rows": 208, "fps": {"0": 5.0}}
+    assert out["phase_relaxed"]["accuracy"] == 1.0  # 50 late rows at 5 fps: inside the 10 s window
+    assert out["phase"]["accuracy"] == pytest.approx(150 / 200)  # strict; the burst's 8 wrong rows not in it
+    assert out["phase_frame_only"]["accuracy"] == pytest.approx(150 / 200)
+    assert sum(map(sum, out["phase_confusion"])) == 200
+    with pytest.raises(ValueError, match="wrong unit"):
+        evaluate_mod.evaluate_model(_fake_model(temporal_fps=5.0), data, fps=1.0)
+
+
+def test_matlab_compat_reproduces_the_published_script_on_a_hand_computed_case():
+    """``Evaluate.m`` + ``Main.m`` followed line by line on one video, fps 0.2 (t = 10 * 0.2 = 2 rows);
+    1-based phases as the script numbers them: gt 1 1 1 1 2 2 2 2 3 3, pred 1 4 1 2 2 2 2 2 2 2.
+
+    diff = pred - gt = 0 3 0 1 | 0 0 0 0 | -1 -1
+    phase 1 (rows 1-4, curDiff 0 3 0 1): head rule curDiff(curDiff(1:2)==-1) = 0 changes nothing; end rule
+      curDiff(curDiff(3:4)==1) = 0: the mask [0 1] is computed on rows 3-4 but indexes rows 1-2, so row 2
+      (the +3 error!) becomes 0 and the early transition at row 4 stays 1 -> 0 0 0 1
+    phase 2 (rows 5-8): all 0; phase 3 (rows 9-10, curDiff -1 -1): head rule forgives both -> 0 0
+    updatedDiff = 0 0 0 1 0 0 0 0 0 0 -> accuracy 9/10
+    phase 1: union gt{1-4} u pred{1,3} = 4 rows, TP 3 (row 4 is 1) -> J 3/4; P 3/#pred 2 = 150 % -> 100 %
+      (Main.m clips); R 3/4
+    phase 2: union gt{5-8} u pred{4-10} = 7 rows, TP 6 (row 4 is 1) -> J 6/7; P 6/7; R 6/4 -> 100 %
+    phase 3: never predicted: union = gt{9,10}, TP 2 -> J 1; P 2/0 = Inf -> 100 % (ours: 0); R 1
+    phases 4-7 absent from gt: NaN. Main.m: mean(meanJaccPerPhase) over all 7 -> NaN (it uses mean, not
+    nanmean), nanmean for precision -> (1 + 6/7 + 1)/3.
+    The intent instead forgives row 4 (early transition) and keeps row 2 wrong: phase 2 J 7/7.
+    """
+    gt = np.array([1, 1, 1, 1, 2, 2, 2, 2, 3, 3]) - 1
+    pred = np.array([1, 4, 1, 2, 2, 2, 2, 2, 2, 2]) - 1
+    matlab = relaxed_diff(pred, gt, FPS, cholec80_rules=True, matlab_compat=True)
+    assert matlab.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert relaxed_diff(pred, gt, FPS, cholec80_rules=True).tolist() == [0, 3, 0, 0, 0, 0, 0, 0, 0, 0]
+
+    m = phase_video_metrics([(pred, gt)], 7, True, FPS, protocol="cholec80", matlab_compat=True)
+    assert m["accuracy"] == pytest.approx(9 / 10)
+    assert m["jaccard_per_phase"] == pytest.approx([3 / 4, 6 / 7, 1.0, None, None, None, None])
+    assert m["precision_per_phase"][:3] == pytest.approx([1.0, 6 / 7, 1.0])
+    assert m["recall_per_phase"][:3] == pytest.approx([3 / 4, 1.0, 1.0])
+    assert np.isnan(m["jaccard"]) and np.isnan(m["recall"])  # Main.m's mean over phases absent from gt
+    assert m["precision"] == pytest.approx((1 + 6 / 7 + 1) / 3)  # its nanmean
+    assert m["precision_std_phases"] == pytest.approx(np.std([1, 6 / 7, 1], ddof=1))  # MATLAB's N-1 std
+    assert "f1" not in m and m["matlab_compat"] is True
+
+    ours = phase_video_metrics([(pred, gt)], 7, True, FPS, protocol="cholec80")
+    assert ours["jaccard_per_phase"][:3] == pytest.approx([3 / 4, 1.0, 1.0])
+    assert ours["precision_per_phase"][2] == 0.0  # never predicted
+    with pytest.raises(ValueError, match="Cholec80 relaxed"):
+        phase_video_metrics([(pred, gt)], 7, True, FPS, protocol=None, matlab_compat=True)
+
+
+def test_matlab_compat_aggregates_over_videos_as_main_m():
+    """Two 3-phase videos (all phases present in the union of videos): per phase nanmean over videos, then
+    mean over phases, with MATLAB's N-1 std over phases and over videos."""
+    v1 = (np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, 2, 2]))  # perfect
+    v2 = (np.array([0, 0, 0, 0, 1, 1]), np.array([0, 0, 0, 0, 1, 1]))  # perfect, no phase 2
+    # fps 0.1: t = 1 row. Both videos perfect: J = 1 per phase present; phase 2 only in v1.
+    m = phase_video_metrics([v1, v2], 3, True, 0.1, protocol="cholec80", matlab_compat=True)
+    assert m["jaccard"] == 1.0 and m["jaccard_std_phases"] == 0.0 and m["accuracy_std_videos"] == 0.0
+    v3 = (np.array([0, 0, 0, 0, 0, 0]), np.array([0, 0, 1, 1, 2, 2]))  # phases 1-2 never predicted
+    m = phase_video_metrics([v1, v3], 3, True, 0.1, protocol="cholec80", matlab_compat=True)
+    # v3, relaxed per segment (t = 1): phase 0 correct; phase 1 rows 2-3: diff -1 -1, the head row 2 is
+    # forgiven, the end rule finds no +1; phase 2 rows 4-5: diff -2 -2 (1-based phase 3: general rule, none
+    # forgiven). updated = 0 0 0 -1 -2 -2 -> accuracy 3/6.
+    # Phase 0: union rows 0-5 (pred 0 everywhere) = 6, TP 3 -> J 1/2, P 3/6, R 3/2 -> 1.
+    # Phase 1: union {2, 3}, TP 1 -> J 1/2, P 1/0 = Inf -> 1, R 1/2. Phase 2: union {4, 5}, TP 0 -> J 0,
+    # P 0/0 = NaN, R 0.
+    assert m["accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert m["accuracy_std_videos"] == pytest.approx(np.std([1, 0.5], ddof=1))
+    assert m["jaccard_per_phase"] == pytest.approx([0.75, 0.75, 0.5])
+    assert m["precision_per_phase"] == pytest.approx([0.75, 1.0, 1.0])  # v3 phase 2 NaN skipped by nanmean
+    assert m["jaccard"] == pytest.approx(2 / 3)
+    assert m["jaccard_std_phases"] == pytest.approx(np.std([0.75, 0.75, 0.5], ddof=1))
+
+
+def test_temporal_model_sees_the_whole_video_in_evaluation_as_in_serving(tmp_path):
+    """Phase labelled on the second half of a clip only: evaluation decodes the unlabelled first half for the
+    causal temporal model's context, so its timeline on the labelled rows equals what serving
+    (``Predictor.predict_video``) gives for those frames; the labelled fragment alone gives another."""
+    import torch
+
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.core.predictor import Predictor
+    from surgenet_assist.core.store import AnnotationInput, build_payload
+    from surgenet_assist.core.synthetic import generate_clip
+    from surgenet_assist.training_loop.datasets import load_split
+
+    size = (64, 112)
+    clip = generate_clip(3, 16, *size, fps=1.0)
+    folder = clip.write_frames(tmp_path / "clip")
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
+    vid = store.add_video(str(folder), fps=1.0, frame_count=16, split="test")
+    segments = {"segments": [[8, 15, 2]]}
+    store.record_annotations([AnnotationInput(
+        video_id=vid, frame_start=8, frame_end=15, task="phase",
+        payload=build_payload("phase", segments, store.schema), source="import", author="t",
+    )])
+    split = load_split(store, "test", size=size)
+    assert split.frames.frame_indices.tolist() == list(range(8, 16))
+    torch.manual_seed(0)
+    model = SurgeNetAssistModel.create(random_init=True)
+    model.phase_head.temporal_trained.fill_(True)
+    model.preprocessing = Preprocessing(
+        short_side=64, mean=tuple(model.backbone.mean), std=tuple(model.backbone.std), frame_size=size
+    )
+    whole = evaluate_mod.predict_frames(model, split.frames, device="cpu", video_paths=split.video_paths)
+    fragment = evaluate_mod.predict_frames(model, split.frames, device="cpu")
+    served = Predictor(model, device="cpu").predict_video(folder)
+    np.testing.assert_allclose(whole["phase_timeline"], served.phase_timeline_probs[8:], atol=1e-4)
+    assert not np.allclose(fragment["phase_timeline"], served.phase_timeline_probs[8:], atol=1e-4)
+    store.close()

@@ -79,7 +79,10 @@ def test_gate_rejects_worse_candidate_and_keeps_champion(trained, tmp_path):
     cand = registry.register_candidate(
         untrained, metrics=cand_metrics["primary"], manifest_hash="m2", seeds={"finetune": 0}, parent=champ
     )
-    decision = gate(cand_metrics["primary"], champ_metrics["primary"], margin=0.005, tolerance=0.02)
+    decision = gate(
+        cand_metrics["primary"], champ_metrics["primary"], margin=0.005, tolerance=0.02,
+        per_video=_agreeing_videos(cand_metrics["primary"], champ_metrics["primary"]),
+    )
     assert not decision.promote
     registry.set_status(cand, "rejected")
     assert registry.champion()["version"] == champ
@@ -88,16 +91,27 @@ def test_gate_rejects_worse_candidate_and_keeps_champion(trained, tmp_path):
     assert rows[cand]["metrics"]["parent"] == champ and rows[cand]["metrics"]["manifest_hash"] == "m2"
     assert rows[cand]["metrics"]["code_version"]
     # the better model does pass against the worse one
-    assert gate(champ_metrics["primary"], cand_metrics["primary"]).promote
+    better, worse = champ_metrics["primary"], cand_metrics["primary"]
+    assert gate(better, worse, per_video=_agreeing_videos(better, worse)).promote
+
+
+def _agreeing_videos(candidate: dict, champion: dict, videos: int = 3) -> dict:
+    """Per-video numbers of test videos that each show the split's scores (the gate needs 3 test videos;
+    its statistics are tested in test_gate.py)."""
+    return {v: (candidate, champion) for v in range(videos)}
 
 
 def test_gate_margin_and_per_task_tolerance():
     champ = {"segmentation": 0.50, "phase": 0.60, "cvs": 0.70}
-    assert not gate({"segmentation": 0.502, "phase": 0.60, "cvs": 0.70}, champ, margin=0.005).promote
-    assert gate({"segmentation": 0.53, "phase": 0.60, "cvs": 0.70}, champ, margin=0.005).promote
+
+    def judged(cand, **kw):
+        return gate(cand, champ, per_video=_agreeing_videos(cand, champ), **kw)
+
+    assert not judged({"segmentation": 0.502, "phase": 0.60, "cvs": 0.70}, margin=0.005).promote
+    assert judged({"segmentation": 0.53, "phase": 0.60, "cvs": 0.70}, margin=0.005).promote
     # mean improves a lot but one task regresses beyond the tolerance
-    regress = gate({"segmentation": 0.80, "phase": 0.55, "cvs": 0.70}, champ, margin=0.005, tolerance=0.02)
-    assert not regress.promote and any("phase regresses" in r for r in regress.reasons)
+    regress = judged({"segmentation": 0.80, "phase": 0.55, "cvs": 0.70}, margin=0.005, tolerance=0.02)
+    assert not regress.promote and any("phase 0.5500 is more than 0.02 below" in r for r in regress.reasons)
     assert gate({"segmentation": 0.1}, None).promote
 
 

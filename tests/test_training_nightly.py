@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from store_helpers import store_url  # noqa: F401 - fixture (SQLite and PostgreSQL)
 
 from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
@@ -269,8 +270,9 @@ def test_trainer_reconciles_before_a_cycle_runs_and_only_then(tmp_path):
 
 
 def test_train_promote_uses_the_cycles_gate(tmp_path, _isolated_home):
-    """`train --promote` decides through the same gate as the nightly cycle: the champion re-evaluated on the
-    test videos and the improvement's bootstrap interval reported."""
+    """`train --promote` decides through the same gate as the nightly cycle: the candidate beat the champion
+    on validation, the champion is re-evaluated on the test videos, and with two test videos the verdict is
+    "insufficient evidence" (the champion stays), with the improvement's interval reported."""
     from typer.testing import CliRunner
 
     from surgenet_assist.cli.main import app
@@ -288,4 +290,160 @@ def test_train_promote_uses_the_cycles_gate(tmp_path, _isolated_home):
     res = CliRunner().invoke(app, [*args, "--json", "--frame-size", f"{SIZE[0]}x{SIZE[1]}"])
     assert res.exit_code == 0, res.output
     gate = json.loads(res.output[res.output.index("{") :])["gate"]
-    assert gate["videos"] == 2 and gate["improvement_ci"] is not None and gate["reasons"]
+    assert gate["test"] == "paired t-interval over videos" and gate["min_videos"] == 3
+    assert gate["verdict"] == "insufficient evidence" and not gate["promote"], gate
+    assert gate["videos"] == 2 and gate["improvement_ci"] is not None
+    assert gate["reasons"][0].startswith("insufficient evidence: 2 test videos")
+    assert registry.champion()["version"] == first
+
+
+# --- test-split reuse: the gap alarm and the rotation (issue 22, item 2) -----------------------------------
+def _evaluation(scores: dict[int, float]) -> dict:
+    """What ``evaluate_model(per_video=True)`` returns for videos scoring ``scores`` (one task)."""
+    return {
+        "primary": {"segmentation": sum(scores.values()) / len(scores)},
+        "per_video_ids": list(scores),
+        "per_video_primary": [{"segmentation": v} for v in scores.values()],
+    }
+
+
+def _night(st, cfg, test_scores: list[float] | None, final_scores: list[float]) -> dict:
+    """One judged cycle's bookkeeping, as ``_cycle`` does it: rotate when due, then record the serving
+    model's test and final per-video scores (``test_scores`` None: the candidate did not pass validation,
+    the champion serves and its test scores count)."""
+    from surgenet_assist.training_loop.nightly import rotate_test_split, test_reuse_report
+    from surgenet_assist.training_loop.registry import GateDecision
+
+    run = st.record_training_run(task="nightly", status="running")
+    rotation = rotate_test_split(st, cfg, run)
+    tests = [v["id"] for v in st.videos() if v["split"] == "test"]
+    finals = [v["id"] for v in st.videos() if v["split"] == "final"]
+    scores = test_scores or [0.7] * len(tests)
+    champion_test = _evaluation(dict(zip(tests, scores, strict=True)))
+    result = {"test": champion_test if test_scores else None, "champion_test": champion_test}
+    per_video = dict(zip(map(str, finals), final_scores, strict=True))
+    final = {"serving": {"version": "v1", "per_video": per_video}} if finals else {"frames": 0}
+    reuse = test_reuse_report(st, cfg, run, result, GateDecision(False), final, rotation)
+    st.update_training_run(run, status="finished", metrics={"test_reuse": reuse})
+    return reuse
+
+
+def _videos(st, splits: list[str]) -> list[int]:
+    return [
+        st.add_video(f"/videos/case{i:02d}.mp4", fps=25, frame_count=9, split=s) for i, s in enumerate(splits)
+    ]
+
+
+@pytest.fixture
+def any_store(store_url):  # noqa: F811 - the fixture imported above
+    st = LabelStore(store_url, migrate=True)
+    yield st
+    st.close()
+
+
+def test_gap_alarm_fires_when_the_gap_leaves_its_interval_and_the_test_split_rotates(any_store):
+    store = any_store
+    cfg = NightlyConfig(db=store.url, progress=False)
+    ids = _videos(store, ["train", "train", "val", "test", "test", "test", "final", "final", "final"])
+    test_ids, final_ids = ids[3:6], ids[6:9]
+    first = _night(store, cfg, [0.70, 0.72, 0.74], [0.69, 0.71, 0.73])
+    # the first gap on this test split is the reference: +0.01 with its Welch interval, no alarm
+    assert first["gap"]["value"] == pytest.approx(0.01) and first["reference_gap"] is None
+    low, high = first["gap"]["interval"]
+    assert low < 0.01 < high and not first["alarm"] and not first["rotation_due"]
+    inside = _night(store, cfg, [0.71, 0.73, 0.75], [0.70, 0.72, 0.74])
+    assert not inside["alarm"] and inside["reference_gap"]["run"] and inside["reads_since_rotation"] == 2
+    # the test split now flatters the chosen model: +0.15 over final, outside the reference interval
+    worn = _night(store, cfg, [0.85, 0.87, 0.89], [0.70, 0.72, 0.74])
+    assert worn["gap"]["value"] == pytest.approx(0.15) and high < 0.15
+    assert worn["alarm"] and "left the interval" in worn["alarm_reason"] and worn["rotation_due"]
+    assert {v["id"]: v["split"] for v in store.videos()}[test_ids[0]] == "test"  # rotation is next cycle's
+
+    rotated = _night(store, cfg, [0.8, 0.8, 0.8], [])
+    assert rotated["rotation"]["rotated"] and "left the interval" in rotated["rotation"]["why"]
+    splits = {v["id"]: v["split"] for v in store.videos()}
+    assert [splits[v] for v in test_ids] == ["train"] * 3  # they decided too much to judge any more
+    assert [splits[v] for v in final_ids] == ["test"] * 3  # never read by a decision before
+    assert rotated["reads_since_rotation"] == 1 and not rotated["alarm"] and not rotated["rotation_due"]
+    (record,) = store.training_runs(task="test-rotation")
+    assert record["status"] == "finished" and record["params"]["new_test"] == final_ids
+    assert _night(store, cfg, [0.8, 0.8, 0.8], [])["rotation"] is None  # once
+
+
+def test_test_split_rotates_after_its_reads_and_waits_for_enough_final_videos(any_store):
+    store = any_store
+    cfg = NightlyConfig(db=store.url, progress=False, rotate_after_reads=2)
+    ids = _videos(store, ["train", "val", "test", "test", "test", "final", "final"])
+    assert not _night(store, cfg, [0.7, 0.7, 0.7], [0.7, 0.7])["rotation_due"]
+    skipped = _night(store, cfg, None, [0.7, 0.7])  # rejected on validation: the test split was not read
+    assert not skipped["read"] and skipped["reads_since_rotation"] == 1 and not skipped["rotation_due"]
+    assert _night(store, cfg, [0.7, 0.7, 0.7], [0.7, 0.7])["rotation_due"]  # the second read
+    waiting = _night(store, cfg, [0.7, 0.7, 0.7], [0.7, 0.7])
+    assert not waiting["rotation"]["rotated"] and "waits until 3" in waiting["rotation"]["reason"]
+    assert [v["split"] for v in store.videos()][2:5] == ["test"] * 3 and waiting["rotation_due"]
+    store.set_split(store.add_video("/videos/new.mp4", fps=25, frame_count=100), "final")
+    rotated = _night(store, cfg, [0.7, 0.7, 0.7], [])
+    assert rotated["rotation"]["rotated"] and "candidates read this test split" in rotated["rotation"]["why"]
+    assert sorted(rotated["rotation"]["new_test"]) == sorted([*ids[5:7], store.videos()[-1]["id"]])
+
+
+def test_a_rotation_interrupted_between_its_record_and_its_end_is_completed(any_store):
+    from surgenet_assist.training_loop.nightly import ROTATION_TASK, rotate_test_split
+
+    store = any_store
+    cfg = NightlyConfig(db=store.url, progress=False)
+    ids = _videos(store, ["train", "test", "final"])
+    plan = {"nightly_run": 1, "retired_to_train": [ids[1]], "new_test": [ids[2]], "why": "test"}
+    store.record_training_run(task=ROTATION_TASK, status="running", params=plan)  # killed right after this
+    assert rotate_test_split(store, cfg, None) is None  # no new rotation is due, the pending one is applied
+    assert [v["split"] for v in store.videos()] == ["train", "train", "test"]
+    assert [r["status"] for r in store.training_runs(task=ROTATION_TASK)] == ["finished"]
+
+
+def test_champion_is_scored_at_its_own_recorded_frame_size(tmp_path):
+    """A champion trained at another frame size than today's config is evaluated on the split loaded again
+    at its own size (and short side); a model at the config's contract gets the cycle's frames."""
+    from surgenet_assist.core.model import Preprocessing
+    from surgenet_assist.training_loop.nightly import SplitScorer, load_data
+
+    store = LabelStore(f"sqlite:///{tmp_path}/s.db", migrate=True)
+    split_of = ["train", "val", "test"]
+    populate_store(store, tmp_path / "clips", [71, 72, 73], frames=6, size=SIZE, splits=split_of)
+    cfg = NightlyConfig(db=store.url, frame_size=(48, 84), progress=False)
+    splits = load_data(store, cfg)
+    scorer = SplitScorer(store, cfg, splits)
+    model = SurgeNetAssistModel.create(random_init=True)
+    contract = {"short_side": 48, "mean": tuple(model.backbone.mean), "std": tuple(model.backbone.std)}
+    model.preprocessing = Preprocessing(**contract, frame_size=(48, 84))
+    assert scorer.frames(model, "test") is splits["test"]
+    model.preprocessing = Preprocessing(**contract, frame_size=SIZE)
+    own = scorer.frames(model, "test")
+    assert own.frames.images.shape[1:3] == SIZE and splits["test"].frames.images.shape[1:3] == (48, 84)
+    assert scorer.frames(model, "test") is own  # loaded once per cycle
+    result = scorer.evaluate(model, "test", surface_distance=False)
+    assert result["per_video_ids"] == [v["id"] for v in store.videos() if v["split"] == "test"]
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_candidate_worse_on_validation_never_reads_the_test_split(tmp_path, _isolated_home):
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = LabelStore(url, migrate=True)
+    splits = ["train", "train", "val", "test", "test", "test"]
+    populate_store(store, tmp_path / "clips", [81, 82, 83, 84, 85, 86], frames=10, size=SIZE, splits=splits)
+    first = run_cycle(NightlyConfig.from_dict(_config(url)))
+    assert first["outcome"].startswith("promoted") and first["gate"]["reasons"] == ["no champion yet"]
+    assert first["gate"]["reference_after"]["segmentation"]["version"] == first["candidate"]
+    # a candidate trained from scratch for one epoch, not warm-started: worse than the champion on validation
+    weak = _config(url) | {"warm_start": False, "force": True}
+    weak["finetune"] = weak["finetune"] | {"epochs": 1, "temporal_epochs": 1}
+    report = run_cycle(NightlyConfig.from_dict(weak))
+    assert report["gate"]["verdict"] == "rejected on validation", report["gate"]
+    assert "the test split is not read" in report["gate"]["reasons"][0]
+    assert report["candidate_primary"] is None and not report["test_reuse"]["read"]
+    assert report["test_reuse"]["reads_since_rotation"] == 1  # the first cycle's read only
+    row = Registry(store).get(report["candidate"])
+    assert row["status"] == "rejected" and set(row["metrics"]["test"]) == {"not_evaluated"}
+    assert Registry(store).champion()["version"] == first["candidate"]
+    text = Path(report["report"]).read_text()
+    assert "Verdict: **rejected on validation**" in text and "## Test-split reuse" in text

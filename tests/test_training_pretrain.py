@@ -138,6 +138,8 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     store.record_training_run(task="pretrain", status="finished", params={"total_frames": 48})
     assert pretrain_due(store, cfg) == (False, 0)
 
+    # the backbone gate is the promotion gate's paired test over validation videos: it needs three
+    populate_store(store, tmp_path / "clips", [55, 56], frames=12, size=SIZE, splits=["val", "val"])
     splits = load_splits(store, size=SIZE)
     broken = load_backbone(random_init=True)
     with torch.no_grad():
@@ -147,6 +149,7 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     bad_model = SurgeNetAssistModel(copy.deepcopy(broken))
     keep = select_backbone(bad_model, healthy, splits, cfg, "m")
     assert keep["kept"] and keep["val_scores"]["adapted"] > keep["val_scores"]["current"]
+    assert keep["val_scores"]["paired_test"]["units"] == 3  # validation videos, the unit of the test
     reject = select_backbone(model, broken, splits, cfg, "m")
     assert not reject["kept"] and reject["model"].backbone is not broken
 

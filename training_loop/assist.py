@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,15 @@ import numpy as np
 import torch
 
 from surgenet_assist.core.backbone import SurgeNetBackbone
-from surgenet_assist.core.embedding_cache import EmbeddingCache, Stages, VideoFeatures, image_stages
+from surgenet_assist.core.embedding_cache import (
+    DEFAULT_CACHE_BYTES,
+    ByteLRU,
+    EmbeddingCache,
+    Stages,
+    VideoFeatures,
+    image_stages,
+    resident_nbytes,
+)
 from surgenet_assist.core.predictor import FramePrediction, VideoPrediction, normalised_entropy
 from surgenet_assist.core.propagation import MaskPropagator, propagate_cvs, propagate_phases
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
@@ -98,8 +105,21 @@ class InstantPredictor:
         )
 
 
+def _features_nbytes(value: VideoFeatures | Stages) -> int:
+    """Memory a cached video's features (memory-mapped stages: their indices and embeddings) or a frame's
+    stages hold in this process."""
+    if isinstance(value, VideoFeatures):
+        return resident_nbytes(value.indices, value.stride8, value.stride16, value.embeddings)
+    return resident_nbytes(*value)
+
+
 class DayOneAssist:
-    """Propagation + instant heads for one label store (see the module docstring)."""
+    """Propagation + instant heads for one label store (see the module docstring).
+
+    Features in memory (videos' cache entries, single frames' stages) share one LRU of at most
+    ``feature_cache_bytes``: a frame's stages cost ~0.75 MB at a 256-pixel short side (854 x 480 input
+    448 x 256), at most ~1.7 MB (the input's long side is clamped); a video's entry costs ~1 KB per sampled
+    frame, its stages being memory-mapped from the disk cache."""
 
     no_model_version = "no-model"  # what a task gets when neither source can say anything
 
@@ -117,14 +137,16 @@ class DayOneAssist:
         instant_root: str | Path | None = None,
         debounce_s: float = 0.5,
         worker: bool = True,
+        feature_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.store, self.backbone, self.schema = store, backbone.eval(), schema
         self.short_side, self.sample_fps, self.project = short_side, sample_fps, project
         self.cache = cache or EmbeddingCache()
         self.resolve = resolve or Path
         self.instant_root = instant_root
-        self._features: dict[str, VideoFeatures] = {}
-        self._frames: OrderedDict[tuple[str, int], Stages] = OrderedDict()
+        self.features_in_memory: ByteLRU[VideoFeatures | Stages] = ByteLRU(
+            feature_cache_bytes, _features_nbytes
+        )
         self._propagated: dict[tuple[int, tuple], dict[int, Any]] = {}
         self._heads: tuple[str, InstantHeads] | None = None
         self._lock = threading.RLock()
@@ -137,11 +159,11 @@ class DayOneAssist:
     def video_features(self, video: str | Path) -> VideoFeatures:
         path = str(self.resolve(str(video)))
         with self._lock:
-            if path not in self._features:
-                self._features[path] = self.cache.get_or_compute(
-                    path, self.backbone, self.sample_fps, self.short_side
-                )
-            return self._features[path]
+            feats = self.features_in_memory.get(("video", path))
+            if feats is None:
+                feats = self.cache.get_or_compute(path, self.backbone, self.sample_fps, self.short_side)
+                self.features_in_memory.put(("video", path), feats)
+            return feats
 
     def frame_stages(self, video: str, frame: int) -> Stages:
         """Features of one frame: from the video's cache when the frame was sampled, else computed."""
@@ -151,15 +173,14 @@ class DayOneAssist:
             return feats.stride8[p], feats.stride16[p], feats.embeddings[p]
         except KeyError:
             pass
-        key = (str(video), int(frame))
+        key = ("frame", str(video), int(frame))
         with self._lock:
-            if key not in self._frames:
+            stages = self.features_in_memory.get(key)
+            if stages is None:
                 with open_video(self.resolve(str(video))) as src:
                     image = src.read_frame(frame)
-                self._frames[key] = image_stages(self.backbone, image, self.short_side)
-                while len(self._frames) > 512:
-                    self._frames.popitem(last=False)
-            return self._frames[key]
+                stages = self.features_in_memory.put(key, image_stages(self.backbone, image, self.short_side))
+            return stages
 
     # --- instant heads --------------------------------------------------------------------------------
     def training_data(

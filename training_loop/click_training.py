@@ -14,8 +14,8 @@ taken on the last pass, on the stride-8 grid, against the area-averaged object m
 
 Gate (:func:`judge_click_head`): the standard simulated annotator (``core.interactive.clicker``) on the
 validation objects for the candidate, the day-one level and the current interactive champion; the candidate
-is promoted only when it needs fewer clicks than day one at both IoU 0.85 and 0.90 (with a paired bootstrap
-interval over objects when there are enough of them) and no more than the champion.
+is promoted only when it needs fewer clicks than day one at both IoU 0.85 and 0.90 (by the whole-frame gate's
+paired test over validation videos: ``registry.paired_test``) and no more than the champion.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from surgenet_assist.core.store import (
 from surgenet_assist.core.video import open_video
 
 from .datasets import assign_splits, manifest_hash
-from .registry import bootstrap_interval, code_version, registry_root
+from .registry import INSUFFICIENT, MIN_TEST_VIDEOS, code_version, paired_test, registry_root
 
 log = logging.getLogger("surgenet_assist.click_training")
 
@@ -82,8 +82,8 @@ class ClickTrainConfig:
     min_object_fraction: float = 0.002
     max_object_fraction: float = 0.9
     eval_max_clicks: int = MAX_CLICKS
-    min_ci_objects: int = 10  # fewer validation objects: the point estimates decide (said in the reasons)
-    n_boot: int = 2000
+    # fewer validation videos: "insufficient evidence", the serving head stays (the whole-frame gate's rule)
+    min_val_videos: int = MIN_TEST_VIDEOS
     short_side: int = 256  # the engine's default input size
     seed: int = 0
     # torch threads while training and evaluating (not while embedding): the head's convolutions are tiny,
@@ -418,8 +418,10 @@ class ClickGate:
     candidate: dict[str, float]
     day_one: dict[str, float]
     champion: dict[str, float] | None = None
-    improvement_ci: tuple[float, float] | None = None  # clicks saved vs day one, 95% bootstrap over objects
+    improvement_ci: tuple[float, float] | None = None  # clicks saved vs day one, 95% t-interval over videos
     objects: int = 0
+    videos: int = 0
+    verdict: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -430,6 +432,8 @@ class ClickGate:
             "champion": self.champion,
             "improvement_ci": list(self.improvement_ci) if self.improvement_ci else None,
             "objects": self.objects,
+            "videos": self.videos,
+            "verdict": self.verdict or ("promoted" if self.promote else "rejected"),
         }
 
 
@@ -438,15 +442,17 @@ def judge_click_head(
     day_one: Sequence[ClickSession],
     champion: Sequence[ClickSession] | None = None,
     *,
+    videos: Sequence[str] | None = None,
     max_clicks: int = MAX_CLICKS,
-    min_ci_objects: int = 10,
-    n_boot: int = 2000,
-    seed: int = 0,
+    min_val_videos: int = MIN_TEST_VIDEOS,
 ) -> ClickGate:
     """Promote only when the candidate needs fewer clicks than day one at both NoC@85 and NoC@90 on the same
-    validation objects and, with ``min_ci_objects`` or more, the lower bound of the 95% paired bootstrap
-    interval (over objects) of the clicks it saves (mean of the two NoCs) is above zero; and when it needs no
-    more clicks than the current champion (sessions on the same objects) at either threshold. Without
+    validation objects, when the clicks it saves (mean of the two NoCs) are above zero by the whole-frame
+    gate's test (``registry.paired_test``: the lower bound of the 95% t-interval over validation **videos**,
+    each video's objects averaged first, since objects of one video are not independent; fewer than
+    ``min_val_videos`` videos: insufficient evidence, not promoted), and when it needs no more clicks than
+    the current champion (sessions on the same objects) at either threshold. ``videos`` names each object's
+    video; without it every object counts as its own video (only right for independent objects). Without
     validation objects nothing is promoted."""
     cand, base = summarize(candidate, max_clicks), summarize(day_one, max_clicks)
     champ = summarize(champion, max_clicks) if champion is not None else None
@@ -457,31 +463,29 @@ def judge_click_head(
     for t in ("noc85", "noc90"):
         if not cand[t] < base[t]:
             reasons.append(f"{t} {cand[t]:.2f} is not below day one's {base[t]:.2f}")
-    saved = np.array(
-        [_mean_noc(b, max_clicks) - _mean_noc(c, max_clicks) for c, b in zip(candidate, day_one, strict=True)]
+    pairs = zip(candidate, day_one, strict=True)
+    saved = [_mean_noc(b, max_clicks) - _mean_noc(c, max_clicks) for c, b in pairs]
+    names = list(videos) if videos is not None else [str(i) for i in range(len(saved))]
+    by_video: dict[str, list[float]] = defaultdict(list)
+    for name, s in zip(names, saved, strict=True):
+        by_video[name].append(s)
+    test = paired_test(
+        [float(np.mean(v)) for v in by_video.values()], 0.0, min_units=min_val_videos,
+        unit="validation videos" if videos is not None else "validation objects",
     )
-    ci = None
-    if len(saved) >= min_ci_objects:
-        ci = bootstrap_interval(saved, n_boot, seed)
-        if ci[0] <= 0:
-            reasons.append(
-                f"clicks saved vs day one {saved.mean():+.2f} (95% CI {ci[0]:+.2f}..{ci[1]:+.2f} over "
-                f"{len(saved)} objects): the lower bound is not above 0"
-            )
+    if not test.better:
+        reasons.append(f"clicks saved vs day one, {test.reason}")
     if champ:
         for t in ("noc85", "noc90"):
             if cand[t] > champ[t]:
                 reasons.append(f"{t} {cand[t]:.2f} is worse than the champion's {champ[t]:.2f}")
+    ci, units = test.interval, test.units
     if reasons:
-        return ClickGate(False, reasons, cand, base, champ, ci, len(saved))
-    how = (
-        f"saves {saved.mean():.2f} clicks per object vs day one (95% CI {ci[0]:+.2f}..{ci[1]:+.2f})"
-        if ci is not None
-        else f"saves {saved.mean():.2f} clicks per object vs day one (under {min_ci_objects} objects: "
-        "point estimate)"
-    )
+        verdict = INSUFFICIENT if test.outcome == INSUFFICIENT else "rejected"
+        return ClickGate(False, reasons, cand, base, champ, ci, len(saved), units, verdict)
+    how = f"saves {float(np.mean(saved)):.2f} clicks per object vs day one ({test.reason})"
     champ_note = "; no interactive champion yet" if champ is None else "; not worse than the champion"
-    return ClickGate(True, [how + champ_note], cand, base, champ, ci, len(saved))
+    return ClickGate(True, [how + champ_note], cand, base, champ, ci, len(saved), units, "promoted")
 
 
 # --- the store path ----------------------------------------------------------------------------------------
@@ -654,6 +658,7 @@ def train_click_head(
         "head": fit.head,
         "fit": fit,
         "sessions": sessions,
+        "val_videos": [o.video for o in val],
         "val": {name: summarize(s, cfg.eval_max_clicks) for name, s in sessions.items()},
         "counts": {
             "train_frames": len(records.records["train"]),
@@ -789,10 +794,9 @@ def run_click_stage(
         result["sessions"]["learned"],
         result["sessions"]["day_one"],
         result["sessions"].get("champion"),
+        videos=result.get("val_videos"),
         max_clicks=cfg.eval_max_clicks,
-        min_ci_objects=cfg.min_ci_objects,
-        n_boot=cfg.n_boot,
-        seed=cfg.seed,
+        min_val_videos=cfg.min_val_videos,
     )
     version = register_click_head(store, result, decision, project=project, root=root)
     fit: ClickFit = result["fit"]

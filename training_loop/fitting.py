@@ -31,7 +31,8 @@ def fit(
     deadline: float | None,
     tag: str = "main",
 ) -> tuple[FinetuneHistory, dict[str, Any]]:
-    """Fine-tune ``model`` in place on train (checkpointed), return history and val metrics.
+    """Fine-tune ``model`` in place on train (checkpointed), return history and val metrics (per video too:
+    the backbone gate's paired test reads them).
 
     ``cfg`` is a ``nightly.NightlyConfig`` (its ``finetune`` and ``progress``). The checkpoint folder is keyed
     by the training data (``manifest``), the fine-tuning settings, ``tag`` and the starting weights, so a
@@ -42,5 +43,8 @@ def fit(
     key = hashlib.sha256((manifest + ft.key() + tag + start).encode()).hexdigest()
     ft.checkpoint_dir = str(work_dir(key[:20]))
     history = finetune_heads(model, splits["train"].frames, ft, progress=cfg.progress and ddp.is_main())
-    val = evaluate_model(model, splits["val"].frames, short_side=ft.short_side)
+    val_split = splits["val"]
+    val = evaluate_model(
+        model, val_split.frames, short_side=ft.short_side, per_video=True, video_paths=val_split.video_paths
+    )
     return history, val

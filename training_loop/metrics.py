@@ -9,6 +9,8 @@ Phase (Cholec80 ``Evaluate.m`` / ``Main.m``): accuracy per video; Jaccard, preci
 and phase, nan-meaned per phase over the videos whose ground truth has the phase, then averaged over
 phases. The relaxed variant scores every one of these with the 10-second relaxed-boundary correctness; the
 Cholec80 phase-specific rules are selected by the dataset's ``phase_protocol``, never by the phase count.
+``matlab_compat`` reproduces the published scripts' behaviour (an indexing bug included) instead of their
+intent, for comparison with published Cholec80 numbers.
 
 CVS (Endoscapes): ground truth binarised by ONE rule everywhere (:func:`cvs_positive`: rater mean >= 0.5);
 average precision per criterion, mAP and balanced accuracy.
@@ -215,16 +217,23 @@ def relaxed_diff(
     fps: float,
     cholec80_rules: bool = True,
     window_s: float = 10.0,
+    *,
+    matlab_compat: bool = False,
 ) -> np.ndarray:
     """``pred - gt`` with boundary errors forgiven as the Cholec80 MATLAB ``Evaluate.m`` intends.
 
-    Per ground-truth segment (run of one phase): within its first ``t = window_s * fps`` frames (``t`` cut to
-    the segment length) a prediction still in the previous phase (diff -1) counts as correct; within its last
-    ``t`` frames an early switch to the next phase (+1) does. ``cholec80_rules`` adds Cholec80's
-    phase-specific rules (1-based phases 4-5: +2 also forgiven at the end; 6-7: -2 at the start and +2 at the
-    end). Note: ``Evaluate.m`` writes the end rule as ``curDiff(curDiff(end-t+1:end)==1) = 0``, whose logical
-    index (length t) addresses the segment's FIRST t frames; we implement the documented intent (its last t
-    frames), as the rule's comment and every description of the protocol state it.
+    ``fps`` is the rate of the rows (frames per second of the sequence scored), so the window is
+    ``t = window_s * fps`` rows: 10 rows at 1 fps, 50 at 5 fps. Per ground-truth segment (run of one phase):
+    within its first ``t`` rows (``t`` cut to the segment length) a prediction still in the previous phase
+    (diff -1) counts as correct; within its last ``t`` rows an early switch to the next phase (+1) does.
+    ``cholec80_rules`` adds Cholec80's phase-specific rules (1-based phases 4-5: +2 also forgiven at the end;
+    6-7: -2 at the start and +2 at the end).
+
+    ``matlab_compat`` reproduces the published script instead of its intent. ``Evaluate.m`` writes the end
+    rule as ``curDiff(curDiff(end-t+1:end)==1) = 0``: the logical index is computed on the segment's last
+    ``t`` rows but, being ``t`` long, addresses its FIRST ``t`` rows. So an early transition at the end of a
+    segment is never forgiven, and row ``i`` of the segment's head is zeroed (whatever its error) when row
+    ``i`` of its tail is an early transition. Published Cholec80 numbers were computed that way.
     """
     diff = pred.astype(np.int64) - gt.astype(np.int64)
     out = diff.copy()
@@ -238,12 +247,15 @@ def relaxed_diff(
         phase1 = int(gt[start]) + 1
         cur = diff[start : end + 1].copy()
         t = min(t_orig, len(cur))
-        head, tail = cur[:t], cur[len(cur) - t :]
         early = (-1, -2) if cholec80_rules and phase1 in (6, 7) else (-1,)
         late = (1, 2) if cholec80_rules and phase1 in (4, 5, 6, 7) else (1,)
-        head_ok, tail_ok = np.isin(head, early), np.isin(tail, late)
-        cur[:t][head_ok] = 0
-        cur[len(cur) - t :][tail_ok] = 0
+        # in the script's order: the head rule first, then the end rule on the updated segment
+        cur[:t][np.isin(cur[:t], early)] = 0
+        tail_ok = np.isin(cur[len(cur) - t :], late)
+        if matlab_compat:
+            cur[:t][tail_ok] = 0
+        else:
+            cur[len(cur) - t :][tail_ok] = 0
         out[start : end + 1] = cur
         start = end + 1
     return out
@@ -256,7 +268,7 @@ def _phase_protocol_rules(protocol: str | None) -> bool:
 
 
 def phase_video_scores(
-    pred: np.ndarray, gt: np.ndarray, num_phases: int, correct: np.ndarray
+    pred: np.ndarray, gt: np.ndarray, num_phases: int, correct: np.ndarray, *, matlab_compat: bool = False
 ) -> dict[str, np.ndarray | float]:
     """One video's scores as ``Evaluate.m`` computes them, from a per-frame ``correct`` mask.
 
@@ -264,8 +276,9 @@ def phase_video_scores(
     TP = frames of U that are ``correct``; Jaccard = TP/|U|, precision = TP/#predicted k, recall =
     TP/#labelled k, each clipped to 1 (relaxed TP can exceed the denominators, ``Main.m`` clips at 100 %);
     F1 = 2PR/(P+R). A phase that is labelled but never predicted gets precision 0 and F1 0 (``Evaluate.m``
-    would divide by zero). Accuracy = mean of ``correct``. With ``correct = pred == gt`` these are the strict
-    per-class scores (precision/recall/F1 as scikit-learn's, ``zero_division=0``).
+    divides by zero: ``matlab_compat`` keeps its answer, NaN when TP is 0 and 1 (infinity clipped) when the
+    relaxation made some of its frames correct). Accuracy = mean of ``correct``. With ``correct = pred ==
+    gt`` these are the strict per-class scores (precision/recall/F1 as scikit-learn's, ``zero_division=0``).
     """
     shape = (num_phases,)
     jac, prec, rec, f1 = (np.full(shape, np.nan) for _ in range(4))
@@ -277,9 +290,15 @@ def phase_video_scores(
         union = is_gt | is_pred
         tp = float(correct[union].sum())
         jac[k] = min(1.0, tp / union.sum())
-        prec[k] = min(1.0, tp / n_pred) if n_pred else 0.0
+        if n_pred:
+            prec[k] = min(1.0, tp / n_pred)
+        elif matlab_compat:
+            prec[k] = 1.0 if tp > 0 else np.nan
+        else:
+            prec[k] = 0.0
         rec[k] = min(1.0, tp / n_gt)
-        f1[k] = 2 * prec[k] * rec[k] / (prec[k] + rec[k]) if prec[k] + rec[k] > 0 else 0.0
+        if not np.isnan(prec[k]):
+            f1[k] = 2 * prec[k] * rec[k] / (prec[k] + rec[k]) if prec[k] + rec[k] > 0 else 0.0
     return {
         "accuracy": float(correct.mean()),
         "jaccard": jac,
@@ -289,11 +308,27 @@ def phase_video_scores(
     }
 
 
-def _per_phase_then_mean(rows: list[np.ndarray], num_phases: int) -> tuple[list[float | None], float, float]:
-    """``Main.m``: nan-mean each phase over videos, then mean (and std) over the phases with a value."""
+def _matlab_std(values: np.ndarray) -> float:
+    """MATLAB's ``std``: the N-1 normalisation, and 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _per_phase_then_mean(
+    rows: list[np.ndarray], num_phases: int, matlab: str | None = None
+) -> tuple[list[float | None], float, float]:
+    """``Main.m``: nan-mean each phase over videos, then mean (and std) over the phases with a value.
+
+    ``matlab`` reproduces the script's own reductions over phases instead: ``"mean"`` (Jaccard, recall:
+    ``mean``/``std``, so a phase absent from every video makes the result NaN) or ``"nanmean"`` (precision:
+    ``nanmean``/``nanstd``), both with MATLAB's N-1 standard deviation."""
     table = np.vstack(rows) if rows else np.full((0, num_phases), np.nan)
     per_phase = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in table.T]
     known = [p for p in per_phase if p is not None]
+    if matlab == "mean":
+        values = np.array([np.nan if p is None else p for p in per_phase])
+        return per_phase, float(np.mean(values)), _matlab_std(values)  # NaN propagates, as in MATLAB
+    if matlab == "nanmean":
+        return per_phase, (float(np.mean(known)) if known else np.nan), _matlab_std(np.array(known))
     return per_phase, (float(np.mean(known)) if known else 0.0), (float(np.std(known)) if known else 0.0)
 
 
@@ -301,10 +336,11 @@ def phase_video_metrics(
     videos: list[tuple[np.ndarray, np.ndarray]],
     num_phases: int,
     relaxed: bool = False,
-    fps: float = 1.0,
+    fps: float | list[float] = 1.0,
     *,
     protocol: str | None = None,
     window_s: float = 10.0,
+    matlab_compat: bool = False,
 ) -> dict[str, Any]:
     """Phase metrics per video, then averaged as the Cholec80 ``Main.m`` does.
 
@@ -315,29 +351,54 @@ def phase_video_metrics(
     common aggregation: per video the mean F1 over the phases it contains, then the mean over videos.
 
     ``relaxed`` scores every metric (accuracy, Jaccard, precision, recall, F1) with the relaxed-boundary
-    correctness of :func:`relaxed_diff` (``window_s`` seconds at ``fps``); ``protocol`` selects the
-    dataset's rules: ``"cholec80"`` adds Cholec80's phase-specific rules, None (any other dataset, e.g.
-    AutoLaparo, also 7 phases) uses the general rule only. Pass ``LabelSchema.phase_protocol``.
+    correctness of :func:`relaxed_diff` (``window_s`` seconds at ``fps`` rows per second; one rate for all
+    videos or one per video); ``protocol`` selects the dataset's rules: ``"cholec80"`` adds Cholec80's
+    phase-specific rules, None (any other dataset, e.g. AutoLaparo, also 7 phases) uses the general rule
+    only. Pass ``LabelSchema.phase_protocol``.
+
+    ``matlab_compat`` (relaxed, Cholec80 only) reproduces the published ``Evaluate.m`` + ``Main.m`` rather
+    than their intent, so the numbers compare with published Cholec80 results: the end-of-segment rule's
+    indexing (:func:`relaxed_diff`), precision of a never-predicted phase as the script's division by zero
+    gives it, Jaccard and recall averaged over phases with ``mean`` (NaN when a phase is absent from every
+    video) and precision with ``nanmean``, MATLAB's N-1 standard deviations, and no F1 (the script has none).
     """
     cholec80_rules = _phase_protocol_rules(protocol)
+    if matlab_compat and not (relaxed and cholec80_rules):
+        raise ValueError(
+            "matlab_compat reproduces the Cholec80 relaxed script: pass relaxed=True and protocol='cholec80'"
+        )
+    rates = list(fps) if isinstance(fps, list | tuple | np.ndarray) else [float(fps)] * len(videos)
+    if len(rates) != len(videos):
+        raise ValueError(f"{len(rates)} frame rates for {len(videos)} videos")
     accs, video_f1 = [], []
     rows: dict[str, list[np.ndarray]] = {"jaccard": [], "precision": [], "recall": [], "f1": []}
-    for pred, gt in videos:
+    for (pred, gt), rate in zip(videos, rates, strict=True):
         pred, gt = np.asarray(pred), np.asarray(gt)
         keep = gt >= 0
         pred, gt = pred[keep], gt[keep]
         if len(gt) == 0:
             continue
         if relaxed:
-            correct = relaxed_diff(pred, gt, fps, cholec80_rules=cholec80_rules, window_s=window_s) == 0
+            diff = relaxed_diff(pred, gt, rate, cholec80_rules, window_s, matlab_compat=matlab_compat)
+            correct = diff == 0
         else:
             correct = pred == gt
-        scores = phase_video_scores(pred, gt, num_phases, correct)
+        scores = phase_video_scores(pred, gt, num_phases, correct, matlab_compat=matlab_compat)
         accs.append(scores["accuracy"])
-        video_f1.append(float(np.nanmean(scores["f1"])))
+        video_f1.append(float(np.nanmean(scores["f1"])) if not np.isnan(scores["f1"]).all() else 0.0)
         for key in rows:
             rows[key].append(scores[key])
-    out: dict[str, Any] = {
+    if matlab_compat:
+        out: dict[str, Any] = {
+            "accuracy": float(np.mean(accs)) if accs else np.nan,
+            "accuracy_std_videos": _matlab_std(np.array(accs)),
+        }
+        for key, how in (("jaccard", "mean"), ("precision", "nanmean"), ("recall", "mean")):
+            per_phase, mean, std = _per_phase_then_mean(rows[key], num_phases, matlab=how)
+            out |= {key: mean, f"{key}_std_phases": std, f"{key}_per_phase": per_phase}
+        out.update(videos=len(accs), relaxed=True, protocol=protocol, matlab_compat=True)
+        return out
+    out = {
         "accuracy": float(np.mean(accs)) if accs else 0.0,
         "accuracy_std_videos": float(np.std(accs)) if accs else 0.0,
         "macro_f1": float(np.mean(video_f1)) if video_f1 else 0.0,

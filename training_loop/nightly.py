@@ -37,16 +37,38 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.model import SurgeNetAssistModel
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.store import DEFAULT_PROJECT, REJECTED, RUN_RUNNING, LabelStore
+from surgenet_assist.core.store import (
+    ARCHIVED,
+    CHAMPION,
+    DEFAULT_PROJECT,
+    PREVIOUS_CHAMPION,
+    REJECTED,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    LabelStore,
+)
 from surgenet_assist.core.zoo import DEFAULT_BACKBONE
 
 from . import distributed as ddp
 from .click_training import ClickTrainConfig
 from .datasets import SPLITS, SplitData, assign_splits, combined_manifest_hash, load_split
-from .evaluate import annotation_efficiency, cvs_thresholds_on, evaluate_model, overall_score
+from .evaluate import (
+    annotation_efficiency,
+    cvs_thresholds_on,
+    evaluate_model,
+    overall_score,
+    paired_per_video,
+)
 from .finetune import FinetuneConfig, FinetuneHistory
 from .fitting import fit
-from .registry import GateDecision, Registry, gate
+from .registry import (
+    MIN_TEST_VIDEOS,
+    GateDecision,
+    Registry,
+    gap_interval,
+    gate,
+    next_reference,
+)
 
 
 class ConfigError(SurgenetAssistError):
@@ -101,7 +123,8 @@ class NightlyConfig:
         default_factory=lambda: FinetuneConfig(short_side=224, checkpoint_every=25)
     )
     margin: float = 0.005
-    tolerance: float = 0.02
+    tolerance: float = 0.02  # per task, below the best score ever promoted on the current test split
+    rotate_after_reads: int = 10  # candidates judged on one test split before it rotates (docs/nightly.md)
     warm_start: bool = True  # start from the champion's weights (heads and backbone)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     rescore_max_frames_per_video: int = 200
@@ -218,8 +241,14 @@ def train_candidate(
     splits: dict[str, SplitData] | None = None,
     model: SurgeNetAssistModel | None = None,
     parent: str | None = None,
+    champion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune, evaluate on test, register a candidate (rank 0). Returns what the cycle reports."""
+    """Fine-tune, evaluate, register a candidate (rank 0). Returns what the cycle reports.
+
+    With ``champion`` (its registry row) the candidate reaches the test split only after beating it on
+    validation (:func:`validation_screen`); one that does not is registered with its validation numbers
+    only (``test`` None) and the test split is not read. Without it (``surgenet-assist train``) the test
+    split is evaluated and :func:`judge_candidate` screens before deciding."""
     registry = Registry(store, project=cfg.project)
     splits = splits or load_data(store, cfg)
     if len(splits["train"].frames) == 0:
@@ -232,15 +261,19 @@ def train_candidate(
         model, parent = load_parent(cfg, registry)
     history, val = fit(model, splits, cfg, manifest, deadline)
     thresholds = cvs_thresholds_on(model, splits["val"].frames, short_side=cfg.finetune.short_side)
-    test = evaluate_model(
-        model, splits["test"].frames, short_side=cfg.finetune.short_side, cvs_thresholds=thresholds,
-        per_video=True,  # the gate's paired bootstrap, from the same predictions
-    )
+    scorer = SplitScorer(store, cfg, splits)
+    result: dict[str, Any] = {"val": val, "scorer": scorer, "test": None}
+    if champion is not None:
+        result["champion_model"], _ = load_bundle(champion["bundle_path"], allow_download=not cfg.random_init)
+        result["val_screen"] = validation_screen(val, result["champion_model"], scorer)
+    if result.get("val_screen", {}).get("passed", True):
+        result["test"] = scorer.evaluate(model, "test", thresholds)  # per video: the gate's paired test
+    test = result["test"]
     version = None
     if ddp.is_main():
         version = registry.register_candidate(
             model,
-            metrics=_slim(test),
+            metrics=_slim(test) if test is not None else {"not_evaluated": result["val_screen"]["reason"]},
             manifest_hash=manifest,
             seeds={"finetune": cfg.finetune.seed},
             parent=parent,
@@ -249,21 +282,73 @@ def train_candidate(
                 "frame_size": cfg.frame_size,
                 "counts": {s: d.counts() for s, d in splits.items()},
                 "val": _slim(val),
+                "val_screen": result.get("val_screen"),
                 "cvs_thresholds": thresholds,
             },
         )
     version = ddp.broadcast_object(version)
-    return {
+    return result | {
         "version": version,
         "model": model,
         "history": history,
-        "val": val,
-        "test": test,
         "manifest": manifest,
         "parent": parent,
         "splits": splits,
         "cvs_thresholds": thresholds,
     }
+
+
+class SplitScorer:
+    """Scores a model on a split of the cycle at the model's own recorded preprocessing (frame size, short
+    side, temporal rate), per video, with whole-video temporal context. The candidate is trained at the
+    config's, so its frames are the cycle's; a champion trained at another frame size or temporal rate gets
+    the split's frames loaded again at its own (once per cycle)."""
+
+    def __init__(self, store: LabelStore, cfg: NightlyConfig, splits: dict[str, SplitData]) -> None:
+        self.store, self.cfg, self.splits = store, cfg, splits
+        self._loaded: dict[tuple[str, tuple[int, int], float], SplitData] = {}
+
+    def frames(self, model: SurgeNetAssistModel, split: str) -> SplitData:
+        contract = model.preprocessing_contract()
+        size = tuple(contract.frame_size or self.cfg.frame_size)
+        key = (split, size, float(contract.temporal_fps))
+        if key == (split, tuple(self.cfg.frame_size), float(self.cfg.finetune.temporal_fps)):
+            return self.splits[split]
+        if key not in self._loaded:
+            self._loaded[key] = load_split(
+                self.store, split, project=self.cfg.project, size=size, temporal_fps=key[2]
+            )
+        return self._loaded[key]
+
+    def evaluate(
+        self, model: SurgeNetAssistModel, split: str, thresholds: list[float] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        data = self.frames(model, split)
+        return evaluate_model(
+            model, data.frames, short_side=model.preprocessing_contract().short_side,
+            cvs_thresholds=thresholds, per_video=True, video_paths=data.video_paths, **kwargs,
+        )
+
+
+def validation_screen(
+    val: dict[str, Any], champion: SurgeNetAssistModel, scorer: SplitScorer
+) -> dict[str, Any]:
+    """Test-reuse policy, first step: the candidate must beat the champion on validation (mean headline
+    metric over the tasks both have, the champion scored at its own preprocessing) before the test split is
+    read at all. Every read of the test split spends some of its independence; a candidate already worse on
+    validation would only spend it."""
+    theirs = scorer.evaluate(champion, "val", surface_distance=False)["primary"]
+    tasks = sorted(set(val["primary"]) & set(theirs))
+    if not tasks:
+        why = "no validation labels both models are scored on: the test split is not read (label a val video)"
+        return {"passed": False, "reason": why, "candidate": None, "champion": None}
+    cand = overall_score({t: val["primary"][t] for t in tasks})
+    champ = overall_score({t: theirs[t] for t in tasks})
+    passed = cand > champ
+    verb = "beats" if passed else "does not beat"
+    why = "" if passed else ": the test split is not read"
+    reason = f"on validation the candidate ({cand:.4f}) {verb} the champion ({champ:.4f}){why}"
+    return {"passed": passed, "reason": reason, "candidate": cand, "champion": champ}
 
 
 def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -336,13 +421,9 @@ def write_report(
         if key in report:
             lines.append(f"- {key.replace('_', ' ')}: `{json.dumps(report[key], default=str)}`")
     if "gate" in report:
-        lines += ["", "## Promotion gate (frozen test split)", ""]
-        lines += [f"- {r}" for r in report["gate"]["reasons"]]
-        lines += ["", "| task | candidate | champion |", "|---|---|---|"]
-        cand, champ = report.get("candidate_primary", {}), report.get("champion_primary") or {}
-        for t in sorted(set(cand) | set(champ)):
-            c, h = cand.get(t), champ.get(t)
-            lines.append(f"| {t} | {'' if c is None else f'{c:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
+        lines += _gate_lines(report)
+    if "test_reuse" in report:
+        lines += _test_reuse_lines(report["test_reuse"])
     if "interactive" in report:
         lines += _interactive_lines(report["interactive"])
     if "annotation_efficiency" in report:
@@ -424,7 +505,8 @@ def _run_cycle(store: LabelStore, cfg: NightlyConfig, from_queue: bool) -> dict[
             finished_at=_now(),
             model_version=report.get("candidate"),
             metrics={
-                k: report.get(k) for k in ("outcome", "gate", "candidate_primary", "seconds", "interactive")
+                k: report.get(k)
+                for k in ("outcome", "gate", "candidate_primary", "seconds", "interactive", "test_reuse")
             },
             num_labels=report.get("num_train_frames"),
             max_revision_id=report.get("label_version"),
@@ -444,9 +526,12 @@ def _timed(report: dict[str, Any], name: str) -> Iterator[None]:
 def _cycle(
     store: LabelStore, registry: Registry, cfg: NightlyConfig, report: dict[str, Any], deadline: float | None
 ) -> None:
-    # 1. ingest: split new videos, read the labels
+    # 1. ingest: rotate the test split when due, split new videos, read the labels
     t_ingest = time.perf_counter()
     report["label_version"] = store.label_version()
+    rotation = rotate_test_split(store, cfg, report.get("training_run"))
+    if rotation is not None:
+        report["test_rotation"] = rotation
     splits = load_data(store, cfg)
     manifest = combined_manifest_hash(splits)
     report["manifest_hash"] = manifest
@@ -490,9 +575,12 @@ def _cycle(
 
     # 3.-4. fine-tune and evaluate the candidate, register it
     with _timed(report, "finetune_evaluate_register"):
-        result = train_candidate(store, cfg, deadline=deadline, splits=splits, model=model, parent=parent)
+        result = train_candidate(
+            store, cfg, deadline=deadline, splits=splits, model=model, parent=parent, champion=champ
+        )
     report["candidate"] = result["version"]
-    report["candidate_primary"] = result["test"]["primary"]
+    report["candidate_primary"] = (result["test"] or {}).get("primary")
+    report["validation_screen"] = result.get("val_screen")
     report["finetune"] = {
         "steps": result["history"].steps,
         "resumed_from_step": result["history"].resumed_from_step,
@@ -501,9 +589,9 @@ def _cycle(
     }
     report["_history"], report["_test"] = result["history"], result["test"]
 
-    # 5. the champion on the same frozen test data, then the gate
+    # 5. the champion on the same test videos, then the gate
     t_champ = time.perf_counter()
-    decision, champ_primary = judge_candidate(result, champ, splits, cfg)
+    decision, champ_primary = judge_candidate(result, champ, splits, cfg, store)
     report["champion_primary"] = champ_primary
     report["timings_s"]["champion_evaluation"] = round(time.perf_counter() - t_champ, 2)
     report["gate"] = decision.to_dict()
@@ -512,11 +600,17 @@ def _cycle(
         report["outcome"] = f"promoted {result['version']}"
     else:
         registry.set_status(result["version"], REJECTED)
-        report["outcome"] = f"rejected {result['version']}; champion {report['champion_before']} kept"
+        kept = f"champion {report['champion_before']} kept"
+        verdict = report["gate"]["verdict"]
+        why = "" if verdict == "rejected" else f" ({verdict})"
+        report["outcome"] = f"rejected {result['version']}{why}; {kept}"
     after = registry.champion()
     report["champion_after"] = after["version"] if after else None
     with _timed(report, "final_split"):
         report["final_split"] = final_split_report(result, champ, after, splits, cfg)
+    report["test_reuse"] = test_reuse_report(
+        store, cfg, report.get("training_run"), result, decision, report["final_split"], rotation
+    )
 
     # 6. active learning: re-score unlabeled frames with the serving model
     if after is not None:
@@ -524,7 +618,7 @@ def _cycle(
             report["acquisition_scores"] = rescore(store, after["bundle_path"], after["version"], cfg)
     report["annotation_efficiency"] = annotation_efficiency(store, cfg.project)
     report["overall"] = {
-        "candidate": overall_score(result["test"]["primary"]),
+        "candidate": None if result["test"] is None else overall_score(result["test"]["primary"]),
         "champion": None if champ_primary is None else overall_score(champ_primary),
     }
 
@@ -548,6 +642,59 @@ def click_stage(store: LabelStore, cfg: NightlyConfig, deadline: float | None) -
         return {"outcome": f"failed: {getattr(exc, 'message', exc)!s}"}
 
 
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _gate_lines(report: dict[str, Any]) -> list[str]:
+    """The report's gate section: verdict and reasons, the test used, each task against its reference, and
+    the place for the verdict without the test videos whose labels started from a model."""
+    gate_ = report["gate"]
+    lines = ["", "## Promotion gate (test split)", "", f"Verdict: **{gate_.get('verdict', '')}** "]
+    lines[-1] += f"({gate_.get('test', '')}, at least {gate_.get('min_videos', '')} test videos)"
+    lines += ["", *[f"- {r}" for r in gate_["reasons"]]]
+    without = gate_.get("without_model_started")
+    lines.append(
+        "- without the test videos whose labels started from a model: "
+        + (without["reason"] if without else "not measured (the store did not say which those are)")
+    )
+    lines += ["", "| task | candidate | champion | reference (best promoted on this test split) |"]
+    lines.append("|---" * 4 + "|")
+    cand, champ = report.get("candidate_primary") or {}, report.get("champion_primary") or {}
+    refs = gate_.get("reference") or {}
+    for t in sorted(set(cand) | set(champ)):
+        ref = refs.get(t)
+        ref_text = f"{ref['score']:.4f} ({ref['version']})" if ref else ""
+        lines.append(f"| {t} | {_number(cand.get(t))} | {_number(champ.get(t))} | {ref_text} |")
+    return lines
+
+
+def _test_reuse_lines(reuse: dict[str, Any]) -> list[str]:
+    """The report's test-reuse section: reads since the last rotation, the gap, the alarm, the rotation."""
+    lines = ["", "## Test-split reuse", ""]
+    read = "yes" if reuse["read"] else "no (it did not beat the champion on validation)"
+    lines.append(
+        f"- read by this candidate: {read}; reads since the last rotation: {reuse['reads_since_rotation']} "
+        f"of {reuse['rotate_after_reads']}"
+    )
+    gap = reuse.get("gap") or {}
+    if "value" in gap:
+        interval = gap["interval"]
+        ci = f" (95% CI {interval[0]:+.4f}..{interval[1]:+.4f})" if interval else " (no interval: < 2 videos)"
+        lines.append(f"- test-minus-final gap of {gap['version']}: {gap['value']:+.4f}{ci}")
+    else:
+        lines.append(f"- {gap.get('note', 'no gap')}")
+    ref = reuse.get("reference_gap")
+    if ref:
+        lines.append(f"- reference gap (run {ref['run']}): {ref['value']:+.4f}, interval {ref['interval']}")
+    if reuse.get("alarm"):
+        lines.append(f"- **alarm**: {reuse['alarm_reason']}")
+    if reuse.get("rotation"):
+        lines.append(f"- rotation this cycle: {json.dumps(reuse['rotation'])}")
+    lines.append(f"- rotation due next cycle: {'yes' if reuse['rotation_due'] else 'no'}")
+    return lines
+
+
 def _interactive_lines(section: dict[str, Any]) -> list[str]:
     """The report's "interactive" section: both levels' NoC on validation and the gate's decision."""
     lines = ["", "## Interactive click head (validation NoC, lower is better)", ""]
@@ -563,24 +710,93 @@ def _interactive_lines(section: dict[str, Any]) -> list[str]:
 
 
 def judge_candidate(
-    result: dict[str, Any], champ: dict[str, Any] | None, splits: dict[str, SplitData], cfg: NightlyConfig
+    result: dict[str, Any],
+    champ: dict[str, Any] | None,
+    splits: dict[str, SplitData],
+    cfg: NightlyConfig,
+    store: LabelStore,
+    *,
+    model_started_videos: set[int] | None = None,
 ) -> tuple[GateDecision, dict[str, float] | None]:
-    """The promotion gate for a trained candidate (``train_candidate``'s result): the champion re-evaluated
-    on the same frozen test frames at its own recorded preprocessing, both scored per test video for the
-    paired bootstrap. Returns the decision and the champion's whole-split headline metrics."""
-    champ_primary, per_video = None, None
-    if champ is not None:
+    """The promotion gate for a trained candidate (``train_candidate``'s result): the validation screen
+    (when ``train_candidate`` did not run it), then the champion re-evaluated on the same test videos at its
+    own recorded preprocessing, both scored per test video for the paired test, with each task's regression
+    measured against the best score ever promoted on this test split (:func:`regression_reference`).
+    ``model_started_videos``: test videos whose labels started from a model prediction; the verdict without
+    them is reported next to the decision. Returns the decision (``reference_after`` set) and the champion's
+    whole-split headline metrics (its full evaluation goes into ``result["champion_test"]``)."""
+    version = result["version"]
+    if champ is None:
+        decision = gate(result["test"]["primary"], None)
+        decision.reference_after = next_reference({}, result["test"]["primary"], version)
+        return decision, None
+    scorer = result.get("scorer") or SplitScorer(store, cfg, splits)
+    champ_model = result.get("champion_model")
+    if champ_model is None:
         champ_model, _ = load_bundle(champ["bundle_path"], allow_download=not cfg.random_init)
-        thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
-        champ_test = evaluate_model(
-            champ_model, splits["test"].frames, cvs_thresholds=thresholds, per_video=True
-        )
-        champ_primary = champ_test["primary"]
-        per_video = list(
-            zip(result["test"]["per_video_primary"], champ_test["per_video_primary"], strict=True)
-        )
-    decision = gate(result["test"]["primary"], champ_primary, cfg.margin, cfg.tolerance, per_video=per_video)
-    return decision, champ_primary
+    screen = result.get("val_screen") or validation_screen(result["val"], champ_model, scorer)
+    result["val_screen"] = screen
+    if not screen["passed"]:
+        reference = _last_reference(store, cfg.project)
+        rejected = GateDecision(False, [screen["reason"]], verdict="rejected on validation")
+        rejected.reference_after = reference
+        return rejected, None
+    thresholds = (champ.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
+    champ_test = result["champion_test"] = scorer.evaluate(champ_model, "test", thresholds)
+    reference = regression_reference(store, cfg, champ, champ_test["primary"], scorer)
+    decision = gate(
+        result["test"]["primary"], champ_test["primary"], cfg.margin, cfg.tolerance,
+        per_video=paired_per_video(result["test"], champ_test), reference=reference,
+        model_started_videos=model_started_videos,
+    )
+    decision.reference_after = (
+        next_reference(reference, result["test"]["primary"], version) if decision.promote else reference
+    )
+    return decision, champ_test["primary"]
+
+
+#: Statuses of versions that were promoted and not rolled back (a rolled-back one sets no reference).
+PROMOTED = (CHAMPION, PREVIOUS_CHAMPION, ARCHIVED)
+
+
+def _last_reference(store: LabelStore, project: str | None) -> dict[str, dict[str, Any]]:
+    """The regression reference the newest judged cycle left (task -> {"score", "version"})."""
+    for run in reversed(store.training_runs(task="nightly", project=project)):
+        ref = ((run.get("metrics") or {}).get("gate") or {}).get("reference_after")
+        if ref:
+            return ref
+    return {}
+
+
+def regression_reference(
+    store: LabelStore,
+    cfg: NightlyConfig,
+    champ: dict[str, Any],
+    champ_primary: dict[str, float],
+    scorer: SplitScorer,
+) -> dict[str, dict[str, Any]]:
+    """Per task the score the candidate may lose at most ``tolerance`` against: the best score ever promoted,
+    on the current test split. The version holding each task's best is carried from cycle to cycle (the
+    gate's ``reference_after``) and re-scored here on today's test split, so it follows new test labels and
+    rotations; the champion's own score counts too. A holder rolled back or deleted since is dropped."""
+    refs = {t: {"score": float(v), "version": champ["version"]} for t, v in champ_primary.items()}
+    holders: dict[str, list[str]] = {}
+    for task, held in _last_reference(store, cfg.project).items():
+        if task in refs and held.get("version") != champ["version"]:
+            holders.setdefault(held["version"], []).append(task)
+    rows = {r["version"]: r for r in Registry(store, project=cfg.project).frame_versions()}
+    for version, tasks in holders.items():
+        row = rows.get(version)
+        gone = row is None or not Path(row["bundle_path"] or "", "bundle.json").exists()
+        if gone or row["status"] not in PROMOTED:
+            continue
+        model, _ = load_bundle(row["bundle_path"], allow_download=not cfg.random_init)
+        thresholds = (row.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
+        primary = scorer.evaluate(model, "test", thresholds, surface_distance=False)["primary"]
+        for task in tasks:
+            if task in primary and primary[task] > refs[task]["score"]:
+                refs[task] = {"score": float(primary[task]), "version": version}
+    return refs
 
 
 def final_split_report(
@@ -591,22 +807,153 @@ def final_split_report(
     cfg: NightlyConfig,
 ) -> dict[str, Any]:
     """The candidate and the serving champion on the ``final`` split, which no decision reads: an estimate
-    that promotions on the ``test`` split cannot have tuned. Reported, never used to decide."""
+    that promotions on the ``test`` split cannot have tuned. Reported, never used to decide; the serving
+    model's per-video scores (``serving``) feed the test-minus-final gap of :func:`test_reuse_report`."""
     final = splits.get("final")
     if final is None or len(final.frames) == 0:
         return {"frames": 0, "note": "no final-split video yet (it gets one as the store grows)"}
     out: dict[str, Any] = {"frames": len(final.frames), "videos": len(final.video_paths)}
-    out["candidate"] = evaluate_model(
-        result["model"], final.frames, short_side=cfg.finetune.short_side,
-        cvs_thresholds=result["cvs_thresholds"], surface_distance=False,
-    )["primary"]
+    scorer = result["scorer"]
+    cand = scorer.evaluate(result["model"], "final", result["cvs_thresholds"], surface_distance=False)
+    out["candidate"] = cand["primary"]
+    serving = cand if after is not None and after["version"] == result["version"] else None
     if after is not None and after["version"] != result["version"] and champ_before is not None:
         model, _ = load_bundle(after["bundle_path"], allow_download=not cfg.random_init)
         thresholds = (after.get("metrics") or {}).get("params", {}).get("cvs_thresholds")
-        out["champion"] = evaluate_model(
-            model, final.frames, cvs_thresholds=thresholds, surface_distance=False
-        )["primary"]
+        serving = scorer.evaluate(model, "final", thresholds, surface_distance=False)
+        out["champion"] = serving["primary"]
+    if serving is not None and after is not None:
+        out["serving"] = {"version": after["version"], "per_video": _per_video_overall(serving)}
     return out
+
+
+def _per_video_overall(evaluation: dict[str, Any]) -> dict[str, float]:
+    """Video id (as text: it goes into JSON) -> mean headline metric of one ``evaluate_model`` result."""
+    return {
+        str(v): overall_score(p)
+        for v, p in zip(evaluation["per_video_ids"], evaluation["per_video_primary"], strict=True)
+        if p
+    }
+
+
+# --- test-split reuse: reads, the test-minus-final gap, rotation -----------------------------------------
+ROTATION_TASK = "test-rotation"  # training_runs rows that record a rotation of the test split
+
+
+def _reuse_history(
+    store: LabelStore, project: str | None, exclude: int | None = None
+) -> list[dict[str, Any]]:
+    """The ``test_reuse`` records of the finished nightly runs since the last rotation of the test split
+    (the run that rotated included), oldest first; ``exclude``: a run id to leave out (the current one)."""
+    rotations = store.training_runs(task=ROTATION_TASK, status=RUN_FINISHED, project=project)
+    since = int((rotations[-1].get("params") or {}).get("nightly_run", 0)) if rotations else 0
+    out = []
+    for run in store.training_runs(task="nightly", project=project):
+        reuse = (run.get("metrics") or {}).get("test_reuse")
+        if run["id"] >= since and run["id"] != exclude and reuse:
+            out.append(reuse | {"run": run["id"]})
+    return out
+
+
+def test_reuse_report(
+    store: LabelStore,
+    cfg: NightlyConfig,
+    run_id: int | None,
+    result: dict[str, Any],
+    decision: GateDecision,
+    final: dict[str, Any],
+    rotation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """How much the current test split has been used and whether it still tells the truth.
+
+    ``read``: this candidate reached the test split (it beat the champion on validation). ``gap``: the
+    serving model's test-minus-final gap of per-video mean headline metrics with its 95% Welch interval.
+    The reference is the first gap measured since the test split last rotated; the **alarm** fires when a
+    later gap leaves the reference's interval (the test split flatters what was chosen on it, or the final
+    split drifted). ``rotation_due``: an alarm since the last rotation, or ``rotate_after_reads`` reads of
+    this test split; the next cycle then rotates it (:func:`rotate_test_split`)."""
+    history = _reuse_history(store, cfg.project, exclude=run_id)
+    read = result.get("test") is not None
+    reads = sum(1 for h in history if h.get("read")) + int(read)
+    out: dict[str, Any] = {
+        "read": read,
+        "reads_since_rotation": reads,
+        "rotate_after_reads": cfg.rotate_after_reads,
+        "rotation": rotation,
+        "alarm": False,
+    }
+    serving = final.get("serving")
+    test_eval = result.get("test") if decision.promote else result.get("champion_test")
+    if serving is None or test_eval is None:
+        out["gap"] = {"note": "no gap this cycle: it needs the serving model scored on test and final"}
+    else:
+        test_scores = list(_per_video_overall(test_eval).values())
+        final_scores = list(serving["per_video"].values())
+        gap, interval = gap_interval(test_scores, final_scores)
+        out["gap"] = {
+            "version": serving["version"],
+            "value": gap,
+            "interval": list(interval) if interval else None,
+            "test_videos": len(test_scores),
+            "final_videos": len(final_scores),
+        }
+        measured = [h["gap"] | {"run": h["run"]} for h in history if (h.get("gap") or {}).get("interval")]
+        reference = measured[0] if measured else None
+        out["reference_gap"] = reference
+        if reference is not None:
+            low, high = reference["interval"]
+            if not low <= gap <= high:
+                out["alarm"] = True
+                out["alarm_reason"] = (
+                    f"test-minus-final gap {gap:+.4f} left the interval {low:+.4f}..{high:+.4f} of the first "
+                    f"gap measured on this test split (run {reference['run']}): it rotates next cycle"
+                )
+    alarmed = out["alarm"] or any(h.get("alarm") for h in history)
+    out["rotation_due"] = bool(alarmed or reads >= cfg.rotate_after_reads)
+    return out
+
+
+def rotate_test_split(store: LabelStore, cfg: NightlyConfig, run_id: int | None) -> dict[str, Any] | None:
+    """Rotate the test split when the last judged cycle said it is due (:func:`test_reuse_report`): every
+    test video joins the train split (its labels now train; it decided too much to judge any more) and
+    every final video becomes a test video (never read by any decision); new videos refill final through
+    ``assign_splits``. Needs at least ``MIN_TEST_VIDEOS`` final videos, else it waits (and says so).
+
+    Crash-safe: the plan is recorded as a ``test-rotation`` run first, applied in one transaction, then
+    marked finished; a plan left unfinished by a killed cycle is applied by the next one."""
+    project = cfg.project
+    for row in store.training_runs(task=ROTATION_TASK, project=project):
+        if row["status"] != RUN_FINISHED:  # interrupted between its record and its end
+            _apply_rotation(store, row["params"])
+            store.update_training_run(row["id"], status=RUN_FINISHED, finished_at=_now())
+    history = _reuse_history(store, project, exclude=run_id)
+    if not history or not history[-1].get("rotation_due"):
+        return None
+    last = history[-1]
+    why = last.get("alarm_reason") or f"{last['reads_since_rotation']} candidates read this test split"
+    videos = store.videos(project)
+    test = [v["id"] for v in videos if v["split"] == "test"]
+    final = [v["id"] for v in videos if v["split"] == "final"]
+    if len(final) < MIN_TEST_VIDEOS:
+        wait = f"the final split has {len(final)} videos; it waits until {MIN_TEST_VIDEOS} can become test"
+        return {"rotated": False, "reason": f"rotation due ({why}), but {wait}"}
+    plan = {"nightly_run": run_id, "retired_to_train": test, "new_test": final, "why": why}
+    row_id = store.record_training_run(task=ROTATION_TASK, status=RUN_RUNNING, params=plan, project=project)
+    _apply_rotation(store, plan)
+    store.update_training_run(row_id, status=RUN_FINISHED, finished_at=_now())
+    return {"rotated": True, **plan}
+
+
+def _apply_rotation(store: LabelStore, plan: dict[str, Any]) -> None:
+    """Move a rotation's videos in one transaction (idempotent: applying it twice changes nothing more)."""
+
+    def move(w: Any) -> None:
+        for vid in plan["retired_to_train"]:
+            w.set_split(int(vid), "train")
+        for vid in plan["new_test"]:
+            w.set_split(int(vid), "test")
+
+    store.transaction(move)
 
 
 def run_all_projects(cfg: NightlyConfig, from_queue: bool = False) -> dict[str, dict[str, Any]]:

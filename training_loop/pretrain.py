@@ -32,8 +32,9 @@ from surgenet_assist.core.paths import data_home
 from surgenet_assist.core.store import LabelStore
 from surgenet_assist.core.video import open_video
 
-from .evaluate import overall_score
+from .evaluate import overall_score, paired_per_video
 from .fitting import fit
+from .registry import paired_test, per_video_gains
 
 
 class DINOHead(nn.Module):
@@ -427,7 +428,9 @@ def select_backbone(
     manifest: str,
     deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune heads on the current and on the adapted backbone; keep the one better on validation."""
+    """Fine-tune heads on the current and on the adapted backbone; keep the adapted one only when it is better
+    on validation by the promotion gate's own test and margin (``registry.paired_test`` over validation
+    videos, ``cfg.margin``): a higher mean alone is noise with a few videos."""
     current = copy.deepcopy(model)
     candidate = SurgeNetAssistModel(adapted, model.schema)
     candidate.load_state_dict(model.heads_state_dict(), strict=False)
@@ -436,9 +439,11 @@ def select_backbone(
     _, val_cur = fit(copy.deepcopy(current), splits, cfg, manifest, deadline, tag="backbone-current")
     _, val_new = fit(copy.deepcopy(candidate), splits, cfg, manifest, deadline, tag="backbone-adapted")
     s_cur, s_new = overall_score(val_cur["primary"]), overall_score(val_new["primary"])
-    kept = s_new > s_cur
+    gains = per_video_gains(paired_per_video(val_new, val_cur))
+    test = paired_test(list(gains.values()), cfg.margin, unit="validation videos")
+    kept = test.better
     return {
         "kept": kept,
-        "val_scores": {"current": s_cur, "adapted": s_new},
+        "val_scores": {"current": s_cur, "adapted": s_new, "paired_test": test.to_dict()},
         "model": candidate if kept else current,
     }

@@ -23,12 +23,13 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from surgenet_assist.core.bundle import read_bundle_info, save_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
@@ -92,62 +93,153 @@ def bundle_hash(path: str | Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+#: Fewer test videos than this and the gate does not decide: the verdict is "insufficient evidence" and the
+#: champion stays. With two videos a t-interval has one degree of freedom (its 97.5% quantile is 12.7) and a
+#: gain "carried by two videos" is all the evidence there is; three is the smallest split where a consistent
+#: gain can clear the margin and no single video decides. A 20-video store (15% test) has three.
+MIN_TEST_VIDEOS = 3
+
+#: Two-sided confidence of every promotion interval; the gate promotes when the LOWER bound clears the
+#: margin, a one-sided test at (1 - CONFIDENCE) / 2 = 2.5%: the nominal false-promotion rate at true gain =
+#: margin.
+CONFIDENCE = 0.95
+
+PAIRED_TEST = "paired t-interval over videos"
+
+#: Outcomes of :func:`paired_test`.
+BETTER, NOT_BETTER, INSUFFICIENT = "better", "not better", "insufficient evidence"
+
+
+def paired_interval(deltas: Any, level: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Student-t interval of the mean of paired differences (one per video), along the last axis.
+
+    Why t and not a bootstrap: with the few test videos a store has, the percentile bootstrap's interval is
+    too narrow (it resamples 2 or 3 numbers), so it promoted 24% of the time with 2 videos and 11% with 3 at
+    true gain = margin, where 2.5% was intended. The t-interval has the nominal coverage for normal per-video
+    differences at every n >= 2, and is conservative for symmetric heavier tails. Vectorised (``deltas`` of
+    shape (..., n)) so the false-promotion simulation runs this very function. Zero spread gives a zero-width
+    interval at the mean.
+    """
+    d = np.asarray(deltas, np.float64)
+    n = d.shape[-1]
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 paired differences, got {n}")
+    mean = d.mean(-1)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(-1, ddof=1) / np.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Verdict of :func:`paired_test`: ``outcome`` is BETTER, NOT_BETTER or INSUFFICIENT, ``reason`` says
+    why in one sentence (it goes into the reports as it is)."""
+
+    outcome: str
+    mean: float
+    interval: tuple[float, float] | None
+    units: int
+    reason: str
+
+    @property
+    def better(self) -> bool:
+        return self.outcome == BETTER
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "mean": self.mean,
+            "interval": list(self.interval) if self.interval else None,
+            "units": self.units,
+            "reason": self.reason,
+        }
+
+
+def paired_test(
+    deltas: Sequence[float],
+    margin: float,
+    *,
+    min_units: int = MIN_TEST_VIDEOS,
+    unit: str = "test videos",
+    level: float = CONFIDENCE,
+) -> PairedTest:
+    """THE promotion test (whole-frame gate, click-head gate, backbone selection): the candidate is better
+    when the lower bound of the :func:`paired_interval` of its per-video gains clears ``margin``; with fewer
+    than ``min_units`` videos it is not judged at all (INSUFFICIENT: keep what serves now)."""
+    d = np.asarray(deltas, np.float64)
+    n = len(d)
+    mean = float(d.mean()) if n else 0.0
+    interval = None
+    if n >= 2:
+        low, high = paired_interval(d, level)
+        interval = (float(low), float(high))
+    pct = f"{level:.0%}"
+    if n < min_units:
+        return PairedTest(
+            INSUFFICIENT,
+            mean,
+            interval,
+            n,
+            f"insufficient evidence: {n} {unit}, at least {min_units} are needed for a {pct} interval that "
+            "no single video decides; what serves now stays",
+        )
+    assert interval is not None
+    text = f"gain {mean:+.4f} ({pct} CI {interval[0]:+.4f}..{interval[1]:+.4f} over {n} {unit})"
+    if interval[0] > margin:
+        return PairedTest(BETTER, mean, interval, n, f"{text}: the lower bound clears the margin {margin}")
+    return PairedTest(
+        NOT_BETTER, mean, interval, n, f"{text}: its lower bound does not clear the margin {margin}"
+    )
+
+
+def per_video_gains(per_video: Mapping[Any, tuple[dict[str, float], dict[str, float]]]) -> dict[Any, float]:
+    """Video -> improvement of the candidate's mean headline metric over the champion's, over the tasks that
+    video measured for both (videos with none are left out)."""
+    gains = {}
+    for video, (cand, champ) in per_video.items():
+        tasks = sorted(set(cand) & set(champ))
+        if tasks:
+            ours, theirs = ({t: m[t] for t in tasks} for m in (cand, champ))
+            gains[video] = overall_score(ours) - overall_score(theirs)
+    return gains
+
+
 @dataclass
 class GateDecision:
-    """Outcome of comparing a candidate with the champion on the frozen test split."""
+    """Outcome of comparing a candidate with the champion on the frozen test split.
+
+    ``verdict``: "promoted", "rejected" or "insufficient evidence" (the champion stays). ``reference``: per
+    task the score regressions are measured against (the best ever promoted on this test split, with the
+    version that set it). ``without_model_started``: the same paired test on the test videos whose labels did
+    not start from a model prediction (None when that set was not given)."""
 
     promote: bool
     reasons: list[str] = field(default_factory=list)
     candidate_score: float = 0.0
     champion_score: float | None = None
     deltas: dict[str, float] = field(default_factory=dict)
-    improvement_ci: tuple[float, float] | None = None  # 95% paired bootstrap interval over test videos
+    improvement_ci: tuple[float, float] | None = None  # 95% paired t-interval over test videos
     videos: int = 0
+    verdict: str = ""
+    reference: dict[str, dict[str, Any]] = field(default_factory=dict)
+    without_model_started: dict[str, Any] | None = None
+    reference_after: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "promote": self.promote,
+            "verdict": self.verdict or ("promoted" if self.promote else "rejected"),
+            "test": PAIRED_TEST,
+            "min_videos": MIN_TEST_VIDEOS,
             "reasons": self.reasons,
             "candidate_score": self.candidate_score,
             "champion_score": self.champion_score,
             "deltas": self.deltas,
             "improvement_ci": list(self.improvement_ci) if self.improvement_ci else None,
             "videos": self.videos,
+            "reference": self.reference,
+            "reference_after": self.reference_after,
+            "without_model_started": self.without_model_started,
         }
-
-
-def paired_bootstrap(
-    per_video: Sequence[tuple[dict[str, float], dict[str, float]]],
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, tuple[float, float], int]:
-    """Mean improvement of candidate over champion across videos and its percentile interval, resampling
-    whole videos (frames of one video are not independent). Each video's improvement is the difference of
-    the two models' mean headline metric over the tasks that video measured for both. Returns (mean,
-    (low, high), videos used)."""
-    deltas = []
-    for cand, champ in per_video:
-        tasks = sorted(set(cand) & set(champ))
-        if tasks:
-            ours, theirs = ({t: m[t] for t in tasks} for m in (cand, champ))
-            deltas.append(overall_score(ours) - overall_score(theirs))
-    if not deltas:
-        return 0.0, (0.0, 0.0), 0
-    return float(np.mean(deltas)), bootstrap_interval(deltas, n_boot, seed, level), len(deltas)
-
-
-def bootstrap_interval(
-    deltas: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of paired differences (one per video, or per object for
-    the click gate): the same resampling for every promotion decision."""
-    d = np.asarray(deltas, np.float64)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def gate(
@@ -156,53 +248,97 @@ def gate(
     margin: float = 0.005,
     tolerance: float = 0.02,
     *,
-    per_video: Sequence[tuple[dict[str, float], dict[str, float]]] | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
+    per_video: Mapping[Any, tuple[dict[str, float], dict[str, float]]]
+    | Sequence[tuple[dict[str, float], dict[str, float]]]
+    | None = None,
+    reference: Mapping[str, Mapping[str, Any]] | None = None,
+    model_started_videos: Collection[Any] | None = None,
+    min_videos: int = MIN_TEST_VIDEOS,
 ) -> GateDecision:
     """Promote only if the candidate is better by ``margin`` with confidence and no task regresses.
 
     ``candidate`` / ``champion`` map task -> headline metric on the same test split (no champion: promote).
-    With ``per_video`` (each test video's headline metrics of both models) the improvement must clear the
-    margin with the **lower bound** of its 95% paired bootstrap interval over videos, so a tie or a lucky
-    split does not promote; without it (or with a single video) the point estimate must. Either way no task
-    may drop by more than ``tolerance`` on the whole split.
+    ``per_video`` (video -> (candidate's, champion's) headline metrics; a list counts its positions as
+    videos) feeds :func:`paired_test`: the lower bound of the 95% t-interval of the per-video gains must
+    clear ``margin``, and with fewer than ``min_videos`` test videos the verdict is "insufficient evidence"
+    (not promoted; without ``per_video`` there are none). No task may fall more than ``tolerance`` below its
+    ``reference`` score (task -> {"score", "version"}: the best score ever promoted on this test split, so
+    losses cannot add up promotion after promotion; default: the champion's). ``model_started_videos``
+    (videos whose test labels started from a model prediction) adds the same test without them, reported
+    next to the verdict (``without_model_started``), not deciding it.
     """
     cand = overall_score(candidate)
     if champion is None:
-        return GateDecision(True, ["no champion yet"], cand, None)
+        return GateDecision(True, ["no champion yet"], cand, None, verdict="promoted")
     tasks = sorted(set(candidate) & set(champion))
     if not tasks:
-        return GateDecision(False, ["no task measured for both models on the test split"], cand, None)
+        return GateDecision(
+            False, ["no task measured for both models on the test split"], cand, None, verdict="rejected"
+        )
     cand = overall_score({t: candidate[t] for t in tasks})
     champ = overall_score({t: champion[t] for t in tasks})
     deltas = {t: candidate[t] - champion[t] for t in tasks}
-    reasons: list[str] = []
-    ci, videos = None, 0
-    if per_video is not None:
-        mean, ci, videos = paired_bootstrap(per_video, n_boot=n_boot, seed=seed)
-    if ci is not None and videos >= 2:
-        if ci[0] < margin:
+    if per_video is None:
+        per_video = {}
+    elif not isinstance(per_video, Mapping):
+        per_video = dict(enumerate(per_video))
+    gains = per_video_gains(per_video)
+    test = paired_test(list(gains.values()), margin, min_units=min_videos)
+    refs = {t: {"score": champion[t], "version": "champion"} for t in tasks}
+    refs |= {t: dict(r) for t, r in (reference or {}).items() if t in tasks}
+    reasons = [] if test.better else [test.reason]
+    for t in tasks:
+        floor = refs[t]["score"] - tolerance
+        if candidate[t] < floor:
             reasons.append(
-                f"improvement {mean:+.4f} (95% CI {ci[0]:+.4f}..{ci[1]:+.4f} over {videos} test videos): "
-                f"its lower bound does not clear the margin {margin}"
+                f"{t} {candidate[t]:.4f} is more than {tolerance} below its reference {refs[t]['score']:.4f} "
+                f"(the best promoted on this test split, {refs[t]['version']})"
             )
-    elif cand < champ + margin:
-        reasons.append(
-            f"mean headline metric {cand:.4f} does not beat the champion's {champ:.4f} by {margin}"
-            + (" (one test video: no interval)" if videos == 1 else "")
-        )
-    for t, d in deltas.items():
-        if d < -tolerance:
-            reasons.append(f"{t} regresses by {-d:.4f} (> tolerance {tolerance})")
-    if reasons:
-        return GateDecision(False, reasons, cand, champ, deltas, ci, videos)
-    how = (
-        f"improvement {cand - champ:+.4f}, 95% CI {ci[0]:+.4f}..{ci[1]:+.4f} over {videos} test videos"
-        if ci is not None and videos >= 2
-        else f"beats the champion by {cand - champ:.4f}"
+    without = None
+    if model_started_videos is not None:
+        independent = [g for v, g in gains.items() if v not in set(model_started_videos)]
+        without = paired_test(independent, margin, min_units=min_videos).to_dict()
+    verdict = INSUFFICIENT if test.outcome == INSUFFICIENT else ("rejected" if reasons else "promoted")
+    decision = GateDecision(
+        not reasons, reasons, cand, champ, deltas, test.interval, test.units, verdict, refs, without
     )
-    return GateDecision(True, [f"{how}, no task regression > {tolerance}"], cand, champ, deltas, ci, videos)
+    if not reasons:
+        decision.reasons = [f"{test.reason}; no task more than {tolerance} below its reference"]
+    return decision
+
+
+def next_reference(
+    reference: Mapping[str, Mapping[str, Any]], promoted: Mapping[str, float], version: str
+) -> dict[str, dict[str, Any]]:
+    """The regression reference after ``version`` (headline metrics ``promoted``) was promoted: per task the
+    higher of the old reference and the new champion's score. A promotion may lose up to the tolerance on a
+    task, but it never lowers that task's reference, so three promotions that each lose 0.015 cannot add up
+    to 0.045: the third is measured against the first one's score."""
+    out = {t: dict(r) for t, r in reference.items()}
+    for task, score in promoted.items():
+        if task not in out or score > out[task]["score"]:
+            out[task] = {"score": float(score), "version": version}
+    return out
+
+
+def gap_interval(
+    test_scores: Sequence[float], final_scores: Sequence[float], level: float = CONFIDENCE
+) -> tuple[float, tuple[float, float] | None]:
+    """Test-minus-final gap of per-video scores and its Welch t-interval (two independent sets of videos).
+
+    The final split decides nothing, so a test split worn out by reuse shows as a gap that grows beyond what
+    two samples of videos differ by; ``None`` interval with fewer than two videos on either side."""
+    a, b = np.asarray(test_scores, np.float64), np.asarray(final_scores, np.float64)
+    gap = float(a.mean() - b.mean()) if len(a) and len(b) else 0.0
+    if len(a) < 2 or len(b) < 2:
+        return gap, None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    if se == 0.0:
+        return gap, (gap, gap)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return gap, (gap - half, gap + half)
 
 
 def pointer_name(project: str) -> str:
@@ -348,3 +484,4 @@ class Registry:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child.name)
         return removed
+

@@ -6,6 +6,9 @@ which webhook mode is active, whether Label Studio holds each connected project'
 no secret. It never waits on the model, the store or Label Studio, so it answers within Label Studio's 1 s
 whatever else runs. ``/metrics`` needs Basic Auth when it is
 configured (its counters describe traffic).
+
+While Label Studio refuses the backend's token (or cannot be reached to refresh it), ``status`` is
+``DEGRADED`` and ``label_studio_token`` says what to fix (no token, no address).
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ def health() -> Response:
         "webhooks": svc.webhook_mode,
         # computed at start and when a project connects, never here: Label Studio is not called
         "webhook_check": svc.webhooks.checks.summary() if svc.webhooks.checks is not None else None,
-        "webhook_queue": svc.webhooks.queue.snapshot(),
+        "webhook_backlog": svc.webhooks.queue.snapshot(),
     }
     if holder.predictor is None:
         body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"
     if holder.problem:
         body["problem"] = holder.problem
+    token = svc.media.token_problem  # a state read; a stale one is re-checked in the background
+    if token is not None:  # media and webhook verification fail until it is fixed: not UP
+        body["status"] = "DEGRADED"
+        body["label_studio_token"] = {"problem": token.message, "fix": token.hint}
     return jsonify(body)
 
 

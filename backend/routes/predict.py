@@ -4,7 +4,8 @@
 Who may call them: with Basic Auth configured, only a caller with the credentials (Label Studio sends them
 on every call of its ML connector); without it, anyone who reaches the port, so run the backend on a network
 only Label Studio reaches (``docs/deploy.md``). What a caller can make them do is bounded per request: the
-body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them.
+body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them (each download bounded
+in time and bytes, refused for private addresses and hosts off the allow-list: ``backend/media.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..acquisition import apply_queue_scores
 from ..config import CVS_CRITERION, CVS_MULTI, PHASE_CHOICE, LabelConfigError, parse_label_config
 from ..http import ApiError, basic_auth, body_json, redact_url
 from ..interactive import InteractiveError, InteractiveUnavailable, context_regions, interactive_predictions
+from ..ls_api import TokenProblem
 from ..media import MediaError
 from ..metrics import TASK_OF_TYPE
 from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
@@ -88,7 +90,7 @@ def predict() -> Response:
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint) from None
     try:
-        regions = context_regions(data.get("params"))
+        regions = context_regions(data.get("params"), svc.settings.max_prompt_regions)
     except InteractiveError as exc:
         raise ApiError("bad_interactive_context", exc.message, exc.hint) from None
     if regions is not None:
@@ -134,6 +136,8 @@ def predict() -> Response:
             results = [empty_prediction(served.version) for _ in tasks]
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint, status=422) from None
+    except TokenProblem as exc:
+        raise token_unavailable(exc) from None
     for i in failed:  # a task that failed in one part of a mixed config says nothing at all
         results[i] = empty_prediction(served.version)
     results = apply_queue_scores(results, tasks, svc.store, store_project)  # AL order in LS
@@ -161,13 +165,16 @@ def predict() -> Response:
 def _interactive(
     tasks: list[dict[str, Any]], plan: Any, regions: list[dict[str, Any]], ls_project: Any
 ) -> Response:
-    """Label Studio's interactive mode: the clicked object's brush region, one prediction per task,
-    stamped with the click engine's version (not the served model's: a different model answers)."""
+    """Label Studio's interactive mode: the clicked object's brush region (none for an empty context), one
+    prediction per task, stamped with the click engine's version (not the served model's: a different model
+    answers). The context is checked before the engine is built or the image fetched."""
     svc = current_app.extensions["surgenet"]
     store_project = svc.store_project(ls_project)
     try:
-        segmenter = svc.clicks.for_project(store_project)
-        results, version = interactive_predictions(tasks, plan, regions, segmenter, svc.fetch, store_project)
+        engine = lambda: svc.clicks.for_project(store_project)  # noqa: E731 - built only for a usable context
+        results, version = interactive_predictions(tasks, plan, regions, engine, svc.fetch, store_project)
+    except TokenProblem as exc:
+        raise token_unavailable(exc) from None
     except SurgenetAssistError as exc:
         error, status = (
             ("interactive_unavailable", 503)
@@ -176,9 +183,9 @@ def _interactive(
             if isinstance(exc, MediaError)
             else ("bad_interactive_context", 400)  # InteractiveError, or the engine's PromptError
         )
-        detail = redact_url(exc.message) or exc.message
+        detail = redact_url(exc.public if isinstance(exc, MediaError) else exc.message) or exc.message
         # Label Studio shows the annotator only "<status> Client Error"; the log says what and how to fix
-        log.warning("interactive /predict refused (%s): %s Fix: %s", error, detail, exc.hint)
+        log.warning("interactive /predict refused (%s): %s Fix: %s", error, redact_url(exc.message), exc.hint)
         raise ApiError(error, detail, exc.hint, status=status) from None
     svc.metrics.tasks.inc(len(tasks))
     for res in results:
@@ -236,3 +243,11 @@ def predict_tasks(
             m["result"] += p["result"]
             m["score"] = min(m["score"], p["score"])
     return merged
+
+
+def token_unavailable(exc: TokenProblem) -> ApiError:
+    """Label Studio refuses the backend's token (or cannot be reached to refresh it): a 503 for the whole
+    request, not empty predictions. Label Studio stores nothing for a failed request and asks again once the
+    token is fixed; an empty prediction would be stored under the served version and never asked for again."""
+    log.warning("/predict refused: %s Fix: %s", exc.message, exc.hint)
+    return ApiError("label_studio_token", exc.message, exc.hint, status=503)

@@ -14,7 +14,7 @@ Who may call it:
 What an unauthenticated caller can make it do, where credentials are configured: nothing but a 401 (the body
 is not even parsed). What an authenticated one can: queue work for a *connected* project only (never create a
 store project), at most ``SURGENET_ASSIST_WEBHOOK_MAX_IDS`` ids a delivery, at most
-``SURGENET_ASSIST_WEBHOOK_QUEUE`` deliveries waiting (then 503); with a Label Studio connection, write and
+``SURGENET_ASSIST_WEBHOOK_BACKLOG`` deliveries waiting (then 503); with a Label Studio connection, write and
 delete only what Label Studio's project holds (``backend/webhooks.py``).
 """
 

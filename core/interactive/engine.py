@@ -1,8 +1,12 @@
 """Click/box-to-mask for one object at a time, on SurgeNetXL features computed once per frame.
 
-The expensive part, the backbone pass, runs once per frame (:meth:`ClickSegmenter.embed`, kept in a small LRU
-cache keyed by the caller: a Label Studio task, a video frame); every click after that only compares feature
-vectors and refines on the image, so a click costs tens of milliseconds on a CPU.
+The expensive part, the backbone pass, runs once per frame (:meth:`ClickSegmenter.embed`, kept in an LRU
+cache bounded by bytes and keyed by the caller: a Label Studio task, a video frame); every click after that
+only compares feature vectors and refines on the image, so a click costs tens of milliseconds on a CPU.
+
+Work per click is bounded whatever the image: the backbone input is sized by ``core.model.target_size``
+(its long side clamped), and the refinement runs on the frame scaled down to at most ``max_pixels`` (default
+1920 x 1080, so video frames are refined at their own size) before the mask is scaled back to the image.
 
 Two levels share the same input and output:
 
@@ -21,14 +25,19 @@ Both grids are refined to full resolution the same way (:meth:`ClickSegmenter.re
 confident inside and outside decides the uncertain band along the boundary, a guided filter snaps the result
 to image edges, and the clicks are enforced (a positive click's pixel is always in the mask, a negative
 click's always out).
+
+Memory per cached frame (:attr:`ImageEmbedding.nbytes`): 9 bytes per refined pixel (the frame, its grey guide
+and colour bins) plus the features, 2.5-4.5 MB at a 256-pixel short side: 8 MB for an 854 x 480 frame, 22 MB
+for 1920 x 1080, the most any frame costs with the default ``max_pixels`` (a 4000 x 4000 image: 20 MB). The
+default budget, 256 MB, holds 32 frames of 854 x 480 or 11 of 1920 x 1080.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import SurgeNetBackbone
-from ..embedding_cache import image_stages
+from ..embedding_cache import DEFAULT_CACHE_BYTES, ByteLRU, image_stages, resident_nbytes
 from ..errors import FrameError
 from ..propagation import guided_filter
 from ..video import check_frame
@@ -52,23 +61,40 @@ DAY_ONE = "day-one"
 LEARNED = "learned"
 CLICK_RADIUS_CELLS = 1.0  # click disks on the stride-8 grid (RITM uses 5 px disks at full resolution)
 _COLOUR_BITS = 4  # 16 levels per channel -> 4,096 colour bins for the boundary's colour model
+DEFAULT_WORK_PIXELS = 1920 * 1080  # frames up to this size are refined at their own resolution
 
 
 @dataclass
 class ImageEmbedding:
     """What the engine keeps per frame: the image, its backbone features and the derived per-cell vectors."""
 
-    image: np.ndarray  # (H, W, 3) uint8 RGB
+    image: np.ndarray  # (h', w', 3) uint8 RGB at the working resolution (the frame, or scaled down)
     stride8: torch.Tensor  # (C8, h, w) float32
     stride16: torch.Tensor  # (C16, h16, w16) float32
     cells: torch.Tensor  # (h*w, d) float32, L2-normalised similarity features
-    guide: np.ndarray  # (H, W) float32 grey image in [0, 1] (guided filter)
-    colour_bins: np.ndarray  # (H, W) int32 quantised colour (boundary colour model)
+    guide: np.ndarray  # (h', w') float32 grey image in [0, 1] (guided filter)
+    colour_bins: np.ndarray  # (h', w') uint16 quantised colour (boundary colour model)
     centres: torch.Tensor  # (K, d) the frame's kinds of tissue: k-means centres of ``cells``
+    original_size: tuple[int, int] | None = None  # the frame's (H, W) when ``image`` is scaled down
 
     @property
     def size(self) -> tuple[int, int]:
+        """The frame's (H, W): prompts are in its pixels and masks come back at it."""
+        if self.original_size is not None:
+            return self.original_size
+        return self.work_size
+
+    @property
+    def work_size(self) -> tuple[int, int]:
+        """(h', w') the boundary is refined at."""
         return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this embedding holds (what the engine's cache budget counts)."""
+        return resident_nbytes(
+            self.image, self.stride8, self.stride16, self.cells, self.guide, self.colour_bins, self.centres
+        )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -143,21 +169,28 @@ def _keep_seeded(mask: np.ndarray, seeds: list[tuple[int, int]]) -> np.ndarray:
     keep = {int(labels[r, c]) for r, c in seeds if mask[r, c]}
     if not keep:
         return mask
-    return np.isin(labels, sorted(keep))
+    kept = np.zeros(count, bool)
+    kept[sorted(keep)] = True
+    return kept[labels]
 
 
 class ClickSegmenter:
     """Click/box prompts to one object's mask, day one or with a learned click head.
 
-    Thread-safe: the backend's request threads and napari's worker share one instance. ``cache_size`` frames
-    of features are kept (about 1.5 MB each at 854x480)."""
+    Thread-safe: the backend's request threads and napari's worker share one instance. Frames' features are
+    kept in ``cache`` (an LRU of at most ``cache_bytes`` bytes, and at most ``cache_size`` frames when that is
+    given; pass another engine's ``cache`` to share one budget). ``max_pixels``: frames larger than this are
+    refined scaled down (see the module docstring)."""
 
     def __init__(
         self,
         backbone: SurgeNetBackbone,
         *,
         short_side: int = 256,
-        cache_size: int = 16,
+        cache_size: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache: ByteLRU[ImageEmbedding] | None = None,
+        max_pixels: int = DEFAULT_WORK_PIXELS,
         head: ClickHead | None = None,
         head_version: str | None = None,
         temperature: float = 0.05,
@@ -169,15 +202,16 @@ class ClickSegmenter:
     ) -> None:
         self.backbone = backbone.eval()
         self.short_side = short_side
-        self.cache_size = cache_size
+        self.max_pixels = int(max_pixels)
         self.temperature = temperature
         self.colour_weight = colour_weight
         self.guided_radius = guided_radius
         self.tissue_kinds = tissue_kinds
         self.kind_margin = kind_margin
         self.distance_cost = distance_cost
-        self._cache: OrderedDict[Hashable, ImageEmbedding] = OrderedDict()
-        self._lock = threading.Lock()
+        if cache is None:
+            cache = ByteLRU(cache_bytes, lambda emb: emb.nbytes, max_items=cache_size)
+        self.cache: ByteLRU[ImageEmbedding] = cache
         self._head_lock = threading.Lock()
         self.head: ClickHead | None = None
         self.head_version: str | None = None
@@ -191,6 +225,14 @@ class ClickSegmenter:
         with self._head_lock:
             self.head = head.eval() if head is not None else None
             self.head_version = version if head is not None else None
+
+    def with_head(self, head: ClickHead, version: str) -> ClickSegmenter:
+        """An engine serving ``head`` on the same backbone, settings and feature cache (one memory budget
+        for every project's engine; a frame's features do not depend on the head)."""
+        twin = copy.copy(self)
+        twin._head_lock = threading.Lock()
+        twin.use_head(head, version)
+        return twin
 
     @property
     def level(self) -> str:
@@ -219,29 +261,37 @@ class ClickSegmenter:
         if key is None:
             digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
             key = ("content", image.shape, digest)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit.image.shape == image.shape:
-                self._cache.move_to_end(key)
-                return hit
+        hit = self.cache.get(key)
+        if hit is not None and hit.size == image.shape[:2]:
+            return hit
         emb = self.embedding_from_stages(image, *image_stages(self.backbone, image, self.short_side)[:2])
-        with self._lock:
-            self._cache[key] = emb
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return emb
+        return self.cache.put(key, emb)
+
+    def work_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h', w') a ``height`` x ``width`` frame is refined at: itself, or scaled down to ``max_pixels``."""
+        if height * width <= self.max_pixels:
+            return height, width
+        scale = (self.max_pixels / (height * width)) ** 0.5
+        return max(1, int(height * scale)), max(1, int(width * scale))
 
     def embedding_from_stages(self, image: np.ndarray, stride8: Any, stride16: Any) -> ImageEmbedding:
         """An embedding from features computed elsewhere (e.g. a video's :class:`EmbeddingCache` entry)."""
         s8 = torch.as_tensor(np.asarray(stride8, dtype=np.float32))
         s16 = torch.as_tensor(np.asarray(stride16, dtype=np.float32))
+        height, width = image.shape[:2]
+        h, w = self.work_size(height, width)
+        original = None
+        if (h, w) != (height, width):
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            original = (height, width)
         cells = _cell_features(s8, s16, image)
         if self.colour_weight != 1.0:
             cells = F.normalize(cells * self._colour_scale(cells.shape[1]), dim=1)
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-        q = (image >> (8 - _COLOUR_BITS)).astype(np.int32)
+        q = (image >> (8 - _COLOUR_BITS)).astype(np.uint16)
         bins = (q[..., 0] << (2 * _COLOUR_BITS)) | (q[..., 1] << _COLOUR_BITS) | q[..., 2]
-        return ImageEmbedding(image, s8, s16, cells, grey, bins, _kmeans(cells, self.tissue_kinds))
+        centres = _kmeans(cells, self.tissue_kinds)
+        return ImageEmbedding(image, s8, s16, cells, grey, bins, centres, original)
 
     def _colour_scale(self, dims: int) -> torch.Tensor:
         scale = torch.ones(dims)
@@ -380,8 +430,18 @@ class ClickSegmenter:
         self, emb: ImageEmbedding, grid_prob: np.ndarray, prompt: Prompt
     ) -> tuple[np.ndarray, np.ndarray]:
         """Grid probability -> full-resolution (mask, probability): colour model in the boundary band, guided
-        filter on the image, clicks enforced, only the clicked parts kept."""
+        filter on the image (both at the working resolution), then at the frame's size the clicks enforced
+        and only the clicked parts kept."""
+        prob = self._boundary_probability(emb, grid_prob)
         H, W = emb.size
+        if prob.shape != (H, W):
+            prob = cv2.resize(prob, (W, H), interpolation=cv2.INTER_LINEAR)
+        return self._enforce_prompt(prob, prompt)
+
+    def _boundary_probability(self, emb: ImageEmbedding, grid_prob: np.ndarray) -> np.ndarray:
+        """(h', w') object probability at the working resolution: the grid's, with the boundary band decided
+        by a colour model and snapped to image edges by a guided filter."""
+        H, W = emb.work_size
         up = cv2.resize(grid_prob.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         up = np.clip(up, 1e-4, 1 - 1e-4)
         logit = np.log(up / (1 - up))
@@ -407,7 +467,12 @@ class ClickSegmenter:
             crop = 1.0 / (1.0 + np.exp(-logit[r0:r1, c0:c1]))
             guide = emb.guide[r0:r1, c0:c1]
             prob[r0:r1, c0:c1] = guided_filter(guide, crop[None], radius=self.guided_radius, eps=1e-3)[0]
-        prob = np.clip(prob, 0.0, 1.0).astype(np.float32)
+        return np.clip(prob, 0.0, 1.0).astype(np.float32)
+
+    def _enforce_prompt(self, prob: np.ndarray, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+        """Clicks enforced on a frame-size probability (a positive click's disk in, a negative's out), only
+        the parts holding a positive click (or the box's object, or the previous mask) kept, the box cut."""
+        H, W = prob.shape
         radius = max(2, round(min(H, W) / 160))
         click_layer = np.zeros((H, W), np.uint8)
         for c in prompt.clicks:
@@ -428,10 +493,14 @@ class ClickSegmenter:
             step = max(1, len(rows) // 64)
             seeds += list(zip(rows[::step].tolist(), cols[::step].tolist(), strict=True))
         mask = _keep_seeded(mask, seeds)
-        if prompt.box is not None:
+        if prompt.box is not None:  # nothing outside the box
             b = prompt.box
-            box = np.zeros((H, W), bool)
-            box[int(max(0, b.top)) : int(b.bottom), int(max(0, b.left)) : int(b.right)] = True
-            mask &= box
-        prob = np.where(mask, np.maximum(prob, 0.5), np.minimum(prob, 0.5)).astype(np.float32)
+            top, left, bottom, right = int(max(0, b.top)), int(max(0, b.left)), int(b.bottom), int(b.right)
+            mask[:top] = False
+            mask[bottom:] = False
+            mask[:, :left] = False
+            mask[:, right:] = False
+        # in place: a 4000 x 4000 frame's probability is 64 MB, and np.where would make three of them
+        np.maximum(prob, 0.5, out=prob, where=mask)
+        np.minimum(prob, 0.5, out=prob, where=~mask)
         return mask, prob

@@ -5,11 +5,10 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import cv2
 import pytest
-from ls_live import LS_VENV, TOKEN, free_port, label_studio
+from ls_live import LS_VENV, TOKEN, ServedBackend, label_studio
 
 H, W = 64, 96
 
@@ -32,9 +31,7 @@ def ls_server(tmp_path_factory, label_studio_installed):
 
 @pytest.fixture(scope="session")
 def backend(ls_server, tmp_path_factory):
-    """Our backend in-process (werkzeug threaded server) with the random-init model and a SQLite store."""
-    from werkzeug.serving import make_server
-
+    """Our backend in-process (the server `serve` runs) with the random-init model and a SQLite store."""
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.core.model import SurgeNetAssistModel
     from surgenet_assist.core.predictor import Predictor
@@ -46,14 +43,11 @@ def backend(ls_server, tmp_path_factory):
     settings = BackendSettings(db_url=db, label_studio_url=ls_server["url"], label_studio_api_key=TOKEN)
     app = create_app(settings, predictor=predictor)
     store = app.extensions["surgenet"].store
-    port = free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    served = ServedBackend(app)
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "store": store, "predictor": predictor, "model": model}
+        yield {"url": served.url, "store": store, "predictor": predictor, "model": model}
     finally:
-        server.shutdown()
+        served.stop()
         store.close()
 
 

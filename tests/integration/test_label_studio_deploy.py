@@ -9,13 +9,13 @@ forged webhooks change nothing; two Label Studio projects stay apart in the stor
 from __future__ import annotations
 
 import json
-import threading
 
 import cv2
 import pytest
 import requests
 from ls_live import (
     H,
+    ServedBackend,
     W,
     brush,
     choices,
@@ -57,8 +57,6 @@ class Backend:
         self.start()
 
     def start(self):
-        from werkzeug.serving import make_server
-
         from surgenet_assist.backend.app import BackendSettings, create_app
 
         settings = BackendSettings(
@@ -72,12 +70,10 @@ class Backend:
         )
         self.app = create_app(settings, predictor=self.predictor)
         self.store = self.app.extensions["surgenet"].store
-        self.httpd = make_server("127.0.0.1", self.port, self.app, threaded=True)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = ServedBackend(self.app, port=self.port)
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()
         self.store.close()
 
 

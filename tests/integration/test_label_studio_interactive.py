@@ -10,15 +10,13 @@ backend runs the real :class:`ClickSegmenter` on a random-init backbone.
 
 from __future__ import annotations
 
-import threading
-
 import cv2
 import numpy as np
 import pytest
 import requests
 import torch
 from label_studio_sdk.label_interface import LabelInterface
-from ls_live import TOKEN, free_port
+from ls_live import TOKEN, ServedBackend
 
 from surgenet_assist.core.encoders import brush_rle_to_mask
 from surgenet_assist.core.interactive import Click, Prompt
@@ -31,7 +29,6 @@ H, W = 120, 160
 @pytest.fixture(scope="module")
 def click_backend(ls_server):
     """Our backend with a click-to-mask engine, fetching media from Label Studio with its own connection."""
-    from werkzeug.serving import make_server
 
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.core.backbone import load_backbone
@@ -43,12 +40,11 @@ def click_backend(ls_server):
         label_studio_url=ls_server["url"], label_studio_api_key=TOKEN, extra={"open_store": False}
     )
     app = create_app(settings, click_segmenter=segmenter)
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served = ServedBackend(app)
     try:
-        yield {"url": f"http://127.0.0.1:{server.server_port}", "segmenter": segmenter}
+        yield {"url": served.url, "segmenter": segmenter}
     finally:
-        server.shutdown()
+        served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +143,13 @@ def test_click_in_label_studio_returns_the_objects_brush_mask(
         result = again["data"]["result"]
         second = _mask(result[0]) if result else np.zeros((H, W), bool)
         assert not second[ny, nx] and (second != mask).any()
+
+    # deleting the last smart region sends an empty context: the suggestion is cleared, and the whole-frame
+    # prediction (which would replace the annotator's choices) is not what comes back
+    cleared = _interactive(ls_server["url"], res.ml_backend_id, res.task_ids[0], [])
+    assert cleared == {
+        "data": {"model_version": click_backend["segmenter"].model_version, "score": 0.0, "result": []}
+    }, cleared
 
     # the answer is a draft for the editor, never stored as a prediction
     assert list(ls.predictions.list(project=res.project_id)) == []

@@ -9,12 +9,10 @@ Fixtures (``ls_server``, ``backend``, ``ls``) are in ``conftest.py``; ``_retriev
 
 from __future__ import annotations
 
-import threading
-
 import cv2
 import numpy as np
 import pytest
-from ls_live import TOKEN, brush, free_port, rect_mask
+from ls_live import TOKEN, ServedBackend, brush, rect_mask
 from ls_live import poll as _poll
 from test_label_studio import _retrieve
 
@@ -63,7 +61,6 @@ def day_one_backend(ls_server, tmp_path_factory):
     """A second backend in day-one mode: no model, label propagation over the store's labels (a random-init
     backbone; no instant-head worker, so the versions are deterministic)."""
     import torch
-    from werkzeug.serving import make_server
 
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.core.backbone import load_backbone
@@ -86,12 +83,11 @@ def day_one_backend(ls_server, tmp_path_factory):
         worker=False,
     )
     app = create_app(BackendSettings(store_project="day-one"), store=store, assist=assist)
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served = ServedBackend(app)
     try:
-        yield {"url": f"http://127.0.0.1:{server.server_port}", "store": store, "assist": assist}
+        yield {"url": served.url, "store": store, "assist": assist}
     finally:
-        server.shutdown()
+        served.stop()
         assist.close()
         store.close()
 

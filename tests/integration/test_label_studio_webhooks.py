@@ -6,12 +6,10 @@ and, on a second server with Label Studio's default SSRF protection, the webhook
 
 from __future__ import annotations
 
-import threading
-
 import cv2
 import pytest
 import requests
-from ls_live import TOKEN, H, W, brush, choices, free_port, label_studio, poll, rect_mask
+from ls_live import TOKEN, H, ServedBackend, W, brush, choices, label_studio, poll, rect_mask
 
 pytestmark = pytest.mark.slow
 BASIC = ("ml-backend", "s3cret-pass")
@@ -19,11 +17,10 @@ SECRET = "it-webhook-secret-0123456789"
 
 
 class Backend:
-    """Our backend on a real port: Basic Auth, the webhook secret, a Label Studio connection."""
+    """Our backend behind the real server, on a free port: Basic Auth, the webhook secret, a Label Studio
+    connection."""
 
     def __init__(self, ls_url: str, db: str) -> None:
-        from werkzeug.serving import make_server
-
         from surgenet_assist.backend.app import BackendSettings, create_app
 
         settings = BackendSettings(
@@ -38,14 +35,11 @@ class Backend:
         self.app = create_app(settings)
         self.store = self.app.extensions["surgenet"].store
         self.queue = self.app.extensions["surgenet"].webhooks.queue
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.httpd = make_server("127.0.0.1", self.port, self.app, threaded=True)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.served = ServedBackend(self.app)
+        self.url = self.served.url
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.served.stop()
         self.store.close()
 
 
