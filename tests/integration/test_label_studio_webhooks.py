@@ -171,7 +171,9 @@ def test_a_label_added_to_the_config_is_taken_at_once(ls, ls_server, backend):
     """PROJECT_UPDATED drops the cached labeling config. A project whose config lacks "Fat" is connected (the
     backend caches that config); the admin adds "Fat" and an annotator paints it at once: without the
     event, the cached config (kept a minute) would refuse the annotation."""
-    from surgenet_assist.backend.ls_client import connect_project
+    from typer.testing import CliRunner
+
+    from surgenet_assist.cli.main import app as cli
     from surgenet_assist.core.formats.ls_config import image_config
     from surgenet_assist.core.schema import DEFAULT_SCHEMA
 
@@ -191,9 +193,12 @@ def test_a_label_added_to_the_config_is_taken_at_once(ls, ls_server, backend):
         timeout=60,
     )
     task_ids = r.json()["task_ids"]
-    connect_project(
-        ls_server["url"], TOKEN, pid, backend_url=backend.url, backend_auth=BASIC, webhook_secret=SECRET
-    )
+    # `ls setup-project --project N`: the backend connected, the secret on the webhook, the project connected
+    env = {"SURGENET_ASSIST_WEBHOOK_SECRET": SECRET, "BASIC_AUTH_USER": BASIC[0], "BASIC_AUTH_PASS": BASIC[1]}
+    args = ["ls", "setup-project", "--url", ls_server["url"], "--api-key", TOKEN, "--project", str(pid)]
+    res = CliRunner().invoke(cli, [*args, "--backend-url", backend.url, "--db", backend.store.url], env=env)
+    assert res.exit_code == 0, res.output
+    assert "with the secret header" in res.output and SECRET not in res.output
     store = _store(backend, pid)
     poll(lambda: f"label-studio-{pid}" in backend.store.projects(), what="connected project")
     ls.annotations.create(id=task_ids[0], result=[brush("m1", "Liver", rect_mask(2, 20, 3, 30))])
