@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 
+from .backbones import ServingBackbones
 from .http import ApiError, json_error, redact_tokens_in_logs
 from .interactive import ClickSegmenters
 from .ls_webhooks import WebhookChecks
@@ -52,10 +53,11 @@ def create_app(
     schema: LabelSchema | None = None,
     fetch: Callable[[str, Any], Path] | None = None,
     assist: Any = None,
-    assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable], Any] | None = None,
+    assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable, Any], Any] | None = None,
     ls_api: Any = None,
     click_segmenter: Any = None,
-    click_segmenter_factory: Callable[[BackendSettings], Any] | None = None,
+    click_segmenter_factory: Callable[[BackendSettings, Any], Any] | None = None,
+    backbone_loader: Callable[[], Any] | None = None,
 ) -> Flask:
     """Build the backend app. ``predictor``/``store``/``fetch``/``assist`` (a day-one assistant such as
     ``training_loop.assist.DayOneAssist``)/``ls_api`` (the connection to Label Studio that verifies webhooks)
@@ -63,9 +65,11 @@ def create_app(
     composition root) passes ``assist_factory``.
 
     Interactive mode (a ``/predict`` whose ``params.context`` holds clicks or boxes) is answered by
-    ``click_segmenter`` (a ``core.interactive.ClickSegmenter``), or by the one ``click_segmenter_factory``
-    builds on the first click (the CLI's shares the day-one backbone); without either such a request gets a
-    503 saying interactive mode is off."""
+    ``click_segmenter`` (a ``core.interactive.ClickSegmenter``), or by the one
+    ``click_segmenter_factory(settings, backbone)`` builds; without either such a request gets a 503 saying
+    interactive mode is off. Clicks and day-one assistance (``assist_factory(settings, store, schema, fetch,
+    backbone)``) run on the served model's backbone, or on ``backbone_loader()`` (the cached SurgeNetXL
+    weights, the CLI's) when no model serves: one backbone per process (``backend/backbones.py``)."""
     settings = settings or BackendSettings.from_env()
     settings.check()
     ls_api = ls_api or settings.label_studio_api()
@@ -123,7 +127,7 @@ def create_app(
         fetch=fetch or media,
         clicks=ClickSegmenters(
             click_segmenter,
-            factory=(lambda: click_segmenter_factory(settings)) if click_segmenter_factory else None,
+            factory=(lambda bb: click_segmenter_factory(settings, bb)) if click_segmenter_factory else None,
             store=store,
             poll_s=settings.registry_poll_s,
         ),
@@ -132,6 +136,7 @@ def create_app(
         webhook_mode=webhook_mode,
         assist=assist,
         assist_factory=assist_factory,
+        backbones=ServingBackbones(backbone_loader),
     )
     webhooks.on_labels = lambda project: _label_arrived(services, project)
     redact_tokens_in_logs()

@@ -62,9 +62,10 @@ class ServingBackbones:
                     log.warning("no fallback backbone: %s", self.problem)
             if self._fallback is not None:
                 return self._fallback
-        why = f"the SurgeNetXL weights cannot be loaded ({self.problem})" if self.problem else "none cached"
+        why = f"cannot be loaded ({self.problem})" if self.problem else "not cached"
         raise BackboneUnavailable(
-            f"no backbone for clicks and day-one assistance: no model is served and {why}", NO_BACKBONE_HINT
+            f"no backbone for clicks and day-one assistance: no model is served and SurgeNetXL weights {why}",
+            NO_BACKBONE_HINT,
         )
 
     def describe(self, predictor: Any) -> dict[str, Any]:

@@ -307,8 +307,9 @@ def _positive(region: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 class ClickSegmenters:
     """The click-to-mask engine of each Label Studio project: ``segmenter`` (injected) or the one
-    ``factory()`` builds on the first click (the CLI passes one on the shared SurgeNetXL backbone, so the
-    backbone is loaded once per process and only when someone clicks).
+    ``factory(backbone)`` builds on the backbone the project's served model runs on (the CLI's factory; the
+    cached SurgeNetXL weights only when no model serves: ``backend/backbones.py``), rebuilt when that backbone
+    changes, so one backbone per process serves predictions, clicks and day-one features.
 
     :meth:`for_project` is the one place that decides. A project whose registry holds a learned click head
     (the nightly cycle's interactive champion, trained on this backbone: ``core.interactive.serving``) gets
@@ -319,7 +320,7 @@ class ClickSegmenters:
     def __init__(
         self,
         segmenter: Any = None,
-        factory: Callable[[], Any] | None = None,
+        factory: Callable[[Any], Any] | None = None,
         store: Any = None,
         poll_s: float = 5.0,
     ) -> None:
@@ -332,10 +333,11 @@ class ClickSegmenters:
         # project -> (its engine with a learned head, or None for day one; when the registry was read)
         self._learned: dict[str | None, tuple[Any, float]] = {}
 
-    def for_project(self, store_project: str | None) -> Any:
+    def for_project(self, store_project: str | None, backbone: Callable[[], Any] | None = None) -> Any:
         """The engine that answers clicks in ``store_project`` (the label-store project of the Label Studio
-        project); raises :class:`InteractiveUnavailable` when none can be built."""
-        base = self._default()
+        project), on the backbone ``backbone()`` returns; raises :class:`InteractiveUnavailable` when none can
+        be built."""
+        base = self._default(backbone)
         if self.store is None or getattr(base, "backbone", None) is None:
             return base
         return self._learned_engine(base, store_project) or base
@@ -371,28 +373,36 @@ class ClickSegmenters:
             self._learned[project] = (engine, now)
         return engine
 
-    def _default(self) -> Any:
+    def _default(self, backbone: Callable[[], Any] | None) -> Any:
+        if self._factory is None:
+            if self._base is not None:
+                return self._base  # injected
+            raise InteractiveUnavailable(
+                "interactive mode is not enabled in this backend",
+                "start the backend with `surgenet-assist serve` (it builds the click-to-mask engine), or "
+                "pass click_segmenter to create_app",
+            )
+        try:
+            current = backbone() if backbone is not None else None
+        except SurgenetAssistError as exc:  # no served model and no cached weights
+            what = f"interactive mode is unavailable: {exc.message}"
+            raise InteractiveUnavailable(what, exc.hint) from None
         with self._lock:
-            if self._base is None and self._factory is not None and self.problem is None:
+            stale = self._base is not None and getattr(self._base, "backbone", None) is not current
+            if self._base is None or (stale and current is not None):
                 try:
-                    self._base = self._factory()
+                    self._base = self._factory(current)
+                    self._learned.clear()  # heads were checked against the previous backbone
+                    self.problem = None
                 except Exception as exc:  # noqa: BLE001 - no weights, no memory: say so on every click
                     self.problem = str(getattr(exc, "message", exc))
                     log.warning("interactive mode off: %s", self.problem)
-                if self._base is None and self.problem is None:
-                    self.problem = "the click-to-mask engine could not be built (see the backend's log)"
             if self._base is not None:
                 return self._base
-        if self.problem is not None:
-            raise InteractiveUnavailable(
-                f"interactive mode is unavailable: {self.problem}",
-                "cache the SurgeNetXL weights on the backend (`surgenet-assist weights download surgenetxl`, "
-                "or --from-file) and restart it",
-            )
         raise InteractiveUnavailable(
-            "interactive mode is not enabled in this backend",
-            "start the backend with `surgenet-assist serve` (it builds the click-to-mask engine), or pass "
-            "click_segmenter to create_app",
+            f"interactive mode is unavailable: {self.problem or 'the click engine could not be built'}",
+            "cache the SurgeNetXL weights on the backend (`surgenet-assist weights download surgenetxl`, "
+            "or --from-file) and restart it, or serve a model (--model BUNDLE / --registry)",
         )
 
 

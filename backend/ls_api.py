@@ -22,6 +22,7 @@ not answer, is one state, :attr:`LabelStudioAPI.token_problem`: the backend answ
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -339,31 +340,67 @@ class LabelStudioAPI:
         return self.get(f"/api/annotations/{int(annotation_id)}/", what="read annotation", missing_ok=True)
 
     def task(self, task_id: int) -> dict[str, Any] | None:
-        """A task with its data; None when it is gone."""
-        return self.get(f"/api/tasks/{int(task_id)}/", what="read task", missing_ok=True)
+        """A task with its data as stored (``resolve_uri=false``: a cloud URI stays ``s3://...``, so its frame
+        identity is the same as ``ls sync`` reads); None when it is gone."""
+        return self.get(
+            f"/api/tasks/{int(task_id)}/", what="read task", missing_ok=True, resolve_uri="false"
+        )
 
     def project(self, project_id: int) -> dict[str, Any] | None:
         """A project (``label_config`` among its fields); None when it is gone."""
         return self.get(f"/api/projects/{int(project_id)}/", what="read project", missing_ok=True)
 
     def tasks(self, project_id: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every task of a project with its annotations, page by page (``/api/tasks/?fields=all``)."""
-        page = 1
+        """Every task of a project with its annotations, in id order (``/api/tasks/?fields=all``), with raw
+        media URIs (``resolve_uri=false``: a cloud-storage ``s3://`` URI names its frame; the resolved form
+        ``/tasks/{id}/resolve/?fileuri=...`` does not).
+
+        Keyset paging: each request asks for the tasks with an id above the last one seen (the data
+        manager's ``tasks:id`` filter, ordered by id), so a task deleted or created meanwhile shifts nothing.
+        A page shorter than ``page_size`` is not the end (Label Studio lowers ``page_size`` to its
+        ``TASK_API_PAGE_SIZE_MAX`` without saying so): the end is a page that holds all of the ``total``
+        tasks it reports as left, or an empty one. Ids must grow, so every page makes progress.
+        """
+        after = 0
+        what = f"list tasks of project {project_id}"
         while True:
-            body = self.request(
-                "GET",
-                "/api/tasks/",
-                what=f"list tasks of project {project_id}",
-                missing_ok=True,
-                params={"project": int(project_id), "page": page, "page_size": page_size, "fields": "all"},
-            )
-            tasks = (body or {}).get("tasks") if isinstance(body, dict) else body
-            if not tasks:
-                return
+            query = {
+                "filters": {
+                    "conjunction": "and",
+                    "items": [
+                        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after}
+                    ],
+                },
+                "ordering": ["tasks:id"],
+            }
+            params = {
+                "project": int(project_id),
+                "page": 1,
+                "page_size": page_size,
+                "fields": "all",
+                "resolve_uri": "false",
+                "query": json.dumps(query),
+            }
+            body = self.request("GET", "/api/tasks/", what=what, params=params)
+            tasks, left = (body.get("tasks"), body.get("total")) if isinstance(body, dict) else (body, None)
+            if not isinstance(tasks, list) or not (left is None or isinstance(left, int)):
+                raise LabelStudioToolError(
+                    f"Label Studio {what}: the answer is not a task page ({type(body).__name__})",
+                    "check --url: it must be Label Studio itself, not a proxy's or login page",
+                )
+            ids = [task.get("id") if isinstance(task, dict) else None for task in tasks]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or any(
+                later <= earlier for earlier, later in zip([after, *ids], ids, strict=False)
+            ):
+                raise LabelStudioToolError(
+                    f"Label Studio {what}: the page after task {after} holds ids {ids[:5]}, not growing ids "
+                    "above it: the server did not apply the data manager's tasks:id filter",
+                    "check that --url is Label Studio itself (1.23 is tested) and report its version",
+                )
             yield from tasks
-            if len(tasks) < page_size:
+            if not tasks or (left is not None and len(tasks) >= left):
                 return
-            page += 1
+            after = ids[-1]
 
     def close(self) -> None:
         self._http.close()

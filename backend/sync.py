@@ -2,9 +2,10 @@
 
 Label Studio sends webhooks once (no retry without Redis, a 1 s timeout inside the annotator's save), so a
 backend restart, a busy database or a refused delivery loses an event for good. Reconciliation pulls the
-project's tasks with their annotations page by page (``/api/tasks?fields=all``) and hands them to core's
-:func:`~surgenet_assist.core.label_studio_sync.reconcile_label_studio`. The nightly cycle and, when
-configured, the backend itself run it for every connected project.
+project's tasks with their annotations in id order (:meth:`LabelStudioAPI.tasks`: keyset pages, raw media
+URIs) and hands them to core's :func:`~surgenet_assist.core.label_studio_sync.reconcile_label_studio`, which
+asks Label Studio again (``GET /api/annotations/{id}/``) before it tombstones a label whose annotation it did
+not see. The nightly cycle and, when configured, the backend itself run it for every connected project.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def sync_project(
     report = reconcile_label_studio(
         store,
         api.tasks(ls_project, page_size=page_size),
+        # a 404 is the only "gone": any other failure raises before a single tombstone is written
+        annotation_exists=lambda annotation_id: api.annotation(annotation_id) is not None,
         label_config=project.get("label_config"),
         project=name,
         schema=schema,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -83,33 +82,29 @@ def backend_server():  # noqa: ANN201 - an ASGI app (uvicorn's factory, called i
 
     settings = BackendSettings.from_env()
     app = create_app(
-        settings, assist_factory=day_one_assist, click_segmenter_factory=interactive_click_segmenter
+        settings,
+        assist_factory=day_one_assist,
+        click_segmenter_factory=interactive_click_segmenter,
+        backbone_loader=cached_surgenetxl,
     )
+    app.extensions["surgenet"].warm()  # the backbone loads now, so the first /setup stays well under 3 s
     limits = settings.server_limits()
     serve_limits(limits)
     return BackendServer(app, limits)
 
 
-@functools.cache
-def _shared_backbone():  # noqa: ANN202 - a torch module
-    """The SurgeNetXL backbone, loaded once per process: every project's day-one assistant shares it."""
+def cached_surgenetxl():  # noqa: ANN201 - a torch module
+    """The cached SurgeNetXL backbone: the fallback for clicks and day-one features when no model is served
+    (never downloads while serving)."""
     from surgenet_assist.core.backbone import load_backbone
 
     return load_backbone(allow_download=False, progress=False)
 
 
-def day_one_assist(settings, store, schema, fetch):  # noqa: ANN001, ANN201 - see create_app
-    """Propagation + instant heads on the SurgeNetXL backbone, if its weights are cached (never downloads
-    during start-up); without them the backend behaves as before."""
-    try:
-        from surgenet_assist.training_loop.assist import DayOneAssist
-
-        backbone = _shared_backbone()
-    except Exception as exc:  # noqa: BLE001 - day-one assistance is optional
-        logging.getLogger("surgenet_assist.backend").warning(
-            "day-one assistance off (no backbone): %s", getattr(exc, "message", exc)
-        )
-        return None
+def day_one_assist(settings, store, schema, fetch, backbone):  # noqa: ANN001, ANN201 - see create_app
+    """Propagation + instant heads on the project's serving backbone (``create_app``: the served model's,
+    else the cached SurgeNetXL weights)."""
+    from surgenet_assist.training_loop.assist import DayOneAssist
 
     def resolve(url: str) -> Path:
         return Path(url) if Path(url).exists() else fetch(url, None)
@@ -122,15 +117,17 @@ def day_one_assist(settings, store, schema, fetch):  # noqa: ANN001, ANN201 - se
         sample_fps=settings.video_sample_fps,
         resolve=resolve,
         project=settings.store_project,
+        feature_cache_bytes=settings.day_one_cache_mb << 20,
     )
 
 
-def interactive_click_segmenter(settings):  # noqa: ANN001, ANN201 - see create_app
-    """The click-to-mask engine of Label Studio's interactive mode, on the same backbone object the day-one
-    assistants use (loaded once per process, on the first click; never downloads during serving)."""
+def interactive_click_segmenter(settings, backbone):  # noqa: ANN001, ANN201 - see create_app
+    """The click-to-mask engine of Label Studio's interactive mode, on the serving backbone."""
     from surgenet_assist.core.interactive import ClickSegmenter
 
-    return ClickSegmenter(_shared_backbone(), short_side=settings.day_one_short_side)
+    return ClickSegmenter(
+        backbone, short_side=settings.day_one_short_side, cache_bytes=settings.click_cache_mb << 20
+    )
 
 
 @ls_app.command("config")

@@ -85,6 +85,7 @@ def run_demo(
         overwrite=True,
         training={
             "data": "synthetic",
+            "synthetic_world": test.world,
             "train_frames": len(data),
             "epochs": epochs,
             "seed": seed,
@@ -120,6 +121,7 @@ def run_demo(
     summary = {
         "model_version": version,
         "backbone": backbone_note,
+        "synthetic_world": test.world,
         "train_frames": len(data),
         "test_frames": len(result.indices),
         "seconds": round(time.perf_counter() - started, 1),
@@ -136,7 +138,8 @@ def _markdown(summary: dict) -> str:
         [
             f"# surgenet-assist demo — {summary['model_version']}",
             "",
-            f"Backbone: {summary['backbone']}. Trained on {summary['train_frames']} synthetic frames, "
+            f"Backbone: {summary['backbone']}. Trained on {summary['train_frames']} synthetic frames "
+            f"(world {summary['synthetic_world']}), "
             f"evaluated on a held-out clip of {summary['test_frames']} frames; "
             f"{summary['seconds']} s in total.",
             "",

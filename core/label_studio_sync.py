@@ -10,16 +10,20 @@ The backend's verified webhooks (``backend/webhooks.py``) and ``ls sync`` (``bac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import DatasetFormatError, SurgenetAssistError
-from .formats import ImportReport, PendingLabel, VideoInfo, progress_iter, write_labels
-from .formats.label_studio import LabelStudioTranslator, ls_integer
+from .formats import ImportReport, PendingLabel, VideoInfo, progress_iter, stage_labels, write_labels
+from .formats.label_studio import LabelStudioTranslator, TaskTarget, ls_integer
 from .schema import DEFAULT_SCHEMA, LabelSchema
-from .store import LabelStore, RecordResult, to_utc
+from .store import LabelStore, RecordResult, Writer, to_utc
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")  # the singular: Label Studio before 1.9
@@ -219,12 +223,59 @@ def ingest_webhook(
 
 
 ANALYZE_AFTER = 500  # labels written by one sync after which the database's planner statistics are refreshed
+GONE = "tombstoned (gone from Label Studio)"
+log = logging.getLogger(__name__)
+
+
+def annotation_digest(
+    task: dict[str, Any], annotation: dict[str, Any], target: TaskTarget, config: str
+) -> str:
+    """What decides an annotation's labels, hashed: its result, author and cancelled flag, its task's id and
+    store target (video, frame, media) and the labeling config (``config``: the digest of its text, from
+    :func:`config_digest`). Label Studio's ``updated_at`` is left out on purpose: ``/api/labels/bulk`` and
+    renaming a label change the result without it, a task-data or config change never touches it, and an
+    edit that changes nothing should not make a new revision. (Key order counts: a server that reorders keys
+    only makes the next sync read the annotation again, never skip a change.)"""
+    who = annotation.get("completed_by")
+    head = [
+        config,
+        bool(annotation.get("was_cancelled")),
+        who.get("id") if isinstance(who, dict) else who,
+        task.get("id"),
+        [target.video, target.frame, target.media_key, target.media],
+    ]
+    h = hashlib.sha256(json.dumps(head, default=str).encode())
+    h.update(json.dumps(annotation.get("result") or [], default=str).encode())
+    return h.hexdigest()
+
+
+def config_digest(label_config: str | None) -> str:
+    """The labeling config's part of :func:`annotation_digest` (computed once per sync)."""
+    return hashlib.sha256((label_config or "").encode()).hexdigest()
+
+
+def annotations_in(tasks: Iterable[dict[str, Any]]) -> Callable[[int], bool]:
+    """``annotation_exists`` for a JSON export taken as Label Studio's whole state: an annotation that is not
+    in it is gone (a reconciliation from a file, and tests)."""
+    ids = {ls_integer(a.get("id"), "annotation id") for t in tasks for a in t.get("annotations") or []}
+    return ids.__contains__
+
+
+@dataclass
+class _ReadAnnotation:
+    """One annotation a sync read: its labels (none for a cancelled one) replace what the store holds."""
+
+    ls_id: int
+    updated_at: datetime | None
+    digest: str
+    labels: list[PendingLabel]
 
 
 def reconcile_label_studio(
     store: LabelStore,
     tasks: Iterable[dict[str, Any]],
     *,
+    annotation_exists: Callable[[int], bool],
     label_config: str | None = None,
     project: str | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
@@ -235,72 +286,203 @@ def reconcile_label_studio(
     """Make the store project's Label Studio labels equal what ``tasks`` (all of a Label Studio project's
     tasks, with their annotations: ``/api/tasks?fields=all`` pages or a JSON export) hold now.
 
-    Missing labels are created, newer revisions applied, and labels whose annotation or task is gone
-    (deleted, or turned into a draft) are tombstoned; an annotation that cannot be read (an unknown label)
-    keeps what the store has, and is reported. Writes go in batches of ``batch_tasks`` tasks, each batch one
-    transaction, and the tombstones in a last one: an interrupted run leaves no partial annotation and a
-    second run finishes the job. Running it twice changes nothing the second time.
+    Rules (``docs/deploy.md`` section 4), each because a live label must never be lost:
+
+    * an annotation whose digest (:func:`annotation_digest`) and live revisions are what the last sync left
+      is skipped; any other is read, and its labels replace what the store holds (labels it dropped are
+      tombstoned, one it holds but the store has tombstoned is restored);
+    * only labels written before this sync started (revision id at most the store's label version then) are
+      replaced, restored or tombstoned: what a webhook writes meanwhile is newer than what the sync read;
+    * a label whose annotation the sync did not see is tombstoned only when ``annotation_exists`` (Label
+      Studio's answer for the annotation: False only for a 404) says it is gone, at ``max(now, its
+      updated_at)`` with a warning when Label Studio's clock is ahead;
+    * content that is already current adds no revision, so a sync that finds nothing new leaves the label
+      version (what the day-one assistant refits on) where it was.
+
+    An annotation that cannot be read (an unknown label) keeps what the store has, and is reported. Writes go
+    in batches of ``batch_tasks`` tasks, each one transaction, and the tombstones in a last one: an
+    interrupted run leaves no partial annotation and a second run finishes the job. Labels of other tools
+    (napari, imports) are never touched.
     """
     tr = LabelStudioTranslator.for_config(
         label_config if isinstance(label_config, str) and label_config.strip() else None, schema
     )
+    config = config_digest(label_config if isinstance(label_config, str) else None)
     report = ImportReport("label-studio-sync", project or store.project)
-    stored = store.ls_label_versions(project)  # annotations already held at Label Studio's version: skipped
-    keep: set[int] = set()
-    unreadable: set[int] = set()
-    pending: list[PendingLabel] = []
-    videos: dict[str, VideoInfo] = {}
+    watermark = store.label_version()  # before the first page is read: anything newer is not ours to undo
+    states = store.ls_sync_states(project)
+    live = store.ls_live_revisions(project)
+    had_labels = set(live)
+    seen: set[int] = set()
+    batch: list[_ReadAnnotation] = []
     in_batch = 0
 
     def flush() -> None:
-        nonlocal pending, videos, in_batch
-        if pending:
-            results = write_labels(store, videos, pending, report, project)
-            stale = [lab for lab, r in zip(pending, results, strict=True) if r is not None and not r.current]
-            keep.update(r.annotation_id for r in results if r is not None)
-            if stale:  # the store holds something newer (say, a tombstone): Label Studio's state wins
-                now = to_utc(datetime.now(UTC))
-                again = [replace(lab, updated_at=now) for lab in stale]
-                write_labels(store, {lab.video: VideoInfo() for lab in again}, again, report, project)
-        pending, videos, in_batch = [], {}, 0
+        nonlocal batch, in_batch
+        if batch:
+            counts, ahead = store.transaction(
+                lambda w: _write_batch(w, batch, project, watermark, had_labels)
+            )
+            report.counts.update(counts)
+            _warn_if_ahead(ahead, "restored labels", project or store.project)
+        batch, in_batch = [], 0
 
     for task in progress_iter(tasks, progress, "label-studio sync", total):
         report.counts["tasks"] += 1
         for ann in task.get("annotations") or []:
             ann_id = ls_integer(ann.get("id"), "annotation id")
+            seen.add(ann_id)
             report.counts["annotations"] += 1
             where = f"task {task.get('id')} annotation {ann_id}"
-            if ann.get("was_cancelled"):
-                report.skip(where, "skipped (cancelled) in Label Studio")
-                continue
-            held = stored.get(ann_id)
-            if held is not None and to_utc(held[0]) == to_utc(ann.get("updated_at") or ann.get("created_at")):
-                keep.update(held[1])
-                report.counts["unchanged (already stored)"] += 1
-                continue
             try:
-                labels, skipped = tr.read(task, ann)
+                digest = annotation_digest(task, ann, tr.target(task), config)
+                state = states.get(ann_id)
+                if state is not None and state == (digest, live.get(ann_id, frozenset())):
+                    report.counts["unchanged (already stored)"] += 1
+                    continue
+                if ann.get("was_cancelled"):
+                    labels: list[PendingLabel] = []
+                    report.skip(where, "skipped (cancelled) in Label Studio")
+                else:
+                    labels, skipped = tr.read(task, ann)
+                    for reason in skipped:
+                        report.skip(where, reason)
+                updated = to_utc(ann.get("updated_at") or ann.get("created_at"))
             except SurgenetAssistError as exc:
-                unreadable.add(ann_id)
                 report.skip(where, f"kept as stored: {exc.message}")
                 continue
-            for reason in skipped:
-                report.skip(where, reason)
-            for lab in labels:
-                videos.setdefault(lab.video, VideoInfo())
-            pending += labels
+            report.counts["annotations read"] += 1
+            batch.append(_ReadAnnotation(ann_id, updated, digest, labels))
         in_batch += 1
         if in_batch >= batch_tasks:
             flush()
     flush()
     if report.counts["new revisions"] >= ANALYZE_AFTER:
         store.refresh_statistics()  # the tombstone query below and the next sync plan on fresh statistics
-    now = to_utc(datetime.now(UTC))
-
-    report.counts["tombstoned (gone from Label Studio)"] = store.transaction(
-        lambda w: w.tombstone_ls_labels(project, keep=keep, spare_ls_annotations=unreadable, updated_at=now)
-    )
+    unseen = sorted((set(live) | set(states)) - seen)
+    _tombstone_unseen(store, report, unseen, annotation_exists, project, watermark, progress)
     return report
+
+
+def _now() -> datetime:
+    """This machine's clock as the store keeps time (naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _later(label_time: datetime | None, now: datetime) -> datetime:
+    """The time for a write that must supersede a label stamped ``label_time``: now, or just after the label
+    when its clock (Label Studio's) runs ahead of this machine's."""
+    if label_time is None or label_time < now:
+        return now
+    return label_time + timedelta(microseconds=1)
+
+
+def _write_batch(
+    w: Writer, batch: list[_ReadAnnotation], project: str | None, watermark: int, held: set[int]
+) -> tuple[Counter[str], timedelta]:
+    """One transaction: the batch's labels, the restores of those the store holds as tombstones (or as other
+    content) from before this sync, the tombstones of labels the annotations dropped, and the sync state.
+    ``held``: the Label Studio annotations that had live labels when the sync started. Returns the counts and
+    how far the newest label it had to supersede was ahead of this machine's clock."""
+    labels = [lab for a in batch for lab in a.labels]
+    counts, results = stage_labels(w, {lab.video: VideoInfo() for lab in labels}, labels, project)
+    # the store's current state matters where labels were there before, or where ours did not become current
+    # (a cold sync asks nothing)
+    ask = {a.ls_id for a in batch if a.ls_id in held}
+    ask |= {lab.ls_annotation_id for lab, r in zip(labels, results, strict=True) if r and not r.current}
+    found = w.current_ls_labels(project, ls_annotation_ids=ask, live_only=False) if ask else []
+    current = {c.annotation.id: c for c in found}
+    # per Label Studio annotation, per label: the revision that holds what we read (None: superseded)
+    ours: dict[int | None, dict[int, int | None]] = defaultdict(dict)
+    restore: list[tuple[PendingLabel, int]] = []
+    now = _now()
+    for lab, res in zip(labels, results, strict=True):
+        if res is None:  # a delete of a label never stored: the translator sends none
+            continue
+        now_held = current.get(res.annotation_id)
+        if res.current or now_held is None:
+            ours[lab.ls_annotation_id][res.annotation_id] = res.revision_id
+        elif now_held.revision_id > watermark:  # superseded during this sync (a webhook): newer than our read
+            ours[lab.ls_annotation_id][res.annotation_id] = None
+        elif not now_held.deleted and now_held.digest == lab.payload.digest():  # the same content is current
+            ours[lab.ls_annotation_id][res.annotation_id] = now_held.revision_id
+        else:  # a tombstone, or other content, from before this sync: Label Studio's state wins
+            restore.append((replace(lab, updated_at=_later(now_held.updated_at, now)), res.annotation_id))
+    ahead = max((lab.updated_at - now for lab, _ in restore if lab.updated_at), default=timedelta(0))
+    if restore:
+        again = [lab for lab, _ in restore]
+        restored, results = stage_labels(w, {lab.video: VideoInfo() for lab in again}, again, project)
+        for (lab, aid), res in zip(restore, results, strict=True):
+            ours[lab.ls_annotation_id][aid] = res.revision_id if res else None
+        restored.pop("videos", None)
+        counts.update(restored)
+        counts["restored (Label Studio still holds them)"] += len(restore)
+    edited = {a.ls_id: a.updated_at for a in batch}
+    dropped = [  # live labels the annotations no longer hold; what a webhook wrote meanwhile stays
+        (c.annotation, max(t for t in (edited[c.annotation.ls_annotation_id], c.updated_at) if t))
+        for c in current.values()
+        if not c.deleted
+        and c.annotation.id not in ours[c.annotation.ls_annotation_id]
+        and c.revision_id <= watermark
+    ]
+    counts[GONE] += w.tombstone_labels(dropped, project)
+    save, forget = {}, []
+    for a in batch:
+        revisions = ours[a.ls_id]
+        if None in revisions.values():  # a webhook superseded what we read: the next sync reads it again
+            forget.append(a.ls_id)
+        else:
+            save[a.ls_id] = (a.digest, [r for r in revisions.values() if r is not None])  # (all are)
+    w.save_ls_sync_states(project, save)
+    w.forget_ls_sync_states(project, forget)
+    return counts, ahead
+
+
+def _tombstone_unseen(
+    store: LabelStore,
+    report: ImportReport,
+    unseen: list[int],
+    annotation_exists: Callable[[int], bool],
+    project: str | None,
+    watermark: int,
+    progress: bool,
+) -> None:
+    """Tombstone the labels of the annotations the sync did not see, once Label Studio says they are gone."""
+    gone = []
+    for ann_id in progress_iter(unseen, progress, "label-studio sync: deletions", len(unseen)):
+        if annotation_exists(ann_id):
+            report.skip(
+                f"annotation {ann_id}", "kept: Label Studio still has it, but not in a task it listed"
+            )
+        else:
+            gone.append(ann_id)
+
+    def write(w: Writer) -> tuple[int, timedelta]:
+        now = _now()
+        labels = [
+            c for c in w.current_ls_labels(project, ls_annotation_ids=gone) if c.revision_id <= watermark
+        ]
+        ahead = max((c.updated_at - now for c in labels), default=timedelta(0))
+        count = w.tombstone_labels([(c.annotation, _later(c.updated_at, now)) for c in labels], project)
+        w.forget_ls_sync_states(project, gone)
+        return count, ahead
+
+    count, ahead = store.transaction(write) if gone else (0, timedelta(0))
+    report.counts[GONE] += count
+    _warn_if_ahead(ahead, "tombstones", project or store.project)
+
+
+def _warn_if_ahead(ahead: timedelta, what: str, project: str) -> None:
+    """Say so when Label Studio's clock runs ahead of ours: the writes were stamped after the labels they
+    supersede (at our 'now' they would look older and stay behind them), but the clocks should agree."""
+    if ahead > timedelta(0):
+        log.warning(
+            "ls sync of %s: Label Studio's clock is %.0f s ahead of this machine's; %s were stamped just "
+            "after the labels they supersede so that they stay current. Synchronise both clocks (NTP).",
+            project,
+            ahead.total_seconds(),
+            what,
+        )
 
 
 def _recorded(res: RecordResult, deleted: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgenet_assist.core.paths import data_home
-from surgenet_assist.core.synthetic import generate_clip
+from surgenet_assist.core.synthetic import DEFAULT_WORLD, generate_clip
 
 from ._reader import LayerData, video_layer_data
 
@@ -25,9 +25,10 @@ def sample_clip_path(
 ) -> Path:
     """Folder holding the generated clip (created on first use; deterministic for the same arguments)."""
     h, w = size
-    folder = data_home() / "samples" / f"synthetic-seed{seed}-{num_frames}x{h}x{w}"
+    # the world is part of the name: a clip cached by an older default world is never shown as this one
+    folder = data_home() / "samples" / f"synthetic-{DEFAULT_WORLD}-seed{seed}-{num_frames}x{h}x{w}"
     if not (folder / f"frame_{num_frames - 1:06d}.png").exists():
-        clip = generate_clip(seed=seed, num_frames=num_frames, height=h, width=w, fps=1.0)
+        clip = generate_clip(seed, num_frames, h, w, fps=1.0, world=DEFAULT_WORLD)
         clip.write_frames(folder, ext="png", masks=True)
     return folder
 

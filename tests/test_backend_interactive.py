@@ -389,15 +389,73 @@ def test_without_an_engine_clicks_get_a_503_that_says_why(frame):
     res = post(off, body([keypoint(10, 10)]))
     assert res.status_code == 503 and "not enabled" in res.get_json()["detail"]
 
-    def no_weights(_settings):
+    def no_weights():
         from surgenet_assist.core.errors import WeightsNotAvailableError
 
-        raise WeightsNotAvailableError("SurgeNetXL weights are not cached", "download them")
+        raise WeightsNotAvailableError("weights for 'surgenetxl' are not cached", "download them")
 
-    broken = create_app(settings, fetch=_fetch(frame[0]), click_segmenter_factory=no_weights).test_client()
+    built: list = []
+    broken = create_app(
+        settings,
+        fetch=_fetch(frame[0]),
+        click_segmenter_factory=lambda _s, backbone: built.append(backbone),
+        backbone_loader=no_weights,
+    ).test_client()
     res = post(broken, body([keypoint(10, 10)]))
     err = res.get_json()
+    assert built == []  # no engine without a backbone
     assert res.status_code == 503 and "not cached" in err["detail"] and "weights download" in err["hint"]
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model-served", "no-model"])
+def test_clicks_and_day_one_share_the_served_models_backbone(frame, tmp_path, with_model):
+    """One backbone per process: with a model served, the click engine and the day-one assistants are built on
+    its backbone and the cached SurgeNetXL weights are never loaded (before, a bundle served on a machine
+    without cached weights answered every click with 503, and with them the process held two backbones).
+    Without a model, the fallback loads once, at start, and serves both."""
+    from surgenet_assist.core.backbone import load_backbone
+    from surgenet_assist.core.interactive import ClickSegmenter
+    from surgenet_assist.core.model import SurgeNetAssistModel
+    from surgenet_assist.core.predictor import Predictor
+
+    model = SurgeNetAssistModel.create(random_init=True)
+    served = Predictor(model, batch_size=1, short_side=64, model_version="bundle-7", device="cpu")
+    predictor = served if with_model else None
+    loads, engines, assists = [], [], []
+
+    def loader():
+        loads.append(1)
+        return load_backbone(random_init=True)
+
+    def factory(_settings, backbone):
+        engines.append(backbone)
+        return ClickSegmenter(backbone, short_side=64)
+
+    def assist_factory(_settings, _store, _schema, _fetch, backbone):
+        assists.append(backbone)
+
+    settings = BackendSettings(db_url=f"sqlite:///{tmp_path / f'{predictor is None}.db'}", day_one=True)
+    app = create_app(
+        settings,
+        predictor=predictor,
+        fetch=_fetch(frame[0]),
+        click_segmenter_factory=factory,
+        assist_factory=assist_factory,
+        backbone_loader=loader,
+    )
+    app.extensions["surgenet"].warm()  # what `serve` does before accepting connections
+    client = app.test_client()
+    assert post(client, body([keypoint(40, 30)])).status_code == 200
+    setup = client.post("/setup", json={"project": "1.1795623120", "label_config": CONFIG}).get_json()
+    health = client.get("/health").get_json()
+    expected = served.model.backbone if predictor is not None else None
+    if predictor is not None:
+        assert loads == [] and engines == [expected] and assists == [expected]
+        assert setup["backbone"]["source"] == health["backbone"]["source"] == "served model bundle-7"
+    else:
+        assert loads == [1] and len(engines) == 1 and assists == engines  # loaded once, at start
+        assert health["backbone"]["source"] == "cached SurgeNetXL weights"
+    assert health["backbone"]["weights_sha256"] == engines[0].weights_sha256[:12]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,7 +548,8 @@ class _Recording:
         self.built: list[int] = []
         self.fetched: list[str] = []
 
-        def factory(_settings):
+        def factory(_settings, backbone):
+            assert backbone is segmenter.backbone
             self.built.append(1)
             return segmenter
 
@@ -499,7 +558,9 @@ class _Recording:
             return path
 
         config = BackendSettings(extra={"open_store": False}, **settings)
-        app = create_app(config, fetch=fetch, click_segmenter_factory=factory)
+        app = create_app(
+            config, fetch=fetch, click_segmenter_factory=factory, backbone_loader=lambda: segmenter.backbone
+        )
         self.client = app.test_client()
 
     def post_text(self, text: str):

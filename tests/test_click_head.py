@@ -58,7 +58,7 @@ def segmenter(backbone):
 
 @pytest.fixture(scope="module")
 def objects(segmenter):
-    clip = generate_clip(5, 8, *SIZE, fps=1.0)
+    clip = generate_clip(5, 8, *SIZE, fps=1.0, world="v1")  # the gate test's objects were chosen on v1
     samples = [(clip.frames[i], clip.masks[i]) for i in range(0, 8, 2)]
     return ct._objects_of_samples(samples, segmenter, ct.ClickTrainConfig(**TINY))
 

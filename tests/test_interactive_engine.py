@@ -81,7 +81,7 @@ def test_box_alone_segments_the_object_inside_it(segmenter: ClickSegmenter) -> N
 
 
 def test_synthetic_frame_objects_improve_with_simulated_clicks(segmenter: ClickSegmenter) -> None:
-    clip = generate_clip(seed=7, num_frames=1, height=240, width=427)
+    clip = generate_clip(seed=7, num_frames=1, height=240, width=427, world="v1")  # the level was set on v1
     frame, labels = clip.frames[0], clip.masks[0]
     classes = [k for k in np.unique(labels) if k != 0 and (labels == k).mean() > 0.05]
     assert classes

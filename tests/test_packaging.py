@@ -16,14 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel built from the files git knows (a clone's view): a stale ``build/`` folder in the checkout
+    would otherwise hide a package missing from pyproject's explicit list."""
+    import shutil
+
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("source")
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(ROOT),
+            str(src),
             "--no-deps",
             "--no-build-isolation",
             "-q",
@@ -49,6 +62,12 @@ def test_wheel_has_only_the_namespace_and_its_data(wheel):
     ):
         assert required in names, required
     assert any(n.startswith("surgenet_assist/core/store/migrations/versions/") for n in names)
+    # every package of the source tree ships (the package list is explicit: a new folder is easy to miss)
+    root = Path(__file__).resolve().parents[1]
+    for top in ("core", "backend", "cli", "training_loop", "napari_plugin"):
+        for init in (root / top).rglob("__init__.py"):
+            shipped = "surgenet_assist/" + init.relative_to(root).as_posix()
+            assert shipped in names, f"{init.parent.relative_to(root)} is not in pyproject's package list"
     assert any(
         n.startswith("surgenet_assist/backend/labeling_configs/") and n.endswith(".xml") for n in names
     )

@@ -11,6 +11,7 @@ from store_helpers import random_mask, store, store_url, write_cholecseg8k  # no
 
 from surgenet_assist.core.errors import SchemaError, StoreError
 from surgenet_assist.core.store import LabelStore, upgrade
+from surgenet_assist.core.store.migrations import head_revision
 from surgenet_assist.core.store.models import AnnotationRevision, Base
 
 
@@ -23,8 +24,8 @@ def test_migration_creates_exactly_the_orm_schema(store_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert upgrade(store_url) == "0002"
-    assert upgrade(store_url) == "0002"  # idempotent
+    assert upgrade(store_url) == head_revision()
+    assert upgrade(store_url) == head_revision()  # idempotent
     engine = sa.create_engine(store_url)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -239,7 +240,7 @@ def test_refuses_old_schema_without_upgrade(tmp_path):
     sa.create_engine(url).connect().close()
     with pytest.raises(StoreError, match="db upgrade"):
         LabelStore(url)
-    assert upgrade(url) == "0002"
+    assert upgrade(url) == head_revision()
     LabelStore(url).close()  # migrated: opens without migrate=True
 
 

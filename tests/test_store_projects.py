@@ -129,7 +129,7 @@ def test_upgrade_from_0001_keeps_every_row(store_url):
             )
     with pytest.raises(StoreError, match="db upgrade"):
         LabelStore(store_url)  # 0001 is not the head: refused without migrate
-    assert upgrade(store_url) == head_revision() == "0002"
+    assert upgrade(store_url) == head_revision()
     with engine.connect() as conn:
         names = dict(conn.execute(sa.text("SELECT id, name FROM projects")).all())
         mv = conn.execute(sa.text("SELECT version, project_id FROM model_versions ORDER BY id")).all()
@@ -149,6 +149,6 @@ def test_upgrade_from_0001_keeps_every_row(store_url):
 
 def test_upgrade_of_an_empty_0001_database_adds_no_project(store_url):
     upgrade(store_url, "0001")
-    assert upgrade(store_url) == "0002"
+    assert upgrade(store_url) == head_revision()
     with LabelStore(store_url) as st:
         assert st.projects() == [] and st.stats()["projects"] == 0

@@ -118,6 +118,7 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
         size=SIZE,
         splits=["train", "val", "test"],
         unlabelled_seeds=[54],
+        world="v1",  # the backbone gate's verdicts below were set on v1
     )
     cfg = NightlyConfig(
         db=store.url,
@@ -139,7 +140,9 @@ def test_pretraining_due_on_new_frames_and_gate_on_validation(tmp_path):
     assert pretrain_due(store, cfg) == (False, 0)
 
     # the backbone gate is the promotion gate's paired test over validation videos: it needs three
-    populate_store(store, tmp_path / "clips", [55, 56], frames=12, size=SIZE, splits=["val", "val"])
+    populate_store(
+        store, tmp_path / "clips", [55, 56], frames=12, size=SIZE, splits=["val", "val"], world="v1"
+    )
     splits = load_splits(store, size=SIZE)
     broken = load_backbone(random_init=True)
     with torch.no_grad():

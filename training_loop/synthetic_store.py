@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from surgenet_assist.core.store import AnnotationInput, LabelStore, build_payload
-from surgenet_assist.core.synthetic import generate_clip
+from surgenet_assist.core.synthetic import DEFAULT_WORLD, generate_clip
 
 
 def phase_segments(phases: np.ndarray) -> list[list]:
@@ -33,16 +33,17 @@ def populate_store(
     splits: list[str | None] | None = None,
     label_every: int = 1,
     unlabelled_seeds: list[int] | None = None,
+    world: str = DEFAULT_WORLD,
 ) -> list[int]:
     """Write one clip per seed under ``root``, register it and record human labels; returns video ids.
 
     ``splits`` pins each video's split (None: left for ``assign_splits``); ``unlabelled_seeds`` adds videos
-    without labels (for pretraining and active-learning re-scoring).
+    without labels (for pretraining and active-learning re-scoring); ``world`` is the synthetic world.
     """
     root = Path(root)
     ids = []
     for k, seed in enumerate(list(seeds) + list(unlabelled_seeds or [])):
-        clip = generate_clip(seed, frames, size[0], size[1], fps=1.0)
+        clip = generate_clip(seed, frames, size[0], size[1], fps=1.0, world=world)
         folder = clip.write_frames(root / f"clip_{seed}")
         split = splits[k] if splits is not None and k < len(splits) else None
         vid = store.add_video(str(folder), fps=1.0, frame_count=len(clip), split=split)

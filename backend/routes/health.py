@@ -33,6 +33,7 @@ def health() -> Response:
         "model_loaded": holder.predictor is not None,
         "store": svc.store is not None,
         "webhooks": svc.webhook_mode,
+        "backbone": svc.backbone_info(),  # which backbone computes click and day-one features
         # computed at start and when a project connects, never here: Label Studio is not called
         "webhook_check": svc.webhooks.checks.summary() if svc.webhooks.checks is not None else None,
         "webhook_backlog": svc.webhooks.queue.snapshot(),

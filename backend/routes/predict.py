@@ -45,7 +45,10 @@ def setup() -> Response:
     svc.webhooks.connect_later(data.get("project"), authenticated=bool(svc.settings.basic_auth_user))
     served = svc.holder_for(data.get("project")).serving(svc.assist_for(data.get("project")))
     cfg = data.get("schema") or data.get("label_config")
-    body: dict[str, Any] = {"model_version": served.version}
+    body: dict[str, Any] = {
+        "model_version": served.version,
+        "backbone": svc.backbone_info(data.get("project")),  # which backbone clicks and day one use
+    }
     if cfg:
         try:
             plan = parse_label_config(cfg, svc.schema)
@@ -171,7 +174,7 @@ def _interactive(
     svc = current_app.extensions["surgenet"]
     store_project = svc.store_project(ls_project)
     try:
-        engine = lambda: svc.clicks.for_project(store_project)  # noqa: E731 - built only for a usable context
+        engine = lambda: svc.click_engine(ls_project)  # noqa: E731 - built only for a usable context
         results, version = interactive_predictions(tasks, plan, regions, engine, svc.fetch, store_project)
     except TokenProblem as exc:
         raise token_unavailable(exc) from None

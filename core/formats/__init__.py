@@ -86,53 +86,69 @@ def write_labels(
 
     Returns the store's result per label, in order (None for a delete of a label never stored).
     """
+    counts, results = store.transaction(
+        lambda w: stage_labels(
+            w, videos, labels, project, replace_ls_annotations=replace_ls_annotations, replaced_at=replaced_at
+        )
+    )
+    report.counts.update(counts)
+    return results
+
+
+def stage_labels(
+    w: Writer,
+    videos: dict[str, VideoInfo],
+    labels: Sequence[PendingLabel],
+    project: str | None = None,
+    *,
+    replace_ls_annotations: Iterable[int] = (),
+    replaced_at: datetime | None = None,
+) -> tuple[Counter[str], list[RecordResult | None]]:
+    """What :func:`write_labels` writes, inside the caller's transaction ``w``: for a caller that writes more
+    in the same transaction (``ls sync`` adds its restores, tombstones and sync state). Returns the counts
+    and the store's result per label."""
     replace = sorted({int(i) for i in replace_ls_annotations})
     from ..store import AnnotationInput
 
-    def fn(w: Writer) -> tuple[Counter[str], list[RecordResult | None]]:
-        counts: Counter[str] = Counter()
-        ids = {}
-        for name, info in videos.items():
-            ids[name] = w.add_video(name, info.fps, info.frame_count, split=info.split, project=project)
-        counts["videos"] = len(ids)
-        images: dict[str, dict[int, str]] = {}
-        for lab in labels:
-            if lab.image_path and lab.frame_end in (None, lab.frame_start):
-                images.setdefault(lab.video, {})[lab.frame_start] = lab.image_path
-        for name, paths in images.items():
-            w.ensure_frames(ids[name], paths.keys(), image_paths=paths)
-        items = [
-            AnnotationInput(
-                video_id=ids[lab.video],
-                frame_start=lab.frame_start,
-                frame_end=lab.frame_end,
-                task=lab.task,
-                payload=None if lab.deleted else lab.payload,
-                source=lab.source,
-                author=lab.author,
-                ls_task_id=lab.ls_task_id,
-                ls_annotation_id=lab.ls_annotation_id,
-                updated_at=lab.updated_at,
-                deleted=lab.deleted,
-            )
-            for lab in labels
-        ]
-        results = w.record_annotations(items, project)
-        if replace:
-            keep = {r.annotation_id for r, it in zip(results, items, strict=True) if r and not it.deleted}
-            counts["tombstoned (replaced)"] += w.tombstone_ls_labels(
-                project, ls_annotation_ids=replace, keep=keep, updated_at=replaced_at
-            )
-        for res in results:
-            if res is None:
-                counts["deletes of unknown labels"] += 1
-            else:
-                counts["new revisions" if res.created else "unchanged (already stored)"] += 1
-        return counts, list(results)
-
-    counts, results = store.transaction(fn)
-    report.counts.update(counts)
-    return results
+    counts: Counter[str] = Counter()
+    ids = {}
+    for name, info in videos.items():
+        ids[name] = w.add_video(name, info.fps, info.frame_count, split=info.split, project=project)
+    counts["videos"] = len(ids)
+    images: dict[str, dict[int, str]] = {}
+    for lab in labels:
+        if lab.image_path and lab.frame_end in (None, lab.frame_start):
+            images.setdefault(lab.video, {})[lab.frame_start] = lab.image_path
+    for name, paths in images.items():
+        w.ensure_frames(ids[name], paths.keys(), image_paths=paths)
+    items = [
+        AnnotationInput(
+            video_id=ids[lab.video],
+            frame_start=lab.frame_start,
+            frame_end=lab.frame_end,
+            task=lab.task,
+            payload=None if lab.deleted else lab.payload,
+            source=lab.source,
+            author=lab.author,
+            ls_task_id=lab.ls_task_id,
+            ls_annotation_id=lab.ls_annotation_id,
+            updated_at=lab.updated_at,
+            deleted=lab.deleted,
+        )
+        for lab in labels
+    ]
+    results = w.record_annotations(items, project)
+    if replace:
+        keep = {r.annotation_id for r, it in zip(results, items, strict=True) if r and not it.deleted}
+        counts["tombstoned (replaced)"] += w.tombstone_ls_labels(
+            project, ls_annotation_ids=replace, keep=keep, updated_at=replaced_at
+        )
+    for res in results:
+        if res is None:
+            counts["deletes of unknown labels"] += 1
+        else:
+            counts["new revisions" if res.created else "unchanged (already stored)"] += 1
+    return counts, list(results)
 
 
 def progress_iter(items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Iterable[Any]:

@@ -36,6 +36,7 @@ from .models import (
     Annotation,
     AnnotationRevision,
     Frame,
+    LabelStudioSyncState,
     ModelVersion,
     Prediction,
     Project,
@@ -463,13 +464,13 @@ class LabelStore(AcquisitionMixin):
         with self._read() as s:
             return int(s.scalar(sa.select(sa.func.coalesce(sa.func.max(AnnotationRevision.id), 0))))
 
-    def ls_label_versions(self, project: str | None = None) -> dict[int, tuple[datetime, list[int]]]:
-        """Label Studio annotation id -> (newest ``updated_at`` of its live labels, their store annotation
-        ids), for the project's live Label Studio labels: lets a reconciliation skip, without decoding, an
-        annotation the store already holds at the version Label Studio has."""
+    def ls_live_revisions(self, project: str | None = None) -> dict[int, frozenset[int]]:
+        """Label Studio annotation id -> the current revision ids of its live labels, for the project's live
+        Label Studio labels: what a reconciliation compares with :meth:`ls_sync_states` to skip, without
+        decoding, an annotation nothing has touched since the last sync."""
         cur = current_revisions(None)
         q = (
-            sa.select(Annotation.ls_annotation_id, Annotation.id, cur.c.updated_at)
+            sa.select(Annotation.ls_annotation_id, cur.c.rid)
             .join(cur, sa.and_(cur.c.aid == Annotation.id, cur.c.rn == 1, cur.c.deleted.is_(False)))
             .join(Project, Project.id == Annotation.project_id)
             .where(
@@ -478,12 +479,23 @@ class LabelStore(AcquisitionMixin):
                 Annotation.ls_annotation_id.is_not(None),
             )
         )
-        out: dict[int, tuple[datetime, list[int]]] = {}
+        out: dict[int, set[int]] = {}
         with self._read() as s:
-            for ls_id, aid, updated in s.execute(q):
-                newest, ids = out.get(int(ls_id), (updated, []))
-                out[int(ls_id)] = (max(newest, updated), [*ids, int(aid)])
-        return out
+            for ls_id, rid in s.execute(q):
+                out.setdefault(int(ls_id), set()).add(int(rid))
+        return {k: frozenset(v) for k, v in out.items()}
+
+    def ls_sync_states(self, project: str | None = None) -> dict[int, tuple[str, frozenset[int]]]:
+        """Label Studio annotation id -> (digest the last sync read, revision ids it left live); see
+        :class:`~surgenet_assist.core.store.models.LabelStudioSyncState`."""
+        S = LabelStudioSyncState
+        q = (
+            sa.select(S.ls_annotation_id, S.digest, S.revision_ids)
+            .join(Project, Project.id == S.project_id)
+            .where(Project.name == (project or self.project))
+        )
+        with self._read() as s:
+            return {int(i): (str(d), frozenset(int(r) for r in revs or ())) for i, d, revs in s.execute(q)}
 
     # --- overview ------------------------------------------------------------------------------------------
     def projects(self, *, with_human_labels: bool = False) -> list[str]:

@@ -156,6 +156,28 @@ class AnnotationRevision(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class LabelStudioSyncState(Base):
+    """What the last ``ls sync`` read of one Label Studio annotation, so the next one can skip it.
+
+    ``digest`` hashes what decides the annotation's labels (its result, author, cancelled flag, its task's
+    store target and the labeling config); ``revision_ids`` are the current revisions of the labels that sync
+    left live. Label Studio's ``updated_at`` alone is no such key: ``/api/labels/bulk``, renaming a label, a
+    task-data or a config change alter what the labels are without touching it. A sync skips an annotation
+    only when both match, so a label that a webhook (or anything else) changed since is read again.
+    """
+
+    __tablename__ = "ls_sync_states"
+    __table_args__ = (
+        UniqueConstraint("project_id", "ls_annotation_id", name="uq_ls_sync_states_project_annotation"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    ls_annotation_id: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))
+    revision_ids: Mapped[list[int]] = mapped_column(JSON)
+    synced_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class TrainingRun(Base):
     __tablename__ = "training_runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -20,12 +20,31 @@ from sqlalchemy.orm import Session
 from ..errors import StoreError
 from ..schema import LabelSchema
 from . import payloads as pl
-from .models import Annotation, AnnotationRevision, Frame, Prediction, Project, Video, utcnow
-from .queries import current_revisions
+from .models import (
+    Annotation,
+    AnnotationRevision,
+    Frame,
+    LabelStudioSyncState,
+    Prediction,
+    Project,
+    Video,
+    utcnow,
+)
 from .records import SOURCES, AnnotationInput, RecordResult
 
 T = TypeVar("T")
 CHUNK = 500
+
+
+class CurrentLabel(NamedTuple):
+    """A label (its :class:`Annotation` row) with its current revision: id, content digest, tombstone or not,
+    ``updated_at``."""
+
+    annotation: Annotation
+    revision_id: int
+    digest: str
+    deleted: bool
+    updated_at: datetime
 
 
 def chunks(seq: Sequence[T], n: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -324,19 +343,69 @@ class Writer:
         those of the Label Studio annotations in ``spare_ls_annotations``; returns how many tombstones were
         added. Reading and writing them in one transaction is what makes "replace this annotation's labels"
         and a reconciliation atomic."""
-        cur = current_revisions(None)
-        q = (
-            sa.select(Annotation)
-            .join(cur, sa.and_(cur.c.aid == Annotation.id, cur.c.rn == 1, cur.c.deleted.is_(False)))
-            .where(Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio")
+        kept, spared = set(keep), set(spare_ls_annotations)
+        stale = [
+            (c.annotation, updated_at)
+            for c in self.current_ls_labels(
+                project, ls_annotation_ids=ls_annotation_ids, ls_task_ids=ls_task_ids
+            )
+            # a tombstone older than the live revision would not be current: skip it
+            if (updated_at is None or c.updated_at <= updated_at)
+            and c.annotation.id not in kept
+            and c.annotation.ls_annotation_id not in spared
+        ]
+        return self.tombstone_labels(stale, project)
+
+    def current_ls_labels(
+        self,
+        project: str | None = None,
+        *,
+        ls_annotation_ids: Iterable[int] | None = None,
+        ls_task_ids: Iterable[int] | None = None,
+        live_only: bool = True,
+    ) -> list[CurrentLabel]:
+        """The project's Label Studio labels with their current revision (only the live ones unless
+        ``live_only`` is False), from these Label Studio annotations or tasks (both None: from any).
+
+        Reads the labels by their indexed Label Studio ids, then only their revisions: a sync calls it for
+        every batch, and the window query over every revision (``current_revisions``) would make that
+        quadratic, and slow on PostgreSQL while its statistics lag behind a bulk write."""
+        q = sa.select(Annotation).where(
+            Annotation.project_id == self.ensure_project(project), Annotation.source == "label-studio"
         )
-        if updated_at is not None:  # a tombstone older than the live revision would not be current: skip it
-            q = q.where(cur.c.updated_at <= updated_at)
-        if ls_annotation_ids is not None:
-            q = q.where(Annotation.ls_annotation_id.in_(sorted({int(i) for i in ls_annotation_ids})))
         if ls_task_ids is not None:
             q = q.where(Annotation.ls_task_id.in_(sorted({int(i) for i in ls_task_ids})))
-        kept, spared = set(keep), set(spare_ls_annotations)
+        parts: list[Sequence[int] | None] = [None]
+        if ls_annotation_ids is not None:  # possibly many (a whole project's deletions): in chunks
+            parts = list(chunks(sorted({int(i) for i in ls_annotation_ids})))
+        anns: dict[int, Annotation] = {}
+        for part in parts:
+            for ann in self.session.scalars(
+                q if part is None else q.where(Annotation.ls_annotation_id.in_(part))
+            ):
+                anns[ann.id] = ann
+        R = AnnotationRevision
+        newest: dict[int, tuple[datetime, int, str, bool]] = {}
+        for part in chunks(sorted(anns)):
+            rows = self.session.execute(
+                sa.select(R.annotation_id, R.updated_at, R.id, R.digest, R.deleted).where(
+                    R.annotation_id.in_(part)
+                )
+            )
+            for aid, upd, rid, digest, deleted in rows:  # the current one: newest updated_at, then id
+                if aid not in newest or (upd, rid) > newest[aid][:2]:
+                    newest[aid] = (upd, rid, digest, bool(deleted))
+        return [
+            CurrentLabel(anns[aid], rid, digest, deleted, upd)
+            for aid, (upd, rid, digest, deleted) in sorted(newest.items())
+            if not (live_only and deleted)
+        ]
+
+    def tombstone_labels(
+        self, labels: Iterable[tuple[Annotation, datetime | None]], project: str | None
+    ) -> int:
+        """Tombstone these labels, each at its time (None: now), in this transaction; returns how many
+        tombstones were added (a label whose tombstone is already stored counts nothing)."""
         stale = [
             AnnotationInput(
                 a.video_id,
@@ -348,13 +417,44 @@ class Writer:
                 ls_task_id=a.ls_task_id,
                 ls_annotation_id=a.ls_annotation_id,
                 key=a.key,
-                updated_at=updated_at,
+                updated_at=when,
                 deleted=True,
             )
-            for a in self.session.scalars(q)
-            if a.id not in kept and a.ls_annotation_id not in spared
+            for a, when in labels
         ]
         return sum(1 for r in self.record_annotations(stale, project) if r is not None and r.created)
+
+    # --- Label Studio sync state (what ``ls sync`` read last time) -----------------------------------------
+    def save_ls_sync_states(self, project: str | None, states: dict[int, tuple[str, Sequence[int]]]) -> None:
+        """Remember, per Label Studio annotation id, the digest a sync read and the revisions it left live."""
+        if not states:
+            return
+        s, pid, now = self.session, self.ensure_project(project), utcnow()
+        rows = [
+            {
+                "project_id": pid,
+                "ls_annotation_id": int(i),
+                "digest": digest,
+                "revision_ids": sorted(int(r) for r in revisions),
+                "synced_at": now,
+            }
+            for i, (digest, revisions) in sorted(states.items())
+        ]
+        for part in chunks(rows):
+            stmt = dialect_insert(s, LabelStudioSyncState.__table__).values(list(part))
+            s.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["project_id", "ls_annotation_id"],
+                    set_={k: stmt.excluded[k] for k in ("digest", "revision_ids", "synced_at")},
+                )
+            )
+
+    def forget_ls_sync_states(self, project: str | None, ls_annotation_ids: Iterable[int]) -> None:
+        """Drop the sync state of these Label Studio annotations (the next sync reads them again)."""
+        pid = self.ensure_project(project)
+        S = LabelStudioSyncState
+        for part in chunks(sorted({int(i) for i in ls_annotation_ids})):
+            self.session.execute(sa.delete(S).where(S.project_id == pid, S.ls_annotation_id.in_(part)))
 
     def check_videos(self, ids: set[int]) -> None:
         """Refuse ids of videos that do not exist (a clear error instead of a foreign-key failure)."""

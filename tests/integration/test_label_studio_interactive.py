@@ -54,7 +54,7 @@ def interactive_project(ls_server, click_backend, tmp_path_factory):
     from surgenet_assist.core.synthetic import generate_clip
 
     folder = tmp_path_factory.mktemp("interactive-frames")  # outside LS's document root: uploaded
-    clip = generate_clip(3, 1, H, W)
+    clip = generate_clip(3, 1, H, W, world="v1")  # the 'part of the object' check was set on v1
     cv2.imwrite(str(folder / "video31_000000.png"), cv2.cvtColor(clip.frames[0], cv2.COLOR_RGB2BGR))
     res = setup_project(
         ls_server["url"], TOKEN, frames=folder, backend_url=click_backend["url"], interactive=True

@@ -1,38 +1,39 @@
-"""Seeded procedural laparoscopic clips with exact ground truth (masks, phases, CVS, camera cuts).
+"""World ``v1``: the first synthetic laparoscopic world, frozen so that old seeds and recorded figures stay
+reproducible (``generate_clip(..., world="v1")``).
 
-Real surgical data cannot ship with the project, yet tests, the demo, training and benchmarks need clips
-whose labels are known exactly. A clip is rendered from a small scene model in "scene units" (1 unit = the
-frame height at zoom 1): tissue polygons are drawn with OpenCV into the class mask, the image is coloured from
-the mask plus per-clip noise textures that are warped with the camera (one ``cv2.warpAffine`` per frame),
-then instruments, vignetting, specular highlights, blur and sensor noise are added. Phase progress drives
-scene state variables (fat cover, connective tissue left in the hepatocystic triangle, gallbladder lift, duct
-cut, blood, retraction) and the CVS criteria are thresholds on those same variables, so what is visible and
-what is labelled agree. Labels (phases, CVS, cuts) depend only on the seed and length, not on the frame size.
+A clip is rendered from a small scene model in "scene units" (1 unit = the frame height at zoom 1): tissue
+polygons are drawn with OpenCV into the class mask, the image is coloured from the mask plus per-clip noise
+textures that are warped with the camera (one ``cv2.warpAffine`` per frame), then two instruments (grasper and
+L-hook), vignetting, specular highlights, blur and sensor noise are added. Phase progress drives scene state
+variables (fat cover, connective tissue left in the hepatocystic triangle, gallbladder lift, duct cut, blood,
+retraction) and the CVS criteria are thresholds on those same variables. Labels (phases, CVS, cuts) depend
+only on the seed and length, not on the frame size.
+
+Do not change what this module draws: ``tests/test_synthetic.py`` holds a digest of a small v1 clip. A better
+world is a new version (``world_v2.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from fractions import Fraction
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from .errors import FrameError, UsageError, VideoReadError
-from .schema import DEFAULT_SCHEMA, LabelSchema
+from ..errors import UsageError
+from ..schema import LabelSchema
+from ._geometry import ELLIPSE as _ELLIPSE
+from ._geometry import bezier as _bezier
+from ._geometry import insertion as _insertion
+from ._geometry import place as _place
+from ._geometry import rot as _rot
+from ._geometry import unit_blob as _unit_blob
+from ._types import TOOL_NAMES, SceneStates
 
-__all__ = [
-    "SyntheticClip",
-    "clip_timeline",
-    "decode_frame_index",
-    "generate_clip",
-    "generate_dataset",
-    "iter_clip",
-    "make_indexed_video",
-]
+#: Default frame size (height, width) of this world.
+DEFAULT_SIZE = (240, 427)
 
 # Class names as in CholecSeg8k; ids come from the schema so a custom-ordered schema still works.
 _CLASS_NAMES = {
@@ -101,92 +102,8 @@ _ASPECT_MARGIN = 1.0  # scene units of texture around the nominal view (camera o
 
 
 # --------------------------------------------------------------------------------------------------------
-# public clip container
-# --------------------------------------------------------------------------------------------------------
-@dataclass
-class SyntheticClip:
-    """Frames plus exact labels of one generated clip."""
-
-    frames: np.ndarray
-    masks: np.ndarray
-    phases: np.ndarray
-    cvs: np.ndarray
-    fps: float
-    seed: int
-    cut_frames: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.frames.shape[0])
-
-    def write_video(self, path: str | Path, fps: float | None = None, codec: str = "mp4v") -> Path:
-        """Encode the frames with OpenCV, so readers can be tested on a real container file.
-
-        Video codecs store 4:2:0 chroma and need even sizes: an odd height/width (e.g. the default 427) is
-        cropped by its last row/column, exactly as FFmpeg would, so compare with ``frames[:, :h, :w]``.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        height, width = (d - d % 2 for d in self.frames.shape[1:3])
-        writer = _open_writer(path, fps or self.fps, (width, height), codec)
-        try:
-            for frame in self.frames:
-                writer.write(cv2.cvtColor(frame[:height, :width], cv2.COLOR_RGB2BGR))
-        finally:
-            writer.release()
-        return path
-
-    def write_frames(self, directory: str | Path, ext: str = "png", masks: bool = False) -> Path:
-        """Write ``frame_000000.<ext>`` ...; with ``masks=True`` also ``masks/masks_000000.png`` (class ids).
-
-        Masks go to a sub-folder so that the frame folder itself stays readable by ``open_video``.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        ext = ext.lstrip(".").lower()
-        mask_dir = directory / "masks"
-        if masks:
-            mask_dir.mkdir(exist_ok=True)
-        for i, frame in enumerate(self.frames):
-            target = directory / f"frame_{i:06d}.{ext}"
-            if not cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
-                raise VideoReadError(
-                    f"cannot write {target}", "check that the folder is writable and the extension"
-                )
-            if masks:
-                cv2.imwrite(str(mask_dir / f"masks_{i:06d}.png"), self.masks[i])
-        return directory
-
-
-def _open_writer(path: Path, fps: float, size_wh: tuple[int, int], codec: str) -> cv2.VideoWriter:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), float(fps), size_wh)
-    if not writer.isOpened():
-        raise VideoReadError(
-            f"OpenCV cannot write {path} with codec {codec!r}",
-            "use codec 'mp4v' for .mp4 or 'MJPG'/'XVID' for .avi, and check that the folder is writable",
-        )
-    return writer
-
-
-# --------------------------------------------------------------------------------------------------------
 # clip plan: everything random, drawn once per clip, independent of the frame size
 # --------------------------------------------------------------------------------------------------------
-def _unit_blob(rng: np.random.Generator, n: int = 40, rough: float = 0.12) -> np.ndarray:
-    """Closed noisy unit curve (n, 2): smooth organ outlines without per-frame randomness."""
-    phi = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    r = np.ones(n)
-    for k in range(2, 6):
-        r += rough / k * rng.uniform(0.5, 1.5) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
-    return np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
-
-
-def _rot(angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s], [s, c]])
-
-
-def _place(unit: np.ndarray, center: Sequence[float], radii: Sequence[float], angle: float) -> np.ndarray:
-    return (unit * np.asarray(radii)) @ _rot(angle).T + np.asarray(center)
-
 
 @dataclass
 class _Layout:
@@ -329,23 +246,6 @@ class _Plan:
     layouts: list[_Layout]
 
 
-def _insertion(present: np.ndarray) -> np.ndarray:
-    """0..1 insertion depth: instruments slide in over 4 frames and out over 3 instead of popping up."""
-    ins = np.zeros(len(present), np.float32)
-    t = 0
-    n = len(present)
-    while t < n:
-        if not present[t]:
-            t += 1
-            continue
-        end = t
-        while end < n and present[end]:
-            end += 1
-        idx = np.arange(t, end)
-        ins[t:end] = np.minimum(1.0, np.minimum((idx - t + 1) / 4.0, (end - idx) / 3.0))
-        t = end
-    return ins
-
 
 def _make_plan(seed: int, num_frames: int, camera_cuts: int) -> _Plan:
     if num_frames < 1:
@@ -469,14 +369,30 @@ def _state(plan: _Plan, t: int) -> _State:
     )
 
 
-def clip_timeline(
-    seed: int, num_frames: int, camera_cuts: int = 0
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Phases, CVS and cut indices of a clip without rendering it (cheap; same as ``generate_clip``)."""
+def timeline(seed: int, num_frames: int, camera_cuts: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Phases, CVS and cut indices of a clip without rendering it (cheap; same as the rendered clip)."""
     plan = _make_plan(seed, num_frames, camera_cuts)
     cvs = np.stack([_state(plan, t).cvs for t in range(num_frames)])
     return plan.phases.copy(), cvs, list(plan.cut_frames)
 
+
+#: Names of the v1 scene variables in :func:`states` (no phase, no progress).
+STATE_NAMES = ("fat", "connective_tissue", "lift", "duct_cut", "detached", "pack", "retract", "blood")
+
+
+def states(seed: int, num_frames: int, camera_cuts: int) -> SceneStates:
+    """The v1 renderer's true scene state per frame; v1 has two of Cholec80's tools (grasper and hook).
+
+    Added after v1 was frozen: it reads the plan and changes nothing that is drawn."""
+    plan = _make_plan(seed, num_frames, camera_cuts)
+    rows = []
+    for t in range(num_frames):
+        st = _state(plan, t)
+        rows.append([st.fat, st.ct, st.lift, st.duct_cut, st.detached, st.pack, st.retract, st.blood])
+    tools = np.zeros((num_frames, len(TOOL_NAMES)), np.uint8)
+    tools[:, TOOL_NAMES.index("Grasper")] = plan.grasper_ins >= 0.5
+    tools[:, TOOL_NAMES.index("Hook")] = plan.hook_ins >= 0.5
+    return SceneStates(STATE_NAMES, np.asarray(rows, np.float32).reshape(num_frames, -1), tools)
 
 # --------------------------------------------------------------------------------------------------------
 # renderer: per-clip precomputation (textures, vignette, noise) and per-frame drawing
@@ -739,177 +655,12 @@ class _Renderer:
                 cv2.fillConvexPoly(img, q, (176, 180, 186), cv2.LINE_AA, 4)
 
 
-_ELLIPSE = np.stack(
-    [
-        np.cos(np.linspace(0, 2 * np.pi, 16, endpoint=False)),
-        np.sin(np.linspace(0, 2 * np.pi, 16, endpoint=False)),
-    ],
-    axis=1,
-)
 
-
-def _bezier(ctrl: np.ndarray, n: int) -> np.ndarray:
-    """Quadratic Bezier through 3 control points: smooth ducts, vessels and ligaments."""
-    s = np.linspace(0, 1, n)[:, None]
-    return (1 - s) ** 2 * ctrl[0] + 2 * s * (1 - s) * ctrl[1] + s**2 * ctrl[2]
-
-
-# --------------------------------------------------------------------------------------------------------
-# public generators
-# --------------------------------------------------------------------------------------------------------
-def iter_clip(
-    seed: int,
-    num_frames: int,
-    height: int,
-    width: int,
-    fps: float = 1.0,
-    camera_cuts: int = 0,
-    schema: LabelSchema = DEFAULT_SCHEMA,
+def iter_frames(
+    seed: int, num_frames: int, height: int, width: int, camera_cuts: int, schema: LabelSchema
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
-    """Yield ``(frame, mask, phase, cvs)`` one frame at a time in constant memory (long clips, benchmarks).
-
-    Content is identical to :func:`generate_clip` with the same arguments; ``fps`` only matters for the
-    container and is accepted for symmetry.
-    """
-    del fps
+    """Yield ``(frame, mask, phase, cvs)`` of one v1 clip, one frame at a time."""
     plan = _make_plan(seed, num_frames, camera_cuts)
     renderer = _Renderer(seed, plan, height, width, schema)
     for t in range(num_frames):
         yield renderer.render(t)
-
-
-def generate_clip(
-    seed: int = 0,
-    num_frames: int = 120,
-    height: int = 240,
-    width: int = 427,
-    fps: float = 1.0,
-    camera_cuts: int = 0,
-    schema: LabelSchema = DEFAULT_SCHEMA,
-) -> SyntheticClip:
-    """Render a whole clip in memory with exact masks, phases, CVS labels and camera-cut indices."""
-    frames = np.empty((num_frames, height, width, 3), np.uint8)
-    masks = np.empty((num_frames, height, width), np.uint8)
-    phases = np.empty(num_frames, np.int64)
-    cvs = np.empty((num_frames, 3), np.float32)
-    for t, (frame, mask, phase, c) in enumerate(
-        iter_clip(seed, num_frames, height, width, fps, camera_cuts, schema)
-    ):
-        frames[t], masks[t], phases[t], cvs[t] = frame, mask, phase, c
-    cut_frames = _make_plan(seed, num_frames, camera_cuts).cut_frames
-    return SyntheticClip(frames, masks, phases, cvs, float(fps), int(seed), list(cut_frames))
-
-
-def generate_dataset(
-    seeds: Sequence[int], num_frames: int, height: int, width: int, fps: float = 1.0
-) -> list[SyntheticClip]:
-    """One clip per seed; different seeds give different layouts, colours, timings and camera paths."""
-    return [generate_clip(int(s), num_frames, height, width, fps) for s in seeds]
-
-
-# --------------------------------------------------------------------------------------------------------
-# frame-index videos for seek tests
-# --------------------------------------------------------------------------------------------------------
-_GRID_ROWS, _GRID_COLS = 4, 5
-_DATA_BITS = 16
-_GUARD = (1, 0, 1)  # cells 17..19: fixed pattern that tells a code frame from anything else
-
-
-def _index_bits(index: int) -> list[int]:
-    bits = [(index >> b) & 1 for b in range(_DATA_BITS)]
-    return bits + [sum(bits) % 2] + list(_GUARD)
-
-
-def make_indexed_video(
-    path: str | Path,
-    num_frames: int,
-    fps: float = 25.0,
-    size: tuple[int, int] = (480, 854),
-    codec: str = "mp4v",
-) -> Path:
-    """Write a video whose frames show their own index as 16 big black/white blocks + parity + guard.
-
-    Large flat blocks survive lossy codecs, so :func:`decode_frame_index` proves a seek landed on the exact
-    frame. ``size`` is (height, width).
-    """
-    if not 0 < num_frames <= 1 << _DATA_BITS:
-        raise UsageError(
-            f"num_frames must be in 1..{1 << _DATA_BITS}, got {num_frames}", "ask for fewer frames"
-        )
-    height, width = size
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = _open_writer(path, fps, (width, height), codec)
-    ys = np.linspace(0, height, _GRID_ROWS + 1).astype(int)
-    xs = np.linspace(0, width, _GRID_COLS + 1).astype(int)
-    try:
-        frame = np.empty((height, width, 3), np.uint8)
-        for i in range(num_frames):
-            frame[:] = 128
-            for k, bit in enumerate(_index_bits(i)):
-                r, c = divmod(k, _GRID_COLS)
-                frame[ys[r] + 2 : ys[r + 1] - 2, xs[c] + 2 : xs[c + 1] - 2] = 255 if bit else 0
-            writer.write(frame)
-    finally:
-        writer.release()
-    return path
-
-
-def decode_frame_index(frame: np.ndarray) -> int:
-    """Read back the index written by :func:`make_indexed_video` (any size, RGB/BGR or grey)."""
-    arr = np.asarray(frame)
-    if arr.ndim == 3:
-        arr = arr.mean(axis=2)
-    if arr.ndim != 2 or arr.shape[0] < _GRID_ROWS * 4 or arr.shape[1] < _GRID_COLS * 4:
-        raise FrameError(
-            f"cannot decode a frame index from an array of shape {np.shape(frame)}",
-            "pass a frame of a video written by make_indexed_video",
-        )
-    height, width = arr.shape
-    ys = np.linspace(0, height, _GRID_ROWS + 1)
-    xs = np.linspace(0, width, _GRID_COLS + 1)
-    bits = []
-    for k in range(_DATA_BITS + 1 + len(_GUARD)):
-        r, c = divmod(k, _GRID_COLS)
-        y0, y1 = ys[r] + 0.3 * (ys[r + 1] - ys[r]), ys[r + 1] - 0.3 * (ys[r + 1] - ys[r])
-        x0, x1 = xs[c] + 0.3 * (xs[c + 1] - xs[c]), xs[c + 1] - 0.3 * (xs[c + 1] - xs[c])
-        bits.append(int(arr[int(y0) : int(y1), int(x0) : int(x1)].mean() > 127.5))
-    data = bits[:_DATA_BITS]
-    if tuple(bits[_DATA_BITS + 1 :]) != _GUARD or sum(data) % 2 != bits[_DATA_BITS]:
-        raise FrameError(
-            "frame does not carry a valid index code (guard or parity mismatch)",
-            "pass a frame of a video written by make_indexed_video, decoded without cropping",
-        )
-    return sum(bit << b for b, bit in enumerate(data))
-
-
-def write_h264(
-    path: str | Path,
-    frames: Iterable[np.ndarray],
-    fps: float = 25.0,
-    gop: int = 250,
-    bframes: int = 2,
-    preset: str = "veryfast",
-) -> Path:
-    """Encode RGB frames as H.264 (yuv420p, libx264 through PyAV) with a keyframe every ``gop`` frames and
-    up to ``bframes`` B-frames: the codec and GOP structure of real recordings, which OpenCV's writers
-    (mp4v, MJPG) do not produce. Tests and ``bench/archive.py`` decode these."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = None
-        for frame in frames:
-            if stream is None:
-                stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-                stream.height, stream.width = frame.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"preset": preset, "g": str(gop), "bf": str(bframes), "crf": "23"}
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        if stream is None:
-            raise UsageError("no frames to encode", "pass at least one frame")
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
