@@ -6,6 +6,8 @@ on every call of its ML connector); without it, anyone who reaches the port, so 
 only Label Studio reaches (``docs/deploy.md``). What a caller can make them do is bounded per request: the
 body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them (each download bounded
 in time and bytes, refused for private addresses and hosts off the allow-list: ``backend/media.py``).
+``/setup`` also connects the Label Studio project it names, so that its webhooks are taken: queued, and only
+with Basic Auth or once Label Studio confirms the project exists (``backend/webhooks.py``).
 """
 
 from __future__ import annotations
