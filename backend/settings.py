@@ -84,6 +84,9 @@ class BackendSettings:
     media_hosts: tuple[str, ...] = ()  # allow-list of media host names ("*.example.org"); empty: any host
     media_private_networks: tuple[str, ...] = ()  # CIDRs media hosts may resolve to despite being private
     local_files_document_root: str | None = None  # read /data/local-files/?d=... from this folder
+    webhook_secret: str | None = field(default=None, repr=False)  # the webhook's secret header; never printed
+    webhook_max_ids: int = 1000  # distinct annotation/task ids a webhook delivery may name; more are ignored
+    webhook_backlog: int = 256  # accepted webhook deliveries waiting for the webhook worker; more: 503
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -116,6 +119,9 @@ class BackendSettings:
             click_cache_mb=int(env.get("SURGENET_ASSIST_CLICK_CACHE_MB", DEFAULT_CACHE_MB)),
             day_one_cache_mb=int(env.get("SURGENET_ASSIST_DAY_ONE_CACHE_MB", DEFAULT_CACHE_MB)),
             **_media_from_env(env),
+            webhook_secret=env.get("SURGENET_ASSIST_WEBHOOK_SECRET") or None,
+            webhook_max_ids=int(env.get("SURGENET_ASSIST_WEBHOOK_MAX_IDS", "1000")),
+            webhook_backlog=int(env.get("SURGENET_ASSIST_WEBHOOK_BACKLOG", "256")),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -134,6 +140,12 @@ class BackendSettings:
                 "the Label Studio connection is half configured: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
                 "go together",
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
+            )
+        check_webhook_secret(self.webhook_secret)
+        if self.webhook_max_ids < 1 or self.webhook_backlog < 1:
+            raise UsageError(
+                "SURGENET_ASSIST_WEBHOOK_MAX_IDS and SURGENET_ASSIST_WEBHOOK_BACKLOG must be at least 1",
+                "leave them unset for the defaults (1000 ids, 256 deliveries)",
             )
         if self.max_prompt_regions < 1:
             raise UsageError(
@@ -242,3 +254,19 @@ def _media_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("LOCAL_FILES_DOCUMENT_ROOT"):
         out["local_files_document_root"] = env["LOCAL_FILES_DOCUMENT_ROOT"]
     return out
+
+
+MIN_SECRET_LENGTH = 16
+
+
+def check_webhook_secret(secret: str | None) -> None:
+    """Refuse a webhook secret Label Studio cannot send as a header, or one too short to guess hard: visible
+    ASCII, no spaces, at least :data:`MIN_SECRET_LENGTH` characters (the message never shows it)."""
+    if secret is None:
+        return
+    if len(secret) < MIN_SECRET_LENGTH or not all("!" <= ch <= "~" for ch in secret):
+        raise UsageError(
+            f"SURGENET_ASSIST_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} visible ASCII characters "
+            "without spaces",
+            'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
+        )

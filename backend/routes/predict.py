@@ -6,6 +6,8 @@ on every call of its ML connector); without it, anyone who reaches the port, so 
 only Label Studio reaches (``docs/deploy.md``). What a caller can make them do is bounded per request: the
 body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them (each download bounded
 in time and bytes, refused for private addresses and hosts off the allow-list: ``backend/media.py``).
+``/setup`` also connects the Label Studio project it names, so that its webhooks are taken: queued, and only
+with Basic Auth or once Label Studio confirms the project exists (``backend/webhooks.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def setup() -> Response:
     svc = current_app.extensions["surgenet"]
     data = body_json()
     svc.media.remember_setup(data.get("hostname"), data.get("access_token"))
+    # Label Studio connecting the backend connects the project (its webhooks are then taken): on the webhook
+    # worker, once Label Studio confirms it, or at once for a caller with Basic Auth (backend/webhooks.py)
+    svc.webhooks.connect_later(data.get("project"), authenticated=bool(svc.settings.basic_auth_user))
     served = svc.holder_for(data.get("project")).serving(svc.assist_for(data.get("project")))
     cfg = data.get("schema") or data.get("label_config")
     body: dict[str, Any] = {
