@@ -90,6 +90,10 @@ def webhook() -> Response:
     if action == "START_TRAINING" and who not in ("basic", "open"):  # the ML connector's call: Basic Auth
         metrics.webhooks_refused.labels("unauthenticated").inc()
         return _refused_unauthenticated(settings, "START_TRAINING")
+    token = svc.media.token_problem if svc.webhooks.verifies else None
+    if token is not None:  # every re-read would fail: one clear state, as on /predict (ls sync repairs later)
+        metrics.webhooks_refused.labels("label_studio_token").inc()
+        raise ApiError("label_studio_token", token.message, token.hint, status=503)
     try:
         status, body = svc.webhooks.accept(data, size=request.content_length or 0)
     except WebhookError as exc:
