@@ -11,6 +11,7 @@ model is loaded once per process (in the factory, i.e. once per worker), never p
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from surgenet_assist.core.schema import DEFAULT_SCHEMA, LabelSchema
 from .backbones import ServingBackbones
 from .http import ApiError, json_error, redact_tokens_in_logs
 from .interactive import ClickSegmenters
+from .ls_webhooks import WebhookChecks
 from .media import MediaFetcher
 from .metrics import Metrics
 from .routes import health, predict, webhook
@@ -89,19 +91,34 @@ def create_app(
         from .sync import PeriodicSync
 
         PeriodicSync(ls_api, store, settings.sync_every_s, schema)  # lost webhooks repaired in the background
-    webhook_mode = (
-        "verified with Label Studio"
-        if ls_api is not None
-        else "need Basic Auth, which Label Studio does not send: run `ls sync`"
-        if settings.basic_auth_user
-        else "trusted as sent"
-    )
-    if settings.basic_auth_user and ls_api is None:
+    webhook_mode = _webhook_mode(settings, ls_api)
+    if settings.basic_auth_user and not settings.webhook_secret:
         log.warning(
-            "Basic Auth is on but no Label Studio connection is configured: Label Studio sends webhooks "
-            "without credentials, so annotations reach the store only through `surgenet-assist ls sync`. "
-            "Set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to verify and accept webhooks."
+            "Basic Auth is on and no SURGENET_ASSIST_WEBHOOK_SECRET is set: Label Studio's webhook "
+            "deliveries carry no credentials and are refused (401), so labels arrive through `ls sync` only. "
+            "Set the secret and run `surgenet-assist ls setup-project --project ID` with it for each project."
         )
+    elif not settings.basic_auth_user and not settings.webhook_secret:
+        log.warning("/webhook is unauthenticated (no SURGENET_ASSIST_WEBHOOK_SECRET, no Basic Auth)")
+    if store is not None and settings.store_project:
+        store.ensure_project(settings.store_project)  # named by the operator: connected, for every LS project
+    checks = WebhookChecks(ls_api, settings.webhook_secret)
+    webhooks = WebhookHandler(
+        store,
+        schema,
+        settings.store_project,
+        ls_api=ls_api,
+        max_ids=settings.webhook_max_ids,
+        queue_size=settings.webhook_backlog,
+        metrics=metrics,
+        checks=checks,
+    )
+    if ls_api is not None and store is not None:
+        from .sync import connected_projects
+
+        # off the request path; /health shows the result. With one store project for every Label Studio
+        # project the store cannot say which those are: each is checked when /setup connects it.
+        checks.start(connected_projects(store) if settings.store_project is None else [])
     services = BackendServices(
         settings=settings,
         store=store,
@@ -116,12 +133,14 @@ def create_app(
             poll_s=settings.registry_poll_s,
         ),
         metrics=metrics,
-        webhooks=WebhookHandler(store, schema, settings.store_project, ls_api=ls_api),
+        webhooks=webhooks,
         webhook_mode=webhook_mode,
         assist=assist,
         assist_factory=assist_factory,
         backbones=ServingBackbones(backbone_loader),
+        compute=threading.BoundedSemaphore(settings.compute_slots),
     )
+    webhooks.on_labels = lambda project: _label_arrived(services, project)
     redact_tokens_in_logs()
 
     here = str(Path(__file__).resolve().parent)
@@ -133,6 +152,25 @@ def create_app(
     for blueprint in (health.bp, predict.bp, webhook.bp):
         app.register_blueprint(blueprint)
     return app
+
+
+def _webhook_mode(settings: BackendSettings, ls_api: Any) -> str:
+    """What ``/health`` says about ``/webhook``: who may deliver, and whether deliveries are verified."""
+    if settings.webhook_secret:
+        who = "secret header required"
+    elif settings.basic_auth_user:
+        who = "Basic Auth required, which Label Studio's webhooks do not send: set a webhook secret"
+    else:
+        who = "unauthenticated"
+    how = "verified with Label Studio" if ls_api is not None else "trusted as sent"
+    return f"{how}; {who}"
+
+
+def _label_arrived(services: BackendServices, store_project: str | None) -> None:
+    """New labels in a store project: its day-one assistant refits its instant heads in the background."""
+    assistant = services.assist_in(store_project)
+    if assistant is not None:
+        assistant.label_arrived()
 
 
 def _install_cross_cutting(app: Flask, services: BackendServices) -> None:

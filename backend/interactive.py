@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,7 @@ def interactive_predictions(
     engine: Callable[[], Any],
     fetch: Fetch,
     project: str | None,
+    compute: AbstractContextManager[Any] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """One prediction per task holding the clicked object's brush region (``"result": []`` for an empty
     context), and the engine's model version. The context is read and checked first, then ``engine()`` gives
@@ -444,7 +446,8 @@ def interactive_predictions(
         prompt.validate(height, width)
         t0 = time.perf_counter()
         key = ("ls", project, task.get("id"), _image_url(task, parsed.brush))
-        result = segmenter.segment(image, prompt, key=key)  # the engine is thread-safe
+        with compute or nullcontext():  # the image is here: only now take a compute slot
+            result = segmenter.segment(image, prompt, key=key)  # the engine is thread-safe
         version = str(result.model_version)
         mask = np.asarray(result.mask, dtype=bool)
         inside = np.asarray(result.probability)[mask]

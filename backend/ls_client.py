@@ -19,6 +19,7 @@ from typing import Any
 from .config import parse_label_config
 from .labeling_configs import label_config
 from .ls_api import LabelStudioAPI, LabelStudioToolError, no_answer
+from .ls_webhooks import WebhookCheck, ensure_project_webhook
 from .media import MediaError, MediaFetcher
 from .preannotation import held_out_tasks
 from .predictions import ImageTaskModel, VideoTaskModel
@@ -47,8 +48,11 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
                 url = None
             raise no_answer(what, url, exc) from None
         hint = "check --url and --api-key (a legacy token needs LS started with --enable-legacy-api-token)"
-        if status == 403 and "reserved" in body:
-            hint = "start Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false"
+        if status == 403 and ("reserved" in body or "not allowed" in body):  # its two SSRF checks
+            hint = (
+                "start Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false (or "
+                "USE_DEFAULT_BANNED_SUBNETS=false): it refuses the backend's private address"
+            )
         raise LabelStudioToolError(f"Label Studio {what} failed: HTTP {status} {body}", hint) from None
 
 
@@ -58,6 +62,7 @@ class ProjectSetup:
     ml_backend_id: int | None
     task_ids: list[int]
     storage_id: int | None
+    webhook: WebhookCheck | None = None  # what Label Studio holds for the project's webhook afterwards
 
 
 def setup_project(
@@ -71,6 +76,7 @@ def setup_project(
     document_root: str | Path | None = None,
     backend_auth: tuple[str, str] | None = None,
     interactive: bool = False,
+    webhook_secret: str | None = None,
 ) -> ProjectSetup:
     """Create a project with our config, local-files storage (or uploads), tasks, and the backend connected.
 
@@ -79,6 +85,9 @@ def setup_project(
     Label Studio then sends on its calls to the backend (its webhooks carry none: see backend/webhooks.py).
     ``interactive``: the image config with smart click/box tools, and the backend connected "for interactive
     preannotations" (Label Studio sends clicks only to such a backend, and only with Auto-Annotation on).
+    ``webhook_secret``: the project's webhook to the backend carries it (``X-Surgenet-Webhook-Secret``);
+    the webhook is created or repaired either way, and the result is in ``webhook``
+    (:func:`~surgenet_assist.backend.ls_webhooks.ensure_project_webhook`).
     """
     if (frames is None) == (video is None):
         raise LabelStudioToolError("give exactly one of --frames DIR or --video FILE")
@@ -128,25 +137,59 @@ def setup_project(
         task_ids = list(getattr(resp, "task_ids", None) or [])
     else:
         task_ids = _upload(url, api_key, project.id, files)
-    ml_id = None
+    ml_id = webhook = None
     if backend_url:
-        ml = _call(
-            "connect ML backend",
-            lambda: ls.ml.create(
-                project=project.id,
-                url=backend_url,
-                title="surgenet-assist",
-                is_interactive=interactive,
-                **(
-                    {"auth_method": "BASIC_AUTH", "basic_auth_user": backend_auth[0],
-                     "basic_auth_pass": backend_auth[1]}
-                    if backend_auth
-                    else {}
-                ),
-            ),
-        )
-        ml_id = ml.id
-    return ProjectSetup(project.id, ml_id, task_ids, storage_id)
+        ml_id = _connect_backend(ls, project.id, backend_url, backend_auth, interactive)
+        webhook = _webhook(url, api_key, project.id, backend_url, webhook_secret)
+    return ProjectSetup(project.id, ml_id, task_ids, storage_id, webhook)
+
+
+def connect_project(
+    url: str,
+    api_key: str,
+    project_id: int,
+    *,
+    backend_url: str,
+    backend_auth: tuple[str, str] | None = None,
+    interactive: bool = False,
+    webhook_secret: str | None = None,
+) -> ProjectSetup:
+    """An existing project: connect the backend unless an ML backend at ``backend_url`` already is, and
+    create or repair its webhook (``ls setup-project --project N``: how a deployment adds the secret header to
+    the webhooks of projects it set up before)."""
+    ls = client(url, api_key)
+    existing = _call("list ML backends", lambda: list(ls.ml.list(project=project_id)))
+    same = [m for m in existing if str(getattr(m, "url", "")).rstrip("/") == backend_url.rstrip("/")]
+    ml_id = same[0].id if same else _connect_backend(ls, project_id, backend_url, backend_auth, interactive)
+    webhook = _webhook(url, api_key, project_id, backend_url, webhook_secret)
+    return ProjectSetup(project_id, ml_id, [], None, webhook)
+
+
+def _connect_backend(
+    ls: Any, project_id: int, backend_url: str, backend_auth: tuple[str, str] | None, interactive: bool
+) -> int:
+    """Connect the ML backend (Label Studio then calls its /health and /setup, and tries to create the
+    headerless webhook that :func:`_webhook` repairs)."""
+    auth = (
+        {"auth_method": "BASIC_AUTH", "basic_auth_user": backend_auth[0], "basic_auth_pass": backend_auth[1]}
+        if backend_auth
+        else {}
+    )
+    ml = _call(
+        "connect ML backend",
+        lambda: ls.ml.create(
+            project=project_id, url=backend_url, title="surgenet-assist", is_interactive=interactive, **auth
+        ),
+    )
+    return ml.id
+
+
+def _webhook(url: str, api_key: str, project_id: int, backend_url: str, secret: str | None) -> WebhookCheck:
+    api = LabelStudioAPI(url, api_key)
+    try:
+        return ensure_project_webhook(api, project_id, backend_url, secret=secret)
+    finally:
+        api.close()
 
 
 def _upload(url: str, api_key: str, project_id: int, files: list[Path]) -> list[int]:

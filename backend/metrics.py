@@ -12,6 +12,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_mp
 
+from surgenet_assist.core.label_studio_sync import LABEL_STUDIO_ACTIONS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 100.0)
 
 
@@ -51,7 +53,34 @@ class Metrics:
             "surgenet_backend_errors", "Errors by route and kind", ["route", "kind"], registry=r
         )
         self.webhooks = Counter(
-            "surgenet_backend_webhooks", "Webhook events by action", ["action"], registry=r
+            "surgenet_backend_webhooks",
+            "Authenticated webhook deliveries by action (Label Studio's actions; anything else is 'other')",
+            ["action"],
+            registry=r,
+        )
+        self.webhooks_refused = Counter(
+            "surgenet_backend_webhooks_refused",
+            "Webhook deliveries refused, by reason (unauthenticated, bad_webhook, not_connected, queue_full, "
+            "no_store)",
+            ["reason"],
+            registry=r,
+        )
+        self.webhook_jobs = Counter(
+            "surgenet_backend_webhook_jobs",
+            "Queued webhook work by outcome (done, failed, retried)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "surgenet_backend_webhook_backlog",
+            "Webhook deliveries waiting for the worker",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.webhook_ids_ignored = Counter(
+            "surgenet_backend_webhook_ids_ignored",
+            "Ids beyond SURGENET_ASSIST_WEBHOOK_MAX_IDS in one delivery, not applied (ls sync repairs them)",
+            registry=r,
         )
         self.model_loaded = Gauge(
             "surgenet_backend_model_loaded",
@@ -59,6 +88,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+
+    def count_webhook(self, action: object) -> None:
+        """Count a delivery under its action when Label Studio sends such an action, else under ``other``:
+        the label set stays closed whatever callers put into ``action``."""
+        self.webhooks.labels(webhook_action(action)).inc()
 
     def render(self) -> bytes:
         """The exposition text; merges all gunicorn workers when multiprocess mode is configured."""
@@ -71,3 +105,8 @@ class Metrics:
 
 #: result ``type`` -> the model task it counts as
 TASK_OF_TYPE = {"brushlabels": "segmentation", "polygonlabels": "segmentation", "timelinelabels": "phase"}
+
+
+def webhook_action(action: object) -> str:
+    """The metric label of a webhook ``action``: itself for Label Studio's actions, ``other`` otherwise."""
+    return action if isinstance(action, str) and action in LABEL_STUDIO_ACTIONS else "other"

@@ -17,7 +17,7 @@ skips a task that already has a prediction of that version, and asks again for e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -249,3 +249,34 @@ def _decode_video(url: str, path: Path, run: Callable[[], Any] | None = None) ->
             url=url,
             hint="check that the file is a complete, supported video",
         ) from None
+
+
+def prefetched(fetch: Fetch, tasks: list[dict[str, Any]], keys: Iterable[str]) -> Fetch:
+    """Download every task's media now and return a ``fetch`` that answers from what was found.
+
+    The backend runs a request in two steps: media first, holding no compute slot (a task whose server
+    trickles bytes waits out its own deadline while other requests' models run), then the model under the
+    process's compute gate (``BackendServices.compute``). Each URL is fetched once; a failure is remembered
+    and raised again when the model step asks, so a slow or refused URL never costs its deadline twice."""
+    answers: dict[tuple[str, Any], Path | MediaError] = {}
+    for task in tasks:
+        data = task.get("data")
+        if not isinstance(data, dict):
+            continue
+        for key in keys:
+            url = data.get(key)
+            if isinstance(url, str) and url and (url, task.get("id")) not in answers:
+                try:
+                    answers[(url, task.get("id"))] = fetch(url, task.get("id"))
+                except MediaError as exc:
+                    answers[(url, task.get("id"))] = exc
+
+    def answer(url: str, task_id: Any = None) -> Path:
+        found = answers.get((url, task_id))
+        if found is None:
+            return fetch(url, task_id)
+        if isinstance(found, MediaError):
+            raise found
+        return found
+
+    return answer

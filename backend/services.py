@@ -44,6 +44,9 @@ class BackendServices:
     #: ``assist_factory(settings, store, schema, fetch, backbone)``: a project's day-one assistant
     assist_factory: Callable[[BackendSettings, Any, LabelSchema, Callable, Any], Any] | None = None
     backbones: ServingBackbones = field(default_factory=ServingBackbones)
+    #: model computations running at once in this process (``SURGENET_ASSIST_COMPUTE_SLOTS``): request threads
+    #: wait for media on their own, and only the model step takes a slot, so slow media never holds the CPU
+    compute: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
     _holders: OrderedDict[str, ModelHolder] = field(default_factory=OrderedDict)
     _assists: OrderedDict[str | None, tuple[Any, Any]] = field(default_factory=OrderedDict)
     _holders_lock: threading.Lock = field(default_factory=threading.Lock)

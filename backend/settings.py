@@ -25,7 +25,7 @@ class ServerLimits:
     "control" pool, so no family's flood takes another's threads; ``/health`` needs no thread at all."""
 
     max_body: int = 32 * 1024 * 1024
-    predict_threads: int = 4
+    predict_threads: int = 16  # request threads: most wait for media; the model runs in compute_slots
     predict_queue: int = 16
     webhook_threads: int = 2
     webhook_queue: int = 64
@@ -62,8 +62,9 @@ class BackendSettings:
     label_studio_url: str | None = None  # for task media under /data/... (else the URL sent in /setup)
     label_studio_api_key: str | None = field(default=None, repr=False)  # never printed
     sync_every_s: float = 0.0  # reconcile every connected Label Studio project this often (0: off)
-    predict_threads: int = 4
+    predict_threads: int = 16  # request threads: most wait for media; the model runs in compute_slots
     predict_queue: int = 16
+    compute_slots: int = 1  # model computations at once (1 on a CPU: torch already uses every core)
     webhook_threads: int = 2
     webhook_queue: int = 64
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
@@ -83,6 +84,9 @@ class BackendSettings:
     media_hosts: tuple[str, ...] = ()  # allow-list of media host names ("*.example.org"); empty: any host
     media_private_networks: tuple[str, ...] = ()  # CIDRs media hosts may resolve to despite being private
     local_files_document_root: str | None = None  # read /data/local-files/?d=... from this folder
+    webhook_secret: str | None = field(default=None, repr=False)  # the webhook's secret header; never printed
+    webhook_max_ids: int = 1000  # distinct annotation/task ids a webhook delivery may name; more are ignored
+    webhook_backlog: int = 256  # accepted webhook deliveries waiting for the webhook worker; more: 503
     preannotate_held_out: bool = False  # pre-annotate test/final videos too (backend/preannotation.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +109,8 @@ class BackendSettings:
             label_studio_url=env.get("LABEL_STUDIO_URL") or None,
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
             sync_every_s=float(env.get("SURGENET_ASSIST_SYNC_EVERY_S", "0")),
-            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "4")),
+            predict_threads=int(env.get("SURGENET_ASSIST_PREDICT_THREADS", "16")),
+            compute_slots=int(env.get("SURGENET_ASSIST_COMPUTE_SLOTS", "1")),
             predict_queue=int(env.get("SURGENET_ASSIST_PREDICT_QUEUE", "16")),
             webhook_threads=int(env.get("SURGENET_ASSIST_WEBHOOK_THREADS", "2")),
             webhook_queue=int(env.get("SURGENET_ASSIST_WEBHOOK_QUEUE", "64")),
@@ -115,6 +120,9 @@ class BackendSettings:
             click_cache_mb=int(env.get("SURGENET_ASSIST_CLICK_CACHE_MB", DEFAULT_CACHE_MB)),
             day_one_cache_mb=int(env.get("SURGENET_ASSIST_DAY_ONE_CACHE_MB", DEFAULT_CACHE_MB)),
             **_media_from_env(env),
+            webhook_secret=env.get("SURGENET_ASSIST_WEBHOOK_SECRET") or None,
+            webhook_max_ids=int(env.get("SURGENET_ASSIST_WEBHOOK_MAX_IDS", "1000")),
+            webhook_backlog=int(env.get("SURGENET_ASSIST_WEBHOOK_BACKLOG", "256")),
             preannotate_held_out=env.get("SURGENET_ASSIST_PREANNOTATE_HELD_OUT", "").lower()
             in ("1", "true", "yes"),
         )
@@ -135,6 +143,12 @@ class BackendSettings:
                 "the Label Studio connection is half configured: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
                 "go together",
                 "set both (the key: Account & Settings -> Personal Access Token, or a legacy token)",
+            )
+        check_webhook_secret(self.webhook_secret)
+        if self.webhook_max_ids < 1 or self.webhook_backlog < 1:
+            raise UsageError(
+                "SURGENET_ASSIST_WEBHOOK_MAX_IDS and SURGENET_ASSIST_WEBHOOK_BACKLOG must be at least 1",
+                "leave them unset for the defaults (1000 ids, 256 deliveries)",
             )
         if self.max_prompt_regions < 1:
             raise UsageError(
@@ -243,3 +257,19 @@ def _media_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("LOCAL_FILES_DOCUMENT_ROOT"):
         out["local_files_document_root"] = env["LOCAL_FILES_DOCUMENT_ROOT"]
     return out
+
+
+MIN_SECRET_LENGTH = 16
+
+
+def check_webhook_secret(secret: str | None) -> None:
+    """Refuse a webhook secret Label Studio cannot send as a header, or one too short to guess hard: visible
+    ASCII, no spaces, at least :data:`MIN_SECRET_LENGTH` characters (the message never shows it)."""
+    if secret is None:
+        return
+    if len(secret) < MIN_SECRET_LENGTH or not all("!" <= ch <= "~" for ch in secret):
+        raise UsageError(
+            f"SURGENET_ASSIST_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} visible ASCII characters "
+            "without spaces",
+            'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
+        )

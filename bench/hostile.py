@@ -18,8 +18,8 @@ starts ``serve --model BUNDLE`` in its own process and, for ``--seconds``, drive
 
 It reports ``/health`` p50/p99/max and its failures (no answer within 1 s, or not 200), ``/predict`` p50/p99
 for the normal clients, the server's peak RSS against its idle RSS, 5xx answers by client kind, crashes (the
-server process gone) and the size of ``/metrics`` afterwards. Targets for this checkout: ``/health`` p99 < 1 s,
-peak RSS < 2x idle, 0 crashes, 0 5xx. Both servers get the same address-space guard (``RLIMIT_DATA``,
+server process gone) and the size of ``/metrics`` afterwards. Targets for this checkout: ``/health`` p99
+< 1 s, peak RSS < 2x idle, 0 crashes, 0 5xx. Both servers get the same address-space guard (``RLIMIT_DATA``,
 ``--memory-limit-gb``) so that today's 1x4000 case cannot take the machine down (it grew to 23 GB); a server
 that hits it counts as what happens then (a 5xx or a crash).
 
@@ -179,11 +179,13 @@ class Server:
             sys.executable, "-c",
             "import sys; from surgenet_assist.cli.main import app; sys.argv[0] = 'surgenet-assist'; app()",
             "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(bundle),
-            "--workers", "1", "--threads", "4",
+            "--workers", "1",
         ]  # fmt: skip
         full_env = {**os.environ, "SURGENET_ASSIST_HOME": str(home), "LOG_LEVEL": "WARNING", **env}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=guard)
+            self.proc = subprocess.Popen(
+                cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=guard
+            )
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -294,7 +296,9 @@ class Load:
         }  # fmt: skip
         while self.running():
             body = {
-                "tasks": [{"id": self.unique(), "data": {"image": f"{self.media.url}/thin/{self.unique()}.png"}}],
+                "tasks": [
+                    {"id": self.unique(), "data": {"image": f"{self.media.url}/thin/{self.unique()}.png"}}
+                ],
                 "label_config": INTERACTIVE_CONFIG,
                 "params": {"context": {"result": [click]}},
             }
@@ -308,7 +312,11 @@ class Load:
                 action = "".join(rng.choices(string.ascii_uppercase, k=12))
                 body: dict[str, Any] = {"action": action, "project": {"id": rng.randrange(10**6)}}
             else:
-                body = {"action": "ANNOTATIONS_DELETED", "annotations": ids, "project": {"id": rng.randrange(10**6)}}
+                body = {
+                    "action": "ANNOTATIONS_DELETED",
+                    "annotations": ids,
+                    "project": {"id": rng.randrange(10**6)},
+                }
             self.post("webhook", "/webhook", body, 10)
 
     def slowloris(self, sockets: int) -> None:
@@ -380,7 +388,9 @@ def summarize(load: Load, server: Server, idle_rss: int) -> dict[str, Any]:
             "ok": len(normal_ok),
             "p50_s": pct(normal_ok, 50),
             "p99_s": pct(normal_ok, 99),
-            "median_all_s": statistics.median([lat for _, lat in by_kind["normal"]]) if by_kind["normal"] else None,
+            "median_all_s": statistics.median([lat for _, lat in by_kind["normal"]])
+            if by_kind["normal"]
+            else None,
         },
         "statuses": {kind: _counts(rows) for kind, rows in sorted(by_kind.items())},
         "five_xx": {kind: sum(1 for s, _ in rows if s >= 500) for kind, rows in sorted(by_kind.items())},
@@ -413,7 +423,9 @@ def make_bundle(path: Path) -> Path:
     return save_bundle(SurgeNetAssistModel.create(random_init=True), path, "hostile-bench")
 
 
-def run_one(name: str, env: dict[str, str], bundle: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    name: str, env: dict[str, str], bundle: Path, tmp: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     home = tmp / name
     home.mkdir()
     print(f"[{name}] starting the server ...", flush=True)
@@ -421,9 +433,10 @@ def run_one(name: str, env: dict[str, str], bundle: Path, tmp: Path, args: argpa
     media = MediaServer()
     try:
         for i in range(3):  # warm-up: the model's first batches
-            requests.post(server.url + "/predict", json={
-                "tasks": [{"id": i, "data": {"image": f"{media.url}/ok/{i}.png"}}], "label_config": IMAGE_CONFIG,
-            }, timeout=300)  # fmt: skip
+            task = {"id": i, "data": {"image": f"{media.url}/ok/{i}.png"}}
+            requests.post(
+                server.url + "/predict", json={"tasks": [task], "label_config": IMAGE_CONFIG}, timeout=300
+            )
         time.sleep(2)
         idle = server.rss()
         print(f"[{name}] idle RSS {idle / 2**20:.0f} MB; {args.seconds:.0f} s of load ...", flush=True)
@@ -483,14 +496,21 @@ def main() -> int:
         "0 5xx": sum(new["five_xx"].values()) == 0,
     }
     results["targets"] = targets
-    print("\n| measure | " + " | ".join(k for k in results if k not in ("seconds", "baseline_rev", "targets")) + " |")
+    print(
+        "\n| measure | "
+        + " | ".join(k for k in results if k not in ("seconds", "baseline_rev", "targets"))
+        + " |"
+    )
     for label, get in (
         ("/health p99 (s)", lambda r: r["health"]["p99_s"]),
         ("/health max (s)", lambda r: r["health"]["max_s"]),
         ("/health failed probes", lambda r: f"{r['health']['failed']} / {r['health']['probes']}"),
         ("/predict normal p50 (s)", lambda r: r["predict_normal"]["p50_s"]),
         ("/predict normal p99 (s)", lambda r: r["predict_normal"]["p99_s"]),
-        ("normal requests answered 200", lambda r: f"{r['predict_normal']['ok']} / {r['predict_normal']['requests']}"),
+        (
+            "normal requests answered 200",
+            lambda r: f"{r['predict_normal']['ok']} / {r['predict_normal']['requests']}",
+        ),
         ("peak RSS / idle", lambda r: r["peak_over_idle"]),
         ("5xx (all clients)", lambda r: sum(r["five_xx"].values())),
         ("crashed", lambda r: r["crashed"]),

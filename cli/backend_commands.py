@@ -21,8 +21,12 @@ def serve(
     port: Annotated[int, typer.Option(help="port Label Studio connects to")] = 9090,
     workers: Annotated[int, typer.Option(help="worker processes (each loads the model once)")] = 1,
     threads: Annotated[
-        int, typer.Option(help="/predict threads per worker (/health, /setup, webhooks: their own)")
-    ] = 4,
+        int,
+        typer.Option(
+            help="/predict request threads per worker (they wait for media; the model runs in "
+            "SURGENET_ASSIST_COMPUTE_SLOTS at a time)"
+        ),
+    ] = 16,
     model: Annotated[Path | None, typer.Option("--model", help="model bundle directory to serve")] = None,
     registry: Annotated[
         bool, typer.Option("--registry", help="serve the store's champion, hot-swapped")
@@ -48,7 +52,7 @@ def serve(
 
         read_bundle_info(model)  # a missing or incomplete bundle is refused before the server starts
     if workers < 1 or threads < 1:
-        raise UsageError("--workers and --threads must be at least 1", "use --workers 1 --threads 4")
+        raise UsageError("--workers and --threads must be at least 1", "use --workers 1 --threads 16")
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -162,6 +166,13 @@ def ls_setup_project(
     api_key: Annotated[str, typer.Option(envvar="LABEL_STUDIO_API_KEY", help="legacy token or PAT")],
     frames: Annotated[Path | None, typer.Option(help="folder of frame images (image project)")] = None,
     video: Annotated[Path | None, typer.Option(help="a video file (video project)")] = None,
+    project: Annotated[
+        int | None,
+        typer.Option(
+            "--project",
+            help="an existing project: connect the backend if it is not, create or repair its webhook",
+        ),
+    ] = None,
     backend_url: Annotated[
         str | None, typer.Option(help="URL LS uses to reach `serve`")
     ] = "http://127.0.0.1:9090",
@@ -179,6 +190,17 @@ def ls_setup_project(
     backend_password: Annotated[
         str | None, typer.Option(envvar="BASIC_AUTH_PASS", help="the backend's Basic Auth password")
     ] = None,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SURGENET_ASSIST_WEBHOOK_SECRET",
+            show_default=False,
+            help="the backend's webhook secret: the project's webhook sends it as X-Surgenet-Webhook-Secret",
+        ),
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option("--db", help="label store URL, where the project is connected")
+    ] = None,
     interactive: Annotated[
         bool,
         typer.Option(
@@ -188,29 +210,77 @@ def ls_setup_project(
         ),
     ] = False,
 ) -> None:
-    """Create a project with our config, local-files storage, the tasks, and this backend connected."""
-    from surgenet_assist.backend.ls_client import setup_project
+    """Create a project with our config, local-files storage, the tasks, and this backend connected, with a
+    webhook that carries the secret (or, with --project, repair an existing one); connect it in the store."""
+    from surgenet_assist.backend.app import BackendSettings
+    from surgenet_assist.backend.ls_api import LabelStudioToolError
+    from surgenet_assist.backend.ls_client import connect_project, setup_project
+    from surgenet_assist.backend.settings import check_webhook_secret
+    from surgenet_assist.core.formats.label_studio import store_project_name
+    from surgenet_assist.core.store import LabelStore
 
     if interactive and video is not None:
         raise UsageError(
             "--interactive works on frame projects, not on a video",
             "give --frames DIR with --interactive (clicks and boxes are drawn on frames)",
         )
-    res = setup_project(
-        url,
-        api_key,
-        frames=frames,
-        video=video,
-        backend_url=backend_url or None,
-        title=title,
-        document_root=document_root,
-        backend_auth=(backend_user, backend_password) if backend_user and backend_password else None,
-        interactive=interactive,
-    )
+    if project is not None and (frames is not None or video is not None):
+        raise UsageError(
+            "--project names an existing project; --frames/--video make a new one",
+            "give --project ID alone to repair a project, or --frames/--video without it",
+        )
+    if project is not None and not backend_url:
+        raise UsageError("--project needs --backend-url", "give the URL Label Studio uses to reach `serve`")
+    check_webhook_secret(webhook_secret)
+    auth = (backend_user, backend_password) if backend_user and backend_password else None
+    if project is not None:
+        res = connect_project(
+            url,
+            api_key,
+            project,
+            backend_url=backend_url or "",
+            backend_auth=auth,
+            interactive=interactive,
+            webhook_secret=webhook_secret,
+        )
+    else:
+        res = setup_project(
+            url,
+            api_key,
+            frames=frames,
+            video=video,
+            backend_url=backend_url or None,
+            title=title,
+            document_root=document_root,
+            backend_auth=auth,
+            interactive=interactive,
+            webhook_secret=webhook_secret,
+        )
+    name = store_project_name(res.project_id, BackendSettings.from_env().store_project)
+    with LabelStore(db, migrate=True) as store:
+        store.ensure_project(name)  # connected: the backend takes this project's webhooks
     typer.echo(
         f"project {res.project_id}: {len(res.task_ids)} tasks, ML backend {res.ml_backend_id}, "
-        f"local storage {res.storage_id}"
+        f"local storage {res.storage_id}, store project {name}"
     )
+    if res.webhook is None:
+        return
+    if not res.webhook.ok:
+        raise LabelStudioToolError(
+            f"project {res.project_id} is set up, but its webhook is not: {res.webhook.problem}",
+            res.webhook.fix,
+        )
+    typer.echo(
+        f"webhook {res.webhook.webhook_id}: {res.webhook.url}, "
+        + ("with the secret header" if webhook_secret else "without a secret header")
+    )
+    if not webhook_secret:
+        typer.echo(
+            "warning: no SURGENET_ASSIST_WEBHOOK_SECRET: a backend with Basic Auth or a secret refuses this "
+            "webhook's deliveries; set it (the backend's) and run `ls setup-project --project "
+            f"{res.project_id}` again",
+            err=True,
+        )
 
 
 @ls_app.command("preannotate")
@@ -254,8 +324,16 @@ def ls_preannotate(
 
     rank, world = preannotate_shard()  # under torchrun: this rank's share of the tasks
     rep = preannotate(
-        url, api_key, project, holder.predictor, batch=batch, video_sample_fps=video_fps, rank=rank,
-        world_size=world, store=store, store_project=store_project_name(project),
+        url,
+        api_key,
+        project,
+        holder.predictor,
+        batch=batch,
+        video_sample_fps=video_fps,
+        rank=rank,
+        world_size=world,
+        store=store,
+        store_project=store_project_name(project),
         held_out=include_test_videos,
     )
     typer.echo(
@@ -291,8 +369,12 @@ def sync_connected_projects(db: str | None, *, quiet: bool = False) -> list[dict
             counts = s.get("counts", {})
             typer.echo(
                 f"synced Label Studio project {s['label_studio_project']}: "
-                + (s["error"] if "error" in s else f"{counts.get('new revisions', 0)} new revisions, "
-                   f"{counts.get('tombstoned (gone from Label Studio)', 0)} tombstoned"),
+                + (
+                    s["error"]
+                    if "error" in s
+                    else f"{counts.get('new revisions', 0)} new revisions, "
+                    f"{counts.get('tombstoned (gone from Label Studio)', 0)} tombstoned"
+                ),
                 err=True,
             )
     return summaries
@@ -330,9 +412,10 @@ def ls_sync(
     store = LabelStore(db, migrate=True)
     try:
         ids = sorted(set(project or []) | (set(connected_projects(store)) if all_connected else set()))
-        summaries = [
-            sync_project(api, store, pid, store_project=store_project, progress=not as_json) for pid in ids
-        ]
+        summaries = []
+        for pid in ids:
+            summaries.append(sync_project(api, store, pid, store_project=store_project, progress=not as_json))
+            store.ensure_project(summaries[-1]["store_project"])  # synced = connected: webhooks taken
     finally:
         store.close()
         api.close()

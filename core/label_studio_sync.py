@@ -28,22 +28,55 @@ from .store import LabelStore, RecordResult, Writer, revision_digest, to_utc
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")  # the singular: Label Studio before 1.9
 TASK_DELETE_EVENTS = ("TASKS_DELETED",)
+TASK_CREATE_EVENTS = ("TASKS_CREATED",)  # tasks imported with their annotations send only this
+#: every action Label Studio 1.23's webhooks send (``webhooks/models.py``), the legacy singular delete, and
+#: ``START_TRAINING`` (sent by its ML connector to ``/webhook``): a closed set, so metrics never grow with
+#: whatever a caller puts into ``action``
+LABEL_STUDIO_ACTIONS = frozenset(
+    {
+        *ANNOTATION_EVENTS,
+        *DELETE_EVENTS,
+        *TASK_DELETE_EVENTS,
+        *TASK_CREATE_EVENTS,
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+        "START_TRAINING",
+    }
+)
 WEBHOOK_HINT = "send Label Studio's webhook body unchanged (see docs/http-api.md)"
 
 
-def webhook_annotations(body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+@dataclass(frozen=True)
+class WebhookIds:
+    """The distinct ids a webhook names, in the order it names them, up to a cap; ``ignored`` counts the
+    entries after the cap was reached (neither read nor applied: ``ls sync`` repairs what they named)."""
+
+    ids: list[int]
+    ignored: int = 0
+
+
+def webhook_annotations(
+    body: dict[str, Any], *, limit: int | None = None
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(annotation, task) pairs an annotation event carries: one for ``ANNOTATION_CREATED`` /
     ``ANNOTATION_UPDATED``, several for ``ANNOTATIONS_CREATED`` (``annotation`` and ``task`` are lists
     there, paired by the annotation's ``task``). Malformed bodies raise :class:`DatasetFormatError` naming
-    the field."""
+    the field. ``limit``: at most this many distinct annotations (by id) are read, later ones are skipped
+    unread, so a huge body costs no more than ``limit`` annotations."""
     action = body.get("action")
     anns, tasks = body.get("annotation"), body.get("task")
     if action == "ANNOTATIONS_CREATED":
         if not isinstance(anns, list) or not isinstance(tasks, list):
             raise DatasetFormatError(f"{action}: 'annotation' and 'task' must be lists", WEBHOOK_HINT)
         by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        pairs = []
+        pairs: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
         for ann in anns:
+            if limit is not None and len(pairs) >= limit:
+                break
             if not isinstance(ann, dict):
                 raise DatasetFormatError(f"{action}: an annotation is not an object", WEBHOOK_HINT)
             task = by_id.get(ann.get("task"))
@@ -53,28 +86,33 @@ def webhook_annotations(body: dict[str, Any]) -> list[tuple[dict[str, Any], dict
                     "in 'task'",
                     WEBHOOK_HINT,
                 )
-            pairs.append((ann, task))
-        return pairs
+            pairs.setdefault(ls_integer(ann.get("id"), f"{action}: annotation id"), (ann, task))
+        return list(pairs.values())
     if not isinstance(anns, dict):
         raise DatasetFormatError(f"{action} without an 'annotation' object", WEBHOOK_HINT)
     if not isinstance(tasks, dict):
         raise DatasetFormatError(f"{action} without a 'task' object", WEBHOOK_HINT)
+    ls_integer(anns.get("id"), "annotation id")
     return [(anns, tasks)]
 
 
-def webhook_ids(body: dict[str, Any], key: str) -> list[int]:
-    """Ids of the objects listed under ``key`` (``annotations`` of ``ANNOTATIONS_DELETED``, ``tasks`` of
-    ``TASKS_DELETED``; ``annotation`` of the legacy singular delete); each must be an integer."""
+def webhook_ids(body: dict[str, Any], key: str, *, limit: int | None = None) -> WebhookIds:
+    """Distinct ids of the objects listed under ``key`` (``annotations`` of ``ANNOTATIONS_DELETED``,
+    ``tasks`` of ``TASKS_DELETED`` / ``TASKS_CREATED``, ``annotation`` of the legacy singular delete); each
+    must be an integer. With ``limit``, reading stops at that many distinct ids and the rest is counted in
+    ``ignored`` (unvalidated): one delivery naming thousands of ids costs at most ``limit``."""
     items = body.get(key)
     if isinstance(items, dict):
         items = [items]
     if not isinstance(items, list):
         raise DatasetFormatError(f"{body.get('action')} without a '{key}' list", WEBHOOK_HINT)
-    ids = []
-    for item in items:
+    ids: dict[int, None] = {}
+    for read, item in enumerate(items):
+        if limit is not None and len(ids) >= limit:
+            return WebhookIds(list(ids), len(items) - read)
         raw = item.get("id") if isinstance(item, dict) else item
-        ids.append(ls_integer(raw, f"{body.get('action')}: {key} id"))
-    return ids
+        ids[ls_integer(raw, f"{body.get('action')}: {key} id")] = None
+    return WebhookIds(list(ids))
 
 
 def apply_annotation(
@@ -152,6 +190,7 @@ def ingest_webhook(
     *,
     project: str | None = None,
     schema: LabelSchema = DEFAULT_SCHEMA,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Apply a Label Studio webhook body as it is (the caller trusts it: see ``backend/webhooks.py`` for the
     verified path that re-reads each object from Label Studio first).
@@ -159,24 +198,26 @@ def ingest_webhook(
     ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED``: :func:`apply_annotation` for
     each annotation, with the labeling config of the body's project. ``ANNOTATIONS_DELETED``
     (``{"annotations": [{"id"}]}``) and ``TASKS_DELETED`` (``{"tasks": [{"id"}]}``): tombstones. Other actions
-    are ignored. Returns ``{"action", "annotations": [apply_annotation results], "tombstones"}`` or
-    ``{"action", "ignored": True}``.
+    are ignored. ``limit``: at most this many distinct annotations or ids are applied (see
+    :func:`webhook_ids`). Returns ``{"action", "annotations": [apply_annotation results], "tombstones"}`` or
+    ``{"action", "ignored": True}``, with ``ignored_ids`` when the limit cut the list.
     """
     action = body.get("action")
     if action in DELETE_EVENTS:
         key = "annotations" if action == "ANNOTATIONS_DELETED" else "annotation"
-        ids = webhook_ids(body, key)
-        count = tombstone_ls_labels(store, annotation_ids=ids, project=project)
-        return {"action": action, "tombstones": count}
+        named = webhook_ids(body, key, limit=limit)
+        count = tombstone_ls_labels(store, annotation_ids=named.ids, project=project)
+        return {"action": action, "tombstones": count, "ignored_ids": named.ignored}
     if action in TASK_DELETE_EVENTS:
-        ids = webhook_ids(body, "tasks")
-        return {"action": action, "tombstones": tombstone_ls_labels(store, task_ids=ids, project=project)}
+        named = webhook_ids(body, "tasks", limit=limit)
+        count = tombstone_ls_labels(store, task_ids=named.ids, project=project)
+        return {"action": action, "tombstones": count, "ignored_ids": named.ignored}
     if action not in ANNOTATION_EVENTS:
         return {"action": action, "ignored": True}
     cfg = (body.get("project") or {}).get("label_config") if isinstance(body.get("project"), dict) else None
     results = [
         apply_annotation(store, ann, task, label_config=cfg, project=project, schema=schema)
-        for ann, task in webhook_annotations(body)
+        for ann, task in webhook_annotations(body, limit=limit)
     ]
     return {"action": action, "annotations": results}
 

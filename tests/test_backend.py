@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 from ls_semantics import assert_same_annotations, fixture
+from webhook_helpers import deliver
 
 from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
 from surgenet_assist.backend.config import parse_label_config
@@ -368,18 +369,19 @@ def test_captured_webhooks_become_what_label_studio_holds(client, store, tmp_pat
     from surgenet_assist.core.store import LabelStore
 
     bodies = fixture("webhooks.json")
-    replies = [post(client, "/webhook", b) for b in bodies]
-    assert [r.status_code for r in replies] == [200] * len(bodies), [r.get_json() for r in replies]
-    created, _, updated = (r.get_json()["annotations"][0] for r in replies[:3])
+    for pid in (1, 2, 3):  # connected projects (a webhook never creates one)
+        store.ensure_project(f"label-studio-{pid}")
+    replies = [deliver(client, b) for b in bodies]  # each answered 202, applied on the webhook queue
+    created, _, updated = (r["annotations"][0] for r in replies[:3])
     assert all(v["created"] for v in created["labels"].values())
     assert set(created["labels"]) == {"segmentation", "cvs", "phase"}
     # the update repainted task 2's mask and dropped its phase: a new revision and a tombstone
     assert updated["labels"]["segmentation"]["revision"] == 2 and updated["tombstoned"] == 1
-    skipped = replies[3].get_json()
+    skipped = replies[3]
     assert skipped["annotations"][0]["labels"] == {} and "skipped" in skipped["warnings"][0]
-    assert replies[5].get_json()["tombstones"] == 1  # ANNOTATIONS_DELETED
-    assert {r.get_json()["store_project"] for r in replies} == {f"label-studio-{i}" for i in (1, 2, 3)}
-    again = post(client, "/webhook", bodies[0]).get_json()["annotations"][0]  # redelivery
+    assert replies[5]["tombstones"] == 1  # ANNOTATIONS_DELETED
+    assert {r["store_project"] for r in replies} == {f"label-studio-{i}" for i in (1, 2, 3)}
+    again = deliver(client, bodies[0])["annotations"][0]  # redelivery
     assert not any(v["created"] for v in again["labels"].values()) and again["tombstoned"] == 0
 
     assert store.video_id("case07") is None  # each Label Studio project has its own store project
@@ -402,25 +404,24 @@ def test_captured_webhooks_become_what_label_studio_holds(client, store, tmp_pat
 
 
 def test_webhook_with_a_label_the_schema_lacks_is_refused(client, store):
+    store.ensure_project("label-studio-1")
     body = copy.deepcopy(fixture("webhooks.json")[0])
     body["annotation"]["result"][0]["value"]["brushlabels"] = ["Suturing needle"]
-    r = post(client, "/webhook", body)
-    assert r.status_code == 422, r.get_json()
-    err = r.get_json()
-    assert (
-        err["error"] == "label_rejected" and "'Suturing needle'" in err["detail"] and "Liver" in err["hint"]
-    )
+    err = deliver(client, body)  # queued (202), refused on the webhook worker
+    assert err["status"] == "error" and "'Suturing needle'" in err["detail"] and "Liver" in err["hint"]
     assert store.stats()["annotations"]["revisions"] == 0
     assert post(client, "/webhook", {"action": "ANNOTATION_CREATED", "task": {}}).status_code == 400
     gone = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 999}], "project": {"id": 1}}
-    assert post(client, "/webhook", gone).status_code == 200
+    assert deliver(client, gone)["tombstones"] == 0
 
 
 def test_start_training_queues_one_cycle_and_other_events_are_quick(client, store):
-    r = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 5}})
-    assert r.status_code == 201 and r.get_json()["status"] == "queued"
-    again = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 5}}).get_json()
-    assert again["already_queued"] and again["training_run"] == r.get_json()["training_run"]
+    store.ensure_project("label-studio-5")  # connected (a webhook never creates a store project)
+    r = deliver(client, {"action": "START_TRAINING", "project": {"id": 5}})
+    assert r["status"] == "ok" and not r["already_queued"]
+    again = deliver(client, {"action": "START_TRAINING", "project": {"id": 5}})
+    assert again["already_queued"] and again["training_run"] == r["training_run"]
+    assert post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 6}}).status_code == 403
     runs = store.training_runs(project="label-studio-5")  # queued for Label Studio project 5's store project
     assert [x["status"] for x in runs] == ["queued"] and store.training_runs() == []
     other = post(client, "/webhook", {"action": "TASKS_CREATED", "tasks": [], "project": {"id": 5}})

@@ -42,6 +42,31 @@ def test_label_studio_on_postgres_and_can_reach_backend(compose):
     assert backend_env["LABEL_STUDIO_URL"] == "http://label-studio:8080"  # not localhost inside a container
     assert backend_env["SURGENET_ASSIST_DB_URL"].startswith("postgresql+psycopg://")
     assert "@postgres:5432/" in backend_env["SURGENET_ASSIST_DB_URL"]
+    assert "SURGENET_ASSIST_WEBHOOK_SECRET" in backend_env  # webhooks without the secret are refused
+    aliases = compose["services"]["backend"]["networks"]["default"]["aliases"]
+    assert any("." in a for a in aliases)  # Label Studio refuses webhook URLs whose host has no dot
+
+
+def test_the_backend_alias_passes_label_studios_own_url_check(compose):
+    """Label Studio validates a webhook URL with Django's URLValidator and silently creates no webhook when it
+    fails: the compose network name must pass it (checked with Label Studio's own Django, when installed)."""
+    ls_python = ROOT / ".ls-venv" / "bin" / "python"
+    if not ls_python.exists():
+        pytest.skip("Label Studio's virtualenv (.ls-venv) is not installed")
+    import subprocess
+
+    alias = next(a for a in compose["services"]["backend"]["networks"]["default"]["aliases"] if "." in a)
+    # the webhook's `url` is a Django URLField (label_studio/webhooks/models.py): URLValidator decides
+    check = (
+        "import sys; from django.conf import settings; settings.configure();"
+        "from django.core.validators import URLValidator; URLValidator()(sys.argv[1])"
+    )
+
+    def accepted(url: str) -> bool:
+        return subprocess.run([str(ls_python), "-c", check, url], capture_output=True).returncode == 0
+
+    assert accepted(f"http://{alias}:9090/webhook")
+    assert not accepted("http://backend:9090/webhook")  # the plain service name, as the finding said
 
 
 @pytest.mark.parametrize("name", ["backend", "trainer"])

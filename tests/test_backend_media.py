@@ -791,6 +791,9 @@ def test_a_refused_token_is_one_clear_state_and_local_media_is_still_predicted(
     assert ls.refreshes == refreshes  # fails fast: Label Studio is not asked once per task
     local = _predict(client, ["/data/local-files/?d=ok.png"])  # no token needed: served
     assert local.status_code == 200 and local.get_json()["results"][0]["result"]
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "task": {"id": 1}}
+    hook = client.post("/webhook", json=event)
+    assert hook.status_code == 503 and hook.get_json()["error"] == "label_studio_token"  # not a 422
 
     ls.revoked = False  # a new token in Label Studio's terms: the state clears by itself
     now[0] += ls_api_module.TOKEN_RETRY_S + 1

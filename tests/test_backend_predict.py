@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 from test_backend_propagation import _brush, _event, _frame_task, app, backbone, media  # noqa: F401 - fixtures
+from webhook_helpers import deliver
 
 from surgenet_assist.backend.app import NO_MODEL_VERSION, BackendSettings, create_app
 from surgenet_assist.backend.labeling_configs import image_config, video_config
@@ -131,7 +132,7 @@ def test_day_one_setup_version_is_the_predict_version_and_moves_with_what_is_ser
         _brush("Gallbladder", (masks[k] == 1).astype(np.uint8) * 255),
         _brush("Liver", (masks[k] == 0).astype(np.uint8) * 255),
     ]
-    assert post(c, "/webhook", _event(1, _frame_task(k), result, cfg)).status_code == 200
+    deliver(c, _event(1, _frame_task(k), result, cfg))
     assert assist.updater.wait_idle(120) and assist.updater.error is None
     heads = assist.updater.version
     assert heads.startswith("instant-")
@@ -143,7 +144,7 @@ def test_day_one_setup_version_is_the_predict_version_and_moves_with_what_is_ser
     assist.updater.close()
     assist.updater = None
     result = [_brush("Liver", np.full(masks[k].shape, 255, np.uint8))]
-    assert post(c, "/webhook", _event(2, _frame_task(9), result, cfg)).status_code == 200
+    deliver(c, _event(2, _frame_task(9), result, cfg))
     reported3, stamped3, _ = _versions(c, tasks, cfg, project="1.1")
     label_version = app.extensions["surgenet"].store.label_version()
     assert reported3 == f"{heads}+propagation-{label_version}" and stamped3 == {reported3}
@@ -158,7 +159,7 @@ def test_day_one_propagation_only_version(app, media):  # noqa: F811
     assist.updater = None
     cfg = image_config()
     result = [_brush("Gallbladder", (masks[2] == 1).astype(np.uint8) * 255)]
-    assert post(c, "/webhook", _event(1, _frame_task(2), result, cfg)).status_code == 200
+    deliver(c, _event(1, _frame_task(2), result, cfg))
     tasks = [_frame_task(5), {"id": 7, "data": {"image": "/data/upload/1/disc_6.png"}}]
     reported, stamped, body = _versions(c, tasks, cfg, project="1.1")
     label_version = app.extensions["surgenet"].store.label_version()
@@ -215,7 +216,7 @@ def test_partial_failure_with_video_tasks_and_in_day_one_mode(predictor, files, 
     assist = app.extensions["surgenet"].assist
     cfg = image_config()
     result = [_brush("Gallbladder", (masks[2] == 1).astype(np.uint8) * 255)]
-    assert post(d, "/webhook", _event(1, _frame_task(2), result, cfg)).status_code == 200
+    deliver(d, _event(1, _frame_task(2), result, cfg))
     assert assist.updater.wait_idle(120)
     lost = {"id": 99, "data": {"image": "/data/upload/1/gone.png"}}
     tasks = [_frame_task(4), lost, _frame_task(6)]

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from webhook_helpers import deliver
 
 from surgenet_assist.backend.app import BackendSettings, create_app
 from surgenet_assist.backend.labeling_configs import image_config, video_config
@@ -75,6 +76,7 @@ def app(tmp_path, media, backbone, monkeypatch):
         return files[url]
 
     store = LabelStore(f"sqlite:///{tmp_path / 'store.db'}", migrate=True)
+    store.ensure_project("label-studio-1")  # Label Studio project 1 is connected: its webhooks are taken
     assist = DayOneAssist(
         store,
         backbone,
@@ -158,7 +160,9 @@ def test_label_on_frame_k_propagates_to_k_plus_3_without_blocking(app, media, mo
     t0 = time.perf_counter()
     r = post(c, "/webhook", _event(1, _frame_task(k), result, image_config()))
     elapsed = time.perf_counter() - t0
-    assert r.status_code == 200 and "segmentation" in r.get_json()["annotations"][0]["labels"]
+    queue = app.extensions["surgenet"].webhooks.queue  # the label is written on the webhook worker
+    assert r.status_code == 202 and queue.wait_idle(60)
+    assert "segmentation" in queue.outcome(r.get_json()["job"])["annotations"][0]["labels"]
     assert elapsed < 1.0 and assist.updater.version is None  # returned while the refit is still running
 
     pred = post(c, "/predict", {"tasks": [_frame_task(k + 3)], "label_config": image_config()}).get_json()
@@ -195,8 +199,7 @@ def test_video_task_gets_phase_timeline_from_labelled_ranges(app):
         for rng, label in ranges
     ]
     # the file runs at the config's frameRate (25): LS frames 1-5 and 16-20 are video frames 0-4 and 15-19
-    r = post(c, "/webhook", _event(2, task, result, video_config()))
-    assert r.status_code == 200 and "phase" in r.get_json()["annotations"][0]["labels"]
+    assert "phase" in deliver(c, _event(2, task, result, video_config()))["annotations"][0]["labels"]
     res = post(c, "/predict", {"tasks": [task], "label_config": video_config()}).get_json()["results"][0]
     assert res["model_version"].startswith("propagation-")
     regions = [reg for reg in res["result"] if reg["type"] == "timelinelabels"]

@@ -1,8 +1,10 @@
 """``GET /health`` (and ``/``) and ``GET /metrics``.
 
 Unauthenticated callers may read ``/health``: it says whether the backend is up, which model serves and
-which webhook mode is active; no label, no path, no secret. It never waits on the model, the store or Label
-Studio, so it answers within Label Studio's 1 s whatever else runs. ``/metrics`` needs Basic Auth when it is
+which webhook mode is active, whether Label Studio holds each connected project's webhook
+(``webhook_check``: state, why and the fix, no address) and how full the webhook queue is; no label, no path,
+no secret. It never waits on the model, the store or Label Studio, so it answers within Label Studio's 1 s
+whatever else runs. ``/metrics`` needs Basic Auth when it is
 configured (its counters describe traffic).
 
 While Label Studio refuses the backend's token (or cannot be reached to refresh it), ``status`` is
@@ -32,6 +34,9 @@ def health() -> Response:
         "store": svc.store is not None,
         "webhooks": svc.webhook_mode,
         "backbone": svc.backbone_info(),  # which backbone computes click and day-one features
+        # computed at start and when a project connects, never here: Label Studio is not called
+        "webhook_check": svc.webhooks.checks.summary() if svc.webhooks.checks is not None else None,
+        "webhook_backlog": svc.webhooks.queue.snapshot(),
     }
     if holder.predictor is None:
         body["warning"] = "no trained model yet: predictions are empty; annotations are still stored"

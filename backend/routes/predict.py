@@ -6,6 +6,8 @@ on every call of its ML connector); without it, anyone who reaches the port, so 
 only Label Studio reaches (``docs/deploy.md``). What a caller can make them do is bounded per request: the
 body size (``SURGENET_ASSIST_MAX_BODY``), the tasks it names, the media behind them (each download bounded
 in time and bytes, refused for private addresses and hosts off the allow-list: ``backend/media.py``).
+``/setup`` also connects the Label Studio project it names, so that its webhooks are taken: queued, and only
+with Basic Auth or once Label Studio confirms the project exists (``backend/webhooks.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..ls_api import TokenProblem
 from ..media import MediaError
 from ..metrics import TASK_OF_TYPE
 from ..preannotation import held_out_tasks, with_held_out
-from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction
+from ..predictions import ImageTaskModel, VideoTaskModel, day_one_predictions, empty_prediction, prefetched
 from ..settings import BackendSettings
 
 log = logging.getLogger("surgenet_assist.backend")
@@ -41,6 +43,9 @@ def setup() -> Response:
     svc = current_app.extensions["surgenet"]
     data = body_json()
     svc.media.remember_setup(data.get("hostname"), data.get("access_token"))
+    # Label Studio connecting the backend connects the project (its webhooks are then taken): on the webhook
+    # worker, once Label Studio confirms it, or at once for a caller with Basic Auth (backend/webhooks.py)
+    svc.webhooks.connect_later(data.get("project"), authenticated=bool(svc.settings.basic_auth_user))
     served = svc.holder_for(data.get("project")).serving(svc.assist_for(data.get("project")))
     cfg = data.get("schema") or data.get("label_config")
     body: dict[str, Any] = {
@@ -129,17 +134,22 @@ def predict() -> Response:
         failed[positions[id(task)]] = {"task": task.get("id"), "reason": "media", "url": url}
 
     try:
+        # media first, holding no compute slot; then the model under the process's compute gate (only for the
+        # tasks that are pre-annotated: a held-out task's media is never fetched)
+        fetch = prefetched(svc.fetch, todo, {c.value_key for c in plan.controls})
         if not todo:
             results = []
-        elif served.kind == "model":
-            results = predict_tasks(todo, plan, served.predictor, svc.settings, svc.fetch, on_failure)
-        elif served.kind == "day-one":
-            fps = svc.settings.video_sample_fps
-            results = day_one_predictions(
-                todo, plan, served.assist, svc.fetch, fps, served.version, on_failure
-            )
         else:
-            results = [empty_prediction(served.version) for _ in todo]
+            with svc.compute:
+                if served.kind == "model":
+                    results = predict_tasks(todo, plan, served.predictor, svc.settings, fetch, on_failure)
+                elif served.kind == "day-one":
+                    fps = svc.settings.video_sample_fps
+                    results = day_one_predictions(
+                        todo, plan, served.assist, fetch, fps, served.version, on_failure
+                    )
+                else:
+                    results = [empty_prediction(served.version) for _ in todo]
     except LabelConfigError as exc:
         raise ApiError("bad_label_config", exc.message, exc.hint, status=422) from None
     except TokenProblem as exc:
@@ -180,7 +190,9 @@ def _interactive(
     store_project = svc.store_project(ls_project)
     try:
         engine = lambda: svc.click_engine(ls_project)  # noqa: E731 - built only for a usable context
-        results, version = interactive_predictions(tasks, plan, regions, engine, svc.fetch, store_project)
+        results, version = interactive_predictions(
+            tasks, plan, regions, engine, svc.fetch, store_project, compute=svc.compute
+        )
     except TokenProblem as exc:
         raise token_unavailable(exc) from None
     except SurgenetAssistError as exc:

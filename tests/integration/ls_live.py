@@ -103,7 +103,8 @@ def poll(fn, timeout: float = 30.0, what: str = "condition"):
 @contextmanager
 def label_studio(base: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Start Label Studio with its data under ``base``; yields ``{"url", "files", "log"}``. ``extra_env``:
-    more of Label Studio's settings (e.g. ``TASK_API_PAGE_SIZE_MAX``), after the ones every test needs."""
+    more of Label Studio's settings (e.g. ``TASK_API_PAGE_SIZE_MAX``, or ``SSRF_PROTECTION_ENABLED=true``,
+    its own default), after the ones every test needs."""
     exe = LS_VENV / "bin" / "label-studio"
     files = base / "files"
     files.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 BASIC = ("ml-backend", "s3cret-pass")
+WEBHOOK_SECRET = "deploy-webhook-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ class Backend:
             db_url=self.db,
             basic_auth_user=BASIC[0],
             basic_auth_pass=BASIC[1],
+            webhook_secret=WEBHOOK_SECRET,
             label_studio_url=self.server_info["url"],
             label_studio_api_key=self.server_info["pat"],
             day_one=False,
@@ -91,7 +93,8 @@ def ls(server):
 
 def _project(server, backend, tmp_path, name, n=4):
     """A project of uploaded frames (not under Label Studio's document root), our backend connected with its
-    Basic Auth, as `surgenet-assist ls setup-project --backend-user/--backend-password` does."""
+    Basic Auth and the webhook secret, as `surgenet-assist ls setup-project --backend-user/--backend-password`
+    does with SURGENET_ASSIST_WEBHOOK_SECRET set."""
     from surgenet_assist.backend.ls_client import setup_project
     from surgenet_assist.core.synthetic import generate_clip
 
@@ -100,7 +103,9 @@ def _project(server, backend, tmp_path, name, n=4):
     for i, frame in enumerate(generate_clip(hash(name) % 97, n, H, W).frames):
         cv2.imwrite(str(folder / f"{name}_{i:06d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     url, pat = server["url"], server["pat"]
-    return setup_project(url, pat, frames=folder, backend_url=backend.url, backend_auth=BASIC)
+    return setup_project(
+        url, pat, frames=folder, backend_url=backend.url, backend_auth=BASIC, webhook_secret=WEBHOOK_SECRET
+    )
 
 
 def _store(backend, pid):
@@ -170,9 +175,9 @@ def test_forged_webhooks_change_nothing(ls, project, backend):
         {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": real.id}], "project": where},
         {"action": "TASKS_DELETED", "tasks": [{"id": project.task_ids[1]}], "project": where},
     ]
-    for body in forged:  # no credentials, as Label Studio's own deliveries
+    for body in forged:  # no credentials and no webhook secret: refused before anything is read
         r = requests.post(f"{backend.url}/webhook", json=body, timeout=30)
-        assert r.status_code == 200, r.text
+        assert r.status_code == 401, r.text
     assert store.stats()["annotations"] == before
 
 

@@ -82,7 +82,12 @@ def day_one_backend(ls_server, tmp_path_factory):
         project="day-one",  # every Label Studio project's labels go there (BackendSettings.store_project)
         worker=False,
     )
-    app = create_app(BackendSettings(store_project="day-one"), store=store, assist=assist)
+    # its own Label Studio connection, as deployed: media from a loopback Label Studio is fetched with it (the
+    # host Label Studio names in /setup is trusted with a private address only behind Basic Auth)
+    settings = BackendSettings(
+        store_project="day-one", label_studio_url=ls_server["url"], label_studio_api_key=TOKEN
+    )
+    app = create_app(settings, store=store, assist=assist)
     served = ServedBackend(app)
     try:
         yield {"url": served.url, "store": store, "assist": assist}
