@@ -112,6 +112,7 @@ def test_a_test_videos_task_gets_no_pre_annotation_by_default(predictor, frames,
 
 def test_with_it_on_a_test_videos_labels_that_started_from_the_model_are_flagged(predictor, frames, store):
     corrected, drawn = video_in("test"), video_in("test", {video_in("test")})
+    store.ensure_project(PROJECT)  # Label Studio project 1 is connected: its webhooks are taken
     client = _client(predictor, frames, store, preannotate_held_out=True)
     tasks = [_task(11, 0, corrected), _task(12, 1, drawn)]
     pre = _predict(client, tasks)["results"][0]
@@ -132,7 +133,8 @@ def test_with_it_on_a_test_videos_labels_that_started_from_the_model_are_flagged
             data=json.dumps({"action": "ANNOTATION_CREATED", "annotation": ann, "task": t, "project": cfg}),
             content_type="application/json",
         )
-        assert r.status_code == 200, r.get_json()
+        assert r.status_code == 202, r.get_json()
+    assert client.application.extensions["surgenet"].webhooks.queue.wait_idle(60)  # written on its worker
     origins = label_origins(store, "test", project=PROJECT)
     was, new = store.video_id(corrected, PROJECT), store.video_id(drawn, PROJECT)
     assert set(origins) == {was, new} and origins[was].labels == origins[new].labels > 0
