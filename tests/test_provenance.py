@@ -301,3 +301,19 @@ def test_ls_sync_reads_again_an_annotation_whose_provenance_alone_changed(store)
     sync({**made, "updated_by": 1, "ground_truth": True})  # someone starred it: same result, same time
     (label,) = store.training_labels("segmentation")
     assert label.provenance == Provenance(True, "champion-3", reviewed=True, ground_truth=True)
+
+
+def test_provenance_from_odd_label_studio_fields():
+    """What a malformed body or an older server sends never breaks the translator: no crash, no invented
+    version, the store's column width kept."""
+    from surgenet_assist.core.formats.label_studio import ls_provenance
+
+    assert ls_provenance({"ground_truth": "yes"}, {}) == Provenance()  # only a JSON true is a star
+    unknown = Provenance(True, None, reviewed=False)
+    assert ls_provenance({"parent_prediction": 3}, {"predictions": 5}) == unknown
+    assert ls_provenance({"parent_prediction": "x", "lead_time": 0.0}, {"predictions": [{"id": "y"}]}) == (
+        Provenance(True, None, reviewed=True)
+    )
+    long = {"parent_prediction": {"id": 1, "model_version": "v" * 500}, "updated_by": 2}
+    assert ls_provenance(long, {}).model_version == "v" * 200
+    assert ls_provenance({"parent_prediction": True}, {}) == Provenance()  # a bool is no prediction id

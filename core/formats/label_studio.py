@@ -210,8 +210,9 @@ def _prediction_version(parent: Any, task: dict[str, Any]) -> str | None:
         version, parent = parent.get("model_version"), parent.get("id")
     else:
         version = None
-    if version is None:
-        for pred in task.get("predictions") or []:
+    predictions = task.get("predictions")
+    if version is None and isinstance(predictions, list):  # anything else names no prediction
+        for pred in predictions:
             if isinstance(pred, dict) and pred.get("id") == parent and pred.get("id") is not None:
                 version = pred.get("model_version")
                 break
