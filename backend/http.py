@@ -71,15 +71,18 @@ def json_error(status: int, error: str, detail: str, hint: str | None = None, **
     return resp
 
 
+JSON_HINT = "send a JSON object, as Label Studio does (Content-Type: application/json)"
+
+
 def body_json() -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong."""
     raw = request.get_data(cache=True)
     try:
         data = json.loads(raw or b"null")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an int of 4,300+ digits
-        raise ApiError("malformed_json", f"request body is not valid JSON: {exc}"[:300]) from None
+        raise ApiError("malformed_json", f"request body is not valid JSON: {exc}"[:300], JSON_HINT) from None
     if not isinstance(data, dict):
-        raise ApiError("malformed_json", "request body must be a JSON object")
+        raise ApiError("malformed_json", "request body must be a JSON object", JSON_HINT)
     return data
 
 

@@ -337,3 +337,39 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 def serve_limits(limits: ServerLimits) -> None:
     """Apply the limits that live outside :class:`BackendServer` (the connection-level header deadline)."""
     HeaderTimeoutH11Protocol.HEADER_TIMEOUT_S = float(limits.header_timeout_s)
+
+
+class InProcessServer:
+    """``app`` (from ``create_app``) served exactly as ``surgenet-assist serve`` serves it (uvicorn,
+    :class:`BackendServer`, :class:`HeaderTimeoutH11Protocol`), on a daemon thread of this process: for
+    tests, benchmarks and embedding. ``url`` is where it listens; :meth:`stop` shuts it down."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None):
+        import socket
+
+        import uvicorn
+
+        limits = limits or app.extensions["surgenet"].settings.server_limits()
+        serve_limits(limits)
+        self.asgi = BackendServer(app, limits)
+        if not port:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(
+            self.asgi, host=host, port=port, http=HeaderTimeoutH11Protocol, lifespan="on", log_level="warning"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="surgenet-backend", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the backend server did not start on {self.url}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)

@@ -2,8 +2,8 @@
 
     python bench/backend.py [--reps 8] [--batch-reps 3] [--clients 8] [--short-side 256] [--bundle DIR]
 
-* ``/predict`` p50/p95 for one 854x480 frame and for a 32-task batch, served by the real app (werkzeug
-  threaded server on 127.0.0.1, media read through the SDK's local-files path), random-init model unless
+* ``/predict`` p50/p95 for one 854x480 frame and for a 32-task batch, served by the real app (the
+  server `serve` runs, on 127.0.0.1, media read from the local-files root), random-init model unless
   ``--bundle``;
 * throughput with N concurrent clients sending one-frame requests (must finish without errors);
 * our RLE encoder vs the SDK's ``mask2rle`` on a smooth 1920x1080 mask and a noisy one; target >= 10x faster.
@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,7 +82,6 @@ def main() -> int:
         return 0
 
     import torch
-    from werkzeug.serving import make_server
 
     from surgenet_assist.backend.app import BackendSettings, create_app
     from surgenet_assist.backend.labeling_configs import image_config
@@ -105,11 +103,12 @@ def main() -> int:
         model = SurgeNetAssistModel.create(random_init=True)
         predictor = Predictor(model, batch_size=8, short_side=args.short_side, model_version="bench")
     store = LabelStore(f"sqlite:///{tmp / 'store.db'}", migrate=True)
-    app = create_app(BackendSettings(), predictor=predictor, store=store)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    port = server.server_port
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{port}/predict"
+    settings = BackendSettings(local_files_document_root=str(tmp / "root"))
+    app = create_app(settings, predictor=predictor, store=store)
+    from surgenet_assist.backend.server import InProcessServer
+
+    server = InProcessServer(app)  # as `surgenet-assist serve` serves it
+    url = f"{server.url}/predict"
     cfg = image_config()
 
     def tasks(lo: int, n: int) -> list[dict]:
@@ -122,7 +121,8 @@ def main() -> int:
         t0 = time.perf_counter()
         r = requests.post(url, json=body, timeout=600)
         dt = time.perf_counter() - t0
-        if r.status_code != 200 or len(r.json()["results"]) != len(body["tasks"]):
+        answered = r.status_code == 200 and len(r.json()["results"]) == len(body["tasks"])
+        if not answered or r.json().get("failed") or not all(p["result"] for p in r.json()["results"]):
             raise RuntimeError(f"bad response {r.status_code}: {r.text[:300]}")
         return dt
 
@@ -147,7 +147,7 @@ def main() -> int:
     wall = time.perf_counter() - t0
     total = args.clients * args.per_client
     errors = total - sum(oks)
-    server.shutdown()
+    server.stop()
     store.close()
     report["http"] = {
         "device": str(predictor.device),

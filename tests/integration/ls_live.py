@@ -47,32 +47,14 @@ class ServedBackend:
     Label Studio does, through the same pools, body limits and health snapshot."""
 
     def __init__(self, app: Any, port: int | None = None, limits: Any = None) -> None:
-        import uvicorn
+        from surgenet_assist.backend.server import InProcessServer
 
-        from surgenet_assist.backend.server import BackendServer, HeaderTimeoutH11Protocol, serve_limits
-
-        limits = limits or app.extensions["surgenet"].settings.server_limits()
-        serve_limits(limits)
         self.app = app
-        self.asgi = BackendServer(app, limits)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.asgi, host="127.0.0.1", port=self.port, http=HeaderTimeoutH11Protocol, lifespan="on",
-            log_level="warning",
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="served-backend", daemon=True)
-        self._thread.start()
-        deadline = time.time() + 30
-        while not self._server.started:
-            if time.time() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the backend server did not start")
-            time.sleep(0.05)
+        self._server = InProcessServer(app, port=port or 0, limits=limits)
+        self.asgi, self.port, self.url = self._server.asgi, self._server.port, self._server.url
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(15)
+        self._server.stop()
 
 
 def wait_up(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
