@@ -2,8 +2,8 @@
 families' pools, Basic Auth, a webhook secret) over real sockets, with a real media server on loopback.
 
 Each case expects a 4xx or an empty task result, a bounded growth of this process's resident memory (the
-server runs in it) while the case runs, and the server still answering ``/health`` within Label Studio's 1 s
-afterwards. What each defence does in detail is tested beside it (``test_backend_media.py``,
+server runs in it) while the case runs, and the server still answering ``/health`` afterwards (within a
+generous 10 s here; Label Studio's 1 s is measured by ``bench/hostile.py``). What each defence does in detail is tested beside it (``test_backend_media.py``,
 ``test_backend_interactive.py``, ``test_bounded_work.py``, ``test_backend_webhooks.py``,
 ``test_backend_server.py``); this file is the one place that lists them all.
 """
@@ -331,8 +331,9 @@ def test_hostile_input_is_refused_bounded_and_the_server_keeps_answering(world, 
     case.expect(answer, world)
     assert grew < RSS_BOUND, f"resident memory grew {grew / 2**20:.0f} MB during the case"
     t0 = time.perf_counter()
-    health = requests.get(world["url"] + "/health", timeout=1.0)
-    assert health.status_code == 200 and time.perf_counter() - t0 < 1.0
+    # "still answering", generously timed on a shared machine; the 1 s target is bench/hostile.py's
+    health = requests.get(world["url"] + "/health", timeout=10.0)
+    assert health.status_code == 200 and time.perf_counter() - t0 < 10.0
 
 
 def test_no_forged_call_wrote_anything(world):

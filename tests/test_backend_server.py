@@ -39,7 +39,13 @@ def running(app, limits: ServerLimits):
         serve_limits(ServerLimits())
 
 
-def health(port: int, timeout: float = 1.0) -> tuple[int, float]:
+#: generous on purpose: a shared CI machine can stall any thread for a while, and the failure these tests
+#: guard against is "no answer at all" (the old server gave none while its threads were held); the 1 s
+#: target itself is measured by bench/hostile.py, not asserted in a timed test
+ANSWER_WITHIN_S = 10.0
+
+
+def health(port: int, timeout: float = ANSWER_WITHIN_S) -> tuple[int, float]:
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request("GET", "/health")
@@ -118,7 +124,7 @@ def test_health_and_setup_answer_while_every_predict_thread_is_stuck_and_extra_w
         assert status == 503 and code["error"] == "busy"
         for _ in range(5):
             status, elapsed = health(port)
-            assert status == 200 and elapsed < 1.0
+            assert status == 200 and elapsed < ANSWER_WITHIN_S
         status, body = post(port, "/setup", {"project": "1.1", "label_config": CONFIG}, timeout=3)
         assert status == 200 and body["model_version"] == "slow-1"  # the control pool is its own
         gate.set()
@@ -167,7 +173,7 @@ def test_slow_and_idle_sockets_neither_starve_health_nor_stay_open(slow_app):
             idle.append(s)
         for _ in range(5):
             status, elapsed = health(port)
-            assert status == 200 and elapsed < 1.0
+            assert status == 200 and elapsed < ANSWER_WITHIN_S
         time.sleep(2.0)
         closed = 0
         for s in idle:
