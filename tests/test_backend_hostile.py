@@ -3,16 +3,15 @@ families' pools, Basic Auth, a webhook secret) over real sockets, with a real me
 
 Each case expects a 4xx or an empty task result, a bounded growth of this process's resident memory (the
 server runs in it) while the case runs, and the server still answering ``/health`` afterwards (within a
-generous 10 s here; Label Studio's 1 s is measured by ``bench/hostile.py``). What each defence does in detail is tested beside it (``test_backend_media.py``,
-``test_backend_interactive.py``, ``test_bounded_work.py``, ``test_backend_webhooks.py``,
-``test_backend_server.py``); this file is the one place that lists them all.
+generous 10 s here; Label Studio's 1 s is measured by ``bench/hostile.py``). What each defence does in detail
+is tested beside it (``test_backend_media.py``, ``test_backend_interactive.py``, ``test_bounded_work.py``,
+``test_backend_webhooks.py``, ``test_backend_server.py``); this file is the one place that lists them all.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import socket
 import struct
 import threading
 import time
@@ -31,7 +30,7 @@ from rss_probe import peak_rss_growth
 from surgenet_assist.backend.app import BackendSettings, create_app
 from surgenet_assist.backend.labeling_configs import image_config
 from surgenet_assist.backend.webhooks import SECRET_HEADER
-from tests.integration.ls_live import ServedBackend
+from tests.integration.ls_live import ServedBackend, send_chunked
 
 USER, PASSWORD, SECRET = "ml-backend", "a-long-random-password", "0123456789abcdef-webhook-secret"
 RSS_BOUND = 400 << 20  # far below what each case cost before (23 GB, 2.6 GB, 3 x 50 MB held, ...)
@@ -195,27 +194,6 @@ def _status(code: int, error: str | None = None) -> Callable[[Any, dict], None]:
     return check
 
 
-def _raw(w: dict, head: bytes, chunks: int, chunk: bytes) -> bytes:
-    sock = socket.create_connection(("127.0.0.1", w["port"]), timeout=20)
-    sock.sendall(head)
-    try:
-        for _ in range(chunks):
-            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    except OSError:
-        pass
-    data = b""
-    while True:
-        try:
-            piece = sock.recv(4096)
-        except OSError:
-            break
-        if not piece:
-            break
-        data += piece
-    sock.close()
-    return data
-
-
 def _flood_actions(w: dict) -> dict:
     before = len(w["http"].get(w["url"] + "/metrics", timeout=10).content)
     for i in range(300):
@@ -254,7 +232,7 @@ def _non_ascii_user(w: dict) -> requests.Response:
 
 def _chunked_over_cap(w: dict) -> bytes:
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-    return _raw(w, head, 2200, b"y" * 16384)  # 36 MB, past the 32 MiB default
+    return send_chunked(w["port"], head, 2200, b"y" * 16384)  # 36 MB, past the 32 MiB default
 
 
 def _refused_413(raw: bytes, w: dict) -> None:

@@ -21,7 +21,7 @@ from surgenet_assist.backend.app import BackendSettings, create_app
 from surgenet_assist.backend.media import MediaError
 from surgenet_assist.backend.server import BackendServer, serve_limits
 from surgenet_assist.backend.settings import ServerLimits
-from tests.integration.ls_live import ServedBackend
+from tests.integration.ls_live import ServedBackend, send_chunked
 
 CONFIG = (
     '<View><Image name="image" value="$image"/>'
@@ -53,21 +53,6 @@ def health(port: int, timeout: float = ANSWER_WITHIN_S) -> tuple[int, float]:
     resp.read()
     conn.close()
     return resp.status, time.perf_counter() - t0
-
-
-def read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (the refusals close it)."""
-    data = b""
-    while True:
-        try:
-            piece = sock.recv(4096)
-        except OSError:
-            break
-        if not piece:
-            break
-        data += piece
-    sock.close()
-    return data
 
 
 def post(port: int, path: str, body: dict, timeout: float = 10.0) -> tuple[int, dict]:
@@ -139,15 +124,8 @@ def test_chunked_body_over_the_cap_is_refused_not_cut_off(slow_app):
     app, gate, _ = slow_app
     gate.set()
     with running(app, ServerLimits(max_body=64 * 1024)) as (port, _server):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        chunk = b"x" * 16384
-        try:
-            for _ in range(16):
-                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        except OSError:
-            pass  # the server may close before we finish sending: that is the point
-        reply = read_all(sock)
+        head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        reply = send_chunked(port, head, 16, b"x" * 16384)
         assert reply.startswith(b"HTTP/1.1 413")
         assert b"body_too_large" in reply
 
@@ -156,9 +134,8 @@ def test_body_that_does_not_arrive_in_time_is_refused(slow_app):
     app, gate, _ = slow_app
     gate.set()
     with running(app, ServerLimits(body_timeout_s=0.5)) as (port, _server):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # and then nothing
-        reply = read_all(sock)
+        head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"  # and then nothing
+        reply = send_chunked(port, head, 0, b"")
         assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
 
 

@@ -57,6 +57,29 @@ class ServedBackend:
         self._server.stop()
 
 
+def send_chunked(port: int, head: bytes, chunks: int, chunk: bytes) -> bytes:
+    """Send a request line and headers, then ``chunks`` chunks of a chunked body (stopping when the server
+    hangs up), and return everything the server answered until it closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(head)
+    try:
+        for _ in range(chunks):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    except OSError:
+        pass  # the server refused before the end: the point
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(4096)
+        except OSError:
+            break
+        if not piece:
+            break
+        data += piece
+    sock.close()
+    return data
+
+
 def wait_up(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
