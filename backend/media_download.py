@@ -387,7 +387,7 @@ class MediaCache:
     """Downloaded media in one folder, bounded by bytes: after each new file the least recently used files
     (by modification time, touched on every hit) are deleted until the folder is within ``max_bytes``.
 
-    Several processes (gunicorn workers) may share the folder: files appear by atomic rename, and a file
+    Several processes (the server's workers) may share the folder: files appear by atomic rename, and a file
     another process deleted is simply fetched again."""
 
     def __init__(self, folder: Path, max_bytes: int) -> None:

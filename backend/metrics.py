@@ -1,7 +1,7 @@
 """Prometheus metrics of the backend (``GET /metrics``, text exposition format).
 
-Each app gets its own registry, so tests and several apps in one process do not collide. Under gunicorn
-with several workers set ``PROMETHEUS_MULTIPROC_DIR`` (the compose file does) and the counts of all
+Each app gets its own registry, so tests and several apps in one process do not collide. With
+several worker processes set ``PROMETHEUS_MULTIPROC_DIR`` (the compose file does) and the counts of all
 workers are merged on every scrape.
 """
 
@@ -95,7 +95,7 @@ class Metrics:
         self.webhooks.labels(webhook_action(action)).inc()
 
     def render(self) -> bytes:
-        """The exposition text; merges all gunicorn workers when multiprocess mode is configured."""
+        """The exposition text; merges all worker processes when multiprocess mode is configured."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
             prom_mp.MultiProcessCollector(merged)

@@ -28,7 +28,7 @@ MAX_PROJECTS_SERVED = 32
 
 @dataclass
 class BackendServices:
-    """The process-wide state behind the routes (one per app; under gunicorn, one per worker)."""
+    """The process-wide state behind the routes (one per app, so one per worker process)."""
 
     settings: BackendSettings
     store: Any

@@ -95,7 +95,7 @@ class PeriodicSync:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            # several gunicorn workers (or backends) share one database: one of them syncs per round
+            # several worker processes (or backends) share one database: one of them syncs per round
             with self.store.exclusive_lock("ls-sync") as mine:
                 if mine:
                     sync_all(self.api, self.store, schema=self.schema)
