@@ -54,9 +54,12 @@ def target_size(
     the clamp's aspect (all usual video formats) are sized exactly as without it."""
     limit = max_input_aspect() if max_aspect is None else float(max_aspect)
     scale = min(short_side / min(height, width), limit * short_side / max(height, width))
+    # Rounding each side to the multiple can push a clamped long side one step past the clamp (784.0000001 px
+    # rounds to 800 when the clamp is 784): cap it at the largest multiple within the clamp.
+    cap = max(multiple, int(limit * short_side // multiple) * multiple)
     return (
-        max(multiple, int(round(height * scale / multiple)) * multiple),
-        max(multiple, int(round(width * scale / multiple)) * multiple),
+        min(cap, max(multiple, int(round(height * scale / multiple)) * multiple)),
+        min(cap, max(multiple, int(round(width * scale / multiple)) * multiple)),
     )
 
 
