@@ -56,11 +56,12 @@ def target_size(
     scale = min(short_side / min(height, width), limit * short_side / max(height, width))
     # Rounding each side to the multiple can push a clamped long side one step past the clamp (784.0000001 px
     # rounds to 800 when the clamp is 784): cap it at the largest multiple within the clamp.
-    cap = max(multiple, int(limit * short_side // multiple) * multiple)
-    return (
-        min(cap, max(multiple, int(round(height * scale / multiple)) * multiple)),
-        min(cap, max(multiple, int(round(width * scale / multiple)) * multiple)),
-    )
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    if math.isfinite(limit):
+        cap = max(multiple, int(limit * short_side // multiple) * multiple)
+        h, w = min(h, cap), min(w, cap)
+    return h, w
 
 
 @dataclass(frozen=True)
