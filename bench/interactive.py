@@ -34,7 +34,14 @@ import torch
 
 from surgenet_assist.core.backbone import load_backbone
 from surgenet_assist.core.errors import WeightsError
-from surgenet_assist.core.interactive import DAY_ONE, ClickSegmenter, Prompt, simulate, summarize
+from surgenet_assist.core.interactive import (
+    DAY_ONE,
+    ClickSegmenter,
+    Prompt,
+    click_objects,
+    simulate,
+    summarize,
+)
 from surgenet_assist.core.schema import DEFAULT_SCHEMA
 from surgenet_assist.core.synthetic import generate_clip
 
@@ -50,17 +57,13 @@ def _backbone():
 
 
 def objects_of(frame: np.ndarray, mask: np.ndarray, min_area: float) -> Objects:
-    """Connected parts of each class covering at least ``min_area`` of the frame (background excluded)."""
-    out: Objects = []
-    for k in np.unique(mask):
-        if k == 0 or k >= len(DEFAULT_SCHEMA.classes):
-            continue
-        count, parts = cv2.connectedComponents((mask == k).astype(np.uint8), connectivity=8)
-        for p in range(1, count):
-            obj = parts == p
-            if obj.mean() >= min_area:
-                out.append((frame, obj, DEFAULT_SCHEMA.classes[int(k)].name))
-    return out
+    """The frame's objects (``core.interactive.objects.click_objects``: the definition training and the
+    gate use too), with their class names."""
+    return [
+        (frame, obj, DEFAULT_SCHEMA.classes[k].name)
+        for k, obj in click_objects(mask, min_fraction=min_area)
+        if k < len(DEFAULT_SCHEMA.classes)
+    ]
 
 
 def synthetic_objects(
