@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import seeds
 import torch
-from scipy import stats
 
 from surgenet_assist.core.backbone import load_backbone
-from surgenet_assist.core.effort import TARGET_IOU, Actions, TimeModel
+from surgenet_assist.core.effort import TARGET_IOU, TimeModel
 from surgenet_assist.core.errors import WeightsError
 from surgenet_assist.core.interactive import ClickSegmenter
 from surgenet_assist.core.synthetic import generate_clip
@@ -40,14 +39,17 @@ from surgenet_assist.training_loop.effort import (
     annotate_video,
     fit_champion,
     keyframe_features,
+    mean_interval,
     propagated_masks,
+    ratio_interval,
     run_loop,
     set_threads,
+    summarize,
 )
+from surgenet_assist.training_loop.registry import gap_interval
 
 BENCHMARK = "annotation_effort"
 TARGET_RATIO = 1 / 3  # (d) needs at most a third of (a)'s time
-BOOTSTRAP = 2000
 #: plausible from-scratch seconds per object region (regime check R3): SAM's unassisted masks took 34 s,
 #: COCO's polygons about 80 s (docs/effort.md); a time model far outside this range prices nothing real
 PER_OBJECT_RANGE_S = (10.0, 120.0)
@@ -70,58 +72,11 @@ def _backbone() -> tuple[torch.nn.Module, str]:
         return load_backbone(random_init=True), "random-init backbone (seed 0; SurgeNetXL weights not cached)"
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and 95 % Student-t half-width over videos (inf for fewer than 2)."""
-    x = np.asarray(values, float)
-    if len(x) < 2:
-        return float(x.mean()), float("inf")
-    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-
-
-def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """mean(a) - mean(b) with its 95 % Welch interval (unequal variances)."""
-    res = stats.ttest_ind(a, b, equal_var=False)
-    ci = res.confidence_interval(0.95)
-    return float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high)
-
-
-def ratio_interval(num: list[float], den: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """sum(num) / sum(den) over videos, with a paired video-bootstrap 95 % interval."""
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(BOOTSTRAP, len(num)))
-    ratios = num[idx].sum(1) / den[idx].sum(1)
-    return float(num.sum() / den.sum()), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
-
-
 def make_video(seed: int, args: argparse.Namespace, world: str, backbone: Any) -> LabelledVideo:
     clip = generate_clip(seed, args.frames, args.size[0], args.size[1], world=world)
     video = LabelledVideo(str(seed), clip.frames, clip.masks, clip.phases, clip.cvs)
     video.features = keyframe_features(backbone, clip.frames, args.short_side)
     return video
-
-
-def summarize(efforts: list[VideoEffort]) -> dict[str, Any]:
-    """Hours per video (mean and 95 % interval over videos), total hours, mean actions per video, quality."""
-    hours = [e.hours for e in efforts]
-    mean, half = t_interval(hours)
-    actions = {k: float(np.mean([e.actions.as_dict()[k] for e in efforts])) for k in Actions().as_dict()}
-    how: dict[str, int] = {}
-    for e in efforts:
-        for k, v in e.how.items():
-            how[k] = how.get(k, 0) + v
-    return {
-        "hours_per_video": round(mean, 4),
-        "hours_per_video_ci95": round(half, 4),
-        "hours_total": round(float(np.sum(hours)), 3),
-        "hours_total_ci95": round(half * len(hours), 3),
-        "actions_per_video": {k: round(v, 1) for k, v in actions.items()},
-        "objects_by_outcome": how,
-        "min_object_iou": round(min(e.min_object_iou for e in efforts), 4),
-        "phase_exact": all(e.phase_exact for e in efforts),
-        "cvs_exact": all(e.cvs_exact for e in efforts),
-        "videos": len(efforts),
-    }
 
 
 def seconds_under(efforts: list[VideoEffort], model: TimeModel) -> list[float]:
@@ -174,7 +129,7 @@ def analyse(per_workflow: dict[str, list[VideoEffort]], loop: Any, base: TimeMod
         }
     )
     per_object = [base.seconds(e.actions) / max(1, e.objects) for e in per_workflow["a"]]
-    m, _ = t_interval(per_object)
+    m, _ = mean_interval(per_object)
     checks.append(
         {
             "check": "R3 from-scratch seconds per object region within {:g}-{:g} s".format(
@@ -213,7 +168,7 @@ def analyse(per_workflow: dict[str, list[VideoEffort]], loop: Any, base: TimeMod
     first, last = e_hours[batches == 0].tolist(), e_hours[batches == batches.max()].tolist()
     curve = []
     for b in sorted(set(batches.tolist())):
-        mean, half = t_interval(e_hours[batches == b].tolist())
+        mean, half = mean_interval(e_hours[batches == b].tolist())
         curve.append({"batch": int(b), "mean": round(mean, 4), "ci95": round(half, 4)})
     e_out: dict[str, Any] = {
         "per_batch_hours_per_video": curve,
@@ -223,7 +178,7 @@ def analyse(per_workflow: dict[str, list[VideoEffort]], loop: Any, base: TimeMod
     if batches.max() == 0 or len(first) < 2 or len(last) < 2:
         e_out["verdict"] = "no claim (fewer than two batches of two videos)"
     else:
-        diff, lo, hi = welch_interval(first, last)
+        diff, (lo, hi) = gap_interval(first, last)
         e_out["first_minus_last"] = {"hours": round(diff, 4), "ci95": [round(lo, 4), round(hi, 4)]}
         last_videos = [e.video for e, b in zip(loop.efforts, loop.batches, strict=True) if b == batches.max()]
         paired = [
@@ -234,7 +189,7 @@ def analyse(per_workflow: dict[str, list[VideoEffort]], loop: Any, base: TimeMod
                 strict=True,
             )
         ]
-        pm, ph = t_interval(paired)
+        pm, ph = mean_interval(paired)
         e_out["last_batch_d_minus_e"] = {"hours": round(pm, 4), "ci95_half": round(ph, 4)}
         if not regime_ok:
             e_out["verdict"] = "no claim (regime failed)"

@@ -6,9 +6,9 @@ and CVS exactly right; :mod:`surgenet_assist.core.effort`):
 
 - ``a`` from scratch: every object traced as polygons, the phase timeline and CVS set by hand;
 - ``b`` correcting the champion's pre-annotation (masks, smoothed phase timeline, CVS) with polygons;
-- ``c`` (b) plus propagation: each keyframe after the first is pre-annotated by propagating the previous,
-  human-corrected keyframe (``core.propagation.MaskPropagator``; the champion where propagation is
-  unreliable), and its CVS starts from the previous keyframe's;
+- ``c`` (b) plus propagation: each keyframe's masks after the first are pre-annotated by propagating the
+  previous, human-corrected keyframe (``core.propagation.MaskPropagator``; the champion's masks where
+  propagation is unreliable); phase and CVS stay the champion's;
 - ``d`` (c) plus the click engine (``core.interactive.ClickSegmenter``) for corrections, polygons only
   where 20 clicks do not reach the target;
 - ``e`` the loop: (d) with videos taken in active-learning order (mean per-frame uncertainty of the
@@ -48,6 +48,7 @@ from surgenet_assist.core.timeline import smooth_phase_labels
 from .acquisition import AcquisitionPool, segmentation_scores
 from .evaluate import overall_score
 from .instant import InstantHeads, SegSample, fit_instant, score_heads
+from .registry import paired_interval
 
 WORKFLOWS = ("a", "b", "c", "d", "e")
 WORKFLOW_NAMES = {
@@ -268,6 +269,20 @@ def propagated_masks(video: LabelledVideo, schema: LabelSchema = DEFAULT_SCHEMA)
     return [None] + [_propagated(video, t, video.masks[t - 1], schema) for t in range(1, len(video))]
 
 
+def _click_engine(segmenter: ClickSegmenter, video: LabelledVideo, t: int) -> Callable[[int], Callable]:
+    """The click engine on keyframe ``t``, its embedding made on the first click (a frame whose objects all
+    pass needs none) from the video's cached features."""
+    cache: dict[str, Any] = {}
+
+    def segment(prompt: Any) -> np.ndarray:
+        if "emb" not in cache:
+            f = _features(video)
+            cache["emb"] = segmenter.embedding_from_stages(video.frames[t], f.stride8[t], f.stride16[t])
+        return segmenter.segment(cache["emb"], prompt).mask
+
+    return lambda _class_id: segment
+
+
 def annotate_video(
     video: LabelledVideo,
     workflow: str,
@@ -290,7 +305,6 @@ def annotate_video(
         raise ValueError(f"workflow {workflow} needs the click engine (segmenter)")
     pre_masks = None if scratch else champion.masks(video)
     pre_cvs = None if scratch else champion.cvs(video)
-    f = _features(video) if clicks else None
     if propagate and propagated is None:
         propagated = propagated_masks(video, schema)
     total = Actions()
@@ -299,16 +313,11 @@ def annotate_video(
     for t in range(len(video)):
         pre = None if pre_masks is None else pre_masks[t]
         cvs_start = None if pre_cvs is None else pre_cvs[t]
-        if propagate and t > 0:
-            if propagated[t] is not None:
-                pre = propagated[t]
-            cvs_start = video.cvs[t - 1]
+        if propagate and t > 0 and propagated[t] is not None:
+            pre = propagated[t]
         segment_for: Callable[[int], Callable] | None = None
         if clicks:
-            emb = segmenter.embedding_from_stages(video.frames[t], f.stride8[t], f.stride16[t])
-
-            def segment_for(_k: int, emb=emb) -> Callable:
-                return lambda prompt: segmenter.segment(emb, prompt).mask
+            segment_for = _click_engine(segmenter, video, t)
 
         frame = annotate_masks(video.masks[t], pre, schema.ignore_index, segment_for)
         toggles, cvs_final = cvs_toggles(video.cvs[t], cvs_start)
@@ -381,6 +390,55 @@ def run_loop(
         cycles.append(report)
         batch += 1
     return LoopResult(efforts, batches, cycles)
+
+
+# --------------------------------------------------------------------------------------------------------
+# summaries (the bench and the CLI report the same numbers)
+# --------------------------------------------------------------------------------------------------------
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean over videos and the half-width of its 95 % Student-t interval (inf for fewer than two)."""
+    x = np.asarray(values, np.float64)
+    if len(x) < 2:
+        return float(x.mean()) if len(x) else float("nan"), float("inf")
+    lo, hi = paired_interval(x)
+    return float(x.mean()), float(hi - lo) / 2
+
+
+def ratio_interval(
+    num: Sequence[float], den: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """sum(num) / sum(den) over videos (paired: the same videos in both) with a video-bootstrap 95 %
+    interval: a ratio of totals, so long videos weigh what they cost."""
+    a, b = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = a[idx].sum(1) / b[idx].sum(1)
+    return float(a.sum() / b.sum()), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def summarize(efforts: Sequence[VideoEffort]) -> dict[str, Any]:
+    """One workflow: hours per video (mean, 95 % interval over videos), total hours, mean actions per video
+    by kind, how objects were finished, and the quality reached (lowest object IoU, phase and CVS exact)."""
+    hours = [e.hours for e in efforts]
+    mean, half = mean_interval(hours)
+    kinds = Actions().as_dict()
+    how: dict[str, int] = {}
+    for e in efforts:
+        for k, v in e.how.items():
+            how[k] = how.get(k, 0) + v
+    return {
+        "hours_per_video": round(mean, 4),
+        "hours_per_video_ci95": round(half, 4),
+        "hours_total": round(float(np.sum(hours)), 3),
+        "hours_total_ci95": round(half * len(hours), 3),
+        "actions_per_video": {
+            k: round(float(np.mean([e.actions.as_dict()[k] for e in efforts])), 1) for k in kinds
+        },
+        "objects_by_outcome": how,
+        "min_object_iou": round(min(e.min_object_iou for e in efforts), 4),
+        "phase_exact": all(e.phase_exact for e in efforts),
+        "cvs_exact": all(e.cvs_exact for e in efforts),
+        "videos": len(efforts),
+    }
 
 
 def set_threads(threads: int) -> None:
