@@ -236,6 +236,79 @@ def plot(per_workflow: dict[str, list[VideoEffort]], loop: Any, path: Path, titl
     fig.savefig(path, dpi=110)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "effort.md"
+
+
+def docs_table(report: dict[str, Any]) -> str:
+    """The numbers section of docs/effort.md, written from a result (so the page never drifts from it)."""
+    seed_set = report["seed_set"]
+    lines = [
+        f"{seed_set['role'].capitalize()} run: world {report['world']}, {len(seed_set['seeds'])} videos "
+        f"(seeds {seed_set['seeds'][0]}–{seed_set['seeds'][-1]}), "
+        f"registry {seed_set['registry_sha256'][:12]}; "
+        f"{report['backbone']}; {report['settings']['frames']} keyframes per video at "
+        f"{report['settings']['size'][0]}x{report['settings']['size'][1]}. 95 % intervals over videos.",
+        "",
+        "| workflow | hours per video | total hours | ratio to (a) [95 % CI] | clicks | vertices | "
+        "timeline edits | CVS toggles | lowest object IoU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w, s in report["workflows"].items():
+        r = report["ratios_vs_a"].get(w)
+        ratio = f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r else "1"
+        a = s["actions_per_video"]
+        lines.append(
+            f"| ({w}) {WORKFLOW_NAMES[w]} | {s['hours_per_video']:.3f} ± {s['hours_per_video_ci95']:.3f} | "
+            f"{s['hours_total']:.2f} ± {s['hours_total_ci95']:.2f} | {ratio} | {a['clicks']:.0f} | "
+            f"{a['vertices']:.0f} | {a['boundary_edits']:.0f} | {a['toggles']:.0f} | "
+            f"{s['min_object_iou']:.3f} |"
+        )
+    lines += ["", "Regime checks:", ""]
+    lines += [f"- {'PASS' if c['pass'] else 'FAIL'} {c['check']}: {c['detail']}" for c in report["regime"]]
+    t = report["target_d_third_of_a"]
+    lines += [
+        "",
+        f"**(d) at most a third of (a)**: {t['verdict']}: total(d) / total(a) = {t['ratio']:.3f} "
+        f"[{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] against 0.333.",
+    ]
+    sens = ", ".join(
+        f"{k}: {v['d_over_a']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+        for k, v in report["sensitivity_d_over_a"].items()
+    )
+    lines += ["", f"(d)/(a) under other time models: {sens}."]
+    e = report["target_e_last_cheaper"]
+    batches = "; ".join(
+        f"batch {b['batch']}: {b['mean']:.3f} ± {b['ci95']:.3f} h" for b in e["per_batch_hours_per_video"]
+    )
+    lines += [
+        "",
+        f"**(e) last batch cheaper than first**: {e['verdict']}. Hours per video by batch: {batches}.",
+    ]
+    if "first_minus_last" in e:
+        f, p = e["first_minus_last"], e["last_batch_d_minus_e"]
+        lines.append(
+            f"First minus last batch: {f['hours']:+.3f} h "
+            f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] (Welch); "
+            f"on the last batch's videos, (d) minus (e): {p['hours']:+.3f} ± {p['ci95_half']:.3f} h (paired)."
+        )
+    gates = ", ".join(
+        f"{c['candidate']} {'promoted' if c['promoted'] else 'kept champion'} "
+        f"({c['candidate_score']:.3f} vs {c['champion_score']:.3f})"
+        for c in e["cycles"]
+    )
+    lines += ["", f"Nightly cycles (validation score, candidate vs champion): {gates}."]
+    return "\n".join(lines)
+
+
+def write_docs(report: dict[str, Any], path: Path = DOCS) -> None:
+    """Replace the section between ``<!-- effort-<role>:start -->`` and its end marker in docs/effort.md."""
+    role = report["seed_set"]["role"]
+    start, end = f"<!-- effort-{role}:start -->", f"<!-- effort-{role}:end -->"
+    text = path.read_text(encoding="utf-8")
+    a, b = text.index(start) + len(start), text.index(end)
+    path.write_text(text[:a] + "\n" + docs_table(report) + "\n" + text[b:], encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -249,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--write-docs", action="store_true", help="write the numbers into docs/effort.md")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     seed_set = seeds.load(BENCHMARK, args.seed_set)
@@ -317,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+    if args.write_docs:
+        write_docs(report)
     return report
 
 
