@@ -220,6 +220,44 @@ def evaluate(method: Callable[[BenchObject, Prompt], np.ndarray], objects: Seque
     ]
 
 
+_POOL: dict[str, Any] = {}  # what forked workers read: the methods and objects (set before the pool starts)
+
+
+def _session_job(job: tuple[str, int]) -> tuple[ClickSession, float]:
+    name, i = job
+    t0 = time.perf_counter()
+    session = evaluate(_POOL["methods"][name], [_POOL["objects"][i]], _POOL["max_clicks"])[0]
+    return session, time.perf_counter() - t0
+
+
+def run_sessions(
+    methods: dict[str, Callable[[BenchObject, Prompt], np.ndarray]],
+    objects: Sequence[BenchObject],
+    max_clicks: int,
+    jobs: int = 1,
+) -> dict[str, tuple[list[ClickSession], float]]:
+    """Method -> (sessions in object order, seconds spent on them summed over workers). ``jobs`` > 1 runs
+    (method, object) sessions in forked worker processes (a session depends only on its method and object,
+    so the result is the same; frames should be embedded before, or every worker embeds them again)."""
+    order = [(name, i) for i in range(len(objects)) for name in methods]
+    if jobs <= 1:
+        _POOL.update(methods=methods, objects=objects, max_clicks=max_clicks)
+        results = [_session_job(job) for job in order]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _POOL.update(methods=methods, objects=objects, max_clicks=max_clicks)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_session_job, order))
+    out: dict[str, tuple[list[ClickSession], float]] = {name: ([], 0.0) for name in methods}
+    for (name, _), (session, seconds) in zip(order, results, strict=True):
+        sessions, total = out[name]
+        sessions.append(session)
+        out[name] = (sessions, total + seconds)
+    return out
+
+
 def oracle_ious(segmenter: ClickSegmenter, objects: Sequence[BenchObject]) -> list[float]:
     """IoU of each object's own mask area-averaged onto the feature grid, refined and enforced exactly as a
     method's grid is, after the first simulated click: what the grid and refinement can reach at best."""
@@ -349,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--day-one", nargs="*", default=[], metavar="KEY=VALUE",
                         help="ClickSegmenter settings (tune on calibration seeds only)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the sessions")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -401,11 +440,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         walker = classical(random_walker_core, args.classical_scale)
         methods[RANDOM_WALKER] = lambda o, p: walker(o.frame, p)
 
-    sessions: dict[str, list[ClickSession]] = {}
+    oracle = oracle_ious(segmenter, objects)  # embeds every frame once, before any worker starts
+    t0 = time.perf_counter()
+    ran = run_sessions(methods, objects, args.max_clicks, args.jobs)
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    sessions = {name: s for name, (s, _) in ran.items()}
     curves = {}
-    for name, method in methods.items():
-        t0 = time.perf_counter()
-        sessions[name] = evaluate(method, objects, args.max_clicks)
+    for name in methods:
         per_class = defaultdict(list)
         for o, s in zip(objects, sessions[name], strict=True):
             per_class[o.name].append(s)
@@ -414,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overall": summarize(sessions[name], args.max_clicks),
             "intervals": summary_intervals(sessions[name], videos, max_clicks=args.max_clicks),
             "per_class": {k: summarize(v, args.max_clicks) for k, v in sorted(per_class.items())},
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(ran[name][1], 1),
         }
         print(f"{name}: {report['methods'][name]['intervals']} ({report['methods'][name]['seconds']} s)",
               file=sys.stderr)
@@ -424,7 +465,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for a, b in pairs
         if a in sessions and b in sessions
     }
-    oracle = oracle_ious(segmenter, objects)
     report["regime"] = regime_checks(objects, sessions, oracle, seed_set.role, args.max_clicks)
     lat_objects = objects[:3]
     report["latency"] = {}

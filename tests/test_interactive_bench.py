@@ -94,3 +94,17 @@ def test_the_bench_refuses_overlapping_seed_lists(tmp_path):
     )
     with pytest.raises(bench.seeds.SeedRegistryError, match="overlap"):
         bench.main(["--registry", str(readme), "--seed-set", "calibration"])
+
+
+def test_worker_processes_give_the_same_sessions():
+    image, gt = _scene()
+    objects = [_object(image, gt), _object(image[:, ::-1].copy(), gt[:, ::-1].copy())]
+    methods = {
+        "a": lambda o, p, m=bench.classical(_fake_core(3), 1.0): m(o.frame, p),
+        "b": lambda o, p, m=bench.classical(_fake_core(8), 1.0): m(o.frame, p),
+    }
+    one = bench.run_sessions(methods, objects, 6, jobs=1)
+    two = bench.run_sessions(methods, objects, 6, jobs=2)
+    for name in methods:
+        assert [s.clicks for s in one[name][0]] == [s.clicks for s in two[name][0]]
+        assert [s.ious for s in one[name][0]] == [s.ious for s in two[name][0]]

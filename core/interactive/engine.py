@@ -198,7 +198,7 @@ class ClickSegmenter:
         guided_radius: int = 4,
         tissue_kinds: int = 12,
         kind_margin: float = 0.02,
-        distance_cost: float = 0.1,
+        distance_cost: float = 0.5,  # tuned on the interactive bench's calibration videos (bench/README.md)
     ) -> None:
         self.backbone = backbone.eval()
         self.short_side = short_side
