@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from .interactive.clicker import MAX_CLICKS, iou, next_click
+from .interactive.objects import MIN_OBJECT_FRACTION
 from .interactive.prompts import Click, Prompt
 from .timeline import runs
 
@@ -36,9 +37,6 @@ TARGET_IOU = 0.90
 POLYGON_EPSILONS = (2.0, 1.0, 0.5)
 #: clicks in a row without a better mask after which the annotator stops clicking and traces the rest
 PATIENCE = 3
-#: objects smaller than this share of the frame are traced, not clicked (the interactive benchmark's
-#: object size: below it the engine's stride-8 grid cannot resolve the object)
-MIN_CLICK_AREA = 0.01
 
 Segment = Callable[[Prompt], np.ndarray]  # prompt -> (H, W) bool mask, for one object on one frame
 
@@ -263,9 +261,11 @@ def correct_object(
     segment: Segment | None = None,
     target: float = TARGET_IOU,
     max_clicks: int = MAX_CLICKS,
-    min_click_area: float = MIN_CLICK_AREA,
+    min_click_area: float = MIN_OBJECT_FRACTION,
 ) -> ObjectResult:
-    """Bring one object to ``target`` IoU from ``start`` (None: nothing pre-annotated)."""
+    """Bring one object to ``target`` IoU from ``start`` (None: nothing pre-annotated). An object smaller
+    than ``min_click_area`` of the frame (the interactive benchmark's object size, ``MIN_OBJECT_FRACTION``:
+    below it the engine's stride-8 grid cannot resolve it) is traced, not clicked."""
     gt = gt.astype(bool)
     start = np.zeros_like(gt) if start is None else start.astype(bool)
     valid_gt = gt if ignore is None else gt & ~ignore
