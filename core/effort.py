@@ -8,8 +8,9 @@ pays is the time to bring a video's labels to a quality it accepts. This module 
   assumption where none does; the bench reports how its conclusions move when they change);
 - the simulated annotator, per 1 fps keyframe: each object (a class's region) is corrected until its IoU is
   at least ``target_iou`` (0.90) -- with the click engine when one is given (the same RITM clicker as the
-  interactive benchmark, :func:`~surgenet_assist.core.interactive.clicker.next_click`, at most 20 clicks),
-  the rest traced as polygons from the error boundary (vertices from ``cv2.approxPolyDP``); the phase
+  interactive benchmark, :func:`~surgenet_assist.core.interactive.clicker.next_click`, at most 20 clicks,
+  stopping after 3 that did not help), the rest fixed with polygons, the cheapest of dragging the wrong
+  vertices, tracing the error regions or redrawing (vertices from ``cv2.approxPolyDP``); the phase
   timeline by boundary edits until its segments match; CVS by toggling the wrong criteria. It counts its
   actions by kind and returns the quality it reached, which equals the targets by construction *and is
   measured*, so workflows compare at equal quality.
