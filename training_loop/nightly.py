@@ -114,7 +114,7 @@ class PretrainSettings:
     local_crops: int = 6
     replay_fraction: float = 0.3
     max_frames: int = 20_000
-    out_dim: int = 4096
+    out_dim: int = 512  # prototypes sized for the batch (training_loop/pretrain.py)
 
 
 @dataclass
