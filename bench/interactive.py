@@ -15,7 +15,8 @@ Methods, all on equal terms (issue 21, item 6):
 
 - ``day-one``: :class:`~surgenet_assist.core.interactive.ClickSegmenter` without training;
 - ``grabcut``: OpenCV's GrabCut; ``random-walker``: scikit-image's random walker;
-- ``learned`` (``--learned``): the click head trained on the registered training videos.
+- ``learned`` (``--learned``): the click head trained on the registered training videos (the current
+  recipe of ``training_loop/click_training.py``; not part of the report run of 2026-12-07).
 
 Every method gets the same clicker, the same kept-parts rule and the same click disks
 (``core.interactive.engine.enforce_prompt``: a disk of the same radius for a positive and a negative click,
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=[DAY_ONE, GRABCUT, RANDOM_WALKER],
                         choices=[DAY_ONE, GRABCUT, RANDOM_WALKER])
     parser.add_argument("--learned", action="store_true", help="also train and score the learned click head")
+    parser.add_argument("--train-frames", type=int, default=36, help="learned head: training frames")
+    parser.add_argument("--train-epochs", type=int, default=10, help="learned head: epochs")
     parser.add_argument("--frames-per-video", type=int, default=2)
     parser.add_argument("--objects-per-video", type=int, default=5)
     parser.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
@@ -422,14 +425,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_threads": args.threads,
     }
     if args.learned:
-        from surgenet_assist.training_loop.click_training import train_click_head_on
+        from surgenet_assist.training_loop.click_training import ClickTrainConfig, train_click_head_on
 
         train = []
-        for seed in seed_set.shared["train"]:
+        for seed in seed_set.shared["train"]:  # registered training videos, never evaluated on
             clip = generate_clip(seed, CLIP_FRAMES, size[0], size[1], world=seed_set.world)
             train += [(clip.frames[t], clip.masks[t]) for t in (5, 15, 25)]
+        train = train[: args.train_frames]
         t0 = time.perf_counter()
-        head = train_click_head_on(train, segmenter, progress=True)
+        config = ClickTrainConfig(epochs=args.train_epochs)
+        head = train_click_head_on(train, segmenter, config=config, progress=True)
         report["learned_training"] = {"frames": len(train), "seconds": round(time.perf_counter() - t0, 1)}
         learned = segmenter.with_head(head, "bench")
         methods[LEARNED] = lambda o, p: learned.segment(o.frame, p, key=("eval", *o.frame_key)).mask

@@ -17,6 +17,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _bench():
+    """bench/interactive.py as one module per test session (its worker pool pickles functions by name)."""
+    if "bench_interactive" in sys.modules:
+        return sys.modules["bench_interactive"]
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_interactive", BENCH / "interactive.py")
     module = importlib.util.module_from_spec(spec)

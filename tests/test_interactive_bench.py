@@ -17,10 +17,13 @@ from surgenet_assist.core.interactive.prompts import Click
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-_spec = importlib.util.spec_from_file_location("bench_interactive", BENCH / "interactive.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+if "bench_interactive" in sys.modules:  # one module per session: its worker pool pickles functions by name
+    bench = sys.modules["bench_interactive"]
+else:
+    _spec = importlib.util.spec_from_file_location("bench_interactive", BENCH / "interactive.py")
+    bench = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = bench
+    _spec.loader.exec_module(bench)
 
 H, W = 96, 160
 
