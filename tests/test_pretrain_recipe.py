@@ -167,3 +167,46 @@ def test_short_run_does_not_collapse_where_dino_v1_does(world_frames):
     assert np.mean(new.teacher_stds[-5:]) > 0.01
     old = _run(world_frames, **OLD_RECIPE)
     assert dino_collapsed(old.losses, old.cfg.out_dim, teacher_stds=old.teacher_stds)
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("bench_pretrain", bench / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_decision_rule_is_the_registered_one():
+    """Paired over replicates: 'helps' only when the 95 % t-interval of (adapted - start) is above 0."""
+    bench = _bench()
+
+    def rep(gain: dict[str, float]) -> dict:
+        start = {t: 0.5 for t in bench.TASKS}
+        return {
+            "start": {"scores": start},
+            "variants": {"recipe": {"scores": {t: 0.5 + gain[t] for t in gain}, "gain": gain}},
+        }
+
+    reps = [
+        rep({"phase": g, "cvs": -g - 0.1, "segmentation": s})
+        for g, s in ((0.1, 0.2), (0.12, -0.2), (0.09, 0.1))
+    ]
+    summary = bench.summarise(reps, "recipe")
+    assert summary["phase"]["verdict"] == "helps"
+    assert summary["cvs"]["verdict"] == "hurts"
+    assert summary["segmentation"]["verdict"] == "no claim"
+    assert summary["phase"]["gain"][0] == pytest.approx(np.mean([0.1, 0.12, 0.09]))
+
+
+def test_pixel_probe_labels_are_the_mask_at_cell_centres():
+    bench = _bench()
+    masks = np.zeros((1, 8, 16), np.uint8)
+    masks[0, :4, 8:] = 3  # top-right quarter
+    grid = bench._grid_labels(masks, (2, 4))
+    assert grid[0].tolist() == [[0, 0, 3, 3], [0, 0, 0, 0]]
