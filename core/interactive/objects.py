@@ -13,13 +13,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..schema import IGNORE_INDEX
+
 #: An object covers at least this fraction of the frame (pre-registered in bench/README.md).
 MIN_OBJECT_FRACTION = 0.01
 #: ... and at most this fraction.
 MAX_OBJECT_FRACTION = 0.9
-#: Class id of the background (CholecSeg8k's "Black Background") and the ignore label.
+#: Class id of the background (CholecSeg8k's "Black Background"); the ignore label is the schema's.
 BACKGROUND = 0
-IGNORE_INDEX = 255
 
 
 def click_objects(
