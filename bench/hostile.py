@@ -29,6 +29,7 @@ Machines here are noisy and shared: compare the two servers of one run, not abso
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -137,6 +138,16 @@ class MediaServer:
         self.server.shutdown()
 
 
+def _failed_reasons(response: requests.Response) -> list[str]:
+    """Why the backend gave a task no prediction (its ``failed`` list), empty when every task was predicted.
+
+    A prediction with no region is a success: an untrained model may find neither label in a frame."""
+    try:
+        return sorted({f.get("reason", "?") for f in response.json().get("failed", [])})
+    except (ValueError, AttributeError):
+        return ["unreadable answer"]
+
+
 def _png(image: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", image)
     assert ok
@@ -241,7 +252,7 @@ class Load:
             self.counter += 1
             return self.counter
 
-    def record(self, kind: str, status: int, latency: float) -> None:
+    def record(self, kind: str, status: int | str, latency: float) -> None:
         with self.lock:
             self.records.append((kind, status, latency))
 
@@ -250,6 +261,9 @@ class Load:
         try:
             r = requests.post(self.server.url + path, json=body, timeout=timeout, headers=headers or {})
             status = r.status_code
+            failed = _failed_reasons(r) if kind == "normal" and status == 200 else []
+            if failed:  # answered, but the task got no prediction (media, held out): not a success
+                status = f"200 no prediction ({', '.join(failed)})"
         except requests.Timeout:
             status = -1  # no answer in time
         except requests.RequestException:
@@ -368,7 +382,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(load: Load, server: Server, idle_rss: int) -> dict[str, Any]:
-    by_kind: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    by_kind: dict[str, list[tuple[int | str, float]]] = defaultdict(list)
     for kind, status, latency in load.records:
         by_kind[kind].append((status, latency))
     health = by_kind["health"]
@@ -393,7 +407,10 @@ def summarize(load: Load, server: Server, idle_rss: int) -> dict[str, Any]:
             else None,
         },
         "statuses": {kind: _counts(rows) for kind, rows in sorted(by_kind.items())},
-        "five_xx": {kind: sum(1 for s, _ in rows if s >= 500) for kind, rows in sorted(by_kind.items())},
+        "five_xx": {
+            kind: sum(1 for s, _ in rows if isinstance(s, int) and s >= 500)
+            for kind, rows in sorted(by_kind.items())
+        },
         "idle_rss_mb": idle_rss / 2**20,
         "peak_rss_mb": load.peak_rss / 2**20,
         "peak_over_idle": load.peak_rss / idle_rss if idle_rss else None,
@@ -465,6 +482,8 @@ def main() -> int:
             "new",
             {
                 "SURGENET_ASSIST_MEDIA_PRIVATE_NETWORKS": "127.0.0.0/8",  # the media server is on loopback
+                # every normal task predicted, as the baseline does (else test/final videos answer at once)
+                "SURGENET_ASSIST_PREANNOTATE_HELD_OUT": "1",
                 "SURGENET_ASSIST_WEBHOOK_SECRET": SECRET,
                 "SURGENET_ASSIST_DB_URL": f"sqlite:///{tmp / 'new.db'}",
             },
@@ -473,6 +492,11 @@ def main() -> int:
             args,
         )
         if args.baseline_rev:
+            if importlib.util.find_spec("gunicorn") is None:  # the baseline served via gunicorn
+                raise SystemExit(
+                    f"the baseline {args.baseline_rev} serves through gunicorn, which this virtualenv lacks: "
+                    ".venv/bin/pip install gunicorn (or --baseline-rev '' to skip the baseline)"
+                )
             shim = baseline_shim(args.baseline_rev, tmp)
             results[f"baseline {args.baseline_rev}"] = run_one(
                 "baseline",

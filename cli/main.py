@@ -313,9 +313,15 @@ def propagate(
 
 def _register_front_ends() -> None:
     """Each front-end's command module adds its commands (heavy imports stay inside the commands)."""
-    from surgenet_assist.cli import al_commands, backend_commands, store_commands, training_commands
+    from surgenet_assist.cli import (
+        al_commands,
+        backend_commands,
+        effort_commands,
+        store_commands,
+        training_commands,
+    )
 
-    for module in (store_commands, backend_commands, training_commands, al_commands):
+    for module in (store_commands, backend_commands, training_commands, al_commands, effort_commands):
         module.register(app)
 
 

@@ -142,10 +142,10 @@ def _sessions(nocs: list[int]) -> list[ClickSession]:
 def test_gate_needs_fewer_clicks_than_day_one_and_no_more_than_the_champion():
     day_one = _sessions([5] * 12)
     better = ct.judge_click_head(_sessions([2] * 12), day_one)
-    assert better.promote and better.improvement_ci is not None and better.improvement_ci[0] > 0
+    assert better.promote and better.noc_ratio is not None and better.noc_ratio[2] < 1.0
     same = ct.judge_click_head(_sessions([5] * 12), day_one)
     assert not same.promote and any("not below day one" in r for r in same.reasons)
-    # better on average but carried by one object: the bootstrap interval's lower bound is not above 0
+    # better on average but carried by one object: the bootstrap interval of the ratio reaches 1.0
     lucky = ct.judge_click_head(_sessions([5] * 11 + [1]), _sessions([5] * 11 + [20]))
     assert not lucky.promote and any("95% CI" in r for r in lucky.reasons)
     # worse than the champion on the same objects
@@ -161,6 +161,21 @@ def test_gate_needs_fewer_clicks_than_day_one_and_no_more_than_the_champion():
     assert not two_videos.promote and "2 validation videos" in two_videos.reasons[0]
     three = ct.judge_click_head(_sessions([2] * 12), day_one, videos=["a", "b", "c"] * 4)
     assert three.promote and three.videos == 3 and three.objects == 12
+
+
+def test_gate_resamples_videos_not_objects():
+    """Twelve objects of four videos: one video holds nine objects the candidate does much better on, the
+    other three are one object each where it is worse. Resampled as twelve independent objects the gain looks
+    certain; resampled by video (the unit, pre-registered) a draw without the big video is worse than day
+    one, so the interval reaches past 1.0 and nothing is promoted."""
+    candidate = _sessions([2] * 9 + [9, 9, 9])
+    day_one = _sessions([8] * 9 + [6, 6, 6])
+    videos = ["big"] * 9 + ["v1", "v2", "v3"]
+    by_object = ct.judge_click_head(candidate, day_one, min_val_videos=3)
+    by_video = ct.judge_click_head(candidate, day_one, videos=videos, min_val_videos=3)
+    assert by_object.promote and by_object.noc_ratio[2] < 1.0
+    assert not by_video.promote and by_video.noc_ratio[2] > 1.0
+    assert by_video.noc_ratio[0] == by_object.noc_ratio[0]  # the same point estimate, another interval
 
 
 class _Oracle(ClickHead):
@@ -188,8 +203,9 @@ def test_gate_promotes_a_better_head_and_rejects_a_worse_one(segmenter):
         worse.out.bias.fill_(-30.0)  # "nothing is the object" whatever the clicks say
     heads = {"oracle": _Oracle(one_per_frame), "worse": worse, "day_one": None}
     sessions = ct.evaluate_click_levels(one_per_frame, segmenter, heads, max_clicks=6)
-    good = ct.judge_click_head(sessions["oracle"], sessions["day_one"], max_clicks=6)
-    bad = ct.judge_click_head(sessions["worse"], sessions["day_one"], max_clicks=6)
+    # at 64x112 the refinement of a stride-8 grid tops out near IoU 0.85 even for the oracle: judged at 0.80
+    good = ct.judge_click_head(sessions["oracle"], sessions["day_one"], max_clicks=6, threshold=0.8)
+    bad = ct.judge_click_head(sessions["worse"], sessions["day_one"], max_clicks=6, threshold=0.8)
     assert good.promote, good.reasons
     assert not bad.promote and bad.candidate["noc90"] >= bad.day_one["noc90"]
 

@@ -1,8 +1,9 @@
 """Training, evaluating and gating the learned click head (the *learned* level of the click engine).
 
-Data: the store's human segmentation masks. One training object is one class present in one labelled frame,
-as a binary mask (tiny and nearly whole-frame objects are skipped: nobody clicks those). Train and validation
-objects come from the project's **train** and **val** videos (the split rule of ``datasets.assign_splits``),
+Data: the store's human segmentation masks. One object is one connected part of one class in one labelled
+frame, as a binary mask (``core.interactive.objects.click_objects``: the same definition the gate and the
+bench score, so training learns the task that is judged). Train and validation objects come from the
+project's **train** and **val** videos (the split rule of ``datasets.assign_splits``),
 so the gate never sees a frame of a video the head trained on; test and final videos are not read.
 
 Training (RITM's recipe, ``docs/interactive.md``): the backbone is frozen, each frame is embedded once
@@ -14,8 +15,8 @@ taken on the last pass, on the stride-8 grid, against the area-averaged object m
 
 Gate (:func:`judge_click_head`): the standard simulated annotator (``core.interactive.clicker``) on the
 validation objects for the candidate, the day-one level and the current interactive champion; the candidate
-is promoted only when it needs fewer clicks than day one at both IoU 0.85 and 0.90 (by the whole-frame gate's
-paired test over validation videos: ``registry.paired_test``) and no more than the champion.
+is promoted only when it needs fewer clicks than day one under the bench's pre-registered rule (the 95 %
+bootstrap interval over validation videos of the NoC@90 ratio lies below 1) and no more than the champion.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from surgenet_assist.core.bundle import load_bundle
 from surgenet_assist.core.errors import SurgenetAssistError
 from surgenet_assist.core.interactive import DAY_ONE, ClickSegmenter, ClickSession, ImageEmbedding, simulate
 from surgenet_assist.core.interactive.click_head import ClickHead, load_click_head, save_click_head
-from surgenet_assist.core.interactive.clicker import MAX_CLICKS, error_depth, summarize
+from surgenet_assist.core.interactive.clicker import (
+    BOOTSTRAP_RESAMPLES,
+    MAX_CLICKS,
+    error_depth,
+    noc_ratio,
+    summarize,
+)
+from surgenet_assist.core.interactive.objects import MIN_OBJECT_FRACTION, click_objects
 from surgenet_assist.core.interactive.prompts import Click, Prompt
 from surgenet_assist.core.interactive.serving import click_champion_row
 from surgenet_assist.core.store import (
@@ -55,7 +63,7 @@ from surgenet_assist.core.store import (
 from surgenet_assist.core.video import open_video
 
 from .datasets import assign_splits, manifest_hash
-from .registry import INSUFFICIENT, MIN_TEST_VIDEOS, code_version, paired_test, registry_root
+from .registry import INSUFFICIENT, MIN_TEST_VIDEOS, code_version, registry_root
 
 log = logging.getLogger("surgenet_assist.click_training")
 
@@ -78,9 +86,6 @@ class ClickTrainConfig:
     max_val_frames: int = 40
     max_train_objects: int = 600
     max_val_objects: int = 80
-    min_object_pixels: int = 64
-    min_object_fraction: float = 0.002
-    max_object_fraction: float = 0.9
     eval_max_clicks: int = MAX_CLICKS
     # fewer validation videos: "insufficient evidence", the serving head stays (the whole-frame gate's rule)
     min_val_videos: int = MIN_TEST_VIDEOS
@@ -104,30 +109,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 # --- objects ---------------------------------------------------------------------------------------------
-def objects_from_mask(
-    mask: np.ndarray,
-    *,
-    ignore_index: int = 255,
-    min_pixels: int = 64,
-    min_fraction: float = 0.002,
-    max_fraction: float = 0.9,
-) -> list[tuple[int, np.ndarray]]:
-    """(class id, bool mask) for each class present in a class-id mask, skipping the ignore label, objects
-    smaller than ``min_pixels`` / ``min_fraction`` of the frame and those covering more than ``max_fraction``
-    of it (a click on those teaches nothing)."""
-    total = mask.size
-    out = []
-    for k in np.unique(mask):
-        if int(k) == ignore_index:
-            continue
-        obj = mask == k
-        n = int(obj.sum())
-        if n < max(min_pixels, min_fraction * total) or n > max_fraction * total:
-            continue
-        out.append((int(k), obj))
-    return out
-
-
 @dataclass
 class ClickObject:
     """One object of one embedded frame: what training and the gate iterate over."""
@@ -155,7 +136,8 @@ def _objects_of_samples(
     progress: bool = False,
 ) -> list[ClickObject]:
     """Embed each distinct image once and cut its mask into objects: a bool mask is one object, a class-id
-    mask gives one object per class (:func:`objects_from_mask`)."""
+    mask gives one object per connected class part (``core.interactive.objects.click_objects``, the
+    definition the gate and the bench use too)."""
     from tqdm.auto import tqdm
 
     embedded: dict[int, ImageEmbedding] = {}
@@ -172,12 +154,7 @@ def _objects_of_samples(
             if mask.any():
                 out.append(ClickObject(emb, mask, video))
             continue
-        for class_id, obj in objects_from_mask(
-            mask,
-            min_pixels=cfg.min_object_pixels,
-            min_fraction=cfg.min_object_fraction,
-            max_fraction=cfg.max_object_fraction,
-        ):
+        for class_id, obj in click_objects(mask):
             out.append(ClickObject(emb, obj, video, class_id))
     return out
 
@@ -285,8 +262,8 @@ def fit_click_head(
     if not objects:
         raise SurgenetAssistError(
             "no objects to train the click head on",
-            "label segmentation masks on train-split frames (objects smaller than "
-            f"{cfg.min_object_pixels} pixels are skipped)",
+            "label segmentation masks on train-split frames (objects are connected class parts of at least "
+            f"{MIN_OBJECT_FRACTION:.0%} of the frame)",
         )
     c8, c16 = int(objects[0].emb.stride8.shape[0]), int(objects[0].emb.stride16.shape[0])
     head = head if head is not None else ClickHead(c8, c16, cfg.hidden)
@@ -405,10 +382,6 @@ def evaluate_click_levels(
     return out
 
 
-def _mean_noc(session: ClickSession, max_clicks: int) -> float:
-    return (session.noc(0.85, max_clicks) + session.noc(0.90, max_clicks)) / 2
-
-
 @dataclass
 class ClickGate:
     """The promotion decision of a click head on the validation objects (and why)."""
@@ -418,7 +391,8 @@ class ClickGate:
     candidate: dict[str, float]
     day_one: dict[str, float]
     champion: dict[str, float] | None = None
-    improvement_ci: tuple[float, float] | None = None  # clicks saved vs day one, 95% t-interval over videos
+    # NoC@t(candidate) / NoC@t(day one), t = 0.90: (ratio, 95 % low, 95 % high), bootstrap over val videos
+    noc_ratio: tuple[float, float, float] | None = None
     objects: int = 0
     videos: int = 0
     verdict: str = ""
@@ -430,7 +404,8 @@ class ClickGate:
             "candidate": self.candidate,
             "day_one": self.day_one,
             "champion": self.champion,
-            "improvement_ci": list(self.improvement_ci) if self.improvement_ci else None,
+            "noc_ratio": list(self.noc_ratio) if self.noc_ratio else None,
+            "test": "bootstrap over validation videos of the NoC@90 ratio (bench/README.md rule)",
             "objects": self.objects,
             "videos": self.videos,
             "verdict": self.verdict or ("promoted" if self.promote else "rejected"),
@@ -445,47 +420,54 @@ def judge_click_head(
     videos: Sequence[str] | None = None,
     max_clicks: int = MAX_CLICKS,
     min_val_videos: int = MIN_TEST_VIDEOS,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    threshold: float = 0.90,
 ) -> ClickGate:
-    """Promote only when the candidate needs fewer clicks than day one at both NoC@85 and NoC@90 on the same
-    validation objects, when the clicks it saves (mean of the two NoCs) are above zero by the whole-frame
-    gate's test (``registry.paired_test``: the lower bound of the 95% t-interval over validation **videos**,
-    each video's objects averaged first, since objects of one video are not independent; fewer than
-    ``min_val_videos`` videos: insufficient evidence, not promoted), and when it needs no more clicks than
-    the current champion (sessions on the same objects) at either threshold. ``videos`` names each object's
-    video; without it every object counts as its own video (only right for independent objects). Without
-    validation objects nothing is promoted."""
+    """Promote only under the bench's pre-registered rule (``bench/README.md``, "Interactive segmentation,
+    NoC"), so the nightly gate and the published comparison are one decision: the 95 % bootstrap interval
+    of NoC@90(candidate) / NoC@90(day one) lies below 1.0, resampling validation **videos** with their
+    objects kept together (:func:`~surgenet_assist.core.interactive.clicker.noc_ratio`; objects of one video
+    are not independent). Also required: NoC@85 and NoC@90 below day one's, no more clicks than the current
+    champion (sessions on the same objects) at either threshold, and at least ``min_val_videos`` videos
+    (fewer: insufficient evidence, what serves stays). ``videos`` names each object's video; without it
+    every object counts as its own video (only right for independent objects). Without validation objects
+    nothing is promoted. ``threshold``: the IoU of the ratio's NoC (0.90 registered; lower only where the
+    frames are too small for any method to reach 0.90, as in tests)."""
     cand, base = summarize(candidate, max_clicks), summarize(day_one, max_clicks)
     champ = summarize(champion, max_clicks) if champion is not None else None
     if not candidate or len(candidate) != len(day_one):
         why = ["no validation objects (label masks on a val-split video)"]
         return ClickGate(False, why, cand, base, champ)
+    names = list(videos) if videos is not None else [str(i) for i in range(len(candidate))]
+    unit = "validation videos" if videos is not None else "validation objects"
+    units = len(set(names))
+    if units < min_val_videos:
+        why = [
+            f"insufficient evidence: {units} {unit}, at least {min_val_videos} are needed for an interval "
+            "that no single video decides; what serves now stays"
+        ]
+        return ClickGate(False, why, cand, base, champ, None, len(candidate), units, INSUFFICIENT)
     reasons: list[str] = []
     for t in ("noc85", "noc90"):
         if not cand[t] < base[t]:
             reasons.append(f"{t} {cand[t]:.2f} is not below day one's {base[t]:.2f}")
-    pairs = zip(candidate, day_one, strict=True)
-    saved = [_mean_noc(b, max_clicks) - _mean_noc(c, max_clicks) for c, b in pairs]
-    names = list(videos) if videos is not None else [str(i) for i in range(len(saved))]
-    by_video: dict[str, list[float]] = defaultdict(list)
-    for name, s in zip(names, saved, strict=True):
-        by_video[name].append(s)
-    test = paired_test(
-        [float(np.mean(v)) for v in by_video.values()], 0.0, min_units=min_val_videos,
-        unit="validation videos" if videos is not None else "validation objects",
+    ratio = noc_ratio(
+        candidate, day_one, names, threshold=threshold, max_clicks=max_clicks, resamples=resamples
     )
-    if not test.better:
-        reasons.append(f"clicks saved vs day one, {test.reason}")
+    text = (
+        f"NoC@{threshold * 100:.0f} ratio vs day one {ratio[0]:.3f} "
+        f"(95% CI {ratio[1]:.3f}..{ratio[2]:.3f} over {units} {unit})"
+    )
+    if not ratio[2] < 1.0:
+        reasons.append(f"{text}: the interval does not lie below 1.0")
     if champ:
         for t in ("noc85", "noc90"):
             if cand[t] > champ[t]:
                 reasons.append(f"{t} {cand[t]:.2f} is worse than the champion's {champ[t]:.2f}")
-    ci, units = test.interval, test.units
     if reasons:
-        verdict = INSUFFICIENT if test.outcome == INSUFFICIENT else "rejected"
-        return ClickGate(False, reasons, cand, base, champ, ci, len(saved), units, verdict)
-    how = f"saves {float(np.mean(saved)):.2f} clicks per object vs day one ({test.reason})"
+        return ClickGate(False, reasons, cand, base, champ, ratio, len(candidate), units, "rejected")
     champ_note = "; no interactive champion yet" if champ is None else "; not worse than the champion"
-    return ClickGate(True, [how + champ_note], cand, base, champ, ci, len(saved), units, "promoted")
+    return ClickGate(True, [text + champ_note], cand, base, champ, ratio, len(candidate), units, "promoted")
 
 
 # --- the store path ----------------------------------------------------------------------------------------
@@ -638,8 +620,8 @@ def train_click_head(
             purpose = "train" if split == "train" else "judge"
             raise SurgenetAssistError(
                 f"no objects in the {split} split to {purpose} a click head on",
-                f"label segmentation masks on frames of a {split}-split video (objects under "
-                f"{cfg.min_object_pixels} pixels or {cfg.min_object_fraction:.1%} of the frame are skipped)",
+                f"label segmentation masks on frames of a {split}-split video (objects are connected class "
+                f"parts of at least {MIN_OBJECT_FRACTION:.0%} of the frame)",
             )
     train, val = objects["train"], objects["val"]
     fit = fit_click_head(train, segmenter, cfg, deadline=deadline, progress=progress)

@@ -124,3 +124,98 @@ def summarize(sessions: Sequence[ClickSession], max_clicks: int = MAX_CLICKS) ->
     for k in (1, 3, 5):
         out[f"iou@{k}"] = float(np.mean([s.iou_at(k) for s in sessions]))
     return out
+
+
+# --- intervals: the unit of resampling is the video ------------------------------------------------------
+#: Resamples of the pre-registered bootstrap (bench/README.md, "Interactive segmentation, NoC").
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def video_bootstrap(
+    values: np.ndarray,
+    videos: Sequence[str] | None,
+    statistic: Callable[[np.ndarray], float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(point, low, high): ``statistic`` of the (objects, ...) array ``values`` and its percentile bootstrap
+    interval, resampling **videos** with replacement and keeping each video's objects together (objects of one
+    frame or clip share lighting, tools and backbone quirks, so they are not independent; resampling them
+    alone gives intervals too narrow). ``videos`` names each row's video; ``None`` makes each row its own
+    unit (only right for independent objects)."""
+    values = np.asarray(values, np.float64)
+    names = list(videos) if videos is not None else [str(i) for i in range(len(values))]
+    if len(names) != len(values):
+        raise ValueError(f"{len(names)} video names for {len(values)} objects")
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    members = [np.asarray(g) for g in groups.values()]
+    point = float(statistic(values))
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for b in range(resamples):
+        pick = rng.integers(0, len(members), len(members))
+        draws[b] = statistic(values[np.concatenate([members[j] for j in pick])])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def noc_array(sessions: Sequence[ClickSession], max_clicks: int = MAX_CLICKS) -> np.ndarray:
+    """(objects, 5) per-object NoC@85, NoC@90, IoU@1, IoU@3, IoU@5 (what the intervals resample)."""
+    return np.asarray(
+        [
+            [s.noc(0.85, max_clicks), s.noc(0.90, max_clicks), s.iou_at(1), s.iou_at(3), s.iou_at(5)]
+            for s in sessions
+        ],
+        np.float64,
+    ).reshape(-1, 5)
+
+
+METRIC_COLUMNS = ("noc85", "noc90", "iou@1", "iou@3", "iou@5")
+
+
+def summary_intervals(
+    sessions: Sequence[ClickSession],
+    videos: Sequence[str] | None,
+    *,
+    max_clicks: int = MAX_CLICKS,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Metric -> [mean, 95 % low, 95 % high] over objects, the interval by video bootstrap."""
+    table = noc_array(sessions, max_clicks)
+    out = {}
+    for j, name in enumerate(METRIC_COLUMNS):
+        point, low, high = video_bootstrap(
+            table[:, j], videos, lambda v: float(v.mean()), resamples=resamples, seed=seed
+        )
+        out[name] = [point, low, high]
+    return out
+
+
+def noc_ratio(
+    a: Sequence[ClickSession],
+    b: Sequence[ClickSession],
+    videos: Sequence[str] | None,
+    *,
+    threshold: float = 0.90,
+    max_clicks: int = MAX_CLICKS,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(ratio, low, high) of mean NoC@``threshold`` of method ``a`` over method ``b`` on the same objects,
+    the pre-registered decision statistic: ``a`` needs fewer clicks than ``b`` when ``high < 1``. Paired:
+    a resample takes the same videos for both methods."""
+    if len(a) != len(b):
+        raise ValueError(f"the two methods were run on {len(a)} and {len(b)} objects: not paired")
+    pairs = np.asarray(
+        [[sa.noc(threshold, max_clicks), sb.noc(threshold, max_clicks)] for sa, sb in zip(a, b, strict=True)],
+        np.float64,
+    ).reshape(-1, 2)
+    return video_bootstrap(
+        pairs, videos, lambda v: float(v[:, 0].mean() / v[:, 1].mean()), resamples=resamples, seed=seed
+    )

@@ -198,7 +198,7 @@ class ClickSegmenter:
         guided_radius: int = 4,
         tissue_kinds: int = 12,
         kind_margin: float = 0.02,
-        distance_cost: float = 0.1,
+        distance_cost: float = 0.5,  # tuned on the interactive bench's calibration videos (bench/README.md)
     ) -> None:
         self.backbone = backbone.eval()
         self.short_side = short_side
@@ -436,7 +436,7 @@ class ClickSegmenter:
         H, W = emb.size
         if prob.shape != (H, W):
             prob = cv2.resize(prob, (W, H), interpolation=cv2.INTER_LINEAR)
-        return self._enforce_prompt(prob, prompt)
+        return enforce_prompt(prob, prompt)
 
     def _boundary_probability(self, emb: ImageEmbedding, grid_prob: np.ndarray) -> np.ndarray:
         """(h', w') object probability at the working resolution: the grid's, with the boundary band decided
@@ -469,38 +469,47 @@ class ClickSegmenter:
             prob[r0:r1, c0:c1] = guided_filter(guide, crop[None], radius=self.guided_radius, eps=1e-3)[0]
         return np.clip(prob, 0.0, 1.0).astype(np.float32)
 
-    def _enforce_prompt(self, prob: np.ndarray, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
-        """Clicks enforced on a frame-size probability (a positive click's disk in, a negative's out), only
-        the parts holding a positive click (or the box's object, or the previous mask) kept, the box cut."""
-        H, W = prob.shape
-        radius = max(2, round(min(H, W) / 160))
-        click_layer = np.zeros((H, W), np.uint8)
-        for c in prompt.clicks:
-            cv2.circle(click_layer, (int(c.col), int(c.row)), radius, 1 if c.positive else 2, -1)
-        prob[click_layer == 1] = 1.0
-        prob[click_layer == 2] = 0.0
-        mask = prob > 0.5
-        seeds = [(int(c.row), int(c.col)) for c in prompt.positives]
-        if not seeds and prompt.box is not None:
-            b = prompt.box
-            inside = mask[int(max(0, b.top)) : int(b.bottom), int(max(0, b.left)) : int(b.right)]
-            if inside.any():
-                rows, cols = np.nonzero(inside)
-                mid = len(rows) // 2
-                seeds = [(int(rows[mid] + max(0, b.top)), int(cols[mid] + max(0, b.left)))]
-        if not seeds and prompt.previous_mask is not None:
-            rows, cols = np.nonzero(prompt.previous_mask & mask)
-            step = max(1, len(rows) // 64)
-            seeds += list(zip(rows[::step].tolist(), cols[::step].tolist(), strict=True))
-        mask = _keep_seeded(mask, seeds)
-        if prompt.box is not None:  # nothing outside the box
-            b = prompt.box
-            top, left, bottom, right = int(max(0, b.top)), int(max(0, b.left)), int(b.bottom), int(b.right)
-            mask[:top] = False
-            mask[bottom:] = False
-            mask[:, :left] = False
-            mask[:, right:] = False
-        # in place: a 4000 x 4000 frame's probability is 64 MB, and np.where would make three of them
-        np.maximum(prob, 0.5, out=prob, where=mask)
-        np.minimum(prob, 0.5, out=prob, where=~mask)
-        return mask, prob
+
+def click_radius(height: int, width: int) -> int:
+    """Radius in pixels of the disk a click is enforced on (positive in, negative out), the same for both
+    signs and for every method the bench compares."""
+    return max(2, round(min(height, width) / 160))
+
+
+def enforce_prompt(prob: np.ndarray, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks enforced on a frame-size probability (a positive click's disk in, a negative's out), only
+    the parts holding a positive click (or the box's object, or the previous mask) kept, the box cut.
+    ``prob`` is changed in place. One function for day one, the learned head and the bench's classical
+    baselines, so every method obeys the same kept-parts rule with the same disks."""
+    H, W = prob.shape
+    radius = click_radius(H, W)
+    click_layer = np.zeros((H, W), np.uint8)
+    for c in prompt.clicks:
+        cv2.circle(click_layer, (int(c.col), int(c.row)), radius, 1 if c.positive else 2, -1)
+    prob[click_layer == 1] = 1.0
+    prob[click_layer == 2] = 0.0
+    mask = prob > 0.5
+    seeds = [(int(c.row), int(c.col)) for c in prompt.positives]
+    if not seeds and prompt.box is not None:
+        b = prompt.box
+        inside = mask[int(max(0, b.top)) : int(b.bottom), int(max(0, b.left)) : int(b.right)]
+        if inside.any():
+            rows, cols = np.nonzero(inside)
+            mid = len(rows) // 2
+            seeds = [(int(rows[mid] + max(0, b.top)), int(cols[mid] + max(0, b.left)))]
+    if not seeds and prompt.previous_mask is not None:
+        rows, cols = np.nonzero(prompt.previous_mask & mask)
+        step = max(1, len(rows) // 64)
+        seeds += list(zip(rows[::step].tolist(), cols[::step].tolist(), strict=True))
+    mask = _keep_seeded(mask, seeds)
+    if prompt.box is not None:  # nothing outside the box
+        b = prompt.box
+        top, left, bottom, right = int(max(0, b.top)), int(max(0, b.left)), int(b.bottom), int(b.right)
+        mask[:top] = False
+        mask[bottom:] = False
+        mask[:, :left] = False
+        mask[:, right:] = False
+    # in place: a 4000 x 4000 frame's probability is 64 MB, and np.where would make three of them
+    np.maximum(prob, 0.5, out=prob, where=mask)
+    np.minimum(prob, 0.5, out=prob, where=~mask)
+    return mask, prob
