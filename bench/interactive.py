@@ -15,8 +15,10 @@ Methods, all on equal terms (issue 21, item 6):
 
 - ``day-one``: :class:`~surgenet_assist.core.interactive.ClickSegmenter` without training;
 - ``grabcut``: OpenCV's GrabCut; ``random-walker``: scikit-image's random walker;
-- ``learned`` (``--learned``): the click head trained on the registered training videos (the current
-  recipe of ``training_loop/click_training.py``; not part of the report run of 2026-12-07).
+- ``learned`` (``--learned``): the click head trained on the registered training videos (the recipe of
+  ``training_loop/click_training.py``: random positive and negative initial clicks, iterative clicks, a
+  correction local to the newest click, early stopping on held-out training videos with day one as step
+  0, one head per ``--train-seeds`` and the best on the held-out videos kept).
 
 Every method gets the same clicker, the same kept-parts rule and the same click disks
 (``core.interactive.engine.enforce_prompt``: a disk of the same radius for a positive and a negative click,
@@ -383,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--learned", action="store_true", help="also train and score the learned click head")
     parser.add_argument("--train-frames", type=int, default=36, help="learned head: training frames")
     parser.add_argument("--train-epochs", type=int, default=10, help="learned head: epochs")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="learned head: one head per seed, the best on held-out training videos kept")
     parser.add_argument("--frames-per-video", type=int, default=2)
     parser.add_argument("--objects-per-video", type=int, default=5)
     parser.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
@@ -427,15 +431,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.learned:
         from surgenet_assist.training_loop.click_training import ClickTrainConfig, train_click_head_on
 
-        train = []
+        train, train_videos = [], []
         for seed in seed_set.shared["train"]:  # registered training videos, never evaluated on
             clip = generate_clip(seed, CLIP_FRAMES, size[0], size[1], world=seed_set.world)
             train += [(clip.frames[t], clip.masks[t]) for t in (5, 15, 25)]
-        train = train[: args.train_frames]
+            train_videos += [str(seed)] * 3
+        train, train_videos = train[: args.train_frames], train_videos[: args.train_frames]
         t0 = time.perf_counter()
-        config = ClickTrainConfig(epochs=args.train_epochs)
-        head = train_click_head_on(train, segmenter, config=config, progress=True)
-        report["learned_training"] = {"frames": len(train), "seconds": round(time.perf_counter() - t0, 1)}
+        config = ClickTrainConfig(epochs=args.train_epochs, seeds=tuple(args.train_seeds))
+        best, fits = train_click_head_on(train, segmenter, videos=train_videos, config=config, progress=True)
+        head = best.head
+        report["learned_training"] = {
+            "frames": len(train), "seconds": round(time.perf_counter() - t0, 1), "epochs": args.train_epochs,
+            "heldout": "last quarter of the training videos (by seed), early stopping with step 0 = day one",
+            "seeds": [{"seed": f.seed, "heldout_noc90": f.heldout_noc, "best_epoch": f.best_epoch,
+                       "objects": f.objects} for f in fits],
+            "kept_seed": best.seed,
+        }
+        print(f"learned head: {report['learned_training']}", file=sys.stderr)
         learned = segmenter.with_head(head, "bench")
         methods[LEARNED] = lambda o, p: learned.segment(o.frame, p, key=("eval", *o.frame_key)).mask
     if GRABCUT in args.methods:

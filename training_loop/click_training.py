@@ -22,6 +22,7 @@ bootstrap interval over validation videos of the NoC@90 ratio lies below 1) and 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -80,6 +81,16 @@ class ClickTrainConfig:
     weight_decay: float = 1e-4
     hidden: int = 64
     max_extra_clicks: int = 3  # RITM: 0..3 no-grad passes with the previous mask fed back
+    # RITM's multi-point sampler: 1..3 random positive and min..3 random negative clicks open each prompt
+    max_initial_clicks: int = 3
+    min_negative_clicks: int = 1
+    l1_weight: float = 0.01  # L1 on the (windowed) correction: stay day one unless the labels say otherwise
+    # early stopping on held-out *training* videos (never the gate's val videos): the last quarter of the
+    # train videos, scored by NoC@90 with at most ``heldout_max_clicks`` clicks; step 0 (day one) competes
+    heldout_fraction: float = 0.25
+    heldout_max_clicks: int = 10
+    max_heldout_objects: int = 30
+    seeds: tuple[int, ...] = (0, 1, 2)  # one head per seed; the best on the held-out videos is kept
     focal_gamma: float = 2.0
     # frames are embedded once and kept in memory (~6 MB each at 240x426): these bound the memory and time
     max_train_frames: int = 120
@@ -199,17 +210,52 @@ def learned_mask(
     return segmenter.refine(emb, segmenter.learned_grid(emb, prompt, head), prompt)[0]
 
 
+def initial_clicks(
+    gt: np.ndarray, rng: np.random.Generator, max_clicks: int = 3, min_negative: int = 1
+) -> tuple[Click, ...]:
+    """RITM's multi-point sampler, simplified: 1..``max_clicks`` positive clicks at random pixels deeper than
+    half the object's maximal depth, then ``min_negative``..``max_clicks`` negative clicks at random
+    background pixels within a band around the object (the confusable surroundings an annotator rejects),
+    anywhere in the background when the band is empty. The head thus learns prompts that already hold
+    negatives, not only the bench's opening single positive."""
+    inside = error_depth(gt)
+    top = inside.max()
+    if top <= 0:
+        return ()
+    rows, cols = np.nonzero(inside > top / 2) if top > 1 else np.nonzero(inside == top)
+    clicks = []
+    for i in rng.choice(len(rows), size=min(len(rows), int(rng.integers(1, max_clicks + 1))), replace=False):
+        clicks.append(Click(float(rows[i]), float(cols[i]), True))
+    band = max(3, int(0.1 * max(gt.shape)))
+    to_object = cv2.distanceTransform((~gt).astype(np.uint8), cv2.DIST_L2, 5)  # distance to the object
+    candidates = (to_object > 2) & (to_object <= band)
+    if not candidates.any():
+        candidates = to_object > 0
+    rows, cols = np.nonzero(candidates)
+    n_neg = int(rng.integers(min_negative, max_clicks + 1)) if len(rows) else 0
+    for i in rng.choice(len(rows), size=min(len(rows), n_neg), replace=False):
+        clicks.append(Click(float(rows[i]), float(cols[i]), False))
+    return tuple(clicks)
+
+
 def _training_prompt(
-    head: ClickHead, segmenter: ClickSegmenter, obj: ClickObject, rng: np.random.Generator, extra: int
+    head: ClickHead,
+    segmenter: ClickSegmenter,
+    obj: ClickObject,
+    rng: np.random.Generator,
+    extra: int,
+    cfg: ClickTrainConfig,
 ) -> Prompt | None:
+    """Random initial clicks, then ``extra`` iterative clicks, each at the error of the mask the head
+    currently serves for the prompt so far (that mask fed back as the previous mask, as the bench does)."""
     gt = obj.mask
-    clicked = np.zeros_like(gt)
-    pred = np.zeros_like(gt)
-    click = training_click(gt, pred, clicked, rng)
-    if click is None:
+    clicks = initial_clicks(gt, rng, cfg.max_initial_clicks, cfg.min_negative_clicks)
+    if not clicks:
         return None
-    _mark(clicked, click)
-    prompt = Prompt((click,))
+    clicked = np.zeros_like(gt)
+    for click in clicks:
+        _mark(clicked, click)
+    prompt = Prompt(clicks)
     for _ in range(extra):  # RITM's iterative training: the head's own mistakes decide the next click
         pred = learned_mask(segmenter, head, obj.emb, prompt)
         click = training_click(gt, pred, clicked, rng)
@@ -243,6 +289,31 @@ class ClickFit:
     objects: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    seed: int = 0
+    # early stopping: held-out NoC@90 after each epoch, index 0 = step 0 (the day-one level); best_epoch is
+    # the index kept (0: training never beat day one on the held-out videos, the returned head is day one)
+    heldout_noc: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+
+
+def split_by_video(
+    objects: Sequence[ClickObject], fraction: float
+) -> tuple[list[ClickObject], list[ClickObject]]:
+    """(train, held-out): the last ``ceil(fraction * videos)`` videos (sorted by name) held out whole, so
+    early stopping never scores a frame of a video the head trains on. Fewer than two videos: no held-out
+    part (training then runs its full length, and says so through ``best_epoch is None``)."""
+    names = sorted({o.video for o in objects})
+    if len(names) < 2 or fraction <= 0:
+        return list(objects), []
+    held = set(names[len(names) - max(1, int(np.ceil(fraction * len(names)))) :])
+    return [o for o in objects if o.video not in held], [o for o in objects if o.video in held]
+
+
+def heldout_noc(objects: Sequence[ClickObject], segmenter: ClickSegmenter, head: ClickHead,
+                cfg: ClickTrainConfig) -> float:
+    """Mean NoC@90 of ``head`` on the held-out objects, at most ``cfg.heldout_max_clicks`` clicks each."""
+    sessions = evaluate_click_levels(objects, segmenter, {"h": head}, max_clicks=cfg.heldout_max_clicks)["h"]
+    return float(summarize(sessions, cfg.heldout_max_clicks)["noc90"])
 
 
 def fit_click_head(
@@ -250,12 +321,16 @@ def fit_click_head(
     segmenter: ClickSegmenter,
     cfg: ClickTrainConfig | None = None,
     *,
+    heldout: Sequence[ClickObject] = (),
     head: ClickHead | None = None,
     deadline: float | None = None,
     progress: bool = False,
 ) -> ClickFit:
-    """Train a click head on embedded objects (a fresh one, or continue ``head``); ``deadline`` (a
-    ``time.time()``) ends training early, after the current step."""
+    """Train a click head on embedded objects (a fresh one, or continue ``head``) with ``cfg.seed``;
+    ``deadline`` (a ``time.time()``) ends training early, after the current step. With ``heldout`` objects
+    the head is scored after every epoch and the best epoch's weights are returned, step 0 (zero
+    correction: exactly day one) included, so training that does not help on unseen videos returns day
+    one rather than an overfitted head."""
     cfg = cfg or ClickTrainConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -267,26 +342,65 @@ def fit_click_head(
         )
     c8, c16 = int(objects[0].emb.stride8.shape[0]), int(objects[0].emb.stride16.shape[0])
     head = head if head is not None else ClickHead(c8, c16, cfg.hidden)
-    head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = -(-len(objects) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * per_epoch), pct_start=0.1
     )
-    fit = ClickFit(head, objects=len(objects))
+    fit = ClickFit(head, objects=len(objects), seed=cfg.seed)
     started = time.time()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.epochs * per_epoch, desc="click head", disable=not progress)
+    heldout = _subsample(list(heldout), cfg.max_heldout_objects)
+    bar = tqdm(total=cfg.epochs * per_epoch, desc=f"click head (seed {cfg.seed})", disable=not progress)
     with _torch_threads(cfg.threads):
-        _epochs(fit, objects, segmenter, cfg, opt, sched, rng, deadline, bar)
+        best_state = None
+        if heldout:
+            head.eval()
+            step0 = copy.deepcopy(head).zero_correction()
+            fit.heldout_noc.append(heldout_noc(heldout, segmenter, step0, cfg))
+            best_state, fit.best_epoch = step0.state_dict(), 0
+        for epoch in range(1, cfg.epochs + 1):
+            head.train()
+            _epoch(fit, objects, segmenter, cfg, opt, sched, rng, deadline, bar)
+            head.eval()
+            if heldout:
+                fit.heldout_noc.append(heldout_noc(heldout, segmenter, head, cfg))
+                if fit.heldout_noc[-1] < min(fit.heldout_noc[:-1]):  # ties keep the earlier (simpler) one
+                    best_state, fit.best_epoch = copy.deepcopy(head.state_dict()), epoch
+            if fit.stopped_early:
+                break
+        if best_state is not None:
+            head.load_state_dict(best_state)
     bar.close()
     head.eval()
     fit.seconds = round(time.time() - started, 2)
     return fit
 
 
-def _epochs(
+def fit_click_head_seeds(
+    objects: Sequence[ClickObject],
+    segmenter: ClickSegmenter,
+    cfg: ClickTrainConfig | None = None,
+    *,
+    deadline: float | None = None,
+    progress: bool = False,
+) -> tuple[ClickFit, list[ClickFit]]:
+    """One early-stopped head per ``cfg.seeds`` on the objects' train videos (held out by
+    :func:`split_by_video`); returns the fit with the lowest held-out NoC@90 (ties: the first seed) and all
+    fits, so a report can show every seed's held-out NoC."""
+    cfg = cfg or ClickTrainConfig()
+    train, heldout = split_by_video(objects, cfg.heldout_fraction)
+    fits = [
+        fit_click_head(train, segmenter, dataclasses.replace(cfg, seed=seed), heldout=heldout,
+                       deadline=deadline, progress=progress)
+        for seed in cfg.seeds
+    ]
+    best = min(fits, key=lambda f: min(f.heldout_noc) if f.heldout_noc else 0.0)
+    return best, fits
+
+
+def _epoch(
     fit: ClickFit,
     objects: Sequence[ClickObject],
     segmenter: ClickSegmenter,
@@ -297,57 +411,64 @@ def _epochs(
     deadline: float | None,
     bar: Any,
 ) -> None:
+    """One pass over the objects in random order. The loss is on the head's stride-8 logits: what serving
+    refines (``ClickSegmenter.refine``: guided filter, colour boundary, prompt enforcement) is not
+    differentiable, so the grid the refinement starts from is trained, against the area-averaged mask."""
     head = fit.head
-    for _epoch in range(cfg.epochs):
-        order = rng.permutation(len(objects))
-        losses, bces = [], []
-        for start in range(0, len(order), cfg.batch_size):
-            if deadline is not None and time.time() > deadline:
-                fit.stopped_early = True
-                break
-            batch = order[start : start + cfg.batch_size]
-            opt.zero_grad()
-            for i in batch:
-                obj = objects[int(i)]
-                extra = int(rng.integers(0, cfg.max_extra_clicks + 1))
-                prompt = _training_prompt(head, segmenter, obj, rng, extra)
-                if prompt is None:
-                    continue
-                logits = head(*segmenter.head_inputs(obj.emb, prompt))
-                target = obj.target()
-                loss = normalized_focal_loss(logits, target, cfg.focal_gamma)
-                (loss / len(batch)).backward()
-                losses.append(float(loss.detach()))
-                bces.append(float(F.binary_cross_entropy_with_logits(logits.detach(), target)))
-            opt.step()
-            sched.step()
-            fit.steps += 1
-            bar.update(1)
-        if losses:
-            fit.losses.append(float(np.mean(losses)))
-            fit.bce.append(float(np.mean(bces)))
-        if fit.stopped_early:
+    order = rng.permutation(len(objects))
+    losses, bces = [], []
+    for start in range(0, len(order), cfg.batch_size):
+        if deadline is not None and time.time() > deadline:
+            fit.stopped_early = True
             break
+        batch = order[start : start + cfg.batch_size]
+        opt.zero_grad()
+        for i in batch:
+            obj = objects[int(i)]
+            extra = int(rng.integers(0, cfg.max_extra_clicks + 1))
+            head.eval()  # the clicks come from the head as it serves (GroupNorm only, so no state changes)
+            prompt = _training_prompt(head, segmenter, obj, rng, extra, cfg)
+            head.train()
+            if prompt is None:
+                continue
+            base, correction = head.parts(*segmenter.head_inputs(obj.emb, prompt))
+            logits = base + correction
+            target = obj.target()
+            loss = normalized_focal_loss(logits, target, cfg.focal_gamma)
+            loss = loss + cfg.l1_weight * correction.abs().mean()
+            (loss / len(batch)).backward()
+            losses.append(float(loss.detach()))
+            bces.append(float(F.binary_cross_entropy_with_logits(logits.detach(), target)))
+        opt.step()
+        sched.step()
+        fit.steps += 1
+        bar.update(1)
+    if losses:
+        fit.losses.append(float(np.mean(losses)))
+        fit.bce.append(float(np.mean(bces)))
 
 
 def train_click_head_on(
     samples: Sequence[tuple[np.ndarray | ImageEmbedding, np.ndarray]],
     segmenter: ClickSegmenter,
     *,
+    videos: Sequence[str] | None = None,
     epochs: int | None = None,
     config: ClickTrainConfig | None = None,
     deadline: float | None = None,
     progress: bool = False,
-) -> ClickHead:
-    """A click head trained on labelled frames without a store (the bench's entry point; the nightly path
-    runs the same :func:`fit_click_head`). ``samples``: (RGB uint8 frame or its embedding, mask) pairs; a
-    bool mask is one object, a class-id mask one object per class present (tiny ones skipped). Each frame is
-    embedded once with ``segmenter`` (so its backbone and short side are the ones the head will serve on)."""
+) -> tuple[ClickFit, list[ClickFit]]:
+    """Click heads trained on labelled frames without a store (the bench's entry point; the nightly path
+    runs the same :func:`fit_click_head_seeds`): the best fit on the held-out videos and every seed's fit.
+    ``samples``: (RGB uint8 frame or its embedding, mask) pairs; a bool mask is one object, a class-id mask
+    one object per connected class part. ``videos`` names each sample's video (the held-out split is by
+    video; without it there is no early stopping). Each frame is embedded once with ``segmenter`` (so its
+    backbone and short side are the ones the head will serve on)."""
     cfg = config or ClickTrainConfig()
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
-    objects = _objects_of_samples(samples, segmenter, cfg, progress=progress)
-    return fit_click_head(objects, segmenter, cfg, deadline=deadline, progress=progress).head
+    objects = _objects_of_samples(samples, segmenter, cfg, videos=videos, progress=progress)
+    return fit_click_head_seeds(objects, segmenter, cfg, deadline=deadline, progress=progress)
 
 
 # --- evaluation and gate -----------------------------------------------------------------------------------
@@ -624,7 +745,7 @@ def train_click_head(
                 f"parts of at least {MIN_OBJECT_FRACTION:.0%} of the frame)",
             )
     train, val = objects["train"], objects["val"]
-    fit = fit_click_head(train, segmenter, cfg, deadline=deadline, progress=progress)
+    fit, fits = fit_click_head_seeds(train, segmenter, cfg, deadline=deadline, progress=progress)
     heads: dict[str, ClickHead | None] = {"learned": fit.head, "day_one": None}
     champ_row = click_champion_row(store, project)
     champ_version = None
@@ -639,6 +760,9 @@ def train_click_head(
     return {
         "head": fit.head,
         "fit": fit,
+        "seed_fits": [
+            {"seed": f.seed, "heldout_noc90": f.heldout_noc, "best_epoch": f.best_epoch} for f in fits
+        ],
         "sessions": sessions,
         "val_videos": [o.video for o in val],
         "val": {name: summarize(s, cfg.eval_max_clicks) for name, s in sessions.items()},
@@ -696,7 +820,8 @@ def register_click_head(
         "config_digest": result["config_digest"],
         "params": dataclasses.asdict(result["config"]) | {"size": result.get("size")},
         "training": {"losses": fit.losses, "bce": fit.bce, "steps": fit.steps, "seconds": fit.seconds,
-                     "stopped_early": fit.stopped_early},
+                     "stopped_early": fit.stopped_early, "seed": fit.seed, "best_epoch": fit.best_epoch,
+                     "seeds": result.get("seed_fits")},
         "champion_compared": result.get("champion"),
         "code_version": code_version(),
     }
@@ -787,7 +912,8 @@ def run_click_stage(
         "version": version,
         "gate": decision.to_dict(),
         "training": {"losses": fit.losses, "steps": fit.steps, "seconds": fit.seconds,
-                     "stopped_early": fit.stopped_early},
+                     "stopped_early": fit.stopped_early, "seed": fit.seed, "best_epoch": fit.best_epoch,
+                     "seeds": result.get("seed_fits")},
         "seconds": round(time.time() - started, 1),
     }
     store.record_training_run(

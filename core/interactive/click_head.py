@@ -5,11 +5,14 @@ features: the prompt's maps (positive disks, negative disks, box, previous mask)
 probability, all on the stride-8 grid (``ClickSegmenter.head_inputs`` builds them, for serving and training
 alike). The map encoding follows RITM's: 1x1 conv -> LeakyReLU -> conv, *added* to the reduced features.
 
-The head predicts a **correction** to the day-one logit: ``logits = s * logit(day_one) + f(features, maps)``
-with ``s`` initialised to 1 and the last layer of ``f`` to zero, so an untrained head is exactly the day-one
-level. Training can then
-only move it away from day-one where the labels say so, and the gate (NoC on validation) decides whether it
-serves.
+The head predicts a **local correction** to the day-one logit (FocalClick's idea: a new click should change
+the mask near itself, not everywhere): ``logits = DAY_ONE_SCALE * logit(day_one) + window * f(features,
+maps)``, where ``window`` is 1 on the cells within ``LOCAL_WINDOW_CELLS`` of the newest click and 0 elsewhere.
+The scale is fixed (a learned one let training re-temper day one everywhere, outside any click's reach), the
+last layer of ``f`` starts at zero, and training pays an L1 penalty on the correction: a zero correction is
+day one, and :meth:`ClickHead.probability` serves day one's probability itself wherever the correction is
+zero, so an untrained (or step-0) head serves *exactly* the day-one level. The maps also carry each cell's
+mean RGB, so the correction can see colour edges the stride-8 features blur.
 
 The artefact is ``click_head.pt`` (a plain state dict, loaded with ``weights_only=True``) plus
 ``click_head.json`` (format, channel sizes and metadata, among them the SHA-256 of the backbone whose
@@ -22,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +33,20 @@ from torch import nn
 from ..errors import BundleError
 from ..paths import atomic_directory
 
-FORMAT = "surgenet-assist-click-head/1"
+FORMAT = "surgenet-assist-click-head/2"  # /2: local window + colour maps (9 channels)
 WEIGHTS_FILE = "click_head.pt"
 INFO_FILE = "click_head.json"
-NUM_MAPS = 5  # positive disks, negative disks, box, previous mask, day-one probability
-DAY_ONE_CHANNEL = 4
+# positive disks, negative disks, box, previous mask, day-one probability, newest-click window, mean R, G, B
+NUM_MAPS = 9
 PREVIOUS_MASK_CHANNEL = 3
+DAY_ONE_CHANNEL = 4
+WINDOW_CHANNEL = 5
+COLOUR_CHANNELS = (6, 7, 8)
+DAY_ONE_SCALE = 1.0  # fixed: the correction, not a global re-scaling, is what training may change
+# the correction's last layer is scaled up: day one's wrong cells sit at |logit| ~ 9, which an optimizer's
+# ~lr-sized steps on a zero-initialised 1x1 layer would take hundreds of steps to reach
+CORRECTION_GAIN = 8.0
+LOCAL_WINDOW_CELLS = 6  # half-size of the square correction window around the newest click (stride-8 cells)
 _EPS = 1e-4  # day-one probabilities are clamped to [eps, 1 - eps] before the logit (finite, |logit| <= 9.2)
 
 
@@ -47,7 +59,7 @@ def _block(channels: int) -> nn.Sequential:
 
 
 class ClickHead(nn.Module):
-    """Stride-8 features + stride-16 features + 5 click maps -> (N, 1, h, w) logits on the stride-8 grid.
+    """Stride-8 features + stride-16 features + 9 maps -> (N, 1, h, w) logits on the stride-8 grid.
 
     ``c8`` / ``c16``: channels of the backbone's stride-8 and stride-16 stages (128 / 320 for CaFormer-S18);
     ``hidden``: the width of the head (64 is ~120 k parameters: trains in minutes on CPU).
@@ -72,9 +84,6 @@ class ClickHead(nn.Module):
         self.out = nn.Conv2d(hidden, 1, 1)
         nn.init.zeros_(self.out.weight)  # untrained head == day-one level
         nn.init.zeros_(self.out.bias)
-        # day one's similarity logits are sharp (confidently wrong cells reach |logit| ~ 9): one learned
-        # scale lets training temper them at once instead of through the whole correction branch
-        self.day_one_scale = nn.Parameter(torch.ones(1))
 
     @staticmethod
     def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +91,13 @@ class ClickHead(nn.Module):
         per channel on average, the same normalisation label propagation and instant heads rely on."""
         return F.normalize(x, dim=1) * x.shape[1] ** 0.5
 
-    def forward(self, stride8: torch.Tensor, stride16: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """(N, C8, h, w), (N, C16, h', w'), (N, 5, h, w) -> (N, 1, h, w) logits (day-one's + a correction)."""
+    def parts(
+        self, stride8: torch.Tensor, stride16: torch.Tensor, maps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1, h, w) scaled day-one logit and the correction (zero outside the newest click's window)."""
         if maps.shape[1] != NUM_MAPS:
             raise ValueError(f"ClickHead expects {NUM_MAPS} map channels, got {maps.shape[1]}")
+        window = maps[:, WINDOW_CHANNEL : WINDOW_CHANNEL + 1]
         if not self.read_previous_mask:
             keep = torch.ones(NUM_MAPS, dtype=maps.dtype, device=maps.device)
             keep[PREVIOUS_MASK_CHANNEL] = 0
@@ -94,9 +106,47 @@ class ClickHead(nn.Module):
         y = self.reduce16(self._unit(stride16))
         x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         x = x + self.maps(maps)
-        correction = self.out(self.blocks(x))
+        correction = CORRECTION_GAIN * self.out(self.blocks(x)) * window
         day_one = maps[:, DAY_ONE_CHANNEL : DAY_ONE_CHANNEL + 1].clamp(_EPS, 1 - _EPS)
-        return self.day_one_scale * torch.logit(day_one) + correction
+        return DAY_ONE_SCALE * torch.logit(day_one), correction
+
+    def forward(self, stride8: torch.Tensor, stride16: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(N, C8, h, w), (N, C16, h', w'), (N, 9, h, w) -> (N, 1, h, w) logits (day one's + a correction)."""
+        base, correction = self.parts(stride8, stride16, maps)
+        return base + correction
+
+    def probability(self, stride8: torch.Tensor, stride16: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) served object probability: day one's own probability wherever the correction is zero
+        (so a zero-correction head serves day one bit for bit, not through a clamped logit round trip), the
+        sigmoid of the corrected logit elsewhere."""
+        base, correction = self.parts(stride8, stride16, maps)
+        day_one = maps[:, DAY_ONE_CHANNEL : DAY_ONE_CHANNEL + 1]
+        return torch.where(correction == 0, day_one, torch.sigmoid(base + correction))
+
+    def zero_correction(self) -> ClickHead:
+        """This head with its last layer zeroed (in place): the day-one level, training's step 0."""
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+        return self
+
+
+def newest_click_window(
+    clicks: tuple[Any, ...],
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    half: int = LOCAL_WINDOW_CELLS,
+) -> np.ndarray:
+    """(h, w) float32: 1 on the square of ``2 * half + 1`` cells centred on the newest click's cell, 0
+    elsewhere (all zero without clicks: a box-only prompt is day one's). The newest click is the last."""
+    h, w = grid
+    window = np.zeros((h, w), np.float32)
+    if clicks:
+        c = clicks[-1]
+        r = min(h - 1, int(c.row * h / image_size[0]))
+        q = min(w - 1, int(c.col * w / image_size[1]))
+        window[max(0, r - half) : r + half + 1, max(0, q - half) : q + half + 1] = 1.0
+    return window
 
 
 def save_click_head(head: ClickHead, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -335,17 +335,25 @@ class ClickSegmenter:
         trained or judged: training and the gate score exactly what serving would)."""
         s8, s16, maps = self.head_inputs(emb, prompt)
         with torch.inference_mode():
-            return torch.sigmoid(head(s8, s16, maps))[0, 0].numpy()
+            return head.probability(s8, s16, maps)[0, 0].numpy()
 
     def head_inputs(
         self, emb: ImageEmbedding, prompt: Prompt
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The learned head's input, built the same way for training and serving: stride-8 and stride-16
-        features (1, C, h, w) and five maps on the stride-8 grid (positive disks, negative disks, box,
-        previous mask, day-one probability)."""
+        features (1, C, h, w) and nine maps on the stride-8 grid (positive disks, negative disks, box,
+        previous mask, day-one probability, the newest click's correction window, each cell's mean RGB in
+        [0, 1]; ``click_head.NUM_MAPS``)."""
+        from .click_head import newest_click_window
+
         day_one = self.day_one_grid(emb, prompt)
         maps = click_maps(prompt, emb.grid, emb.size, CLICK_RADIUS_CELLS)
-        stacked = np.concatenate([maps, day_one[None].astype(np.float32)], 0)
+        h, w = emb.grid
+        rgb = cv2.resize(emb.image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        window = newest_click_window(prompt.clicks, emb.grid, emb.size)
+        stacked = np.concatenate(
+            [maps, day_one[None].astype(np.float32), window[None], rgb.transpose(2, 0, 1)], 0
+        )
         return emb.stride8[None], emb.stride16[None], torch.from_numpy(stacked)[None]
 
     def _cell(self, emb: ImageEmbedding, row: float, col: float) -> int:
