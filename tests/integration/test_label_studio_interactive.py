@@ -131,7 +131,11 @@ def test_click_in_label_studio_returns_the_objects_brush_mask(
     direct = click_backend["segmenter"].segment(frame, Prompt((Click(y + 0.5, x + 0.5),))).mask
     agreement = (mask & direct).sum() / (mask | direct).sum()
     assert agreement > 0.98, f"IoU {agreement:.3f} between the mask via Label Studio and the engine's own"
-    assert (mask & gt).sum() > 0.2 * gt.sum() and mask.mean() < 0.9, "part of the object, not the whole frame"
+    # a part of the clicked object, not of its neighbours or the whole frame. How much of the object one click
+    # covers is the bench's figure (IoU@1), not this test's: on a 120x160 frame with a random-init backbone it
+    # swings between 5 % and 45 % with the seed and day one's distance cost (tuned on the bench's calibration
+    # videos at 854x480)
+    assert (mask & gt).sum() >= 0.8 * mask.sum() and mask.mean() < 0.9, "inside the object, not all"
 
     # Alt+click (is_positive false) on a wrongly included pixel takes it out; the prompts accumulate
     wrong = mask & ~gt
