@@ -264,25 +264,12 @@ def standardise(pool: Split, others: list[Split], dims: int) -> None:
 
 
 # --- backbones ---------------------------------------------------------------------------------------------
-class _MemoryFrames:
-    """Duck-typed :class:`~surgenet_assist.training_loop.pretrain.FramePool` over frames in memory."""
-
-    def __init__(self, frames: np.ndarray) -> None:
-        self.frames = frames
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
-        return [self.frames[int(i)] for i in rng.integers(0, len(self.frames), n)]
-
-
 def adapted_backbone(
     args: argparse.Namespace, cache_dir: Path
 ) -> tuple[SurgeNetAssistModel, dict[str, Any]]:
     """Random-init CaFormer-S18 (seed 0) after the project's DINO continued pretraining on unlabelled
     synthetic frames (videos disjoint from every pool/val/test video). Trained once, cached by config."""
-    from surgenet_assist.training_loop.pretrain import DINOConfig, DINOTrainer
+    from surgenet_assist.training_loop.pretrain import DINOConfig, DINOTrainer, MemoryFramePool
 
     cfg = DINOConfig(
         steps=args.pretrain_steps,
@@ -320,7 +307,7 @@ def adapted_backbone(
     )
     trainer = DINOTrainer(model.backbone, cfg, device="cpu")
     t0 = time.time()
-    losses = trainer.train(_MemoryFrames(frames), None, deadline=t0 + args.pretrain_budget_s, progress=True)
+    losses = trainer.train(MemoryFramePool(frames), None, deadline=t0 + args.pretrain_budget_s, progress=True)
     model.backbone.load_state_dict(trainer.adapted().state_dict())
     info = {
         "config": key_src,

@@ -62,6 +62,7 @@ from surgenet_assist.training_loop.pretrain import (  # noqa: E402
     COLLAPSE_MIN_TEACHER_STD,
     DINOConfig,
     DINOTrainer,
+    MemoryFramePool,
     dino_collapsed,
 )
 
@@ -101,19 +102,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_multicrop": {"local_crops": 0},
     "out_dim_4096": {"out_dim": 4096},
 }
-
-
-class _Frames:
-    """Duck-typed FramePool over frames in memory."""
-
-    def __init__(self, frames: np.ndarray) -> None:
-        self.frames = frames
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
-        return [self.frames[int(i)] for i in rng.integers(0, len(self.frames), n)]
 
 
 def _clips(seed_set: seeds.SeedSet, replicate: int, role: str, count: int) -> list[SyntheticClip]:
@@ -226,7 +214,7 @@ def run_replicate(
         cfg = DINOConfig(**(BENCH_CONFIG | overrides | {"seed": replicate}))
         trainer = DINOTrainer(start, cfg, device="cpu")
         t1 = time.time()
-        trainer.train(_Frames(unlabelled), None, progress=False)
+        trainer.train(MemoryFramePool(unlabelled), None, progress=False)
         seconds = time.time() - t1
         adapted = trainer.adapted()
         result = probe(adapted, fit, held, replicate)

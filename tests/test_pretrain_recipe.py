@@ -19,6 +19,7 @@ from surgenet_assist.training_loop.pretrain import (
     DINOConfig,
     DINOLoss,
     DINOTrainer,
+    MemoryFramePool,
     dino_collapsed,
     koleo_loss,
     sinkhorn_knopp,
@@ -112,17 +113,6 @@ class _TinyBackbone(nn.Module):
         return self.norm(last.mean(dim=(2, 3)))
 
 
-class _Frames:
-    def __init__(self, frames: np.ndarray) -> None:
-        self.frames = frames
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
-        return [self.frames[int(i)] for i in rng.integers(0, len(self.frames), n)]
-
-
 @pytest.fixture(scope="module")
 def world_frames() -> np.ndarray:
     return np.concatenate([generate_clip(s, 20, 40, 72).frames for s in (301, 302, 303)])
@@ -151,7 +141,7 @@ def _run(frames: np.ndarray, **overrides) -> DINOTrainer:
     )
     torch.manual_seed(0)
     trainer = DINOTrainer(_TinyBackbone(), cfg, device="cpu")
-    trainer.train(_Frames(frames), None, progress=False)
+    trainer.train(MemoryFramePool(frames), None, progress=False)
     return trainer
 
 

@@ -496,6 +496,20 @@ class FramePool:
         return out
 
 
+class MemoryFramePool:
+    """A :class:`FramePool` over frames already in memory ((N, H, W, 3) uint8): benchmarks and tests that
+    pretrain on synthetic clips without writing them to video files."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+        return [self.frames[int(i)] for i in rng.integers(0, len(self.frames), n)]
+
+
 def frame_pools(
     store: LabelStore,
     project: str | None,
